@@ -1,0 +1,1 @@
+"""Triton kernels of ktfast (imported as ``ktfast.kernels``)."""

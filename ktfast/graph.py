@@ -1,0 +1,6 @@
+class GraphError(ValueError):
+    pass
+
+
+class Graph:
+    pass
