@@ -1,6 +1,348 @@
+"""The graph file (DESIGN §1): parsing, validation and the frozen rule.
+
+A `Graph` is immutable once loaded; every error is a `GraphError` whose one-line message names the
+offending field, so the command line can print it as it is.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+LABEL = "label"
+LOSS_TERMS = ("ce", "kl", "cos", "mse", "att_mse", "att_cos")
+ATTENTION_TERMS = ("att_mse", "att_cos")
+GATES = ("through", "cutoff", "linear", "correct")
+REDUCES = ("mean", "sum")
+DEFAULT_CROPS = (3, 5)
+
+_BRANCH_MODEL = re.compile(r"^branch(\d+)_resnet8$")
+_BRANCH_ADDRESS = re.compile(r"^(.+)\.b(\d+)$")
+_GRAPH_KEYS = {"version", "name", "target", "nodes", "edges", "description"}
+_MODEL_KEYS = {"name", "model", "init"}
+_ENSEMBLE_KEYS = {"name", "ensemble", "reduce", "detach"}
+_EDGE_KEYS = {"from", "to", "loss", "gate", "temperature", "weight", "crops"}
+
+
 class GraphError(ValueError):
-    pass
+    """A graph file that breaks the contract; the message is one line naming the field."""
+
+
+@dataclass(frozen=True)
+class ModelNode:
+    name: str
+    model: str
+    init: str | dict  # "scratch" | "pretrained" | {"checkpoint": path}, as resolved
+    frozen: bool
+
+    @property
+    def checkpoint(self) -> str | None:
+        return self.init["checkpoint"] if isinstance(self.init, dict) else None
+
+
+@dataclass(frozen=True)
+class EnsembleNode:
+    name: str
+    members: tuple[str, ...]
+    reduce: str
+    detach: bool
+
+
+@dataclass(frozen=True)
+class Edge:
+    source: str
+    target: str
+    loss: str
+    gate: str
+    temperature: float = 1.0
+    weight: float = 1.0
+    crops: tuple[int, ...] = DEFAULT_CROPS
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        return tuple(self.loss.split("+"))
+
+    @property
+    def uses_attention(self) -> bool:
+        return any(t in ATTENTION_TERMS for t in self.terms)
+
+    def to_dict(self) -> dict:
+        d = {"from": self.source, "to": self.target, "loss": self.loss, "gate": self.gate}
+        if self.temperature != 1.0:
+            d["temperature"] = self.temperature
+        if self.weight != 1.0:
+            d["weight"] = self.weight
+        if self.uses_attention:
+            d["crops"] = list(self.crops)
+        return d
+
+
+def _is_model_name(name: str) -> bool:
+    from ktfast.models import is_model_name
+
+    return is_model_name(name)
+
+
+def branch_count(model: str) -> int:
+    """Branches a model exposes as `node.b{i}` (0 for single-branch models)."""
+    m = _BRANCH_MODEL.match(model)
+    return int(m.group(1)) if m else 0
 
 
 class Graph:
-    pass
+    def __init__(self, version, name, target, nodes, edges, description=""):
+        self.version = version
+        self.name = name
+        self.target = target
+        self.nodes: dict[str, ModelNode | EnsembleNode] = nodes
+        self.edges: tuple[Edge, ...] = tuple(edges)
+        self.description = description
+
+    # ---- loading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path) -> "Graph":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise GraphError(f"graph file not found: {path}") from None
+        except OSError as e:
+            raise GraphError(f"cannot read graph file {path}: {e.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GraphError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        return cls.from_dict(data, default_name=path.stem)
+
+    @classmethod
+    def from_dict(cls, data, default_name: str = "graph") -> "Graph":
+        if not isinstance(data, dict):
+            raise GraphError("graph: the file must hold one JSON object")
+        _no_unknown_keys(data, _GRAPH_KEYS, "graph")
+        version = data.get("version", 1)
+        if version != 1:
+            raise GraphError(f"version: unsupported graph file version {version!r} (expected 1)")
+        name = _typed(data, "name", str, "graph", default=default_name)
+        description = _typed(data, "description", str, "graph", default="")
+        raw_nodes = _typed(data, "nodes", list, "graph")
+        raw_edges = _typed(data, "edges", list, "graph", default=[])
+        target = _typed(data, "target", str, "graph")
+
+        parsed = [_parse_node(n, i) for i, n in enumerate(raw_nodes)]
+        if not parsed:
+            raise GraphError("nodes: the graph has no nodes")
+        names = set()
+        for node in parsed:
+            if node["name"] in names:
+                raise GraphError(f"nodes: duplicate node name {node['name']!r}")
+            names.add(node["name"])
+        models = {n["name"]: n for n in parsed if "model" in n}
+        for node in parsed:
+            for member in node.get("ensemble", ()):
+                if not _is_model_endpoint(member, models):
+                    raise GraphError(f"nodes[{node['name']}].ensemble: unknown member {member!r}")
+        edges = [_parse_edge(e, i, parsed, models) for i, e in enumerate(raw_edges)]
+        seen = set()
+        for e in edges:
+            if (e.source, e.target) in seen:
+                raise GraphError(f"edges: duplicate edge {e.source} -> {e.target}")
+            seen.add((e.source, e.target))
+        if target not in names:
+            raise GraphError(f"target: unknown node {target!r}")
+
+        trainable = _trainable_models(parsed, edges)
+        nodes = {}
+        for n in parsed:
+            if "model" in n:
+                frozen = n["name"] not in trainable
+                init = n["init"]
+                if frozen and init == "scratch":
+                    init = "pretrained"  # a frozen node is a teacher: it must have learnt something
+                nodes[n["name"]] = ModelNode(n["name"], n["model"], init, frozen)
+            else:
+                nodes[n["name"]] = EnsembleNode(n["name"], tuple(n["ensemble"]), n["reduce"], n["detach"])
+        return cls(version, name, target, nodes, edges, description)
+
+    # ---- views ---------------------------------------------------------------------------
+    @property
+    def model_nodes(self) -> list[ModelNode]:
+        return [n for n in self.nodes.values() if isinstance(n, ModelNode)]
+
+    @property
+    def ensemble_nodes(self) -> list[EnsembleNode]:
+        return [n for n in self.nodes.values() if isinstance(n, EnsembleNode)]
+
+    @property
+    def active_edges(self) -> list[Edge]:
+        """Edges that are computed: every one but the cut-off edges."""
+        return [e for e in self.edges if e.gate != "cutoff"]
+
+    @property
+    def targets(self) -> list[str]:
+        """Nodes with a non-cut-off incoming edge, in file order: the keys of graph_losses."""
+        into = {e.target for e in self.active_edges}
+        return [name for name in self.nodes if name in into]
+
+    @property
+    def trainable(self) -> list[ModelNode]:
+        return [n for n in self.model_nodes if not n.frozen]
+
+    @property
+    def uses_attention(self) -> bool:
+        return any(e.uses_attention for e in self.active_edges)
+
+    def to_dict(self) -> dict:
+        nodes = []
+        for n in self.nodes.values():
+            if isinstance(n, ModelNode):
+                nodes.append({"name": n.name, "model": n.model, "init": n.init})
+            else:
+                nodes.append({"name": n.name, "ensemble": list(n.members), "reduce": n.reduce,
+                              "detach": n.detach})
+        d = {"version": self.version, "name": self.name, "target": self.target, "nodes": nodes,
+             "edges": [e.to_dict() for e in self.edges]}
+        if self.description:
+            d["description"] = self.description
+        return d
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+# ---- parsing helpers ---------------------------------------------------------------------
+def _typed(obj: dict, key: str, kind, where: str, default=...):
+    if key not in obj:
+        if default is ...:
+            raise GraphError(f"{where}: missing field {key!r}")
+        return default
+    value = obj[key]
+    if kind in (int, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        names = {str: "a string", list: "a list", bool: "true or false", dict: "an object",
+                 float: "a number", int: "a number"}
+        raise GraphError(f"{where}.{key}: expected {names[kind]}, got {json.dumps(value)}")
+    return value
+
+
+def _no_unknown_keys(obj: dict, allowed: set, where: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            raise GraphError(f"{where}: unknown field {key!r}")
+
+
+def _parse_node(raw, index: int) -> dict:
+    where = f"nodes[{index}]"
+    if not isinstance(raw, dict):
+        raise GraphError(f"{where}: expected an object, got {json.dumps(raw)}")
+    name = _typed(raw, "name", str, where)
+    where = f"nodes[{name}]"
+    if not name or name == LABEL:
+        raise GraphError(f"{where}.name: {name!r} is reserved" if name else f"{where}.name: empty")
+    if "." in name:
+        raise GraphError(f"{where}.name: {name!r} may not contain '.' (it addresses branches)")
+    if "model" in raw and "ensemble" in raw:
+        raise GraphError(f"{where}: a node has either 'model' or 'ensemble', not both")
+    if "ensemble" in raw:
+        _no_unknown_keys(raw, _ENSEMBLE_KEYS, where)
+        members = _typed(raw, "ensemble", list, where)
+        if not members or not all(isinstance(m, str) for m in members):
+            raise GraphError(f"{where}.ensemble: expected a non-empty list of node names")
+        reduce = _typed(raw, "reduce", str, where, default="mean")
+        if reduce not in REDUCES:
+            raise GraphError(f"{where}.reduce: unknown reduce {reduce!r} (expected mean or sum)")
+        detach = _typed(raw, "detach", bool, where, default=True)
+        return {"name": name, "ensemble": members, "reduce": reduce, "detach": detach}
+    _no_unknown_keys(raw, _MODEL_KEYS, where)
+    model = _typed(raw, "model", str, where)
+    if not _is_model_name(model):
+        raise GraphError(f"{where}.model: unknown model {model!r}")
+    init = raw.get("init", "scratch")
+    if isinstance(init, dict):
+        if set(init) != {"checkpoint"} or not isinstance(init["checkpoint"], str):
+            raise GraphError(f"{where}.init: expected \"scratch\", \"pretrained\" or {{\"checkpoint\": path}}")
+    elif init not in ("scratch", "pretrained"):
+        raise GraphError(f"{where}.init: unknown init {json.dumps(init)}")
+    return {"name": name, "model": model, "init": init}
+
+
+def _is_model_endpoint(name: str, models: dict) -> bool:
+    """A model node, or branch i of a multi-branch model node (`node.b{i}`)."""
+    if name in models:
+        return True
+    m = _BRANCH_ADDRESS.match(name)
+    return bool(m) and m.group(1) in models and int(m.group(2)) < branch_count(models[m.group(1)]["model"])
+
+
+def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
+    where = f"edges[{index}]"
+    if not isinstance(raw, dict):
+        raise GraphError(f"{where}: expected an object, got {json.dumps(raw)}")
+    _no_unknown_keys(raw, _EDGE_KEYS, where)
+    source = _typed(raw, "from", str, where)
+    target = _typed(raw, "to", str, where)
+    where = f"edges[{source}->{target}]"
+    names = {n["name"] for n in nodes}
+    if source != LABEL and source not in names and not _is_model_endpoint(source, models):
+        raise GraphError(f"{where}.from: unknown node {source!r}")
+    if target == LABEL:
+        raise GraphError(f"{where}.to: the label node has no network to train")
+    if target not in names and not _is_model_endpoint(target, models):
+        raise GraphError(f"{where}.to: unknown node {target!r}")
+    if source == target:
+        raise GraphError(f"{where}: an edge from a node to itself")
+    loss = _typed(raw, "loss", str, where)
+    terms = loss.split("+")
+    for term in terms:
+        if term not in LOSS_TERMS:
+            raise GraphError(f"{where}.loss: unknown loss {term!r}")
+    if len(set(terms)) != len(terms):
+        raise GraphError(f"{where}.loss: {loss!r} repeats a term")
+    if ("ce" in terms) != (source == LABEL) or (source == LABEL and terms != ["ce"]):
+        raise GraphError(f"{where}.loss: 'ce' is the loss of edges from 'label', and only it")
+    gate = _typed(raw, "gate", str, where)
+    if gate not in GATES:
+        raise GraphError(f"{where}.gate: unknown gate {gate!r}")
+    temperature = _typed(raw, "temperature", float, where, default=1.0)
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise GraphError(f"{where}.temperature: must be > 0, got {temperature}")
+    weight = _typed(raw, "weight", float, where, default=1.0)
+    if not math.isfinite(weight):
+        raise GraphError(f"{where}.weight: must be a finite number, got {weight}")
+    crops = _typed(raw, "crops", list, where, default=list(DEFAULT_CROPS))
+    if not crops or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in crops):
+        raise GraphError(f"{where}.crops: expected a non-empty list of positive integers")
+    if any(t in ATTENTION_TERMS for t in terms):
+        for end in (source, target):
+            if end not in models:
+                raise GraphError(f"{where}.loss: attention losses need model nodes at both ends, not {end!r}")
+    return Edge(source, target, loss, gate, float(temperature), float(weight), tuple(crops))
+
+
+def _owner(endpoint: str) -> str:
+    """The node an endpoint belongs to: `s.b2` belongs to `s`."""
+    m = _BRANCH_ADDRESS.match(endpoint)
+    return m.group(1) if m else endpoint
+
+
+def _trainable_models(nodes: list, edges: list) -> set:
+    """Model nodes that some non-cut-off edge trains.
+
+    An edge into a model node (or one of its branches) trains it; an edge into a non-detached
+    ensemble trains its members, since the loss back-propagates through the reduction.
+    """
+    ensembles = {n["name"]: n for n in nodes if "ensemble" in n}
+    trained = set()
+    for e in edges:
+        if e.gate == "cutoff":
+            continue
+        if e.target in ensembles:
+            if not ensembles[e.target]["detach"]:
+                trained.update(_owner(m) for m in ensembles[e.target]["ensemble"])
+        else:
+            trained.add(_owner(e.target))
+    return trained

@@ -1,0 +1,5 @@
+import sys
+
+from ktfast.cli import main
+
+sys.exit(main())

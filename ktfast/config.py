@@ -1,0 +1,58 @@
+"""The resolved settings of one training run (written to `config.json` in the run directory)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    # The CIFAR recipe of the DCL papers' reference code; every number can be overridden.
+    dataset: str = "digits"
+    data_dir: str | None = None
+    split: str = "train"  # "train": train/test; "search": search_train/search_val (DESIGN §5)
+    train_fraction: float | None = None
+    epochs: int = 200
+    batch_size: int = 64
+    optimizer: str = "sgd"  # sgd (Nesterov) | adam
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # lr × lr_decay at these fractions of the run: 60, 120, 180 of 200 epochs.
+    lr_decay_at: tuple[float, ...] = (0.3, 0.6, 0.9)
+    lr_decay: float = 0.1
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = False
+    compile: bool = False
+    reference: bool = False
+    loader: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    def milestones(self) -> list[int]:
+        return sorted({max(1, round(f * self.epochs)) for f in self.lr_decay_at})
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lr_decay_at"] = list(self.lr_decay_at)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "lr_decay_at" in d:
+            d["lr_decay_at"] = tuple(d["lr_decay_at"])
+        return cls(**d)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "TrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)

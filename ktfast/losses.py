@@ -1,0 +1,159 @@
+"""Per-edge losses and gates in plain PyTorch: the reference that defines correctness (DESIGN §1, §8).
+
+Every per-sample loss detaches its source, so the gradient reaches only the target. The fused
+Triton kernels in `ktfast.kernels` compute the same functions and are tested against these.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ktfast.graph import LABEL, Edge, EnsembleNode, Graph, GraphError
+
+NORMALIZE_EPS = 1e-12  # as torch.nn.functional.normalize
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs (AMP) are accumulated in fp32; fp32 and fp64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+# ---- per-sample losses: each returns a [B] tensor -----------------------------------------
+def ce(z_t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(_acc(z_t), labels, reduction="none")
+
+
+def kl(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_s ‖ p_t) of softmax(z / T), times T² so gradients keep their scale (Hinton et al.)."""
+    log_p_s = F.log_softmax(_acc(z_s.detach()) / temperature, dim=1)
+    log_p_t = F.log_softmax(_acc(z_t) / temperature, dim=1)
+    return F.kl_div(log_p_t, log_p_s, reduction="none", log_target=True).sum(1) * temperature**2
+
+
+def cos(z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of the two softmax distributions; minimising it pushes them apart."""
+    p_s = F.softmax(_acc(z_s.detach()), dim=1)
+    p_t = F.softmax(_acc(z_t), dim=1)
+    return (p_s * p_t).sum(1) / (p_s.norm(dim=1) * p_t.norm(dim=1))
+
+
+def mse(z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+    return (_acc(z_s.detach()) - _acc(z_t)).pow(2).mean(1)
+
+
+def attention_crops(att_s: torch.Tensor, att_t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k×k windows of both maps around the source map's arg-max, each L2-normalised: [B, k²]."""
+    batch, height, width = att_s.shape
+    if k > height or k > width:
+        raise GraphError(f"crops: crop size {k} is larger than the {height}x{width} attention map")
+    flat = att_s.detach().reshape(batch, -1).argmax(1)
+    row, col = flat // width, flat % width
+    # The window is centred on the arg-max, then moved to lie inside the map.
+    top = (row - k // 2).clamp(0, height - k)
+    left = (col - k // 2).clamp(0, width - k)
+    offsets = torch.arange(k, device=att_s.device)
+    rows = (top[:, None] + offsets)[:, :, None]
+    cols = (left[:, None] + offsets)[:, None, :]
+    b = torch.arange(batch, device=att_s.device)[:, None, None]
+    crop_s = _acc(att_s.detach())[b, rows, cols].reshape(batch, -1)
+    crop_t = _acc(att_t)[b, rows, cols].reshape(batch, -1)
+    return F.normalize(crop_s, dim=1, eps=NORMALIZE_EPS), F.normalize(crop_t, dim=1, eps=NORMALIZE_EPS)
+
+
+def att_mse(att_s: torch.Tensor, att_t: torch.Tensor, crops=(3, 5)) -> torch.Tensor:
+    per_crop = [(a - b).pow(2).mean(1) for a, b in (attention_crops(att_s, att_t, k) for k in crops)]
+    return torch.stack(per_crop).mean(0)
+
+
+def att_cos(att_s: torch.Tensor, att_t: torch.Tensor, crops=(3, 5)) -> torch.Tensor:
+    per_crop = [(a * b).sum(1) for a, b in (attention_crops(att_s, att_t, k) for k in crops)]
+    return torch.stack(per_crop).mean(0)
+
+
+# ---- gates -------------------------------------------------------------------------------
+def gate(edge: Edge, z_s: torch.Tensor | None, labels: torch.Tensor, step: int, total_steps: int):
+    """The per-sample weight of an edge: a scalar or a [B] tensor (DESIGN §1, Gates)."""
+    if edge.gate == "through":
+        return 1.0
+    if edge.gate == "linear":
+        return step / total_steps
+    if edge.gate == "correct":
+        if z_s is None:  # the label is always right about itself
+            return 1.0
+        return (z_s.detach().argmax(1) == labels).float()
+    raise ValueError(f"gate {edge.gate!r} is not computed")
+
+
+def edge_loss(edge: Edge, z_s, z_t, labels, att_s=None, att_t=None) -> torch.Tensor:
+    """The ungated per-sample loss of one edge: the sum of its terms ([B])."""
+    total = 0.0
+    for term in edge.terms:
+        if term == "ce":
+            total = total + ce(z_t, labels)
+        elif term == "kl":
+            total = total + kl(z_s, z_t, edge.temperature)
+        elif term == "cos":
+            total = total + cos(z_s, z_t)
+        elif term == "mse":
+            total = total + mse(z_s, z_t)
+        elif term == "att_mse":
+            total = total + att_mse(att_s, att_t, edge.crops)
+        elif term == "att_cos":
+            total = total + att_cos(att_s, att_t, edge.crops)
+    return total
+
+
+# ---- the graph ---------------------------------------------------------------------------
+def node_logits(graph: Graph, logits: dict) -> dict:
+    """Logits of every endpoint: the model nodes given, plus each ensemble node reduced from its
+    members (detached when the node says so, so that its losses then train nothing)."""
+    out = dict(logits)
+    for node in graph.ensemble_nodes:
+        members = torch.stack([logits[m] for m in node.members])
+        if node.detach:
+            members = members.detach()
+        out[node.name] = members.mean(0) if node.reduce == "mean" else members.sum(0)
+    return out
+
+
+def reference_graph_losses(graph: Graph, logits: dict, labels, step: int, total_steps: int,
+                           attention: dict | None = None) -> dict:
+    z = node_logits(graph, logits)
+    batch = labels.shape[0]
+    losses = {}
+    for edge in graph.active_edges:
+        z_s = None if edge.source == LABEL else z[edge.source]
+        att_s = att_t = None
+        if edge.uses_attention:
+            if attention is None:
+                raise GraphError(f"edges[{edge.source}->{edge.target}]: attention maps are needed")
+            att_s, att_t = attention[edge.source], attention[edge.target]
+        per_sample = gate(edge, z_s, labels, step, total_steps) * edge_loss(
+            edge, z_s, z[edge.target], labels, att_s, att_t)
+        # The mean divides by the full batch, also where the correct gate zeroes samples.
+        term = edge.weight * per_sample.sum() / batch
+        losses[edge.target] = losses[edge.target] + term if edge.target in losses else term
+    return {t: losses[t] for t in graph.targets}
+
+
+def _use_kernels(labels: torch.Tensor) -> bool:
+    choice = os.environ.get("KTFAST_KERNELS")
+    if choice is not None:
+        return choice == "1"
+    return labels.is_cuda
+
+
+def graph_losses(graph: Graph, logits: dict, labels, step: int, total_steps: int,
+                 attention: dict | None = None) -> dict:
+    """{target name: L_t} for every node with a non-cut-off incoming edge (DESIGN §8).
+
+    L_t = Σ_edges→t weight · mean_over_batch(gate · loss_per_sample). On CUDA (or with
+    KTFAST_KERNELS=1) the fused Triton kernels compute it; KTFAST_KERNELS=0 forces this reference.
+    """
+    if _use_kernels(labels):
+        from ktfast.kernels import fused_graph_losses
+
+        return fused_graph_losses(graph, logits, labels, step, total_steps, attention)
+    return reference_graph_losses(graph, logits, labels, step, total_steps, attention)

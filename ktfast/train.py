@@ -1,0 +1,292 @@
+"""Training a graph: one forward of every node per batch, Σ L_t back-propagated once, every trainable
+node stepped together (the DCL algorithm, DESIGN §2), evaluation of every node each epoch, and the
+run directory (graph.json, config.json, metrics.jsonl, checkpoint.pt written atomically).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ktfast.config import TrainConfig
+from ktfast.data import dataset_info, make_loader
+from ktfast.graph import ATTENTION_TERMS, Graph, GraphError, ModelNode
+from ktfast.losses import graph_losses, node_logits, reference_graph_losses
+from ktfast.models import build_model
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+def splits(cfg: TrainConfig) -> tuple[str, str]:
+    """The (training, evaluation) splits: the search never touches the test set."""
+    return ("search_train", "search_val") if cfg.split == "search" else ("train", "test")
+
+
+def attention_nodes(graph: Graph) -> set[str]:
+    return {end for e in graph.active_edges if any(t in ATTENTION_TERMS for t in e.terms)
+            for end in (e.source, e.target)}
+
+
+def load_state(node: ModelNode, path) -> dict:
+    """A state dict from a pretrain-cache file or a plain saved state dict."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise GraphError(f"nodes[{node.name}].init: checkpoint not found: {path}") from None
+    except Exception as e:  # a corrupt or foreign file: say which, in one line
+        raise GraphError(f"nodes[{node.name}].init: cannot read checkpoint {path}: {e}") from None
+    if isinstance(blob, dict) and "state_dict" in blob:
+        if blob.get("model") not in (None, node.model):
+            raise GraphError(f"nodes[{node.name}].init: checkpoint holds {blob['model']}, node is {node.model}")
+        return blob["state_dict"]
+    return blob
+
+
+def build_models(graph: Graph, cfg: TrainConfig, num_classes: int, image_size: int,
+                 log: Callable[[str], None] = print) -> torch.nn.ModuleDict:
+    """Every model node, seeded, initialised as its `init` says, on the configured device."""
+    from ktfast.pretrain import pretrained_path
+
+    torch.manual_seed(cfg.seed)
+    models = torch.nn.ModuleDict()
+    for node in graph.model_nodes:
+        model = build_model(node.model, num_classes, image_size)
+        if node.checkpoint:
+            state = load_state(node, node.checkpoint)
+        elif node.init == "pretrained":
+            state = load_state(node, pretrained_path(node.model, cfg, log=log))
+        else:
+            state = None
+        if state is not None:
+            try:
+                model.load_state_dict(state)
+            except RuntimeError:
+                raise GraphError(f"nodes[{node.name}].init: checkpoint does not fit model {node.model}") from None
+        if node.frozen:
+            model.requires_grad_(False)
+        models[node.name] = model.to(cfg.device)
+    return models
+
+
+def check_attention_sizes(graph: Graph, models, image_size: int, device) -> None:
+    """A crop larger than the attention map is an error; find it before anything is written."""
+    need = attention_nodes(graph)
+    if not need:
+        return
+    x = torch.zeros(2, 3, image_size, image_size, device=device)
+    sizes = {}
+    with torch.no_grad():
+        for name in need:
+            was_training = models[name].training
+            models[name].eval()
+            sizes[name] = tuple(models[name](x, return_attention=True)[1].shape[1:])
+            models[name].train(was_training)
+    for e in graph.active_edges:
+        if e.uses_attention:
+            h, w = sizes[e.source]
+            if max(e.crops) > min(h, w):
+                raise GraphError(f"edges[{e.source}->{e.target}].crops: crop size {max(e.crops)} "
+                                 f"is larger than the {h}x{w} attention map")
+
+
+def forward(graph: Graph, models, x, want_attention: set[str]):
+    """Logits (and attention maps where needed) of every model node on one batch."""
+    logits, attention = {}, {}
+    for node in graph.model_nodes:
+        model = models[node.name]
+        with torch.no_grad() if node.frozen else nullcontext():
+            if node.name in want_attention:
+                logits[node.name], attention[node.name] = model(x, return_attention=True)
+            else:
+                logits[node.name] = model(x)
+    return logits, attention
+
+
+def make_optimizer(cfg: TrainConfig, params):
+    # foreach/fused implementations update all nodes' tensors in a few multi-tensor launches.
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def autocast(cfg: TrainConfig):
+    if not cfg.amp:
+        return nullcontext()
+    device_type = torch.device(cfg.device).type
+    return torch.autocast(device_type, dtype=amp_dtype(cfg))
+
+
+def amp_dtype(cfg: TrainConfig) -> torch.dtype:
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+@torch.no_grad()
+def evaluate(graph: Graph, models, loader, cfg: TrainConfig) -> dict:
+    """{node: {"loss": cross-entropy, "acc": top-1}} for every model and ensemble node."""
+    models.eval()
+    sums = {name: torch.zeros(2, device=cfg.device) for name in graph.nodes}
+    count = 0
+    for x, y in loader:
+        with autocast(cfg):
+            logits, _ = forward(graph, models, x, set())
+        for name, z in node_logits(graph, logits).items():
+            if name in sums:
+                z = z.float()
+                sums[name] += torch.stack([F.cross_entropy(z, y, reduction="sum"),
+                                           (z.argmax(1) == y).sum().float()])
+        count += y.shape[0]
+    models.train()
+    for node in graph.model_nodes:
+        if node.frozen:
+            models[node.name].eval()
+    return {name: {"loss": s[0].item() / count, "acc": s[1].item() / count} for name, s in sums.items()}
+
+
+class Trainer:
+    """One run of one graph with one seed. `fit()` trains to the end, writing the run directory."""
+
+    def __init__(self, graph: Graph, cfg: TrainConfig, out: Path | None, log=print, progress=True):
+        self.graph, self.cfg, self.out, self.log, self.progress = graph, cfg, out, log, progress
+        info = dataset_info(cfg.dataset, cfg.data_dir)
+        train_split, eval_split = splits(cfg)
+        self.train_loader = make_loader(cfg.dataset, train_split, cfg.batch_size, cfg.device, cfg.seed,
+                                        data_dir=cfg.data_dir, loader=cfg.loader,
+                                        train_fraction=cfg.train_fraction)
+        self.eval_loader = make_loader(cfg.dataset, eval_split, max(cfg.batch_size, 256), cfg.device,
+                                       cfg.seed, data_dir=cfg.data_dir, loader=cfg.loader)
+        self.models = build_models(graph, cfg, info.num_classes, info.image_size, log)
+        check_attention_sizes(graph, self.models, info.image_size, cfg.device)
+        for node in graph.model_nodes:
+            if node.frozen:
+                self.models[node.name].eval()  # a teacher's BatchNorm statistics never move
+        self.want_attention = attention_nodes(graph)
+        self.loss_fn = reference_graph_losses if cfg.reference else graph_losses
+        params = [p for n in graph.trainable for p in self.models[n.name].parameters()]
+        self.optimizer = make_optimizer(cfg, params) if params else None
+        self.scheduler = (torch.optim.lr_scheduler.MultiStepLR(self.optimizer, cfg.milestones(), cfg.lr_decay)
+                          if self.optimizer else None)
+        self.scaler = torch.amp.GradScaler(enabled=cfg.amp and amp_dtype(cfg) == torch.float16)
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.epoch = 0  # epochs completed
+        self.step_fn = self._compiled_step() if cfg.compile else self.train_step
+
+    def _compiled_step(self):
+        for name in list(self.models):
+            self.models[name] = torch.compile(self.models[name])
+        return self.train_step
+
+    # ---- one step ---------------------------------------------------------------------------
+    def train_step(self, x, y, step: int) -> tuple[dict, dict]:
+        """Forward all nodes, Σ L_t backward once, one optimizer step. Returns the detached
+        per-target losses and logits, for metrics; nothing here reads a value back to the host."""
+        with autocast(self.cfg):
+            logits, attention = forward(self.graph, self.models, x, self.want_attention)
+        losses = self.loss_fn(self.graph, logits, y, step=step, total_steps=self.total_steps,
+                              attention=attention or None)
+        if self.optimizer is not None:
+            total = sum(losses.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return {t: v.detach() for t, v in losses.items()}, node_logits(self.graph, {k: v.detach() for k, v in logits.items()})
+
+    def train_epoch(self) -> tuple[dict, float]:
+        graph, cfg = self.graph, self.cfg
+        self.train_loader.set_epoch(self.epoch)
+        loss_sums = {name: torch.zeros((), device=cfg.device) for name in graph.nodes}
+        untargeted = [name for name in graph.nodes if name not in graph.targets]
+        correct = {name: torch.zeros((), device=cfg.device) for name in graph.nodes}
+        seen = 0
+        start = time.perf_counter()
+        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="img",
+                   unit_scale=cfg.batch_size, leave=False, disable=not self.progress, dynamic_ncols=True)
+        for i, (x, y) in enumerate(bar):
+            step = self.epoch * self.steps_per_epoch + i + 1
+            losses, logits = self.step_fn(x, y, step)
+            for t, v in losses.items():
+                loss_sums[t] += v
+            for name in untargeted:  # nodes nothing trains report their cross-entropy instead
+                loss_sums[name] += F.cross_entropy(logits[name].float(), y)
+            for name in correct:
+                correct[name] += (logits[name].argmax(1) == y).sum()
+            seen += y.shape[0]
+        if cfg.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        n_steps = i + 1
+        train = {name: {"loss": loss_sums[name].item() / n_steps, "acc": correct[name].item() / seen}
+                 for name in graph.nodes}
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return train, seen / elapsed
+
+    # ---- the run ----------------------------------------------------------------------------
+    def fit(self, on_epoch: Callable[[int, dict], None] | None = None) -> list[dict]:
+        """Train the remaining epochs. `on_epoch(epoch, row)` may stop the run by raising."""
+        rows = []
+        while self.epoch < self.cfg.epochs:
+            start = time.perf_counter()
+            train, images_per_s = self.train_epoch()
+            test = evaluate(self.graph, self.models, self.eval_loader, self.cfg)
+            self.epoch += 1
+            row = {"epoch": self.epoch, "time_s": time.perf_counter() - start, "images_per_s": images_per_s,
+                   "train": train, "test": test}
+            rows.append(row)
+            if self.out is not None:
+                with open(self.out / METRICS, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                self.save_checkpoint()
+            if self.progress:
+                self.log(epoch_line(self.graph, row, self.cfg.epochs))
+            if on_epoch is not None:
+                on_epoch(self.epoch, row)
+        return rows
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch,
+                "models": {k: _plain_module(m).state_dict() for k, m in self.models.items()},
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "scaler": self.scaler.state_dict()}
+
+    def save_checkpoint(self) -> None:
+        # Write then rename: a run killed mid-write keeps its previous checkpoint intact.
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def load_checkpoint(self, path) -> None:
+        state = torch.load(path, map_location=self.cfg.device, weights_only=True)
+        for name, sd in state["models"].items():
+            _plain_module(self.models[name]).load_state_dict(sd)
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = state["epoch"]
+
+
+def _plain_module(m):
+    return getattr(m, "_orig_mod", m)  # the module inside torch.compile's wrapper
+
+
+def epoch_line(graph: Graph, row: dict, epochs: int) -> str:
+    parts = [f"{name} {row['test'][name]['acc'] * 100:.2f}%" for name in graph.nodes]
+    return (f"epoch {row['epoch']}/{epochs}  test acc: " + ", ".join(parts)
+            + f"  ({row['images_per_s']:.0f} img/s, {row['time_s']:.1f}s)")

@@ -1,0 +1,132 @@
+"""The command line: bad input ends with exit 2 and one line; runs, seeds, resume after a real kill."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ktfast.cli import main
+
+TINY = "synthetic:classes=4,size=16,train=96,test=40"
+GOOD = {"version": 1, "name": "pair", "target": "a",
+        "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"}],
+        "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+                  {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
+                  {"from": "b", "to": "a", "loss": "kl", "gate": "correct"},
+                  {"from": "a", "to": "b", "loss": "kl", "gate": "linear"}]}
+
+
+@pytest.fixture(autouse=True)
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("KTFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KTFAST_KERNELS", "0")
+    monkeypatch.chdir(tmp_path)
+
+
+def write(tmp_path, graph, name="g.json"):
+    path = tmp_path / name
+    path.write_text(graph if isinstance(graph, str) else json.dumps(graph))
+    return path
+
+
+def bad(graph_change):
+    g = json.loads(json.dumps(GOOD))
+    graph_change(g)
+    return g
+
+
+BAD_RUNS = {
+    "malformed json": ('{"nodes": [', [], "malformed JSON"),
+    "unknown model": (bad(lambda g: g["nodes"][1].update(model="resnet9")), [], "resnet9"),
+    "unknown gate": (bad(lambda g: g["edges"][2].update(gate="sometimes")), [], "sometimes"),
+    "ce not from label": (bad(lambda g: g["edges"][2].update(loss="ce")), [], "ce"),
+    "missing node": (bad(lambda g: g["edges"][2].update({"from": "c"})), [], "'c'"),
+    "unknown dataset": (GOOD, ["--dataset", "mnist"], "mnist"),
+    "missing cifar": (GOOD, ["--dataset", "cifar10", "--data-dir", "nowhere"], "cifar10"),
+    "bad seeds": (GOOD, ["--seeds", "0,x"], "--seeds"),
+    "bad epochs": (GOOD, ["--epochs", "0"], "--epochs"),
+    "bad crop": (bad(lambda g: g["edges"].append({"from": "a", "to": "b", "loss": "att_mse", "gate": "through",
+                                                    "crops": [9]})), [], "crop"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RUNS))
+def test_bad_input_exits_2_with_one_line_and_no_run_directory(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KTFAST_OFFLINE", "1")
+    graph, extra, needle = BAD_RUNS[case]
+    path = write(tmp_path, graph)
+    code = main(["train", "--graph", str(path), "--dataset", TINY, "--epochs", "1", "--out", "run", "--quiet",
+                 "--device", "cpu", *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and needle in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+def test_missing_graph_file_and_non_empty_out(tmp_path, capsys):
+    assert main(["train", "--graph", "nope.json"]) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "x").write_text("keep me")
+    assert main(["train", "--graph", str(write(tmp_path, GOOD)), "--out", "old", "--dataset", TINY]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (tmp_path / "old" / "x").read_text() == "keep me"
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    path = write(tmp_path, bad(lambda g: g["edges"][2].update(temperature=0)))
+    proc = subprocess.run([sys.executable, "-m", "ktfast", "train", "--graph", str(path)], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "temperature" in proc.stderr
+
+
+def test_seeds_report_mean_and_std(tmp_path, capsys):
+    path = write(tmp_path, GOOD)
+    code = main(["train", "--graph", str(path), "--dataset", TINY, "--epochs", "1", "--batch-size", "32",
+                 "--seeds", "0,1", "--out", "multi", "--quiet", "--device", "cpu"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "mean ± std of 2 seeds" in out
+    summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
+    for seed in (0, 1):
+        rows = (tmp_path / "multi" / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(rows[-1])["test"]["a"]["acc"] * 100 == pytest.approx(summary["a"]["runs"][seed])
+    assert json.loads((tmp_path / "multi" / "seed1" / "config.json").read_text())["seed"] == 1
+
+
+def _strip_times(rows):
+    return [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")} for r in rows]
+
+
+def _rows(run: Path):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
+    path = write(tmp_path, GOOD)
+    args = [sys.executable, "-m", "ktfast", "train", "--graph", str(path), "--dataset",
+            "synthetic:classes=4,size=16,train=512,test=64", "--epochs", "4", "--batch-size", "16",
+            "--lr", "0.05", "--device", "cpu", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(args + ["--out", "whole"], check=True, cwd=tmp_path, env=env, capture_output=True)
+
+    proc = subprocess.Popen(args + ["--out", "killed"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    killed = tmp_path / "killed"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "checkpoint.pt").exists():
+        time.sleep(0.02)
+    time.sleep(0.3)  # into epoch 2 (or later): the kill lands mid-epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(_rows(killed))
+    assert 1 <= done < 4, "the kill should land after the first checkpoint and before the end"
+
+    subprocess.run([sys.executable, "-m", "ktfast", "train", "--resume", "killed", "--quiet"], check=True,
+                   cwd=tmp_path, env=env, capture_output=True)
+    assert _strip_times(_rows(killed)) == _strip_times(_rows(tmp_path / "whole"))

@@ -1,0 +1,126 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from ktfast import Graph, GraphError
+from ktfast.graph import EnsembleNode, ModelNode
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def base():
+    return {
+        "version": 1, "name": "t", "target": "n1",
+        "nodes": [{"name": "n1", "model": "resnet8"}, {"name": "n2", "model": "resnet14"},
+                  {"name": "n3", "model": "wrn16_1"},
+                  {"name": "ens", "ensemble": ["n1", "n2"], "reduce": "mean", "detach": True}],
+        "edges": [{"from": "label", "to": "n1", "loss": "ce", "gate": "through"},
+                  {"from": "n2", "to": "n1", "loss": "kl", "gate": "linear", "temperature": 2.0},
+                  {"from": "n3", "to": "n1", "loss": "kl", "gate": "correct"},
+                  {"from": "label", "to": "n2", "loss": "ce", "gate": "correct"},
+                  {"from": "n1", "to": "n2", "loss": "kl+att_mse", "gate": "through", "crops": [3, 5]}],
+    }
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.json")), ids=lambda p: p.name)
+def test_examples_load_and_round_trip(path, tmp_path):
+    g = Graph.load(path)
+    g.save(tmp_path / "g.json")
+    again = Graph.load(tmp_path / "g.json")
+    assert again.to_dict() == g.to_dict()
+    assert g.target in g.nodes
+
+
+def test_parse_fields_and_frozen_rule():
+    g = Graph.from_dict(base())
+    assert isinstance(g.nodes["ens"], EnsembleNode) and g.nodes["ens"].members == ("n1", "n2")
+    n3 = g.nodes["n3"]
+    assert isinstance(n3, ModelNode) and n3.frozen and n3.init == "pretrained"
+    assert not g.nodes["n1"].frozen and g.nodes["n1"].init == "scratch"
+    assert g.targets == ["n1", "n2"]
+    e = g.edges[1]
+    assert (e.source, e.target, e.terms, e.gate, e.temperature, e.weight) == ("n2", "n1", ("kl",), "linear", 2.0, 1.0)
+    assert g.edges[4].terms == ("kl", "att_mse") and g.uses_attention
+
+
+def test_all_cutoff_incoming_edges_freeze_a_node_and_checkpoint_init_is_kept():
+    d = base()
+    d["nodes"][2]["init"] = {"checkpoint": "teacher.pt"}
+    d["edges"].append({"from": "n1", "to": "n3", "loss": "kl", "gate": "cutoff"})
+    g = Graph.from_dict(d)
+    assert g.nodes["n3"].frozen and g.nodes["n3"].checkpoint == "teacher.pt"
+    assert all(e.gate != "cutoff" for e in g.active_edges) and len(g.edges) == 6
+
+
+def test_non_detached_ensemble_target_trains_its_members():
+    d = {"version": 1, "target": "ens",
+         "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"},
+                   {"name": "ens", "ensemble": ["a", "b"], "reduce": "sum", "detach": False}],
+         "edges": [{"from": "label", "to": "ens", "loss": "ce", "gate": "through"}]}
+    g = Graph.from_dict(d)
+    assert not g.nodes["a"].frozen and not g.nodes["b"].frozen
+    d["nodes"][2]["detach"] = True
+    g = Graph.from_dict(d)
+    assert g.nodes["a"].frozen and g.nodes["b"].frozen
+
+
+def mutate(fn):
+    d = base()
+    fn(d)
+    return d
+
+
+BAD = {
+    "missing target": (lambda d: d.pop("target"), "'target'"),
+    "unknown target": (lambda d: d.update(target="zz"), "target"),
+    "nodes not a list": (lambda d: d.update(nodes={}), "nodes"),
+    "unknown model": (lambda d: d["nodes"][0].update(model="resnet9"), "resnet9"),
+    "model mistyped": (lambda d: d["nodes"][0].update(model=32), "model"),
+    "unknown loss": (lambda d: d["edges"][1].update(loss="kld"), "kld"),
+    "unknown loss in a sum": (lambda d: d["edges"][1].update(loss="kl+foo"), "foo"),
+    "unknown gate": (lambda d: d["edges"][1].update(gate="open"), "open"),
+    "missing gate": (lambda d: d["edges"][1].pop("gate"), "'gate'"),
+    "unknown reduce": (lambda d: d["nodes"][3].update(reduce="max"), "max"),
+    "edge from missing node": (lambda d: d["edges"][1].update({"from": "n9"}), "n9"),
+    "edge to missing node": (lambda d: d["edges"][1].update(to="n9"), "n9"),
+    "edge to label": (lambda d: d["edges"][1].update(to="label"), "label"),
+    "ce not from label": (lambda d: d["edges"][1].update(loss="ce"), "ce"),
+    "kl from label": (lambda d: d["edges"][0].update(loss="kl"), "ce"),
+    "duplicate node": (lambda d: d["nodes"].append({"name": "n1", "model": "resnet8"}), "n1"),
+    "node named label": (lambda d: d["nodes"].append({"name": "label", "model": "resnet8"}), "label"),
+    "ensemble of unknown member": (lambda d: d["nodes"][3].update(ensemble=["n1", "zz"]), "zz"),
+    "temperature zero": (lambda d: d["edges"][1].update(temperature=0), "temperature"),
+    "temperature negative": (lambda d: d["edges"][1].update(temperature=-1.5), "temperature"),
+    "weight not a number": (lambda d: d["edges"][1].update(weight="1"), "weight"),
+    "weight a bool": (lambda d: d["edges"][1].update(weight=True), "weight"),
+    "unknown edge field": (lambda d: d["edges"][1].update(temprature=2), "temprature"),
+    "unknown init": (lambda d: d["nodes"][0].update(init="imagenet"), "init"),
+    "detach not bool": (lambda d: d["nodes"][3].update(detach="yes"), "detach"),
+    "self loop": (lambda d: d["edges"].append({"from": "n1", "to": "n1", "loss": "kl", "gate": "through"}), "itself"),
+    "attention on ensemble": (lambda d: d["edges"].append({"from": "ens", "to": "n2", "loss": "att_cos", "gate": "through"}), "ens"),
+    "bad crops": (lambda d: d["edges"][4].update(crops=[0]), "crops"),
+    "version": (lambda d: d.update(version=2), "version"),
+    "duplicate edge": (lambda d: d["edges"].append(dict(d["edges"][1])), "duplicate"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_graphs_raise_one_line_naming_the_field(case):
+    fn, needle = BAD[case]
+    with pytest.raises(GraphError) as info:
+        Graph.from_dict(mutate(fn))
+    message = str(info.value)
+    assert needle in message and "\n" not in message
+
+
+def test_malformed_json_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"nodes": [')
+    with pytest.raises(GraphError, match="malformed JSON"):
+        Graph.load(bad)
+    with pytest.raises(GraphError, match="not found"):
+        Graph.load(tmp_path / "nope.json")
+    bad.write_text(json.dumps([1, 2]))
+    with pytest.raises(GraphError, match="one JSON object"):
+        Graph.load(bad)

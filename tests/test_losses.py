@@ -1,0 +1,240 @@
+"""graph_losses held to an independent per-sample computation (float64 NumPy loops, written from the
+formulas of DESIGN §1), and its gradients to where they may and may not go."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ktfast import Graph, GraphError
+from ktfast.losses import graph_losses, reference_graph_losses
+
+LOSSES = ["kl", "cos", "mse", "att_mse", "att_cos", "kl+att_mse", "cos+att_cos", "kl+mse"]
+GATES = ["through", "linear", "correct"]
+
+
+@pytest.fixture(autouse=True)
+def reference_only(monkeypatch):
+    monkeypatch.setenv("KTFAST_KERNELS", "0")
+
+
+# ---- the independent computation -------------------------------------------------------------
+def softmax(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def crop(a, i, j, k):
+    h, w = a.shape
+    top = min(max(i - k // 2, 0), h - k)
+    left = min(max(j - k // 2, 0), w - k)
+    c = a[top:top + k, left:left + k].reshape(-1)
+    return c / max(np.sqrt((c * c).sum()), 1e-12)
+
+
+def term_loss(term, edge, zs, zt, y, att_s, att_t):
+    if term == "ce":
+        return -math.log(softmax(zt)[y])
+    if term == "kl":
+        t = edge.get("temperature", 1.0)
+        ps, pt = softmax(zs / t), softmax(zt / t)
+        return float((ps * (np.log(ps) - np.log(pt))).sum()) * t * t
+    if term == "cos":
+        ps, pt = softmax(zs), softmax(zt)
+        return float(ps @ pt / (np.linalg.norm(ps) * np.linalg.norm(pt)))
+    if term == "mse":
+        return float(((zs - zt) ** 2).mean())
+    i, j = np.unravel_index(np.argmax(att_s), att_s.shape)
+    values = []
+    for k in edge.get("crops", [3, 5]):
+        a, b = crop(att_s, i, j, k), crop(att_t, i, j, k)
+        values.append(float(((a - b) ** 2).mean()) if term == "att_mse" else float(a @ b))
+    return sum(values) / len(values)
+
+
+def expected_losses(d, logits, labels, step, total, attention):
+    z = {k: v.detach().double().numpy() for k, v in logits.items()}
+    att = {k: v.detach().double().numpy() for k, v in (attention or {}).items()}
+    for n in d["nodes"]:
+        if "ensemble" in n:
+            stacked = np.stack([z[m] for m in n["ensemble"]])
+            z[n["name"]] = stacked.mean(0) if n.get("reduce", "mean") == "mean" else stacked.sum(0)
+    y = labels.numpy()
+    batch = len(y)
+    out = {}
+    for e in d["edges"]:
+        if e["gate"] == "cutoff":
+            continue
+        total_b = 0.0
+        for b in range(batch):
+            zs = None if e["from"] == "label" else z[e["from"]][b]
+            if e["gate"] == "through":
+                g = 1.0
+            elif e["gate"] == "linear":
+                g = step / total
+            else:
+                g = 1.0 if zs is None or int(np.argmax(zs)) == y[b] else 0.0
+            loss = sum(term_loss(t, e, zs, z[e["to"]][b], y[b],
+                                 att.get(e["from"], [None] * batch)[b], att.get(e["to"], [None] * batch)[b])
+                       for t in e["loss"].split("+"))
+            total_b += g * loss
+        out[e["to"]] = out.get(e["to"], 0.0) + e.get("weight", 1.0) * total_b / batch
+    return out
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def make_inputs(names, batch=6, classes=7, size=6, seed=0, scale=2.0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = {n: (scale * torch.randn(batch, classes, generator=gen)).requires_grad_() for n in names}
+    attention = {n: torch.randn(batch, size, size, generator=gen).requires_grad_() for n in names}
+    labels = torch.randint(0, classes, (batch,), generator=gen)
+    return logits, labels, attention
+
+
+def check(d, logits, labels, attention=None, step=3, total=10):
+    got = graph_losses(Graph.from_dict(d), logits, labels, step=step, total_steps=total, attention=attention)
+    want = expected_losses(d, logits, labels, step, total, attention)
+    assert list(got) == [n["name"] for n in d["nodes"] if n["name"] in want]
+    for t in want:
+        assert got[t].item() == pytest.approx(want[t], rel=1e-5, abs=1e-6), t
+    return got
+
+
+def graph(nodes, edges, target="n1"):
+    return {"version": 1, "target": target, "nodes": nodes, "edges": edges}
+
+
+def models(*names):
+    return [{"name": n, "model": "resnet8"} for n in names]
+
+
+# ---- values ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_loss_and_gate_against_independent_computation(loss, gate):
+    edges = [{"from": "label", "to": "n1", "loss": "ce", "gate": gate},
+             {"from": "n2", "to": "n1", "loss": loss, "gate": gate, "crops": [3, 5]},
+             {"from": "label", "to": "n2", "loss": "ce", "gate": "through"}]
+    logits, labels, attention = make_inputs(["n1", "n2"], seed=hash((loss, gate)) % 1000)
+    # Make the correct gate select some samples and not others.
+    with torch.no_grad():
+        logits["n2"][:3].zero_()
+        logits["n2"][torch.arange(3), labels[:3]] = 5.0
+    check(graph(models("n1", "n2"), edges), logits, labels, attention)
+
+
+def test_temperature_weights_and_several_edges_into_one_target():
+    edges = [{"from": "label", "to": "n1", "loss": "ce", "gate": "through", "weight": 0.5},
+             {"from": "n2", "to": "n1", "loss": "kl", "gate": "through", "temperature": 10.0, "weight": 0.6},
+             {"from": "n3", "to": "n1", "loss": "kl+mse", "gate": "linear", "temperature": 2.0, "weight": -0.3},
+             {"from": "n1", "to": "n3", "loss": "cos", "gate": "correct", "weight": 2.0}]
+    logits, labels, _ = make_inputs(["n1", "n2", "n3"], seed=5)
+    check(graph(models("n1", "n2", "n3"), edges), logits, labels, step=7, total=7)
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+@pytest.mark.parametrize("detach", [True, False])
+def test_ensemble_nodes_as_source_and_target(reduce, detach):
+    nodes = models("n1", "n2", "n3") + [{"name": "ens", "ensemble": ["n1", "n2"], "reduce": reduce,
+                                         "detach": detach}]
+    edges = [{"from": "label", "to": "ens", "loss": "ce", "gate": "through"},
+             {"from": "ens", "to": "n3", "loss": "kl", "gate": "correct", "temperature": 3.0},
+             {"from": "n3", "to": "ens", "loss": "kl+mse", "gate": "linear"},
+             {"from": "label", "to": "n3", "loss": "ce", "gate": "through"}]
+    logits, labels, _ = make_inputs(["n1", "n2", "n3"], seed=11)
+    got = check(graph(nodes, edges, target="ens"), logits, labels)
+    grads = torch.autograd.grad(sum(got.values()), [logits[n] for n in ("n1", "n2", "n3")], allow_unused=True)
+    member_grads_nonzero = [g is not None and g.abs().sum().item() > 0 for g in grads[:2]]
+    # Losses into the ensemble reach its members only when it is not detached.
+    assert member_grads_nonzero == [not detach, not detach]
+    assert grads[2] is not None and grads[2].abs().sum() > 0
+
+
+def test_correct_gate_that_masks_every_sample_still_divides_by_batch():
+    edges = [{"from": "label", "to": "n1", "loss": "ce", "gate": "through"},
+             {"from": "n2", "to": "n1", "loss": "kl", "gate": "correct"}]
+    logits, labels, _ = make_inputs(["n1", "n2"], seed=3)
+    with torch.no_grad():
+        logits["n2"].zero_()
+        logits["n2"][torch.arange(6), (labels + 1) % 7] = 4.0  # every sample wrong
+    d = graph(models("n1", "n2"), edges)
+    got = check(d, logits, labels)
+    ce_only = check(graph(models("n1", "n2"), edges[:1]), logits, labels)
+    assert got["n1"].item() == pytest.approx(ce_only["n1"].item())
+    # One correct sample of six: its loss enters divided by the whole batch.
+    with torch.no_grad():
+        logits["n2"][0] = 0.0
+        logits["n2"][0, labels[0]] = 4.0
+    got = check(d, logits, labels)
+    g = Graph.from_dict(d)
+    one = reference_graph_losses(g, {k: v[:1] for k, v in logits.items()}, labels[:1], 1, 1)["n1"]
+    assert got["n1"].item() == pytest.approx(ce_only["n1"].item() + (one.item() - ce_only_first(logits, labels)) / 6)
+
+
+def ce_only_first(logits, labels):
+    return torch.nn.functional.cross_entropy(logits["n1"][:1], labels[:1]).item()
+
+
+def test_identical_logits_give_zero_kl_and_mse():
+    edges = [{"from": "n2", "to": "n1", "loss": "kl+mse", "gate": "through", "temperature": 4.0}]
+    logits, labels, _ = make_inputs(["n1", "n2"], seed=9)
+    with torch.no_grad():
+        logits["n2"].copy_(logits["n1"])
+    got = check(graph(models("n1", "n2"), edges), logits, labels)
+    assert got["n1"].item() == pytest.approx(0.0, abs=1e-6)
+    (grad,) = torch.autograd.grad(got["n1"], logits["n1"])
+    assert grad.abs().max().item() < 1e-6
+
+
+def test_crop_windows_move_inside_the_map_and_k_equal_to_map_is_allowed():
+    edges = [{"from": "n2", "to": "n1", "loss": "att_mse", "gate": "through", "crops": [1, 3, 6]}]
+    logits, labels, attention = make_inputs(["n1", "n2"], seed=4)
+    with torch.no_grad():  # arg-max in corners and on edges
+        for b, (i, j) in enumerate([(0, 0), (5, 5), (0, 5), (5, 0), (2, 0), (0, 3)]):
+            attention["n2"][b, i, j] = 50.0
+    check(graph(models("n1", "n2"), edges), logits, labels, attention)
+    edges[0]["crops"] = [7]
+    with pytest.raises(GraphError, match="crop size 7"):
+        graph_losses(Graph.from_dict(graph(models("n1", "n2"), edges)), logits, labels, 1, 1, attention)
+
+
+def test_cutoff_edges_are_not_computed_and_their_targets_absent():
+    edges = [{"from": "label", "to": "n1", "loss": "ce", "gate": "through"},
+             {"from": "n1", "to": "n2", "loss": "kl", "gate": "cutoff"}]
+    logits, labels, _ = make_inputs(["n1", "n2"])
+    got = check(graph(models("n1", "n2"), edges), logits, labels)
+    assert list(got) == ["n1"]
+
+
+# ---- gradients ------------------------------------------------------------------------------
+def test_gradients_reach_only_targets():
+    edges = [{"from": "label", "to": "n1", "loss": "ce", "gate": "through"},
+             {"from": "n2", "to": "n1", "loss": "kl+att_mse", "gate": "through"},
+             {"from": "n3", "to": "n1", "loss": "cos+att_cos", "gate": "correct"},
+             {"from": "n1", "to": "n2", "loss": "mse", "gate": "linear"}]
+    logits, labels, attention = make_inputs(["n1", "n2", "n3"], size=8)
+    got = graph_losses(Graph.from_dict(graph(models("n1", "n2", "n3"), edges)), logits, labels, 2, 4, attention)
+    # Each target's loss reaches that target alone: n2's loss reaches n2, not its source n1.
+    g_n1 = torch.autograd.grad(got["n1"], [logits["n1"], logits["n2"], logits["n3"], attention["n1"],
+                                          attention["n2"], attention["n3"]], retain_graph=True, allow_unused=True)
+    assert g_n1[0] is not None and g_n1[3] is not None
+    assert all(g is None for g in (g_n1[1], g_n1[2], g_n1[4], g_n1[5]))
+    g_n2 = torch.autograd.grad(got["n2"], [logits["n1"], logits["n2"]], allow_unused=True)
+    assert g_n2[0] is None and g_n2[1] is not None
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_gradients_match_finite_differences(loss):
+    d = graph(models("n1", "n2"), [{"from": "n2", "to": "n1", "loss": loss, "gate": "correct",
+                                    "temperature": 2.0, "crops": [2, 3]},
+                                   {"from": "label", "to": "n1", "loss": "ce", "gate": "linear"}])
+    g = Graph.from_dict(d)
+    logits, labels, attention = make_inputs(["n1", "n2"], batch=4, classes=5, size=5, seed=2)
+    z2, a2 = logits["n2"].detach().double(), attention["n2"].detach().double()
+    z1 = logits["n1"].detach().double().requires_grad_()
+    a1 = attention["n1"].detach().double().requires_grad_()
+
+    def f(z, a):
+        return graph_losses(g, {"n1": z, "n2": z2}, labels, 1, 3, {"n1": a, "n2": a2})["n1"]
+
+    assert torch.autograd.gradcheck(f, (z1, a1))

@@ -1,0 +1,133 @@
+"""The trainer: one forward per node per step, joint update, frozen teachers, the run directory."""
+import json
+
+import pytest
+import torch
+
+from ktfast import Graph
+from ktfast.config import TrainConfig
+from ktfast.pretrain import cache_path
+from ktfast.train import Trainer
+
+TINY = "synthetic:classes=4,size=16,train=96,test=40"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KTFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KTFAST_KERNELS", "0")
+
+
+def cfg(**kw):
+    base = dict(dataset=TINY, epochs=2, batch_size=32, device="cpu", lr=0.05)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def dml(model="resnet8", extra_nodes=(), extra_edges=()):
+    return Graph.from_dict({
+        "version": 1, "name": "dml", "target": "a",
+        "nodes": [{"name": "a", "model": model}, {"name": "b", "model": model}, *extra_nodes],
+        "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+                  {"from": "label", "to": "b", "loss": "ce", "gate": "correct"},
+                  {"from": "b", "to": "a", "loss": "kl", "gate": "linear"},
+                  {"from": "a", "to": "b", "loss": "kl+att_mse", "gate": "through", "crops": [1, 2]},
+                  *extra_edges]})
+
+
+def test_run_directory_rows_and_checkpoint(tmp_path):
+    g = dml(extra_nodes=[{"name": "ens", "ensemble": ["a", "b"]}])
+    out = tmp_path / "run"
+    out.mkdir()
+    rows = Trainer(g, cfg(), out=out, progress=False).fit()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines == json.loads(json.dumps(rows)) and [r["epoch"] for r in lines] == [1, 2]
+    for row in lines:
+        assert set(row) == {"epoch", "time_s", "images_per_s", "train", "test"}
+        assert row["time_s"] > 0 and row["images_per_s"] > 0
+        for split in ("train", "test"):
+            assert set(row[split]) == {"a", "b", "ens"}
+            for v in row[split].values():
+                assert 0 <= v["acc"] <= 1 and v["loss"] >= 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and set(state["models"]) == {"a", "b"}
+    assert not (out / "checkpoint.pt.tmp").exists()
+
+
+def test_one_forward_per_node_per_step_and_joint_update():
+    g = dml()
+    trainer = Trainer(g, cfg(epochs=1), out=None, progress=False)
+    calls = {"a": 0, "b": 0}
+    for name in calls:
+        trainer.models[name].register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1))
+    before = {n: [p.detach().clone() for p in trainer.models[n].parameters()] for n in calls}
+    trainer.fit()
+    steps = trainer.steps_per_epoch
+    assert calls == {"a": steps, "b": steps}  # DCL: one forward, not DML's re-forward per node
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    for n in calls:
+        assert all(id(p) in optimized for p in trainer.models[n].parameters())
+        assert any(not torch.equal(p0, p) for p0, p in zip(before[n], trainer.models[n].parameters()))
+
+
+def test_frozen_teacher_never_changes_weights_or_batchnorm_statistics(tmp_path):
+    teacher = tmp_path / "teacher.pt"
+    from ktfast.models import build_model
+
+    torch.manual_seed(1)
+    t = build_model("resnet8", 4, 16)
+    with torch.no_grad():
+        for m in t.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+    torch.save(t.state_dict(), teacher)
+    g = dml(extra_nodes=[{"name": "t", "model": "resnet8", "init": {"checkpoint": str(teacher)}}],
+            extra_edges=[{"from": "t", "to": "a", "loss": "kl", "gate": "through", "temperature": 2.0},
+                         {"from": "a", "to": "t", "loss": "kl", "gate": "cutoff"}])
+    assert g.nodes["t"].frozen
+    trainer = Trainer(g, cfg(), out=None, progress=False)
+    trainer.fit()
+    after = trainer.models["t"].state_dict()
+    for k, v in t.state_dict().items():
+        assert torch.equal(v, after[k]), k
+    assert not trainer.models["t"].training
+    assert all(not p.requires_grad for p in trainer.models["t"].parameters())
+
+
+def test_pretrained_init_fills_the_cache_once(capsys):
+    g = Graph.from_dict({"version": 1, "target": "s",
+                         "nodes": [{"name": "s", "model": "resnet8"}, {"name": "t", "model": "resnet8"}],
+                         "edges": [{"from": "label", "to": "s", "loss": "ce", "gate": "through"},
+                                   {"from": "t", "to": "s", "loss": "kl", "gate": "through"}]})
+    assert g.nodes["t"].init == "pretrained"
+    c = cfg(epochs=1)
+    first = Trainer(g, c, out=None, progress=False)
+    assert "training it first" in capsys.readouterr().out
+    path = cache_path("resnet8", c)
+    assert path.exists()
+    stored = torch.load(path, weights_only=True)
+    assert stored["model"] == "resnet8"
+    for k, v in stored["state_dict"].items():
+        assert torch.equal(first.models["t"].state_dict()[k], v)
+    Trainer(g, c.replace(seed=3), out=None, progress=False)
+    assert "training it first" not in capsys.readouterr().out
+
+
+def test_same_seed_same_run_different_seed_different_run():
+    g = dml()
+    a = Trainer(g, cfg(epochs=1), out=None, progress=False).fit()
+    b = Trainer(g, cfg(epochs=1), out=None, progress=False).fit()
+    c = Trainer(g, cfg(epochs=1, seed=1), out=None, progress=False).fit()
+    assert a[0]["test"] == b[0]["test"] and a[0]["train"] == b[0]["train"]
+    assert a[0]["train"] != c[0]["train"]
+
+
+def test_lr_schedule_follows_the_recipe_fractions():
+    trainer = Trainer(dml(), cfg(epochs=10, lr_decay_at=(0.3, 0.6, 0.9)), out=None, progress=False)
+    lrs = []
+    for _ in range(10):
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.scheduler.step()
+    assert lrs == pytest.approx([0.05] * 3 + [0.005] * 3 + [0.0005] * 3 + [0.00005])
+    group = trainer.optimizer.param_groups[0]
+    assert group["nesterov"] and group["momentum"] == 0.9 and group["weight_decay"] == 5e-4
