@@ -97,26 +97,35 @@ def check_attention_sizes(graph: Graph, models, image_size: int, device) -> None
                                  f"is larger than the {h}x{w} attention map")
 
 
+def forward_node(node: ModelNode, model, x, want_attention: bool):
+    """(logits, attention map or None) of one model node; frozen nodes run without autograd."""
+    with torch.no_grad() if node.frozen else nullcontext():
+        if want_attention:
+            return model(x, return_attention=True)
+        return model(x), None
+
+
 def forward(graph: Graph, models, x, want_attention: set[str]):
     """Logits (and attention maps where needed) of every model node on one batch."""
     logits, attention = {}, {}
     for node in graph.model_nodes:
-        model = models[node.name]
-        with torch.no_grad() if node.frozen else nullcontext():
-            if node.name in want_attention:
-                logits[node.name], attention[node.name] = model(x, return_attention=True)
-            else:
-                logits[node.name] = model(x)
+        logits[node.name], att = forward_node(node, models[node.name], x, node.name in want_attention)
+        if att is not None:
+            attention[node.name] = att
     return logits, attention
 
 
 def make_optimizer(cfg: TrainConfig, params):
-    # foreach/fused implementations update all nodes' tensors in a few multi-tensor launches.
+    """One optimizer over every trainable node. On CUDA the fused implementations update all
+    nodes' tensors in a few multi-tensor launches (what apex's FusedSGD did), and Adam keeps its
+    step count on the device so that a captured CUDA graph can replay it."""
+    cuda = torch.device(cfg.device).type == "cuda"
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, fused=cuda or None)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None,
+                                capturable=cuda)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
@@ -183,55 +192,68 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.epoch = 0  # epochs completed
-        self.step_fn = self._compiled_step() if cfg.compile else self.train_step
+        # Per-node sums the steps add into on the device; read once per epoch.
+        self.loss_sums = torch.zeros(len(graph.nodes), device=cfg.device)
+        self.correct = torch.zeros(len(graph.nodes), device=cfg.device)
+        if cfg.compile:
+            for name in list(self.models):
+                self.models[name] = torch.compile(self.models[name])
+        self.fast = None
+        if torch.device(cfg.device).type == "cuda" and not cfg.reference:
+            from ktfast.fast import FastStep
 
-    def _compiled_step(self):
-        for name in list(self.models):
-            self.models[name] = torch.compile(self.models[name])
-        return self.train_step
+            self.fast = FastStep(self)
 
     # ---- one step ---------------------------------------------------------------------------
-    def train_step(self, x, y, step: int) -> tuple[dict, dict]:
-        """Forward all nodes, Σ L_t backward once, one optimizer step. Returns the detached
-        per-target losses and logits, for metrics; nothing here reads a value back to the host."""
-        with autocast(self.cfg):
+    def autocast_context(self):
+        return autocast(self.cfg)
+
+    def forward_node(self, node: ModelNode, x):
+        return forward_node(node, self.models[node.name], x, node.name in self.want_attention)
+
+    def train_step(self, x, y, step) -> None:
+        """Forward all nodes, Σ L_t backward once, one optimizer step, metrics added on the device.
+        `step` is the 1-based optimizer step (an int, or a device tensor holding step / total)."""
+        if self.fast is not None:
+            self.fast(x, y, step)
+            return
+        with self.autocast_context():
             logits, attention = forward(self.graph, self.models, x, self.want_attention)
         losses = self.loss_fn(self.graph, logits, y, step=step, total_steps=self.total_steps,
                               attention=attention or None)
         if self.optimizer is not None:
-            total = sum(losses.values())
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
+            self.scaler.scale(sum(losses.values())).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        return {t: v.detach() for t, v in losses.items()}, node_logits(self.graph, {k: v.detach() for k, v in logits.items()})
+        self.accumulate(losses, logits, y)
+
+    @torch.no_grad()
+    def accumulate(self, losses: dict, logits: dict, y) -> None:
+        """Add a step's per-node loss (L_t; the cross-entropy for nodes nothing trains) and
+        correct count to the epoch sums, without reading anything back to the host."""
+        z = node_logits(self.graph, {k: v.detach() for k, v in logits.items()})
+        per_node = [losses[name].detach().float() if name in losses else F.cross_entropy(z[name].float(), y)
+                    for name in self.graph.nodes]
+        self.loss_sums += torch.stack(per_node)
+        self.correct += torch.stack([(z[name].argmax(1) == y).sum() for name in self.graph.nodes]).float()
 
     def train_epoch(self) -> tuple[dict, float]:
         graph, cfg = self.graph, self.cfg
         self.train_loader.set_epoch(self.epoch)
-        loss_sums = {name: torch.zeros((), device=cfg.device) for name in graph.nodes}
-        untargeted = [name for name in graph.nodes if name not in graph.targets]
-        correct = {name: torch.zeros((), device=cfg.device) for name in graph.nodes}
-        seen = 0
+        self.loss_sums.zero_()
+        self.correct.zero_()
+        seen = steps = 0
         start = time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="img",
                    unit_scale=cfg.batch_size, leave=False, disable=not self.progress, dynamic_ncols=True)
-        for i, (x, y) in enumerate(bar):
-            step = self.epoch * self.steps_per_epoch + i + 1
-            losses, logits = self.step_fn(x, y, step)
-            for t, v in losses.items():
-                loss_sums[t] += v
-            for name in untargeted:  # nodes nothing trains report their cross-entropy instead
-                loss_sums[name] += F.cross_entropy(logits[name].float(), y)
-            for name in correct:
-                correct[name] += (logits[name].argmax(1) == y).sum()
+        for x, y in bar:
+            steps += 1
+            self.train_step(x, y, self.epoch * self.steps_per_epoch + steps)
             seen += y.shape[0]
-        if cfg.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        loss_sums, correct = self.loss_sums.tolist(), self.correct.tolist()  # the epoch's one sync
         elapsed = time.perf_counter() - start
-        n_steps = i + 1
-        train = {name: {"loss": loss_sums[name].item() / n_steps, "acc": correct[name].item() / seen}
-                 for name in graph.nodes}
+        train = {name: {"loss": loss_sums[i] / steps, "acc": correct[i] / seen} for i, name in enumerate(graph.nodes)}
         if self.scheduler is not None:
             self.scheduler.step()
         return train, seen / elapsed

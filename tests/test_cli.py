@@ -49,8 +49,7 @@ BAD_RUNS = {
     "missing cifar": (GOOD, ["--dataset", "cifar10", "--data-dir", "nowhere"], "cifar10"),
     "bad seeds": (GOOD, ["--seeds", "0,x"], "--seeds"),
     "bad epochs": (GOOD, ["--epochs", "0"], "--epochs"),
-    "bad crop": (bad(lambda g: g["edges"].append({"from": "a", "to": "b", "loss": "att_mse", "gate": "through",
-                                                    "crops": [9]})), [], "crop"),
+    "bad crop": (bad(lambda g: g["edges"][3].update(loss="kl+att_mse", crops=[9])), [], "crop"),
 }
 
 

@@ -59,7 +59,9 @@ def test_one_forward_per_node_per_step_and_joint_update():
     trainer = Trainer(g, cfg(epochs=1), out=None, progress=False)
     calls = {"a": 0, "b": 0}
     for name in calls:
-        trainer.models[name].register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1))
+        # Training forwards only: evaluation runs in eval mode.
+        trainer.models[name].register_forward_hook(
+            lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + m.training))
     before = {n: [p.detach().clone() for p in trainer.models[n].parameters()] for n in calls}
     trainer.fit()
     steps = trainer.steps_per_epoch

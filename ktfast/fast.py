@@ -1,0 +1,119 @@
+"""The fast training step on CUDA (DESIGN §2): the same computation as `Trainer.train_step`, laid out
+for the GPU.
+
+* every node's forward runs on its own CUDA stream (autograd runs each backward on the stream of
+  its forward, so the backward passes overlap too);
+* channels_last activations, AMP (bf16, or fp16 with a grad scaler), a fused multi-tensor SGD/Adam;
+* the per-step bookkeeping (loss sums, correct counts) stays on the device: nothing in the step
+  reads a value back to the host;
+* with `compile`: torch.compile of each model, then the whole step — forwards, fused losses,
+  backward, optimizer step, metric accumulation — captured once as a CUDA graph and replayed.
+  Graph replays read the linear-gate factor from a device tensor, so changing it re-captures
+  nothing; the learning rate is a plain float in torch's SGD, so the graph is captured again when
+  the schedule changes it (a handful of times per run).
+"""
+from __future__ import annotations
+
+import torch
+
+
+
+class FastStep:
+    def __init__(self, trainer):
+        self.t = trainer
+        cfg, graph = trainer.cfg, trainer.graph
+        self.device = torch.device(cfg.device)
+        for name in trainer.models:
+            trainer.models[name].to(memory_format=torch.channels_last)
+        self.streams = {n.name: torch.cuda.Stream(self.device) for n in graph.model_nodes}
+        self.factor = torch.zeros((), device=self.device)  # step / total_steps, for linear gates
+        self.use_graph = cfg.compile and not trainer.scaler.is_enabled()
+        self.graph = None
+        self.graph_lr = None
+        self.static = None
+
+    def _body(self, x, y) -> None:
+        t, graph = self.t, self.t.graph
+        current = torch.cuda.current_stream(self.device)
+        logits, attention = {}, {}
+        for node in graph.model_nodes:
+            stream = self.streams[node.name]
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream), t.autocast_context():
+                logits[node.name], att = t.forward_node(node, x)
+                if att is not None:
+                    attention[node.name] = att
+        for stream in self.streams.values():
+            current.wait_stream(stream)
+        losses = t.loss_fn(graph, logits, y, step=self.factor, total_steps=1, attention=attention or None)
+        if t.optimizer is not None:
+            t.scaler.scale(sum(losses.values())).backward()
+            t.scaler.step(t.optimizer)
+            t.scaler.update()
+        t.accumulate(losses, logits, y)
+
+    def __call__(self, x, y, step: int) -> None:
+        t = self.t
+        self.factor.fill_(step / t.total_steps)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if not self.use_graph:
+            if t.optimizer is not None:
+                t.optimizer.zero_grad(set_to_none=True)
+            self._body(x, y)
+            return
+        lr = [g["lr"] for g in t.optimizer.param_groups] if t.optimizer else None
+        if self.graph is None or lr != self.graph_lr or x.shape != self.static[0].shape:
+            self._capture(x, y)
+            self.graph_lr = lr
+        self.static[0].copy_(x)
+        self.static[1].copy_(y)
+        self.graph.replay()
+
+    def _capture(self, x, y) -> None:
+        """Warm up on a side stream (compiles kernels, creates optimizer state), then capture.
+
+        The warm-up steps are real optimizer steps on this batch, so the parameters and the metric
+        accumulators are restored afterwards: capture must not change what is computed.
+        """
+        t = self.t
+        saved = _snapshot(t)
+        self.static = (x.clone(), y.clone())
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                if t.optimizer is not None:
+                    t.optimizer.zero_grad(set_to_none=True)
+                self._body(*self.static)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        # Gradients allocated inside the capture are overwritten, not accumulated, by each replay.
+        if t.optimizer is not None:
+            t.optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._body(*self.static)
+        _restore(t, saved)
+
+
+def _snapshot(t) -> dict:
+    return {"models": {k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in t.models.items()},
+            "optimizer": {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+                          for p, s in (t.optimizer.state.items() if t.optimizer else ())},
+            "metrics": (t.loss_sums.clone(), t.correct.clone())}
+
+
+def _restore(t, saved) -> None:
+    with torch.no_grad():
+        for k, m in t.models.items():
+            for n, v in m.state_dict().items():
+                v.copy_(saved["models"][k][n])
+        if t.optimizer:
+            for p, state in t.optimizer.state.items():
+                for k, v in state.items():
+                    if torch.is_tensor(v):
+                        if id(p) in saved["optimizer"] and k in saved["optimizer"][id(p)]:
+                            v.copy_(saved["optimizer"][id(p)][k])
+                        else:  # state the warm-up created: as if no step had been taken
+                            v.zero_()
+        t.loss_sums.copy_(saved["metrics"][0])
+        t.correct.copy_(saved["metrics"][1])
