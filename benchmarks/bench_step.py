@@ -1,0 +1,115 @@
+"""Training-step throughput: the fast path vs the reference path, side by side in one run.
+
+images/s counts each training image once for the whole graph (as metrics.jsonl does). Each
+configuration trains real steps on synthetic CIFAR-size data; the first steps (compilation,
+CUDA-graph capture) are excluded, the loader is included.
+
+    python benchmarks/bench_step.py                 # on a GPU: the full table
+    python benchmarks/bench_step.py --smoke         # CPU-sized, what CI runs
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ktfast import Graph
+from ktfast.config import TrainConfig
+from ktfast.train import Trainer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def graph(name: str, models: list[str]) -> Graph:
+    nodes = [f"n{i + 1}" for i in range(len(models))]
+    edges = [{"from": "label", "to": n, "loss": "ce", "gate": "through"} for n in nodes]
+    gates = itertools.cycle(["through", "linear", "correct"])
+    edges += [{"from": s, "to": t, "loss": "kl", "gate": next(gates)} for s, t in itertools.permutations(nodes, 2)]
+    return Graph.from_dict({"version": 1, "name": name, "target": "n1",
+                            "nodes": [{"name": n, "model": m} for n, m in zip(nodes, models)], "edges": edges})
+
+
+GRAPHS = {
+    "dcl3 (R32,R110,R32)": ["resnet32", "resnet110", "resnet32"],
+    "dml4 (4xR32)": ["resnet32"] * 4,
+    "7 nodes (R32,R110,WRN28-2,..)": ["resnet32", "resnet110", "wrn28_2", "resnet32", "resnet56", "wrn28_2",
+                                      "resnet20"],
+}
+SMOKE_GRAPHS = {"dml2 (2xR8)": ["resnet8", "resnet8"]}
+
+
+def throughput(g: Graph, cfg: TrainConfig, steps: int, warmup: int) -> dict:
+    trainer = Trainer(g, cfg, out=None, progress=False, log=lambda _: None)
+    loader = trainer.train_loader
+    cuda = cfg.device == "cuda"
+
+    def batches():
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    it = batches()
+    for k in range(warmup):
+        x, y = next(it)
+        trainer.train_step(x, y, k + 1)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for k in range(steps):
+        x, y = next(it)
+        trainer.train_step(x, y, warmup + k + 1)
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return {"images_per_s": steps * cfg.batch_size / elapsed, "ms_per_step": 1e3 * elapsed / steps,
+            "peak_mem_mib": peak}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run (CI)")
+    ap.add_argument("--batch-sizes", default="64,256")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/step-<device>.json)")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = "cuda" if cuda else "cpu"
+    graphs = GRAPHS if cuda else SMOKE_GRAPHS
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if cuda else [16]
+    steps, warmup = (args.steps, 15) if cuda else (3, 1)
+    dataset = "synthetic:classes=100,size=32,train=8192,test=256" if cuda else "synthetic:classes=10,size=16,train=64,test=16"
+    paths = {"reference": dict(reference=True), "fast": dict(amp=cuda, compile=cuda)}
+    rows = []
+    for (name, models), bs in itertools.product(graphs.items(), batch_sizes):
+        g = graph(name, models)
+        row = {"graph": name, "batch_size": bs}
+        for path, flags in paths.items():
+            cfg = TrainConfig(dataset=dataset, epochs=100, batch_size=bs, device=device, **flags)
+            row[path] = throughput(g, cfg, steps, warmup)
+        row["speedup"] = row["fast"]["images_per_s"] / row["reference"]["images_per_s"]
+        rows.append(row)
+        print(f"{name:<32} B={bs:<4} reference {row['reference']['images_per_s']:9.0f} img/s   "
+              f"fast {row['fast']['images_per_s']:9.0f} img/s   x{row['speedup']:.2f}", flush=True)
+    name = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+    result = {"benchmark": "step", "device": name, "torch": torch.__version__,
+              "paths": {"reference": "eager, fp32, per-edge torch losses",
+                        "fast": "streams, channels_last, fused losses, fused SGD" + (", bf16 AMP, torch.compile, "
+                                                                                     "CUDA graph" if cuda else "")},
+              "rows": rows}
+    out = Path(args.out) if args.out else RESULTS / f"step-{'smoke' if not cuda else name.replace(' ', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
