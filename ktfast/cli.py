@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_recipe_args(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_pretrain)
+
+    from ktfast.search import add_search_commands  # here, not at the top: search imports this module
+    add_search_commands(sub)
     return parser
 
 
