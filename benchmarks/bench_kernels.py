@@ -1,30 +1,36 @@
-"""graph_losses forward+backward: fused Triton kernels vs the eager reference vs torch.compile of the
-reference, side by side in one run, with the bandwidth the fused version reaches.
+"""graph_losses forward+backward: the fused Triton kernels vs the eager reference vs torch.compile of
+the reference, side by side in one run, with the memory bandwidth the fused kernels reach.
 
-Bytes counted (the fewest a separate forward and backward must move): the stacked logits read by
-the forward, read again by the backward, and their gradient written — 3·M·B·C elements — plus the
-labels. The ceiling is measured in the same run: a large device-to-device copy, bytes read plus
-bytes written.
+Two times per implementation:
+* wall: back-to-back calls timed on the host, launch overhead included (an uncaptured step);
+* gpu: the median replay of a CUDA graph of one call (triton.testing.do_bench, which flushes L2
+  between replays): the device's own time, launch overhead removed (a captured step).
+Bytes counted (the fewest the fused forward and backward must move): the logits read by the
+forward, read again by the backward, their gradient written (3·M·B·C elements) and the labels. The
+ceiling is measured in the same run: a 1 GiB device-to-device copy, bytes read plus bytes written.
 
-    python benchmarks/bench_kernels.py            # on a GPU: the full table
-    python benchmarks/bench_kernels.py --smoke    # tiny, on CPU through Triton's interpreter (CI)
+    python benchmarks/bench_kernels.py             # on a GPU: the full table
+    python benchmarks/bench_kernels.py --smoke     # tiny, on CPU through Triton's interpreter (CI)
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import platform
+import statistics
 import time
-from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import environment, write_result
+
+FULL = list(itertools.product([2, 3, 4, 7], [64, 256, 1024], [10, 100, 1000])) + [(2, 8192, 1000), (4, 8192, 1000),
+                                                                                   (7, 8192, 1000)]
+SMOKE = [(2, 8, 10), (3, 4, 100)]
 
 
 def make_graph(m: int):
+    """m model nodes, a label edge into each and KL edges (T = 2) between all pairs, gates mixed."""
     from ktfast import Graph
 
     names = [f"n{i}" for i in range(m)]
@@ -36,90 +42,120 @@ def make_graph(m: int):
                             "edges": edges})
 
 
-def timer(fn, cuda: bool) -> float:
-    """Median seconds per call."""
+def sync(cuda: bool) -> None:
     if cuda:
-        import triton.testing
+        torch.cuda.synchronize()
 
-        return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median") / 1e3
+
+def wall_time(fn, cuda: bool) -> float:
+    """Median seconds per call over 5 batches of back-to-back calls, host time included."""
     fn()
-    times = []
-    for _ in range(3):
+    sync(cuda)
+    start = time.perf_counter()
+    fn()
+    sync(cuda)
+    reps = max(1, min(200, int(0.02 / (time.perf_counter() - start))))
+    samples = []
+    for _ in range(5):
         start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync(cuda)
+        samples.append((time.perf_counter() - start) / reps)
+    return statistics.median(samples)
+
+
+def gpu_time(fn) -> float:
+    """Median seconds per CUDA-graph replay of fn."""
+    import triton.testing
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[1]
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") / 1e3
 
 
-def copy_bandwidth(cuda: bool) -> float | None:
-    if not cuda:
-        return None
-    x = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()  # 1 GiB, several times L2
+def copy_bandwidth() -> float:
+    import triton.testing
+
+    x = torch.empty(2**28, dtype=torch.float32, device="cuda").uniform_()  # 1 GiB, far past L2
     y = torch.empty_like(x)
-    t = timer(lambda: y.copy_(x), True)
-    return 2 * x.numel() * 4 / t
+    t = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median") / 1e3
+    return 2 * x.numel() * x.element_size() / t
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (automatic without CUDA)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    ap.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ["KTFAST_KERNELS"] = "1"
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before ktfast.kernels defines its kernels
     from ktfast.kernels import fused_graph_losses
     from ktfast.losses import reference_graph_losses
 
     device = "cuda" if cuda else "cpu"
-    if cuda:
-        sizes = list(itertools.product([2, 3, 4, 7], [64, 256, 1024], [10, 100, 1000])) + [(4, 8192, 1000),
-                                                                                          (7, 8192, 1000)]
-    else:
-        sizes = [(2, 8, 10), (3, 4, 100)]
-    bandwidth = copy_bandwidth(cuda)
-    compiled = None if args.no_compile or not cuda else torch.compile(reference_graph_losses)
+    bandwidth = copy_bandwidth() if cuda else None
+    if bandwidth:
+        print(f"device-to-device copy: {bandwidth / 1e9:.0f} GB/s (read + write)", flush=True)
+    impls = {"fused": fused_graph_losses, "eager": reference_graph_losses}
+    if cuda and not args.no_compile:
+        impls["compiled"] = torch.compile(reference_graph_losses, dynamic=True)  # one compile per graph
     rows = []
-    for m, b, c in sizes:
+    result = {"benchmark": "kernels", **environment(cuda),
+              "copy_bandwidth_GBps": bandwidth / 1e9 if bandwidth else None,
+              "bytes_counted": "3*M*B*C*4 (fp32 logits read fwd, read bwd, grad written) + 8*B (labels)",
+              "graph": "M model nodes; label->each: ce; every ordered pair: kl T=2; gates cycle through/linear/correct",
+              "rows": rows}
+    for m, b, c in FULL if cuda else SMOKE:
         g = make_graph(m)
         gen = torch.Generator(device=device).manual_seed(0)
-        z = {n.name: torch.randn(b, c, device=device, generator=gen).requires_grad_() for n in g.model_nodes}
+        z = {n.name: (3 * torch.randn(b, c, device=device, generator=gen)).requires_grad_() for n in g.model_nodes}
         y = torch.randint(0, c, (b,), device=device, generator=gen)
 
-        def run(fn):
-            def step():
+        def step(fn):
+            def call():
                 losses = fn(g, z, y, 5, 10)
                 torch.autograd.grad(sum(losses.values()), list(z.values()))
-            return step
+            return call
 
         row = {"M": m, "B": b, "C": c, "edges": len(g.active_edges)}
-        row["fused_us"] = 1e6 * timer(run(fused_graph_losses), cuda)
-        row["eager_us"] = 1e6 * timer(run(reference_graph_losses), cuda)
-        if compiled is not None:
-            row["compiled_us"] = 1e6 * timer(run(compiled), cuda)
+        for name, fn in impls.items():
+            row[f"{name}_us"] = 1e6 * wall_time(step(fn), cuda)
+            if cuda:
+                row[f"{name}_gpu_us"] = 1e6 * gpu_time(step(fn))
+        if cuda:
+            row["fused_fwd_gpu_us"] = 1e6 * gpu_time(lambda: fused_graph_losses(g, z, y, 5, 10))
         nbytes = 3 * m * b * c * 4 + b * 8
-        row["fused_GBps"] = nbytes / (row["fused_us"] * 1e-6) / 1e9
+        row["fused_GBps"] = nbytes / (row["fused_gpu_us" if cuda else "fused_us"] * 1e-6) / 1e9
         if bandwidth:
             row["fraction_of_copy_bw"] = row["fused_GBps"] * 1e9 / bandwidth
-        row["speedup_vs_eager"] = row["eager_us"] / row["fused_us"]
-        if "compiled_us" in row:
-            row["speedup_vs_compiled"] = row["compiled_us"] / row["fused_us"]
+        for name in impls:
+            if name != "fused":
+                row[f"speedup_vs_{name}"] = row[f"{name}_us"] / row["fused_us"]
+                if cuda:
+                    row[f"gpu_speedup_vs_{name}"] = row[f"{name}_gpu_us"] / row["fused_gpu_us"]
         rows.append(row)
-        print(f"M={m} B={b:<5} C={c:<5} fused {row['fused_us']:9.1f} us  eager {row['eager_us']:9.1f} us  "
-              + (f"compiled {row['compiled_us']:9.1f} us  " if "compiled_us" in row else "")
-              + f"x{row['speedup_vs_eager']:.1f} vs eager  {row['fused_GBps']:7.1f} GB/s"
-              + (f" ({100 * row['fraction_of_copy_bw']:.0f}% of copy)" if bandwidth else ""), flush=True)
-    name = torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu")
-    import triton
-
-    result = {"benchmark": "kernels", "device": name, "torch": torch.__version__, "triton": triton.__version__,
-              "copy_bandwidth_GBps": bandwidth / 1e9 if bandwidth else None,
-              "bytes_counted": "3*M*B*C*4 (logits read fwd, read bwd, grad written) + labels", "rows": rows}
-    out = RESULTS / f"kernels-{name.replace(' ', '_') if cuda else 'smoke'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+        path = write_result("kernels", result, cuda, args.out)  # after every row: a cut-off run keeps its rows
+        print(f"M={m} B={b} C={c}: " + " ".join(f"{k[:-3]} {v:.0f}" for k, v in row.items() if k.endswith("_us")),
+              flush=True)
+    print(f"\n{'M':>2} {'B':>5} {'C':>5} | {'wall us: fused':>14} {'eager':>8} {'compiled':>8} {'x eager':>8} "
+          f"| {'gpu us: fused':>13} {'eager':>8} {'compiled':>8} | {'GB/s':>6} {'% bw':>5}")
+    for r in rows:
+        print(f"{r['M']:>2} {r['B']:>5} {r['C']:>5} | {r['fused_us']:>14.1f} {r['eager_us']:>8.1f} "
+              f"{r.get('compiled_us', float('nan')):>8.1f} {r['speedup_vs_eager']:>8.1f} | "
+              f"{r.get('fused_gpu_us', float('nan')):>13.1f} {r.get('eager_gpu_us', float('nan')):>8.1f} "
+              f"{r.get('compiled_gpu_us', float('nan')):>8.1f} | {r['fused_GBps']:>6.0f} "
+              f"{100 * r.get('fraction_of_copy_bw', float('nan')):>5.0f}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import platform
 import time
-from pathlib import Path
 
 import torch
+
+from common import environment, write_result
 
 from ktfast import Graph
 from ktfast.config import TrainConfig
 from ktfast.train import Trainer
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def graph(name: str, models: list[str]) -> Graph:
@@ -74,12 +71,51 @@ def throughput(g: Graph, cfg: TrainConfig, steps: int, warmup: int) -> dict:
             "peak_mem_mib": peak}
 
 
+def profile(g: Graph, cfg: TrainConfig, warmup: int, steps: int = 20) -> dict:
+    """Where a fast step's time goes: the kernels by GPU time per step, and how busy the GPU is
+    (kernel time / wall time; the rest is launch gaps, host work and the loader)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    trainer = Trainer(g, cfg, out=None, progress=False, log=lambda _: None)
+    trainer.train_loader.set_epoch(0)
+    it = iter(trainer.train_loader)
+    for k in range(warmup):
+        trainer.train_step(*next(it), k + 1)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for k in range(steps):
+            trainer.train_step(*next(it), warmup + k + 1)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = _union_us([(e.time_range.start, e.time_range.end) for e in kernels])
+    per_name: dict = {}
+    for e in kernels:
+        t, n = per_name.get(e.name, (0.0, 0))
+        per_name[e.name] = (t + e.time_range.elapsed_us(), n + 1)
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:15]
+    return {"ms_per_step": 1e3 * wall / steps, "gpu_busy": busy / (1e6 * wall), "kernels_per_step": len(kernels) / steps,
+            "top_kernels": [{"name": n, "us_per_step": t / steps, "calls_per_step": c / steps} for n, (t, c) in top]}
+
+
+def _union_us(intervals: list) -> float:
+    """Total length of a union of intervals: kernels on concurrent streams overlap."""
+    total, end = 0.0, -float("inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (CI)")
     ap.add_argument("--batch-sizes", default="64,256")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/step-<device>.json)")
+    ap.add_argument("--profile", action="store_true", help="also profile the fast path of the first graph")
+    ap.add_argument("--out", default=None, help="folder of the JSON (default benchmarks/results)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
@@ -88,7 +124,11 @@ def main():
     steps, warmup = (args.steps, 15) if cuda else (3, 1)
     dataset = "synthetic:classes=100,size=32,train=8192,test=256" if cuda else "synthetic:classes=10,size=16,train=64,test=16"
     paths = {"reference": dict(reference=True), "fast": dict(amp=cuda, compile=cuda)}
-    rows = []
+    result = {"benchmark": "step", **environment(cuda), "dataset": dataset, "steps": steps, "warmup": warmup,
+              "paths": {"reference": "eager, fp32, per-edge torch losses",
+                        "fast": "streams, channels_last, fused losses, fused SGD" + (", bf16 AMP, torch.compile, "
+                                                                                     "CUDA graph" if cuda else "")},
+              "rows": []}
     for (name, models), bs in itertools.product(graphs.items(), batch_sizes):
         g = graph(name, models)
         row = {"graph": name, "batch_size": bs}
@@ -96,20 +136,21 @@ def main():
             cfg = TrainConfig(dataset=dataset, epochs=100, batch_size=bs, device=device, **flags)
             row[path] = throughput(g, cfg, steps, warmup)
         row["speedup"] = row["fast"]["images_per_s"] / row["reference"]["images_per_s"]
-        rows.append(row)
+        result["rows"].append(row)
         print(f"{name:<32} B={bs:<4} reference {row['reference']['images_per_s']:9.0f} img/s   "
               f"fast {row['fast']['images_per_s']:9.0f} img/s   x{row['speedup']:.2f}", flush=True)
-    name = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
-    result = {"benchmark": "step", "device": name, "torch": torch.__version__,
-              "paths": {"reference": "eager, fp32, per-edge torch losses",
-                        "fast": "streams, channels_last, fused losses, fused SGD" + (", bf16 AMP, torch.compile, "
-                                                                                     "CUDA graph" if cuda else "")},
-              "rows": rows}
-    out = Path(args.out) if args.out else RESULTS / f"step-{'smoke' if not cuda else name.replace(' ', '_')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
-
+        written = write_result("step", result, cuda, args.out)  # after every row: a cut-off run keeps its rows
+    if cuda and args.profile:
+        name, models = next(iter(graphs.items()))
+        cfg = TrainConfig(dataset=dataset, epochs=100, batch_size=batch_sizes[0], device=device, **paths["fast"])
+        result["profile"] = {"graph": name, "batch_size": batch_sizes[0], **profile(graph(name, models), cfg, warmup)}
+        p = result["profile"]
+        print(f"profile of the fast path, {name} B={batch_sizes[0]}: GPU busy {100 * p['gpu_busy']:.0f} % of "
+              f"{p['ms_per_step']:.2f} ms/step; top kernels:")
+        for k in p["top_kernels"][:8]:
+            print(f"  {k['us_per_step']:8.1f} us/step  {k['calls_per_step']:5.1f}x  {k['name'][:90]}")
+        written = write_result("step", result, cuda, args.out)
+    print(f"wrote {written}")
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,13 @@
 """Datasets and loaders (DESIGN §5): one interface, `make_loader(dataset, split, batch_size, device, seed)`.
 
-Every split is held as uint8 images `[N, 3, H, W]` and int64 labels. The order and the
-augmentation of an epoch are a pure function of (seed, epoch): a resumed run sees exactly the
-batches an uninterrupted one would, and every loader kind sees the same samples in the same order.
+A dataset is read once into uint8 images `[N, 3, H, W]` and int64 labels (train and test sets).
+A split is a set of positions in one of them. The order and the augmentation of an epoch are a
+pure function of (seed, epoch), drawn on the CPU: a resumed run sees exactly the batches an
+uninterrupted one would, on any device and with any loader kind.
+
+Environment: `KTFAST_DATA` is the default data directory (else ~/.cache/ktfast/data);
+`KTFAST_OFFLINE=1` never tries a download (a missing dataset fails at once instead of waiting on
+the network).
 """
 from __future__ import annotations
 
@@ -10,15 +15,20 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 SPLITS = ("train", "test", "search_train", "search_val")
+TRAIN_SPLITS = ("train", "search_train")  # shuffled and augmented
 LOADERS = ("auto", "tensor", "torch")
-PAD = 4
+PAD = 4  # reflect padding before the random crop: the CIFAR recipe of the papers
+SEARCH_VAL_FRACTION = 0.2  # of each class; on CIFAR exactly the usual 40k/10k
 _SPLIT_SEED = 20240  # constant: every run and every search trial sees the same held-out split
+# First element of every generator key, so the streams of different purposes never coincide.
+_SUBSET, _EPOCH, _WORKERS = 1, 2, 3
 
 
 class DatasetError(ValueError):
@@ -36,197 +46,228 @@ class DatasetInfo:
 
 @dataclass
 class Arrays:
-    """The train and test sets of a dataset as uint8 CPU tensors."""
+    """A dataset read into CPU tensors, with its per-channel statistics (in [0, 1] units)."""
     info: DatasetInfo
-    train_x: torch.Tensor
-    train_y: torch.Tensor
+    train_x: torch.Tensor  # uint8 [N, 3, H, W]
+    train_y: torch.Tensor  # int64 [N]
     test_x: torch.Tensor
     test_y: torch.Tensor
+    mean: torch.Tensor  # float32 [3], of the training images
+    std: torch.Tensor
 
 
-# ---- datasets ---------------------------------------------------------------------------------
-def _parse(name: str) -> tuple[str, dict]:
-    base, _, params = name.partition(":")
-    options = {}
-    for item in filter(None, params.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not value.isdigit() or int(value) <= 0:
-            raise DatasetError(f"dataset {name!r}: expected key=positive integer options, got {item!r}")
-        options[key.strip()] = int(value)
-    return base, options
-
-
-def _synthetic_options(name: str, options: dict) -> dict:
-    known = {"classes": 10, "size": 32, "train": 1024, "test": 256}
-    unknown = set(options) - set(known)
-    if unknown:
-        raise DatasetError(f"dataset {name!r}: unknown option {sorted(unknown)[0]!r} "
-                           f"(expected classes, size, train, test)")
-    known.update(options)
-    if known["classes"] < 2:
-        raise DatasetError(f"dataset {name!r}: classes must be at least 2")
-    return known
-
-
-def dataset_info(dataset: str, data_dir=None) -> DatasetInfo:
-    """What a dataset is (classes, image size) without loading it."""
-    base, options = _parse(dataset)
-    if base == "synthetic":
-        o = _synthetic_options(dataset, options)
-        return DatasetInfo(dataset, o["classes"], o["size"])
-    if options:
-        raise DatasetError(f"dataset {dataset!r}: {base} takes no options")
-    if base == "digits":
-        return DatasetInfo(dataset, 10, 32, flip=False)  # handwritten digits are not mirror-symmetric
-    if base in ("cifar10", "cifar100"):
-        return DatasetInfo(dataset, 10 if base == "cifar10" else 100, 32)
-    raise DatasetError(f"unknown dataset {dataset!r} (expected digits, cifar10, cifar100 or synthetic[:...])")
+def _generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded from a key of ints (negative ones too): distinct keys, unrelated streams."""
+    state = np.random.SeedSequence([k % 2**64 for k in key]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _digits(info: DatasetInfo, data_dir) -> Arrays:
+# ---- datasets -----------------------------------------------------------------------------------
+# A dataset is an entry of DATASETS: how to describe it from its name alone, how to read it, and
+# the integer options `name:key=value,...` it takes (with their defaults).
+
+def _digits_info(name: str, options: dict, root: Path) -> DatasetInfo:
+    return DatasetInfo(name, 10, 32, flip=False)  # handwritten digits are not mirror-symmetric
+
+
+def _read_digits(info: DatasetInfo, options: dict, root: Path):
+    """scikit-learn's bundled 8x8 digits (real data, no network), upsampled to 32 px, grey as RGB."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16
+    x = _to_uint8(F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)).repeat(1, 3, 1, 1)
     y = torch.tensor(digits.target, dtype=torch.int64)
-    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y.numpy(), random_state=0)
-    x = _to_uint8(x)
-    return Arrays(info, x[idx_train], y[idx_train], x[idx_test], y[idx_test])
+    train, test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=digits.target, random_state=0)
+    return x[train], y[train], x[test], y[test]
 
 
-def _synthetic(info: DatasetInfo, data_dir) -> Arrays:
-    """Class prototypes of low-frequency colour patterns plus noise: learnable, any shape."""
-    o = _synthetic_options(info.name, _parse(info.name)[1])
+def _synthetic_info(name: str, options: dict, root: Path) -> DatasetInfo:
+    if options["classes"] < 2:
+        raise DatasetError(f"dataset {name!r}: classes must be at least 2")
+    if options["size"] < 2 * PAD:
+        raise DatasetError(f"dataset {name!r}: size must be at least {2 * PAD}")
+    return DatasetInfo(name, options["classes"], options["size"])
+
+
+def _read_synthetic(info: DatasetInfo, options: dict, root: Path):
+    """A random low-frequency colour pattern per class plus per-image noise: learnable in a couple
+    of epochs, any number of classes and any image size, and always the same (a constant seed)."""
     gen = torch.Generator().manual_seed(12345)
-    protos = F.interpolate(torch.rand(o["classes"], 3, 4, 4, generator=gen), size=(o["size"], o["size"]),
+    size, classes = options["size"], options["classes"]
+    protos = F.interpolate(torch.rand(classes, 3, 4, 4, generator=gen), size=(size, size),
                            mode="bilinear", align_corners=False)
 
     def sample(n):
-        y = torch.arange(n) % o["classes"]  # balanced classes
-        y = y[torch.randperm(n, generator=gen)]
-        x = 0.6 * protos[y] + 0.4 * torch.rand(n, 3, o["size"], o["size"], generator=gen)
+        y = (torch.arange(n) % classes)[torch.randperm(n, generator=gen)]  # balanced classes
+        x = 0.6 * protos[y] + 0.4 * torch.rand(n, 3, size, size, generator=gen)
         return _to_uint8(x), y
 
-    train_x, train_y = sample(o["train"])
-    test_x, test_y = sample(o["test"])
-    return Arrays(info, train_x, train_y, test_x, test_y)
+    return *sample(options["train"]), *sample(options["test"])
 
 
-def _cifar(info: DatasetInfo, data_dir) -> Arrays:
+def _cifar_info(name: str, options: dict, root: Path) -> DatasetInfo:
+    return DatasetInfo(name, 10 if name == "cifar10" else 100, 32)
+
+
+def _read_cifar(info: DatasetInfo, options: dict, root: Path):
+    """torchvision's CIFAR folder under `root`, downloaded there when missing (unless offline)."""
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if info.name == "cifar10" else torchvision.datasets.CIFAR100
-    root = Path(data_dir or os.environ.get("KTFAST_DATA", Path.home() / ".cache" / "ktfast" / "data"))
 
-    def read(train: bool):
-        try:
-            return cls(root=str(root), train=train, download=False)
-        except RuntimeError:
-            if os.environ.get("KTFAST_OFFLINE"):
-                raise
-            return cls(root=str(root), train=train, download=True)
+    def read(download: bool):
+        return [cls(root=str(root), train=train, download=download) for train in (True, False)]
 
     try:
-        train, test = read(True), read(False)
-    except Exception as e:  # not found, corrupt, or no network to download: one line either way
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DatasetError(f"cannot read dataset {info.name} from {root}: {reason}") from None
+        train, test = read(download=False)
+    except RuntimeError:  # missing or corrupt (torchvision checks every file's MD5)
+        if os.environ.get("KTFAST_OFFLINE"):
+            raise DatasetError(f"dataset {info.name} not found in {root} (KTFAST_OFFLINE is set: "
+                               f"no download tried)") from None
+        try:
+            train, test = read(download=True)
+        except Exception as e:  # no network, a full disk, ...: one line either way
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DatasetError(f"dataset {info.name} not found in {root} and its download failed: "
+                               f"{reason}") from None
 
-    def tensors(ds):
-        return (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
-                torch.tensor(ds.targets, dtype=torch.int64))
+    def tensors(ds):  # torchvision holds HWC uint8 numpy images
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
 
-    return Arrays(info, *tensors(train), *tensors(test))
+    return *tensors(train), *tensors(test)
 
 
-_READERS = {"digits": _digits, "synthetic": _synthetic, "cifar10": _cifar, "cifar100": _cifar}
+class _Dataset(NamedTuple):
+    info: Callable[[str, dict, Path], DatasetInfo]  # cheap: reads nothing it can avoid
+    read: Callable[[DatasetInfo, dict, Path], tuple]  # -> train_x, train_y, test_x, test_y
+    options: dict = {}
+
+
+DATASETS = {
+    "digits": _Dataset(_digits_info, _read_digits),
+    "synthetic": _Dataset(_synthetic_info, _read_synthetic, {"classes": 10, "size": 32, "train": 1024, "test": 256}),
+    "cifar10": _Dataset(_cifar_info, _read_cifar),
+    "cifar100": _Dataset(_cifar_info, _read_cifar),
+}
+
+
+def _resolve(dataset: str) -> tuple[_Dataset, dict]:
+    """The registry entry of `name[:key=value,...]` and its options, defaults filled in."""
+    base, _, params = dataset.partition(":")
+    entry = DATASETS.get(base)
+    if entry is None:
+        raise DatasetError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)})")
+    options = dict(entry.options)
+    for item in filter(None, params.split(",")):
+        key, _, value = (s.strip() for s in item.partition("="))
+        if key not in options:
+            expected = f"expected {', '.join(entry.options)}" if entry.options else "it takes none"
+            raise DatasetError(f"dataset {dataset!r}: unknown option {key!r} ({expected})")
+        if not value.isdigit() or int(value) <= 0:
+            raise DatasetError(f"dataset {dataset!r}: option {key} must be a positive integer, got {value!r}")
+        options[key] = int(value)
+    return entry, options
+
+
+def data_root(data_dir=None) -> Path:
+    default = os.environ.get("KTFAST_DATA") or Path.home() / ".cache" / "ktfast" / "data"
+    return Path(data_dir or default).expanduser()
+
+
+def dataset_info(dataset: str, data_dir=None) -> DatasetInfo:
+    """What a dataset is (classes, image size), without loading it: for checks before a run."""
+    entry, options = _resolve(dataset)
+    return entry.info(dataset, options, data_root(data_dir))
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of uint8 images, in chunks: no float copy of a whole large set."""
+    total, squares = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for chunk in x.split(1024):
+        chunk = chunk.double() / 255
+        total += chunk.sum((0, 2, 3))
+        squares += chunk.square().sum((0, 2, 3))
+    n = x.numel() / x.shape[1]
+    mean = total / n
+    return mean.float(), (squares / n - mean.square()).sqrt().float()
+
+
+def load_arrays(dataset: str, data_dir=None) -> Arrays:
+    """The dataset's train and test sets (read once per process and data directory)."""
+    return _load_arrays(dataset, str(data_root(data_dir)))
 
 
 @functools.lru_cache(maxsize=4)
-def load_arrays(dataset: str, data_dir=None) -> Arrays:
-    info = dataset_info(dataset, data_dir)
-    return _READERS[_parse(dataset)[0]](info, data_dir)
+def _load_arrays(dataset: str, root: str) -> Arrays:
+    entry, options = _resolve(dataset)
+    info = entry.info(dataset, options, Path(root))
+    train_x, train_y, test_x, test_y = entry.read(info, options, Path(root))
+    return Arrays(info, train_x, train_y.long(), test_x, test_y.long(), *_channel_stats(train_x))
 
 
 # ---- splits -------------------------------------------------------------------------------------
 def class_balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """Indices of `fraction` of each class, drawn with `seed`, in ascending order."""
-    gen = torch.Generator().manual_seed(seed)
+    """Positions of `fraction` of each class (at least one), drawn with `seed`, in ascending order."""
+    gen = _generator(_SUBSET, seed)
     keep = []
     for c in labels.unique():
         idx = (labels == c).nonzero().flatten()
-        n = max(1, round(fraction * len(idx)))
-        keep.append(idx[torch.randperm(len(idx), generator=gen)[:n]])
+        keep.append(idx[torch.randperm(len(idx), generator=gen)[:max(1, round(fraction * len(idx)))]])
     return torch.cat(keep).sort().values
 
 
-def split_indices(arrays: Arrays, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels) of a split. The search splits divide the training set: CIFAR 40k/10k,
-    other sets 80 %/20 %, class-balanced; the test set is never part of them."""
+def split_indices(arrays: Arrays, split: str) -> torch.Tensor:
+    """Positions of a split's samples: in the test set for "test", else in the training set. The
+    search splits divide the training set, class-balanced, with a constant seed; never the test set."""
     if split == "test":
-        return arrays.test_x, arrays.test_y
+        return torch.arange(len(arrays.test_y))
     if split == "train":
-        return arrays.train_x, arrays.train_y
-    n = len(arrays.train_y)
-    val_fraction = 10_000 / n if arrays.info.name in ("cifar10", "cifar100") else 0.2
-    val = class_balanced_subset(arrays.train_y, val_fraction, _SPLIT_SEED)
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[val] = False
-    idx = val if split == "search_val" else mask.nonzero().flatten()
-    return arrays.train_x[idx], arrays.train_y[idx]
+        return torch.arange(len(arrays.train_y))
+    val = class_balanced_subset(arrays.train_y, SEARCH_VAL_FRACTION, _SPLIT_SEED)
+    if split == "search_val":
+        return val
+    keep = torch.ones(len(arrays.train_y), dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().flatten()
 
 
 # ---- loaders ------------------------------------------------------------------------------------
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
-@dataclass
-class EpochPlan:
+class EpochPlan(NamedTuple):
     """The random choices of one epoch, drawn on the CPU: the same on every device and loader."""
-    order: torch.Tensor  # sample indices, in batch order
-    offsets: torch.Tensor  # [N, 2] crop corners in the padded image
+    order: torch.Tensor  # [N] positions in the split, in batch order
+    offsets: torch.Tensor  # [N, 2] crop corner (top, left) in the padded image, in [0, 2 * PAD]
     flips: torch.Tensor  # [N] bool
 
 
-def plan_epoch(n: int, seed: int, epoch: int, train: bool, flip: bool) -> EpochPlan:
-    if not train:
-        return EpochPlan(torch.arange(n), torch.full((n, 2), PAD), torch.zeros(n, dtype=torch.bool))
-    gen = epoch_generator(seed, epoch)
-    order = torch.randperm(n, generator=gen)
-    offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=gen)
-    flips = torch.rand(n, generator=gen) < 0.5
-    return EpochPlan(order, offsets, flips & flip)
+def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
+    """The source row/column of position `i` in [-PAD, size + PAD) of a reflect-padded image."""
+    return (size - 1) - ((size - 1) - i.abs()).abs()
 
 
 class _Loader:
-    """What every loader kind shares: the split, the per-epoch plan, the batch boundaries."""
+    """What every loader kind shares: the split, the epoch plans, the batch boundaries.
+    `x`, `y` are the split's images and labels on the CPU (uint8, int64), `indices` their
+    positions in the dataset's test set (split "test") or training set (every other split)."""
 
     def __init__(self, arrays: Arrays, split: str, batch_size: int, device, seed: int, train_fraction):
-        self.dataset = arrays.info.name
-        self.num_classes = arrays.info.num_classes
-        self.image_size = arrays.info.image_size
-        self.split = split
-        self.train = split in ("train", "search_train")
-        self.flip = arrays.info.flip
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.seed = seed
-        x, y = split_indices(arrays, split)
+        info = arrays.info
+        self.dataset, self.num_classes, self.image_size = info.name, info.num_classes, info.image_size
+        self.split, self.batch_size, self.device, self.seed = split, batch_size, torch.device(device), seed
+        self.train = split in TRAIN_SPLITS
+        self.flip = info.flip
+        self.indices = split_indices(arrays, split)
+        source_x, source_y = (arrays.test_x, arrays.test_y) if split == "test" else (arrays.train_x, arrays.train_y)
         if train_fraction is not None and self.train:
-            keep = class_balanced_subset(y, train_fraction, seed)
-            x, y = x[keep], y[keep]
-        self.x, self.y = x, y
-        self.num_samples = len(y)
-        mean = arrays.train_x.float().mean((0, 2, 3)) / 255
-        std = arrays.train_x.float().std((0, 2, 3)) / 255
-        self.mean, self.std = mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1)
+            self.indices = self.indices[class_balanced_subset(source_y[self.indices], train_fraction, seed)]
+        self.x, self.y = source_x[self.indices], source_y[self.indices]
+        self.num_samples = len(self.indices)
+        self.mean, self.std = arrays.mean.view(1, 3, 1, 1), arrays.std.view(1, 3, 1, 1)
         # Training drops the last partial batch (constant shapes; BatchNorm never sees a batch of 1).
         self.drop_last = self.train and self.num_samples >= batch_size
         self.epoch = 0
@@ -234,45 +275,53 @@ class _Loader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def plan(self, epoch: int) -> EpochPlan:
+        n = self.num_samples
+        if not self.train:
+            return EpochPlan(torch.arange(n), torch.full((n, 2), PAD), torch.zeros(n, dtype=torch.bool))
+        gen = _generator(_EPOCH, self.seed, epoch)
+        order = torch.randperm(n, generator=gen)
+        offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=gen)
+        flips = (torch.rand(n, generator=gen) < 0.5) & self.flip
+        return EpochPlan(order, offsets, flips)
+
     def __len__(self) -> int:
         if self.drop_last:
             return self.num_samples // self.batch_size
         return -(-self.num_samples // self.batch_size)
 
-    def _batches(self):
-        for i in range(len(self)):
-            yield slice(i * self.batch_size, min((i + 1) * self.batch_size, self.num_samples))
-
 
 class TensorLoader(_Loader):
-    """The whole split resident on the device; crop, flip and normalisation as batched tensor ops.
-    The GPU-resident loader for sets that fit in memory, and the fastest one on the CPU too."""
+    """The whole split resident on the device; crop, flip and normalisation as one batched gather
+    and one affine map per batch. The loader for sets that fit in (GPU) memory; fastest on the CPU too."""
 
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        self.x, self.y = self.x.to(self.device), self.y.to(self.device)
-        self.mean, self.std = self.mean.to(self.device), self.std.to(self.device)
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._x, self._y = self.x.to(self.device), self.y.to(self.device)
+        self._mean, self._std = self.mean.to(self.device), self.std.to(self.device)
 
     def __iter__(self):
-        plan = plan_epoch(self.num_samples, self.seed, self.epoch, self.train, self.flip)
-        order, offsets, flips = (t.to(self.device) for t in (plan.order, plan.offsets, plan.flips))
-        size = self.image_size
+        order, offsets, flips = (t.to(self.device) for t in self.plan(self.epoch))
+        size, bs = self.image_size, self.batch_size
         ar = torch.arange(size, device=self.device)
-        for s in self._batches():
-            idx = order[s]
-            x = self.x[idx].float()
+        channels = torch.arange(3, device=self.device)[None, :, None, None]
+        for start in range(0, len(self) * bs, bs):
+            idx = order[start:start + bs]
             if self.train:
-                x = F.pad(x, (PAD,) * 4, mode="reflect")
-                rows = (offsets[s, 0, None] + ar)[:, None, :, None]
-                cols = (offsets[s, 1, None] + ar)[:, None, None, :]
-                b = torch.arange(len(idx), device=self.device)[:, None, None, None]
-                c = torch.arange(3, device=self.device)[None, :, None, None]
-                x = x[b, c, rows, cols]
-                x = torch.where(flips[s, None, None, None], x.flip(3), x)
-            yield (x / 255 - self.mean) / self.std, self.y[idx]
+                # Padded-image coordinates of the crop, mapped back through the reflection; a flip
+                # reads the crop's columns right to left.
+                o, f = offsets[start:start + bs], flips[start:start + bs, None]
+                rows = _reflect(o[:, :1] + ar - PAD, size)
+                cols = _reflect(o[:, 1:] + torch.where(f, size - 1 - ar, ar) - PAD, size)
+                x = self._x[idx[:, None, None, None], channels, rows[:, None, :, None], cols[:, None, None, :]]
+            else:
+                x = self._x[idx]
+            yield (x.float() / 255 - self._mean) / self._std, self._y[idx]
 
 
-class _TorchvisionDataset(torch.utils.data.Dataset):
+class _EpochDataset(torch.utils.data.Dataset):
+    """One epoch of a TorchLoader: item i is the i-th sample of the plan, transformed with torchvision."""
+
     def __init__(self, loader: "TorchLoader", plan: EpochPlan):
         self.loader, self.plan = loader, plan
 
@@ -286,42 +335,47 @@ class _TorchvisionDataset(torch.utils.data.Dataset):
         j = int(self.plan.order[i])
         x = ld.x[j].float() / 255
         if ld.train:
-            x = TF.pad(x, [PAD], padding_mode="reflect")
             top, left = (int(v) for v in self.plan.offsets[i])
-            x = TF.crop(x, top, left, ld.image_size, ld.image_size)
+            x = TF.crop(TF.pad(x, [PAD], padding_mode="reflect"), top, left, ld.image_size, ld.image_size)
             if self.plan.flips[i]:
                 x = TF.hflip(x)
         return TF.normalize(x, ld.mean.flatten().tolist(), ld.std.flatten().tolist()), ld.y[j]
 
 
 class TorchLoader(_Loader):
-    """torchvision transforms in a DataLoader on the CPU, batches moved to the device."""
+    """torchvision transforms in a torch DataLoader on the CPU, batches moved to the device. The
+    random choices come from the epoch plan, not from the workers: any num_workers, same batches."""
 
-    def __init__(self, *args, num_workers: int = 0, **kw):
-        super().__init__(*args, **kw)
+    def __init__(self, *args, num_workers: int = 0):
+        super().__init__(*args)
         self.num_workers = num_workers
 
     def __iter__(self):
-        plan = plan_epoch(self.num_samples, self.seed, self.epoch, self.train, self.flip)
-        n = len(self) * self.batch_size if self.drop_last else self.num_samples
-        plan = EpochPlan(plan.order[:n], plan.offsets[:n], plan.flips[:n])
-        dl = torch.utils.data.DataLoader(_TorchvisionDataset(self, plan), batch_size=self.batch_size,
-                                         shuffle=False, num_workers=self.num_workers,
-                                         pin_memory=self.device.type == "cuda")
+        # An explicit generator: else every DataLoader iterator draws its base seed from (and
+        # so moves) the global RNG, which the training step's own randomness depends on.
+        dl = torch.utils.data.DataLoader(
+            _EpochDataset(self, self.plan(self.epoch)), batch_size=self.batch_size, shuffle=False,
+            drop_last=self.drop_last, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+            generator=_generator(_WORKERS, self.seed, self.epoch))
         for x, y in dl:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def make_loader(dataset: str, split: str, batch_size: int, device, seed: int, *, data_dir=None,
                 loader: str = "auto", train_fraction: float | None = None, num_workers: int = 0):
+    """Batches `(x, y)` of a split on `device`: x float32 [B, 3, H, W] normalised, y int64 [B].
+    `train_fraction` keeps that class-balanced fraction (drawn with `seed`) of a training split."""
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
     if loader not in LOADERS:
         raise DatasetError(f"unknown loader {loader!r} (expected one of {', '.join(LOADERS)})")
+    if batch_size < 1:
+        raise DatasetError(f"batch size must be positive, got {batch_size}")
     if train_fraction is not None and not 0 < train_fraction <= 1:
         raise DatasetError(f"train fraction must be in (0, 1], got {train_fraction}")
-    arrays = load_arrays(dataset, str(data_dir) if data_dir else None)
-    args = (arrays, split, batch_size, device, seed, train_fraction)
+    args = (load_arrays(dataset, data_dir), split, batch_size, device, seed, train_fraction)
+    if loader == "auto":
+        loader = "tensor"  # the place to choose a DALI loader (large on-disk sets on a GPU) once there is one
     if loader == "torch":
         return TorchLoader(*args, num_workers=num_workers)
-    return TensorLoader(*args)  # "auto": the device-resident loader, fastest for sets that fit
+    return TensorLoader(*args)

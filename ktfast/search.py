@@ -381,7 +381,8 @@ def run_worker(spec: dict) -> None:
         except Exception as e:
             if not _locked(e):
                 raise
-            # SQLite stayed locked: the trial, if any, stays RUNNING and comes back once stale.
+            # SQLite stayed locked past the retries: not this worker's fault. A trial left RUNNING
+            # comes back once stale; one that got FAILED is not counted, and another takes its place.
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()  # the workers packed on this GPU share its memory between trials
 

@@ -1,157 +1,305 @@
+import hashlib
 import pickle
+import time
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ktfast.data import DatasetError, class_balanced_subset, dataset_info, load_arrays, make_loader
+from ktfast import data
+from ktfast.data import (PAD, DatasetError, class_balanced_subset, dataset_info, load_arrays, make_loader,
+                         split_indices)
 
 SYN = "synthetic:classes=5,size=16,train=200,test=60"
+KINDS = ["tensor", "torch"]
+DATASETS = ["digits", SYN]
 
 
-def labels_of(loader):
-    return Counter(torch.cat([y for _, y in loader]).tolist())
+def epoch_batches(ld, epoch):
+    ld.set_epoch(epoch)
+    return list(ld)
 
 
-@pytest.mark.parametrize("kind", ["tensor", "torch"])
-@pytest.mark.parametrize("dataset", ["digits", SYN])
-def test_batches_shapes_ranges_and_label_multiset(kind, dataset):
-    ld = make_loader(dataset, "train", 32, "cpu", 0, loader=kind)
+def same_batches(a, b):
+    return len(a) == len(b) and all(torch.equal(ya, yb) and torch.allclose(xa, xb, atol=1e-5)
+                                    for (xa, ya), (xb, yb) in zip(a, b))
+
+
+def to_uint8(ld, x):
+    """Undo the normalisation of a batch: the uint8 pixels it was made from."""
+    return ((x.cpu() * ld.std + ld.mean) * 255).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_train_batches_shapes_range_and_label_multiset(kind, dataset):
     info = dataset_info(dataset)
-    batches = list(ld)
+    ld = make_loader(dataset, "train", 32, torch.device("cpu"), 0, loader=kind)
+    assert (ld.dataset, ld.num_classes, ld.image_size) == (dataset, info.num_classes, info.image_size)
+    batches = epoch_batches(ld, 1)
     assert len(batches) == len(ld) == ld.num_samples // 32
     for x, y in batches:
         assert x.shape == (32, 3, info.image_size, info.image_size) and x.dtype == torch.float32
-        assert y.dtype == torch.int64 and 0 <= y.min() and y.max() < info.num_classes
-    xs = torch.cat([x for x, _ in batches])
-    assert abs(xs.mean().item()) < 0.3 and 0.6 < xs.std().item() < 1.5
-    ys = torch.cat([y for _, y in batches])
-    # Every sample but the dropped partial batch, each once.
-    full = Counter(ld.y.tolist())
-    assert not Counter(ys.tolist()) - full and sum(full.values()) - len(ys) < 32
+        assert y.shape == (32,) and y.dtype == torch.int64
+        assert x.device == y.device == torch.device("cpu")
+    xs, ys = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    # Normalised with the training set's per-channel statistics: pixel range maps to this interval.
+    assert (xs >= -ld.mean / ld.std - 1e-4).all() and (xs <= (1 - ld.mean) / ld.std + 1e-4).all()
+    assert xs.mean((0, 2, 3)).abs().max() < 0.25 and (xs.std((0, 2, 3)) - 1).abs().max() < 0.25
+    # Every sample of the split once, but for those of the dropped partial batch.
+    dropped = ld.y[ld.plan(1).order[len(ys):]]
+    assert len(dropped) == ld.num_samples % 32
+    assert Counter(ys.tolist()) + Counter(dropped.tolist()) == Counter(ld.y.tolist())
 
 
-def test_loader_kinds_give_identical_batches():
-    a = make_loader(SYN, "train", 16, "cpu", 3, loader="tensor")
-    b = make_loader(SYN, "train", 16, "cpu", 3, loader="torch")
-    for ep in (0, 2):
-        a.set_epoch(ep), b.set_epoch(ep)
-        for (xa, ya), (xb, yb) in zip(a, b):
-            assert torch.equal(ya, yb)
-            torch.testing.assert_close(xa, xb)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_set_smaller_than_a_batch_gives_one_partial_batch(kind):
+    ld = make_loader(SYN, "train", 500, "cpu", 0, loader=kind)
+    (x, y), = list(ld)
+    assert len(ld) == 1 and len(y) == ld.num_samples == 200
+    assert Counter(y.tolist()) == Counter(ld.y.tolist())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_epoch_is_a_pure_function_of_seed_and_epoch(kind):
+    def loader(seed):
+        return make_loader(SYN, "train", 20, "cpu", seed, loader=kind)
+
+    a = epoch_batches(loader(0), 3)
+    assert same_batches(a, epoch_batches(loader(0), 3))
+    resumed = loader(0)
+    for epoch in range(3):
+        epoch_batches(resumed, epoch)
+    assert same_batches(a, epoch_batches(resumed, 3))
+    firsts = [epoch_batches(loader(0), epoch)[0][1].tolist() for epoch in range(5)]
+    assert firsts[3] == a[0][1].tolist() and len({tuple(f) for f in firsts}) == 5
+    assert not torch.equal(epoch_batches(loader(1), 3)[0][1], a[0][1])
+
+
+def test_loader_kinds_give_identical_batches_and_test_samples():
+    for split in ("train", "search_train"):
+        a = make_loader(SYN, split, 16, "cpu", 3, loader="tensor")
+        b = make_loader(SYN, split, 16, "cpu", 3, loader="torch")
+        for epoch in (0, 2):
+            assert same_batches(epoch_batches(a, epoch), epoch_batches(b, epoch))
     ta = make_loader("digits", "test", 100, "cpu", 0, loader="tensor")
     tb = make_loader("digits", "test", 100, "cpu", 0, loader="torch")
-    assert torch.equal(torch.cat([y for _, y in ta]), torch.cat([y for _, y in tb]))
+    assert torch.equal(ta.indices, tb.indices)
+    assert same_batches(list(ta), list(tb))
 
 
-def test_epochs_are_a_pure_function_of_seed_and_epoch():
-    def epoch(seed, ep, warm=0):
-        ld = make_loader(SYN, "train", 20, "cpu", seed)
-        for e in range(warm):
-            ld.set_epoch(e)
-            list(ld)
-        ld.set_epoch(ep)
-        return [b for b in ld]
-
-    a = epoch(0, 3)
-    b = epoch(0, 3, warm=3)
-    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
-    assert not torch.equal(epoch(0, 4)[0][1], a[0][1])
-    assert not torch.equal(epoch(1, 3)[0][1], a[0][1])
+def test_torch_loader_workers_change_nothing_and_leave_the_global_rng_alone():
+    one = make_loader(SYN, "train", 32, "cpu", 0, loader="torch")
+    two = make_loader(SYN, "train", 32, "cpu", 0, loader="torch", num_workers=2)
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    assert same_batches(epoch_batches(one, 1), epoch_batches(two, 1))
+    assert torch.equal(torch.rand(1), expected)
 
 
-def test_test_split_is_ordered_complete_and_not_augmented():
+@pytest.mark.parametrize("kind", KINDS)
+def test_test_split_is_ordered_complete_and_not_augmented(kind):
     arrays = load_arrays("digits")
-    ld = make_loader("digits", "test", 64, "cpu", 5)
-    assert ld.num_samples == 360 and len(arrays.train_y) == 1437
-    xs, ys = zip(*ld)
-    assert torch.equal(torch.cat(ys), arrays.test_y)
-    again = torch.cat([x for x, _ in make_loader("digits", "test", 64, "cpu", 9)])
-    assert torch.equal(torch.cat(xs), again)
+    assert (len(arrays.train_y), len(arrays.test_y)) == (1437, 360)
+    ld = make_loader("digits", "test", 64, "cpu", 5, loader=kind)
+    assert ld.num_samples == 360 and len(ld) == 6
+    batches = epoch_batches(ld, 7)
+    assert [len(y) for _, y in batches] == [64] * 5 + [40]
+    xs, ys = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    assert torch.equal(ys, arrays.test_y) and torch.equal(to_uint8(ld, xs), arrays.test_x)
+    other_seed = make_loader("digits", "test", 64, "cpu", 9, loader=kind)
+    assert same_batches(batches, list(other_seed))
 
 
-def test_search_splits_are_disjoint_balanced_and_inside_train():
-    arrays = load_arrays(SYN)
-    tr = make_loader(SYN, "search_train", 16, "cpu", 0)
-    va = make_loader(SYN, "search_val", 16, "cpu", 0)
-    assert tr.num_samples + va.num_samples == len(arrays.train_y) and va.num_samples == 40
-    assert set(Counter(va.y.tolist()).values()) == {8}
-    as_rows = lambda x: {bytes(r.numpy().tobytes()) for r in x}  # noqa: E731
-    train_rows, val_rows, test_rows = as_rows(tr.x), as_rows(va.x), as_rows(arrays.test_x)
-    assert not train_rows & val_rows and not val_rows & test_rows and not train_rows & test_rows
-    assert (train_rows | val_rows) == as_rows(arrays.train_x)
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_search_splits_are_disjoint_balanced_fixed_and_inside_train(dataset):
+    arrays = load_arrays(dataset)
+    tr = make_loader(dataset, "search_train", 16, "cpu", 0)
+    va = make_loader(dataset, "search_val", 16, "cpu", 0)
+    train, val = set(tr.indices.tolist()), set(va.indices.tolist())
+    assert not train & val and train | val == set(range(len(arrays.train_y)))
+    # 20 % of each class; the same split whatever the run seed.
+    per_class = Counter(arrays.train_y.tolist())
+    assert Counter(va.y.tolist()) == {c: round(0.2 * n) for c, n in per_class.items()}
+    assert torch.equal(make_loader(dataset, "search_val", 16, "cpu", 7).indices, va.indices)
+    # Images and labels from the training set; the validation split in fixed order, unaugmented.
+    assert torch.equal(tr.x, arrays.train_x[tr.indices]) and torch.equal(va.y, arrays.train_y[va.indices])
+    xs, ys = torch.cat([x for x, _ in va]), torch.cat([y for _, y in va])
+    assert torch.equal(ys, va.y) and torch.equal(to_uint8(va, xs), va.x)
+    assert tr.train and not va.train
 
 
-def test_train_fraction_is_class_balanced_and_seeded():
+def test_search_splits_never_see_a_test_image():
+    # The synthetic images carry independent noise, so equal bytes would mean the same sample.
+    rows = lambda x: {r.numpy().tobytes() for r in x}  # noqa: E731
+    test = rows(load_arrays(SYN).test_x)
+    for split in ("search_train", "search_val"):
+        assert not rows(make_loader(SYN, split, 16, "cpu", 0).x) & test
+
+
+def test_train_fraction_keeps_a_class_balanced_seeded_fraction():
+    full = make_loader("digits", "train", 16, "cpu", 0)
     ld = make_loader("digits", "train", 16, "cpu", 0, train_fraction=0.1)
-    counts = Counter(ld.y.tolist())
-    assert len(counts) == 10 and max(counts.values()) - min(counts.values()) <= 1
-    assert 130 <= ld.num_samples <= 150
-    other = make_loader("digits", "train", 16, "cpu", 1, train_fraction=0.1)
-    assert not torch.equal(ld.x, other.x)
-    idx = class_balanced_subset(torch.tensor([0] * 10 + [1] * 20), 0.5, 0)
-    assert Counter(int(i) >= 10 for i in idx) == {False: 5, True: 10}
+    per_class = Counter(full.y.tolist())
+    assert Counter(ld.y.tolist()) == {c: round(0.1 * n) for c, n in per_class.items()}
+    assert torch.equal(make_loader("digits", "train", 16, "cpu", 0, train_fraction=0.1).indices, ld.indices)
+    assert not torch.equal(make_loader("digits", "train", 16, "cpu", 1, train_fraction=0.1).indices, ld.indices)
+    search = make_loader("digits", "search_train", 16, "cpu", 0, train_fraction=0.5)
+    assert set(search.indices.tolist()) < set(make_loader("digits", "search_train", 16, "cpu", 0).indices.tolist())
+    assert make_loader("digits", "test", 16, "cpu", 0, train_fraction=0.1).num_samples == 360
+    labels = torch.tensor([0] * 10 + [1] * 20 + [2])
+    idx = class_balanced_subset(labels, 0.5, 0)
+    assert Counter(labels[idx].tolist()) == {0: 5, 1: 10, 2: 1}  # at least one of each class
 
 
-def test_augmentation_crops_everywhere_flips_synthetic_but_never_digits():
-    def plain_and_augmented(dataset):
-        ld = make_loader(dataset, "train", 1000, "cpu", 0)
+def match_augmentation(plain: torch.Tensor, aug: torch.Tensor) -> tuple[bool, bool]:
+    """Which (crop, flip) of reflect-padded `plain` gives `aug`: (moved, flipped), each True only
+    when no candidate without it matches. Asserts that some candidate matches."""
+    size = plain.shape[-1]
+    padded = F.pad(plain[None].float(), (PAD,) * 4, mode="reflect")[0].to(torch.uint8)
+    found = {(top != PAD or left != PAD, flip)
+             for top in range(2 * PAD + 1) for left in range(2 * PAD + 1) for flip in (False, True)
+             if torch.equal(aug, padded[:, top:top + size, left:left + size].flip(2) if flip
+                            else padded[:, top:top + size, left:left + size])}
+    assert found, "not a crop or flip of its source image"
+    return all(moved for moved, _ in found), all(flipped for _, flipped in found)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_augmentation_crops_everywhere_flips_synthetic_but_never_digits(kind):
+    for dataset, flips_expected in ((SYN, True), ("digits", False)):
+        ld = make_loader(dataset, "train", 64, "cpu", 0, loader=kind)
         x, _ = next(iter(ld))
-        order = torch.randperm(ld.num_samples, generator=torch.Generator().manual_seed(0))
-        plain = ((ld.x[order[: len(x)]].float() / 255) - ld.mean) / ld.std
-        return plain, x
-
-    plain, aug = plain_and_augmented(SYN)
-    flipped = [torch.allclose(a, p.flip(2), atol=1e-5) for p, a in zip(plain, aug)]
-    same = [torch.allclose(a, p, atol=1e-5) for p, a in zip(plain, aug)]
-    assert any(flipped) and not all(same)
-    plain, aug = plain_and_augmented("digits")
-    assert not any(torch.allclose(a, p.flip(2), atol=1e-5) and not torch.allclose(a, p, atol=1e-5)
-                   for p, a in zip(plain, aug))
-    assert not all(torch.allclose(a, p, atol=1e-5) for p, a in zip(plain, aug))
+        order = ld.plan(0).order
+        found = [match_augmentation(ld.x[order[i]], a) for i, a in enumerate(to_uint8(ld, x))]
+        assert any(moved for moved, _ in found)
+        assert any(flipped for _, flipped in found) == flips_expected
 
 
-def write_cifar10(root, n_train=50, n_test=20):
-    """A small CIFAR-10 folder in torchvision's real format (pickled batches)."""
-    base = root / "cifar-10-batches-py"
-    base.mkdir(parents=True)
+def test_datasets_are_deterministic_and_synthetic_takes_any_size():
+    a = load_arrays("synthetic:size=20,train=30,test=10")
+    assert a.train_x.shape == (30, 3, 20, 20) and a.train_x.dtype == torch.uint8
+    data._load_arrays.cache_clear()
+    b = load_arrays("synthetic:size=20,train=30,test=10")
+    assert a is not b and torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    digits = load_arrays("digits")
+    assert digits.train_x.shape[1:] == (3, 32, 32) and digits.train_x.max() == 255 and digits.train_x.min() == 0
+    assert torch.equal(digits.train_x[:, 0], digits.train_x[:, 2])  # grey replicated to RGB
+
+
+def test_dataset_info_reads_nothing(tmp_path):
+    assert dataset_info("digits") == dataset_info("digits", tmp_path)
+    assert (dataset_info("digits").num_classes, dataset_info("digits").image_size) == (10, 32)
+    info = dataset_info("synthetic:classes=100,size=64")
+    assert (info.num_classes, info.image_size, info.channels) == (100, 64, 3)
+    cifar = dataset_info("cifar100", tmp_path / "absent")
+    assert (cifar.name, cifar.num_classes, cifar.image_size) == ("cifar100", 100, 32)
+    assert not (tmp_path / "absent").exists()
+
+
+def write_cifar(root, dataset, n_train=50, n_test=20):
+    """A small CIFAR folder in torchvision's real format: pickled dicts of uint8 rows (RGB planes
+    of 32x32) and labels, split into the same files as the real one."""
     rng = np.random.default_rng(0)
-    for name, n in [(f"data_batch_{i}", n_train // 5) for i in range(1, 6)] + [("test_batch", n_test)]:
-        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, n))}
-        with open(base / name, "wb") as f:
-            pickle.dump(batch, f)
-    with open(base / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    if dataset == "cifar10":
+        base, label_key, classes = root / "cifar-10-batches-py", "labels", 10
+        files = [(f"data_batch_{i}", n_train // 5) for i in range(1, 6)] + [("test_batch", n_test)]
+        meta = ("batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
+    else:
+        base, label_key, classes = root / "cifar-100-python", "fine_labels", 100
+        files = [("train", n_train), ("test", n_test)]
+        meta = ("meta", {"fine_label_names": [f"c{i}" for i in range(100)]})
+    base.mkdir(parents=True)
+    for name, n in files:
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 label_key: rng.integers(0, classes, n).tolist()}
+        (base / name).write_bytes(pickle.dumps(batch))
+    (base / meta[0]).write_bytes(pickle.dumps(meta[1]))
     return base
 
 
-def test_cifar10_from_a_torchvision_folder(tmp_path, monkeypatch):
+@pytest.fixture
+def tiny_cifar(tmp_path, monkeypatch):
+    """Writes a tiny CIFAR folder; returns a function of the dataset name giving its folder.
+
+    torchvision's reader checks each file's MD5 against the real CIFAR's digests, which no
+    other file can have. So the expected digests (and only they) are set to those of the written
+    files: the reader and its integrity check then run unchanged on them."""
     import torchvision
 
-    import hashlib
+    def write(dataset):
+        base = write_cifar(tmp_path, dataset)
+        md5 = lambda name: hashlib.md5((base / name).read_bytes()).hexdigest()  # noqa: E731
+        cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+        monkeypatch.setattr(cls, "train_list", [[n, md5(n)] for n, _ in cls.train_list])
+        monkeypatch.setattr(cls, "test_list", [[n, md5(n)] for n, _ in cls.test_list])
+        monkeypatch.setattr(cls, "meta", dict(cls.meta, md5=md5(cls.meta["filename"])))
+        return base
 
-    base = write_cifar10(tmp_path)
-    # torchvision checks each file's MD5 against the real CIFAR-10's: give it these files' digests.
-    md5 = lambda name: hashlib.md5((base / name).read_bytes()).hexdigest()  # noqa: E731
-    cls = torchvision.datasets.CIFAR10
-    monkeypatch.setattr(cls, "train_list", [[n, md5(n)] for n, _ in cls.train_list])
-    monkeypatch.setattr(cls, "test_list", [[n, md5(n)] for n, _ in cls.test_list])
-    monkeypatch.setattr(cls, "meta", dict(cls.meta, md5=md5("batches.meta")))
-    ld = make_loader("cifar10", "test", 8, "cpu", 0, data_dir=tmp_path)
-    x, y = next(iter(ld))
-    assert ld.num_samples == 20 and ld.num_classes == 10 and x.shape == (8, 3, 32, 32)
-    with open(base / "test_batch", "rb") as f:
-        assert y.tolist() == [int(v) for v in pickle.load(f)["labels"][:8]]
-    load_arrays.cache_clear()
+    monkeypatch.setenv("KTFAST_OFFLINE", "1")  # a mistake in the folder must not start a download
+    return write
 
 
-def test_bad_names_raise_dataset_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cifar_from_a_torchvision_folder(dataset, tiny_cifar, tmp_path):
+    base = tiny_cifar(dataset)
+    train_files, test_file, key = ((sorted(base.glob("data_batch_*")), base / "test_batch", "labels")
+                                   if dataset == "cifar10" else ([base / "train"], base / "test", "fine_labels"))
+    raw = [pickle.loads(f.read_bytes()) for f in train_files]
+    test = pickle.loads(test_file.read_bytes())
+
+    ld = make_loader(dataset, "test", 8, "cpu", 0, data_dir=tmp_path)
+    assert (ld.num_samples, ld.num_classes, ld.image_size) == (20, 10 if dataset == "cifar10" else 100, 32)
+    xs, ys = map(torch.cat, zip(*ld))
+    assert ys.tolist() == test[key]
+    # The pixels exactly as stored: rows of R, G, B planes of 32x32.
+    assert torch.equal(to_uint8(ld, xs), torch.from_numpy(test["data"]).view(-1, 3, 32, 32))
+
+    arrays = load_arrays(dataset, tmp_path)
+    assert arrays.train_y.tolist() == [v for batch in raw for v in batch[key]]
+    assert torch.equal(arrays.train_x, torch.from_numpy(np.concatenate([b["data"] for b in raw])).view(-1, 3, 32, 32))
+    x, y = next(iter(make_loader(dataset, "train", 16, "cpu", 0, data_dir=tmp_path)))
+    assert x.shape == (16, 3, 32, 32) and y.dtype == torch.int64
+    assert split_indices(arrays, "search_val").numel() < 50
+
+
+def test_missing_cifar_offline_fails_fast_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("KTFAST_OFFLINE", "1")
-    for call in (lambda: dataset_info("mnist"), lambda: make_loader("digits", "val", 8, "cpu", 0),
-                 lambda: make_loader("digits", "train", 8, "cpu", 0, loader="dali2"),
-                 lambda: dataset_info("synthetic:classes=x"), lambda: dataset_info("synthetic:colours=3"),
-                 lambda: make_loader("cifar100", "train", 8, "cpu", 0, data_dir=tmp_path / "none")):
-        with pytest.raises(DatasetError) as info:
-            call()
-        assert "\n" not in str(info.value)
+    start = time.monotonic()
+    with pytest.raises(DatasetError) as info:
+        make_loader("cifar10", "train", 8, "cpu", 0, data_dir=tmp_path / "none")
+    message = str(info.value)
+    assert time.monotonic() - start < 10
+    assert "\n" not in message and "cifar10" in message and str(tmp_path / "none") in message
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda: dataset_info("mnist"), "mnist"),
+    (lambda: dataset_info("synthetic:classes=x"), "'x'"),
+    (lambda: dataset_info("synthetic:colours=3"), "colours"),
+    (lambda: dataset_info("synthetic:size=4"), "size"),
+    (lambda: dataset_info("digits:size=8"), "size"),
+    (lambda: make_loader("digits", "val", 8, "cpu", 0), "val"),
+    (lambda: make_loader("digits", "train", 8, "cpu", 0, loader="dali2"), "dali2"),
+    (lambda: make_loader("digits", "train", 8, "cpu", 0, train_fraction=1.5), "1.5"),
+    (lambda: make_loader("digits", "train", 0, "cpu", 0), "batch size"),
+])
+def test_bad_names_raise_one_line_dataset_errors(call, needle):
+    with pytest.raises(DatasetError) as info:
+        call()
+    assert isinstance(info.value, ValueError)
+    assert "\n" not in str(info.value) and needle in str(info.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_batches_equal_cpu_batches(kind):
+    for split in ("train", "test"):
+        cpu = make_loader(SYN, split, 32, "cpu", 0, loader=kind)
+        gpu = make_loader(SYN, split, 32, "cuda", 0, loader=kind)
+        batches = epoch_batches(gpu, 2)
+        assert all(x.is_cuda and y.is_cuda for x, y in batches)
+        assert same_batches(epoch_batches(cpu, 2), [(x.cpu(), y.cpu()) for x, y in batches])

@@ -1,17 +1,28 @@
-"""The fused Triton kernels against the reference losses: values and gradients, every loss kind and
-gate, on random graphs and shapes. Without CUDA they run through Triton's interpreter (conftest)."""
-import itertools
-import random
+"""The fused Triton kernels against the reference losses (`ktfast.losses`): values and gradients,
+every loss kind and gate, on random graphs and shapes. Without CUDA the kernels run through
+Triton's interpreter; with CUDA the same comparisons run natively (the "cuda" cases)."""
+import os
 
-import pytest
 import torch
 
-from ktfast import Graph, GraphError
-from ktfast.kernels import fused_graph_losses
-from ktfast.losses import reference_graph_losses
+if not torch.cuda.is_available():
+    # Triton picks the interpreter when a kernel is defined, so before ktfast.kernels is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
-KINDS = ["kl", "cos", "mse", "kl+mse", "cos+mse", "att_mse", "att_cos", "kl+att_mse", "cos+att_cos"]
+import itertools  # noqa: E402
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+from ktfast import Graph, GraphError  # noqa: E402
+from ktfast.kernels import edge_losses, fused_graph_losses  # noqa: E402
+from ktfast.losses import reference_graph_losses  # noqa: E402
+from ktfast.models import is_model_name  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(CUDA, reason="the interpreter runs where CUDA does not")),
+           pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))]
+KINDS = ["kl", "cos", "mse", "kl+mse", "cos+mse", "kl+cos", "att_mse", "att_cos", "kl+att_mse", "cos+att_cos"]
 GATES = ["through", "linear", "correct"]
 
 
@@ -23,49 +34,66 @@ def inputs(names, batch, classes, size=5, seed=0, dtype=torch.float32, device="c
     return z, a, y
 
 
+def run(fn, g, z, a, y, step, total):
+    """Losses and the gradients of their sum w.r.t. every logit and map (None: no gradient)."""
+    zz = {k: v.detach().clone().requires_grad_() for k, v in z.items()}
+    aa = {k: v.detach().clone().requires_grad_() for k, v in a.items()}
+    losses = fn(g, zz, y, step, total, aa)
+    if not losses:
+        return losses, []
+    grads = torch.autograd.grad(sum(losses.values()), list(zz.values()) + list(aa.values()), allow_unused=True)
+    return losses, grads
+
+
 def compare(d, z, a, y, step=2, total=7, rtol=1e-5, atol=1e-6):
-    """Both implementations on copies of the same leaves: losses and every gradient agree."""
+    """Both implementations on copies of the same leaves: same keys in the same order, and every
+    loss and gradient equal within the bounds ("no gradient" equals a zero gradient)."""
     g = Graph.from_dict(d)
-    results = []
-    for fn in (reference_graph_losses, fused_graph_losses):
-        zz = {k: v.detach().clone().requires_grad_() for k, v in z.items()}
-        aa = {k: v.detach().clone().requires_grad_() for k, v in a.items()}
-        losses = fn(g, zz, y, step, total, aa)
-        grads = torch.autograd.grad(sum(losses.values()), list(zz.values()) + list(aa.values()), allow_unused=True)
-        results.append((losses, grads))
-    (ref, ref_grads), (fused, fused_grads) = results
-    assert list(ref) == list(fused)
+    ref, ref_grads = run(reference_graph_losses, g, z, a, y, step, total)
+    fused, fused_grads = run(fused_graph_losses, g, z, a, y, step, total)
+    assert list(fused) == list(ref) == g.targets
     for t in ref:
         torch.testing.assert_close(fused[t].float(), ref[t].float(), rtol=rtol, atol=atol)
     for gr, gf in zip(ref_grads, fused_grads):
         if gr is None and gf is None:
             continue
-        gr = torch.zeros_like(gf) if gr is None else gr  # "no gradient" equals a zero gradient
+        gr = torch.zeros_like(gf) if gr is None else gr
         gf = torch.zeros_like(gr) if gf is None else gf
+        assert gf.dtype == gr.dtype
         torch.testing.assert_close(gf.float(), gr.float(), rtol=rtol, atol=atol)
+    return fused, fused_grads
 
 
 def models(*names):
     return [{"name": n, "model": "resnet8"} for n in names]
 
 
+def graph(nodes, edges, target="a"):
+    return {"version": 1, "target": target, "nodes": nodes, "edges": edges}
+
+
+def some_correct(z, y, n=3):
+    """Make the first n samples of z right (its top-1 is the label): the correct gate passes those."""
+    with torch.no_grad():
+        z[:n] = 0
+        z[torch.arange(n), y[:n]] = 5
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind,gate", list(itertools.product(KINDS, GATES)))
 def test_every_kind_and_gate(kind, gate, device):
-    d = {"version": 1, "target": "a", "nodes": models("a", "b"),
-         "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": gate},
-                   {"from": "b", "to": "a", "loss": kind, "gate": gate, "temperature": 2.5, "weight": 0.8,
-                    "crops": [2, 3]},
-                   {"from": "label", "to": "b", "loss": "ce", "gate": "through"}]}
+    d = graph(models("a", "b"),
+              [{"from": "label", "to": "a", "loss": "ce", "gate": gate},
+               {"from": "b", "to": "a", "loss": kind, "gate": gate, "temperature": 2.5, "weight": 0.8,
+                "crops": [2, 3]},
+               {"from": "label", "to": "b", "loss": "ce", "gate": "through", "weight": -1.5}])
     z, a, y = inputs("ab", 6, 9, seed=len(kind) + 7 * len(gate), device=device)
-    with torch.no_grad():  # the correct gate passes some samples and blocks others
-        z["b"][:3] = 0
-        z["b"][torch.arange(3), y[:3]] = 5
+    some_correct(z["b"], y)
     compare(d, z, a, y)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_random_graphs(seed, device):
     rng = random.Random(seed)
     names = [f"n{i}" for i in range(rng.randint(2, 5))]
@@ -78,52 +106,107 @@ def test_random_graphs(seed, device):
     for s, t in itertools.permutations(endpoints, 2):
         kinds = KINDS if s in names and t in names else ["kl", "cos", "mse", "kl+mse"]
         edges.append({"from": s, "to": t, "loss": rng.choice(kinds), "gate": rng.choice(GATES + ["cutoff"]),
-                      "temperature": rng.choice([1.0, 2.0, 10.0]), "weight": rng.uniform(-1, 2),
+                      "temperature": rng.choice([1.0, 2.0, 10.0]), "weight": rng.uniform(0.2, 2),  # > 0: no cancellation in L_t
                       "crops": rng.sample([1, 2, 3, 4], rng.randint(1, 3))})
     batch, classes = rng.choice([(1, 10), (7, 13), (16, 100)])
     z, a, y = inputs(names, batch, classes, size=4, seed=seed, device=device)
-    compare({"version": 1, "target": names[0], "nodes": nodes, "edges": edges}, z, a, y,
-            step=rng.randint(1, 9), total=9)
+    some_correct(z[names[1]], y, n=batch // 2)
+    compare(graph(nodes, edges, names[0]), z, a, y, step=rng.randint(1, 9), total=9)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("batch,classes", [(1, 10), (3, 1000), (5, 200)])
+@pytest.mark.parametrize("batch,classes", [(1, 10), (3, 1000), (5, 200), (33, 10)])
 def test_sizes(batch, classes, device):
-    d = {"version": 1, "target": "a", "nodes": models("a", "b", "c"),
-         "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "correct"},
-                   {"from": "b", "to": "a", "loss": "kl", "gate": "through", "temperature": 10.0},
-                   {"from": "c", "to": "a", "loss": "cos+mse", "gate": "correct"},
-                   {"from": "a", "to": "b", "loss": "kl", "gate": "linear"}]}
-    compare(d, *inputs("abc", batch, classes, device=device))
+    d = graph(models("a", "b", "c"),
+              [{"from": "label", "to": "a", "loss": "ce", "gate": "correct"},
+               {"from": "b", "to": "a", "loss": "kl", "gate": "through", "temperature": 10.0},
+               {"from": "c", "to": "a", "loss": "cos+mse", "gate": "correct"},
+               {"from": "a", "to": "b", "loss": "kl", "gate": "linear"}])
+    z, a, y = inputs("abc", batch, classes, device=device)
+    some_correct(z["c"], y, n=(batch + 1) // 2)
+    compare(d, z, a, y)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_correct_gate_masking_every_sample_and_identical_logits(device):
-    d = {"version": 1, "target": "a", "nodes": models("a", "b", "c"),
-         "edges": [{"from": "b", "to": "a", "loss": "kl+att_mse", "gate": "correct", "crops": [3]},
-                   {"from": "c", "to": "a", "loss": "kl+mse", "gate": "through", "temperature": 4.0}]}
+def test_class_blocks_and_row_blocks(device, monkeypatch):
+    """Rows wider than a block (online max, arg-max and sum across blocks, ties across blocks) and
+    batches spread over several programs, at sizes the interpreter runs quickly."""
+    monkeypatch.setattr(edge_losses, "MAX_BLOCK_C", 16)
+    monkeypatch.setattr(edge_losses, "GPU_TILE", 32)
+    d = graph(models("a", "b", "c"),
+              [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+               {"from": "b", "to": "a", "loss": "kl+cos", "gate": "correct", "temperature": 3.0},
+               {"from": "c", "to": "a", "loss": "kl+mse", "gate": "through"},
+               {"from": "a", "to": "c", "loss": "kl", "gate": "correct", "temperature": 3.0}])
+    z, a, y = inputs("abc", 20, 37, device=device)
+    with torch.no_grad():  # b's max is tied at classes 3 and 20 (two blocks): the first one counts
+        z["b"][:, 20] = z["b"].max(1).values + 1
+        z["b"][:, 3] = z["b"][:, 20]
+        y[:10] = 3
+        y[10:] = 20
+        z["a"][:, 33] = z["a"].max(1).values + 2  # a's top-1 in the last, partial block
+    compare(d, z, a, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_more_endpoints_than_linked(device, monkeypatch):
+    """Past MAX_LINKED endpoints the logits are stacked into one buffer first."""
+    monkeypatch.setattr(edge_losses, "MAX_LINKED", 2)
+    d = graph(models("a", "b", "c"),
+              [{"from": "label", "to": "c", "loss": "ce", "gate": "through"},
+               {"from": "b", "to": "a", "loss": "kl", "gate": "through", "temperature": 2.0},
+               {"from": "a", "to": "c", "loss": "mse+cos", "gate": "linear"}])
+    compare(d, *inputs("abc", 4, 10, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduce,detach", list(itertools.product(["mean", "sum"], [True, False])))
+def test_ensemble_sources_and_targets(reduce, detach, device):
+    d = graph(models("a", "b", "c") + [{"name": "e", "ensemble": ["b", "c"], "reduce": reduce, "detach": detach}],
+              [{"from": "e", "to": "a", "loss": "kl", "gate": "correct", "temperature": 2.0},
+               {"from": "label", "to": "e", "loss": "ce", "gate": "through"},
+               {"from": "a", "to": "e", "loss": "kl+mse", "gate": "linear"},
+               {"from": "label", "to": "b", "loss": "ce", "gate": "through"}])
     z, a, y = inputs("abc", 6, 10, device=device)
+    some_correct(z["b"], y)
+    some_correct(z["c"], y)
+    _, grads = compare(d, z, a, y)
+    assert (grads[2] is None) == detach  # c learns only through a non-detached ensemble
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_correct_gate_masking_every_sample(device):
+    d = graph(models("a", "b"), [{"from": "b", "to": "a", "loss": "kl+att_mse", "gate": "correct", "crops": [3]},
+                                 {"from": "label", "to": "b", "loss": "ce", "gate": "through"}])
+    z, a, y = inputs("ab", 6, 10, device=device)
     with torch.no_grad():
         z["b"][:] = 0
         z["b"][torch.arange(6), (y + 1) % 10] = 3  # b is wrong everywhere
-        z["c"].copy_(z["a"])  # identical source and target: zero loss, zero gradient
-    compare(d, z, a, y)
-    g = Graph.from_dict(d)
-    zz = {k: v.clone().requires_grad_() for k, v in z.items()}
-    loss = fused_graph_losses(g, zz, y, 1, 1, a)["a"]
-    assert abs(loss.item()) < 1e-6
-    (grad,) = torch.autograd.grad(loss, zz["a"])
-    assert grad.abs().max().item() < 1e-6
+    losses, grads = compare(d, z, a, y)
+    assert losses["a"].item() == 0
+    assert not grads[0].any() and not grads[2].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_identical_source_and_target(device):
+    d = graph(models("a", "b"), [{"from": "b", "to": "a", "loss": "kl+mse", "gate": "through", "temperature": 4.0}])
+    z, a, y = inputs("ab", 6, 10, device=device)
+    z["b"] = z["a"].clone()
+    losses, grads = compare(d, z, a, y)
+    assert abs(losses["a"].item()) < 1e-6
+    assert grads[0].abs().max().item() < 1e-6
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_attention_crops_at_borders_and_full_size(device):
-    d = {"version": 1, "target": "a", "nodes": models("a", "b"),
-         "edges": [{"from": "b", "to": "a", "loss": "att_mse+att_cos", "gate": "through", "crops": [1, 3, 6]}]}
-    z, a, y = inputs("ab", 6, 5, size=6, device=device)
+    d = graph(models("a", "b"),
+              [{"from": "b", "to": "a", "loss": "att_mse+att_cos", "gate": "through", "crops": [1, 3, 6]},
+               {"from": "a", "to": "b", "loss": "kl+att_cos", "gate": "linear", "crops": [2, 5], "weight": 3.0}])
+    z, a, y = inputs("ab", 7, 5, size=6, device=device)
     with torch.no_grad():
-        for i, (r, c) in enumerate([(0, 0), (5, 5), (0, 5), (5, 0), (2, 0), (0, 3)]):
+        for i, (r, c) in enumerate([(0, 0), (5, 5), (0, 5), (5, 0), (2, 0), (0, 3), (3, 3)]):
             a["b"][i, r, c] = 40.0
+        a["a"][0] = 1.0  # a flat source map: the first pixel is its arg-max
     compare(d, z, a, y)
     d["edges"][0]["crops"] = [7]
     with pytest.raises(GraphError, match="crop size 7"):
@@ -131,23 +214,65 @@ def test_attention_crops_at_borders_and_full_size(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bf16_inputs_within_bound(device):
-    d = {"version": 1, "target": "a", "nodes": models("a", "b", "c") + [{"name": "e", "ensemble": ["b", "c"]}],
-         "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-                   {"from": "e", "to": "a", "loss": "kl", "gate": "correct", "temperature": 2.0},
-                   {"from": "a", "to": "b", "loss": "cos+mse", "gate": "linear"}]}
+def test_attention_maps_up_to_32(device):
+    d = graph(models("a", "b"), [{"from": "b", "to": "a", "loss": "att_mse", "gate": "correct", "crops": [3, 32]},
+                                 {"from": "a", "to": "b", "loss": "att_cos", "gate": "through", "crops": [5]}])
+    z, a, y = inputs("ab", 3, 10, size=32, device=device)
+    some_correct(z["b"], y, n=2)
+    compare(d, z, a, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_within_bound(dtype, device):
+    d = graph(models("a", "b", "c") + [{"name": "e", "ensemble": ["b", "c"]}],
+              [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+               {"from": "e", "to": "a", "loss": "kl", "gate": "correct", "temperature": 2.0},
+               {"from": "a", "to": "b", "loss": "cos+mse", "gate": "linear"}])
     z, a, y = inputs("abc", 8, 100, device=device)
-    z16 = {k: v.to(torch.bfloat16) for k, v in z.items()}
-    # Both read the same bf16 logits and accumulate in fp32: they differ by fp32 rounding, and the
-    # gradients come back in bf16 (8 bits of mantissa), hence the bound.
-    compare(d, z16, a, y, rtol=1e-2, atol=1e-2)
+    some_correct(z["b"], y)
+    some_correct(z["c"], y)
+    # Both read the same half-precision logits and accumulate in fp32, so the losses differ by fp32
+    # rounding; the gradients come back in the input dtype (bf16: 8 bits of mantissa).
+    zh = {k: v.to(dtype) for k, v in z.items()}
+    compare(d, zh, a, y, rtol=1e-2, atol=1e-3)
 
 
-def test_linear_gate_factor_from_a_device_tensor():
-    d = {"version": 1, "target": "a", "nodes": models("a", "b"),
-         "edges": [{"from": "b", "to": "a", "loss": "kl", "gate": "linear"}]}
-    g = Graph.from_dict(d)
-    z, a, y = inputs("ab", 4, 10, device=DEVICES[0])
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_gate_factor_from_a_device_tensor(device):
+    g = Graph.from_dict(graph(models("a", "b"), [{"from": "b", "to": "a", "loss": "kl", "gate": "linear"}]))
+    z, a, y = inputs("ab", 4, 10, device=device)
     as_int = fused_graph_losses(g, z, y, 3, 12)["a"]
-    as_tensor = fused_graph_losses(g, z, y, torch.tensor(0.25, device=DEVICES[0]), 1)["a"]
-    torch.testing.assert_close(as_int, as_tensor)
+    as_tensor = fused_graph_losses(g, z, y, torch.tensor(0.25, device=device), 1)["a"]
+    as_step = fused_graph_losses(g, z, y, torch.tensor(3, device=device), 12)["a"]
+    torch.testing.assert_close(as_tensor, as_int)
+    torch.testing.assert_close(as_step, as_int)
+
+
+@pytest.mark.skipif(not is_model_name("branch2_resnet8"), reason="no multi-branch models registered")
+@pytest.mark.parametrize("device", DEVICES)
+def test_branch_endpoints(device):
+    d = {"version": 1, "target": "s", "nodes": [{"name": "s", "model": "branch2_resnet8"}, *models("t")],
+         "edges": [{"from": "t", "to": "s.b0", "loss": "kl+mse", "gate": "through", "temperature": 3.0},
+                   {"from": "s.b0", "to": "s.b1", "loss": "kl", "gate": "correct"},
+                   {"from": "label", "to": "s", "loss": "ce", "gate": "through"}]}
+    z, a, y = inputs(["s", "t", "s.b0", "s.b1"], 5, 10, device=device)
+    compare(d, z, {}, y)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_steps_do_not_recompile():
+    g = Graph.from_dict(graph(models("a", "b"), [{"from": "b", "to": "a", "loss": "kl", "gate": "linear"},
+                                                  {"from": "label", "to": "b", "loss": "ce", "gate": "correct"}]))
+    z, a, y = inputs("ab", 64, 100, device="cuda")
+    z = {k: v.requires_grad_() for k, v in z.items()}
+
+    def compiled():
+        return sum(len(c[0]) for c in edge_losses._edge_loss_fwd.device_caches.values())
+
+    sum(fused_graph_losses(g, z, y, 1, 100).values()).backward()
+    before = compiled()
+    for step in range(2, 12):
+        z = {k: v.detach().clone().requires_grad_() for k, v in z.items()}  # new addresses too
+        sum(fused_graph_losses(g, z, y, step, 100).values()).backward()
+    assert compiled() == before

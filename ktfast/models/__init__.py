@@ -7,6 +7,8 @@ feature map, `[B, H, W]`.
 from __future__ import annotations
 
 import re
+from functools import partial
+from typing import Callable, Optional
 
 import torch.nn as nn
 
@@ -14,30 +16,45 @@ from ktfast.models.cifar_resnet import CifarResNet
 from ktfast.models.imagenet_resnet import ResNet18
 from ktfast.models.wrn import WideResNet
 
-_CIFAR_DEPTHS = (8, 14, 20, 26, 32, 44, 56, 110)
-_FIXED = {f"resnet{d}": (lambda d: lambda c, s: CifarResNet(d, c, s))(d) for d in _CIFAR_DEPTHS}
-_FIXED["resnet18"] = lambda c, s: ResNet18(c, s)
-_WRN = re.compile(r"^wrn(\d+)_(\d+)$")
+# A constructor takes (num_classes, image_size).
+Constructor = Callable[[int, int], nn.Module]
 
-MODEL_NAMES = tuple(_FIXED) + ("wrn28_2",)
+_FIXED: dict[str, Constructor] = {f"resnet{d}": partial(CifarResNet, d) for d in (8, 14, 20, 26, 32, 44, 56, 110)}
+_FIXED["resnet18"] = lambda num_classes, image_size: ResNet18(num_classes)  # adaptive-pooled: any size >= 32
 
 
-def _wrn_args(name: str):
-    m = _WRN.match(name)
-    if not m:
+def _wrn(depth: int, k: int) -> Optional[Constructor]:
+    if (depth - 4) % 6 or depth < 10:  # depth 4 would have no blocks at all
         return None
-    depth, k = int(m.group(1)), int(m.group(2))
-    return (depth, k) if depth >= 10 and (depth - 4) % 6 == 0 and k >= 1 else None
+    return partial(WideResNet, depth, k)
+
+
+# Parametrised families: a full-match pattern whose integer groups go to a factory that returns the
+# constructor, or None where the numbers do not make a valid model. ([1-9] keeps names canonical.)
+_FAMILIES: list[tuple[re.Pattern, Callable[..., Optional[Constructor]]]] = [
+    (re.compile(r"wrn([1-9]\d*)_([1-9]\d*)"), _wrn),
+]
+
+# For help texts and search defaults: the fixed names and the WRN the papers use.
+MODEL_NAMES: tuple[str, ...] = (*_FIXED, "wrn28_2")
+
+
+def _constructor(name: str) -> Optional[Constructor]:
+    if name in _FIXED:
+        return _FIXED[name]
+    for pattern, factory in _FAMILIES:
+        m = pattern.fullmatch(name)
+        if m:
+            return factory(*map(int, m.groups()))
+    return None
 
 
 def is_model_name(name: str) -> bool:
-    return name in _FIXED or _wrn_args(name) is not None
+    return _constructor(name) is not None
 
 
 def build_model(name: str, num_classes: int, image_size: int = 32) -> nn.Module:
-    if name in _FIXED:
-        return _FIXED[name](num_classes, image_size)
-    args = _wrn_args(name)
-    if args is None:
+    make = _constructor(name)
+    if make is None:
         raise ValueError(f"unknown model {name!r}")
-    return WideResNet(*args, num_classes, image_size)
+    return make(num_classes, image_size)

@@ -4,6 +4,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def stem_stride(image_size: int) -> int:
+    """The networks are designed for 32 px; a strided stem keeps the last map 8x8 at 64 px."""
+    return 2 if image_size > 32 else 1
+
+
+def init_weights(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -21,23 +35,20 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, num_classes: int, image_size: int = 32, widths=(16, 32, 64)):
+    def __init__(self, depth: int, num_classes: int, image_size: int = 32):
         super().__init__()
-        assert (depth - 2) % 6 == 0, depth
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
         n = (depth - 2) // 6
-        # A 64 px input (Tiny-ImageNet) gets a strided stem, so the last map stays 8x8.
-        stem_stride = 2 if image_size > 32 else 1
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, stem_stride, 1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
-        stages, cin = [], widths[0]
-        for i, w in enumerate(widths):
-            blocks = []
-            for j in range(n):
-                blocks.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
-                cin = w
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, stem_stride(image_size), 1, bias=False),
+                                  nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        stages, cin = [], 16
+        for i, width in enumerate((16, 32, 64)):
+            blocks = [BasicBlock(cin, width, 1 if i == 0 else 2)] + [BasicBlock(width, width, 1) for _ in range(n - 1)]
             stages.append(nn.Sequential(*blocks))
+            cin = width
         self.stages = nn.Sequential(*stages)
-        self.fc = nn.Linear(cin, num_classes)
+        self.fc = nn.Linear(64, num_classes)
         init_weights(self)
 
     def forward(self, x, return_attention: bool = False):
@@ -46,12 +57,3 @@ class CifarResNet(nn.Module):
         if return_attention:
             return logits, features.mean(1)
         return logits
-
-
-def init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)

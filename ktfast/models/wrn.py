@@ -1,9 +1,9 @@
-"""Wide ResNets (Zagoruyko & Komodakis, 2016): pre-activation blocks, widths 16, 16k, 32k, 64k."""
+"""Wide ResNets (Zagoruyko & Komodakis, 2016): pre-activation blocks, widths 16, 16k, 32k, 64k, no dropout."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ktfast.models.cifar_resnet import init_weights
+from ktfast.models.cifar_resnet import init_weights, stem_stride
 
 
 class WideBlock(nn.Module):
@@ -25,22 +25,23 @@ class WideBlock(nn.Module):
 class WideResNet(nn.Module):
     def __init__(self, depth: int, k: int, num_classes: int, image_size: int = 32):
         super().__init__()
-        assert (depth - 4) % 6 == 0, depth
+        if depth < 10 or (depth - 4) % 6 or k < 1:
+            raise ValueError(f"WRN depth must be 6n+4 with n >= 1 and k >= 1, got depth {depth}, k {k}")
         n = (depth - 4) // 6
-        widths = [16, 16 * k, 32 * k, 64 * k]
-        self.stem = nn.Conv2d(3, widths[0], 3, 2 if image_size > 32 else 1, 1, bias=False)
-        blocks, cin = [], widths[0]
-        for i, w in enumerate(widths[1:]):
-            for j in range(n):
-                blocks.append(WideBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
-                cin = w
-        self.blocks = nn.Sequential(*blocks)
+        self.stem = nn.Conv2d(3, 16, 3, stem_stride(image_size), 1, bias=False)
+        stages, cin = [], 16
+        for i, width in enumerate((16 * k, 32 * k, 64 * k)):
+            blocks = [WideBlock(cin, width, 1 if i == 0 else 2)] + [WideBlock(width, width, 1) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*blocks))
+            cin = width
+        self.stages = nn.Sequential(*stages)
+        # Pre-activation blocks leave their output un-normalised: the head adds the last BN + ReLU.
         self.bn = nn.BatchNorm2d(cin)
         self.fc = nn.Linear(cin, num_classes)
         init_weights(self)
 
     def forward(self, x, return_attention: bool = False):
-        features = F.relu(self.bn(self.blocks(self.stem(x))))
+        features = F.relu(self.bn(self.stages(self.stem(x))))
         logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
         if return_attention:
             return logits, features.mean(1)

@@ -1,0 +1,106 @@
+"""Search throughput: trials per hour with K trials packed per GPU, side by side.
+
+Every K runs the same graphs (enqueued in a fresh study, so no sampler luck), the same epochs per
+trial and no pruning, through the real `ktfast search` command: worker start-up is included in the
+wall time, and "steady" counts from the first trial's start to the last one's end. No graph has a
+frozen node, so no teacher is pre-trained inside the timing.
+
+    python benchmarks/bench_search.py                      # on a GPU: K = 1, 2, 4, 8, ResNet32 3-node graphs
+    python benchmarks/bench_search.py --gpus 0,1 --amp     # options it does not know go to `ktfast search`
+    python benchmarks/bench_search.py --smoke              # CPU-sized, what CI runs: K = 1, 2
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import torch
+
+from common import environment, write_result
+
+from ktfast.cli import build_parser, config_from_args
+from ktfast.graph import GATES, LABEL
+from ktfast.search import Space, open_storage, open_study, space_from_args
+
+
+def graphs(space: Space, n: int, seed: int) -> list[dict]:
+    """n fixed parameter sets: random gates between nodes, label edges never cut off (no frozen node)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        params = {f"model {m}": rng.choice(space.models) for m in space.names[1:]}
+        for s, t in space.edges():
+            params[f"gate {s}->{t}"] = rng.choice([g for g in GATES if g != "cutoff"] if s == LABEL else GATES)
+        out.append(params)
+    return out
+
+
+def run(cli: list[str], params: list[dict], workdir: Path) -> dict:
+    """One `ktfast search` over a fresh study holding `params` as its queued trials."""
+    args = build_parser().parse_args(cli)
+    space, cfg = space_from_args(args), config_from_args(args).replace(split="search")
+    study = open_study(open_storage(args.storage), args.study, space, cfg)
+    for p in params:
+        study.enqueue_trial(p)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "ktfast", *cli], check=True, cwd=workdir, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(done) == len(params), f"{len(done)} of {len(params)} trials completed"
+    steady = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
+    trial_s = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
+    return {"trials": len(done), "wall_s": wall, "trials_per_hour": 3600 * len(done) / wall,
+            "steady_trials_per_hour": 3600 * len(done) / steady, "mean_trial_s": sum(trial_s) / len(trial_s)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run (CI)")
+    ap.add_argument("--ks", default=None, help="trials per GPU to compare (default 1,2,4,8; smoke 1,2)")
+    ap.add_argument("--trials", type=int, default=None, help="trials per K (default 16; smoke 4)")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--model", default=None, help="model of every node (default resnet32; smoke resnet8)")
+    ap.add_argument("--dataset", default=None,
+                    help="default synthetic:classes=100,size=32,train=5000,test=1000 (smoke: a tiny one)")
+    ap.add_argument("--gpus", default="0")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the graphs")
+    ap.add_argument("--out", default=None, help="folder of the JSON (default benchmarks/results)")
+    args, passthrough = ap.parse_known_args()
+    cuda = torch.cuda.is_available() and not args.smoke
+    ks = [int(k) for k in (args.ks or ("1,2,4,8" if cuda else "1,2")).split(",")]
+    n = args.trials or (16 if cuda else 4)
+    model = args.model or ("resnet32" if cuda else "resnet8")
+    dataset = args.dataset or ("synthetic:classes=100,size=32,train=5000,test=1000" if cuda
+                               else "synthetic:classes=4,size=16,train=96,test=40")
+    base = ["search", "--nodes", str(args.nodes), "--target-model", model, "--models", model, "--dataset", dataset,
+            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--trials", str(n),
+            "--pruner", "none", "--quiet", *passthrough]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in ks:
+            per_k = ["--device", "cuda", "--gpus", args.gpus, "--trials-per-gpu", str(k)] if cuda else \
+                    ["--device", "cpu", "--workers", str(k)]
+            cli = [*base, *per_k, "--storage", f"sqlite:///{tmp}/k{k}.db", "--study", f"bench-k{k}"]
+            space = space_from_args(build_parser().parse_args(cli))
+            row = {"trials_per_gpu": k, **run(cli, graphs(space, n, args.seed), Path(tmp))}
+            row["speedup"] = row["trials_per_hour"] / rows[0]["trials_per_hour"] if rows else 1.0
+            rows.append(row)
+            print(f"K={k:<2} {row['wall_s']:8.1f} s  {row['trials_per_hour']:9.1f} trials/h  "
+                  f"(steady {row['steady_trials_per_hour']:9.1f})  {row['mean_trial_s']:7.1f} s/trial  "
+                  f"x{row['speedup']:.2f}", flush=True)
+    result = {"benchmark": "search", **environment(cuda), "gpus": args.gpus if cuda else None,
+              "optuna": optuna.__version__, "dataset": dataset, "epochs": args.epochs, "batch_size": args.batch_size,
+              "graph": f"{args.nodes} x {model}, random gates, no frozen node", "search_args": passthrough,
+              "rows": rows}
+    print(f"wrote {write_result('search', result, cuda, args.out)}")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""A graph's edge tables on one device: what the fused kernels read instead of the `Graph`.
+
+Built once per (graph, device) and cached, so a training step uploads nothing (and stays
+capturable in a CUDA graph). Edges are sorted by target, stably, so the edges into one node are a
+contiguous range: the backward accumulates each target's gradient in registers and stores it once.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ktfast.graph import LABEL, EnsembleNode, Graph
+
+# Loss-term bits over logits, and over attention maps.
+CE, KL, COS, MSE = 1, 2, 4, 8
+LOGIT_TERMS = {"ce": CE, "kl": KL, "cos": COS, "mse": MSE}
+ATT_MSE, ATT_COS = 1, 2
+ATTENTION_TERMS = {"att_mse": ATT_MSE, "att_cos": ATT_COS}
+GATES = {"through": 0, "linear": 1, "correct": 2}
+
+# Rows of `EdgeTable.ints` [7, E]: source endpoint (-1: the label), target endpoint, loss bits, gate
+# code, the source's and the target's softmax slot at the edge's temperature, index in `targets`.
+SRC, DST, KIND, GATE, SSLOT, DSLOT, TGT = range(7)
+# Rows of `EdgeTable.floats` [3, E].
+INV_T, TEMP, WEIGHT = range(3)
+
+
+@dataclass(frozen=True)
+class AttentionTable:
+    nodes: tuple[str, ...]  # the maps the kernel reads, in this order
+    ints: torch.Tensor  # [5, A]: source map, target map, term bits, edge row (its gate), index in targets
+    crops: torch.Tensor  # [A, K] crop sizes, 0-padded; K = the most crop sizes of one edge
+    n_crops: torch.Tensor  # [A]
+    grads: torch.Tensor  # [3, N']: target map, its first edge, one past its last
+    grad_nodes: tuple[int, ...]  # the target maps
+    max_crop: int
+
+
+@dataclass(frozen=True)
+class EdgeTable:
+    endpoints: tuple[str, ...]  # the logits the kernels read: graph nodes, then branch addresses
+    targets: tuple[str, ...]  # graph.targets: the rows of the output
+    ints: torch.Tensor  # [7, E] int32, rows as above
+    floats: torch.Tensor  # [3, E] float32
+    # Softmax slots: slot n < M is endpoint n at T = 1; the rest are (endpoint, T != 1) pairs.
+    slot_node: torch.Tensor  # [S] int32
+    slot_inv_t: torch.Tensor  # [S] float32
+    # Endpoints whose gradient the backward writes (targets of logit losses, detached ensembles
+    # excepted): endpoint index, first edge into it, one past the last: [3, G] int32.
+    grads: torch.Tensor
+    grad_nodes: tuple[int, ...]
+    attention: AttentionTable | None
+
+    @property
+    def n_edges(self) -> int:
+        return self.ints.shape[1]
+
+    @property
+    def n_slots(self) -> int:
+        return self.slot_node.numel()
+
+
+_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph -> {device: EdgeTable}
+
+
+def edge_table(graph: Graph, device: torch.device) -> EdgeTable:
+    per_device = _cache.setdefault(graph, {})
+    key = str(device)
+    if key not in per_device:
+        per_device[key] = _build(graph, device)
+    return per_device[key]
+
+
+def _endpoints(graph: Graph) -> list[str]:
+    used = {n for e in graph.active_edges for n in (e.source, e.target) if n != LABEL}
+    ordered = [n for n in graph.nodes if n in used]
+    branches = [n for e in graph.active_edges for n in (e.source, e.target) if n in used and n not in graph.nodes]
+    return ordered + list(dict.fromkeys(branches))
+
+
+def _ranges(keys: list[int], wanted: list[int]) -> list[list[int]]:
+    """For each wanted key, its first position in the sorted `keys` and one past its last."""
+    return [[w for w in wanted], [keys.index(w) for w in wanted],
+            [len(keys) - keys[::-1].index(w) for w in wanted]]
+
+
+def _build(graph: Graph, device) -> EdgeTable:
+    endpoints = _endpoints(graph)
+    index = {n: i for i, n in enumerate(endpoints)}
+    targets = graph.targets
+    edges = sorted(graph.active_edges, key=lambda e: index[e.target])
+
+    slots = {(i, 1.0): i for i in range(len(endpoints))}
+    rows = []
+    for e in edges:
+        src = -1 if e.source == LABEL else index[e.source]
+        dst = index[e.target]
+        kind = sum(LOGIT_TERMS[t] for t in e.terms if t in LOGIT_TERMS)
+        pair = []
+        for node in (max(src, 0), dst):
+            if kind & KL:
+                pair.append(slots.setdefault((node, e.temperature), len(slots)))
+            else:
+                pair.append(node)
+        rows.append([src, dst, kind, GATES[e.gate], pair[0], pair[1], targets.index(e.target)])
+    ints = torch.tensor(rows, dtype=torch.int32).T
+    floats = torch.tensor([[1 / e.temperature, e.temperature, e.weight] for e in edges], dtype=torch.float32).T
+    slot_list = sorted(slots, key=slots.get)
+
+    dsts = [r[DST] for r in rows]
+    trained = [index[n] for n in dict.fromkeys(e.target for e in edges if _trains(graph, e))]
+    grads = _ranges(dsts, trained)
+
+    def put(x, dtype=torch.int32):
+        return torch.as_tensor(x, dtype=dtype).contiguous().to(device)
+
+    return EdgeTable(tuple(endpoints), tuple(targets), put(ints), put(floats, torch.float32),
+                     put([n for n, _ in slot_list]), put([1 / t for _, t in slot_list], torch.float32),
+                     put(grads).reshape(3, -1), tuple(trained), _attention_table(graph, edges, targets, put))
+
+
+def _trains(graph: Graph, edge) -> bool:
+    """Whether the edge's logit terms send a gradient into its target."""
+    if not any(t in LOGIT_TERMS for t in edge.terms):
+        return False
+    node = graph.nodes.get(edge.target)
+    return not (isinstance(node, EnsembleNode) and node.detach)
+
+
+def _attention_table(graph: Graph, edges: list, targets: list, put) -> AttentionTable | None:
+    att = [(row, e) for row, e in enumerate(edges) if e.uses_attention]
+    if not att:
+        return None
+    nodes = [n for n in graph.nodes if any(n in (e.source, e.target) for _, e in att)]
+    index = {n: i for i, n in enumerate(nodes)}
+    att.sort(key=lambda item: index[item[1].target])  # stable: edge order within a target
+    width = max(len(e.crops) for _, e in att)
+    ints = [[index[e.source], index[e.target], sum(ATTENTION_TERMS[t] for t in e.terms if t in ATTENTION_TERMS),
+             row, targets.index(e.target)] for row, e in att]
+    dsts = [index[e.target] for _, e in att]
+    trained = list(dict.fromkeys(dsts))
+    return AttentionTable(tuple(nodes), put(torch.tensor(ints, dtype=torch.int32).T),
+                          put([list(e.crops) + [0] * (width - len(e.crops)) for _, e in att]),
+                          put([len(e.crops) for _, e in att]), put(_ranges(dsts, trained)).reshape(3, -1),
+                          tuple(trained), max(max(e.crops) for _, e in att))

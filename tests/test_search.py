@@ -1,0 +1,203 @@
+"""`ktfast search` and `ktfast export`: a study run by several worker processes on one storage (SQLite,
+a journal file, PostgreSQL), ASHA's rungs, exact trial counts, a killed worker's trial retried, the
+exported graph trained, and bad input ending with exit 2 and one line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pytest
+
+from ktfast.cli import main
+from ktfast.search import COUNTED, open_storage
+
+TINY = "synthetic:classes=4,size=16,train=96,test=40"
+SEARCH = ["search", "--nodes", "3", "--target-model", "resnet8", "--models", "resnet8,resnet14", "--dataset", TINY,
+          "--batch-size", "32", "--lr", "0.05", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("KTFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KTFAST_KERNELS", "0")
+    monkeypatch.chdir(tmp_path)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def postgres_url() -> str:
+    url = os.environ.get("KTFAST_TEST_POSTGRES")
+    if url:
+        return url
+    if os.environ.get("CI"):
+        pytest.fail("KTFAST_TEST_POSTGRES is unset in CI: the PostgreSQL search tests must run (see .ci/run)")
+    pytest.skip("KTFAST_TEST_POSTGRES is unset: no PostgreSQL server to search on (.ci/run starts one)")
+
+
+def storage_url(kind: str, tmp_path) -> str:
+    if kind == "postgres":
+        return postgres_url()
+    return f"sqlite:///{tmp_path}/search.db" if kind == "sqlite" else f"journal:{tmp_path}/search.log"
+
+
+def load(url: str, study: str) -> optuna.Study:
+    return optuna.load_study(study_name=study, storage=open_storage(url))
+
+
+def counted(study: optuna.Study) -> list:
+    return [t for t in study.get_trials() if t.state in COUNTED]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgres"])
+def test_search_prunes_at_rungs_counts_exactly_and_exports_a_trainable_graph(kind, tmp_path, capsys):
+    url, name = storage_url(kind, tmp_path), f"prune-{uuid.uuid4().hex[:8]}"
+    args = [*SEARCH, "--epochs", "5", "--trials", "12", "--workers", "2", "--storage", url, "--study", name]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "12 of 12 trials finished" in out and "optuna-dashboard" in out
+    study = load(url, name)
+    assert len(counted(study)) == 12
+    pruned = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, "12 trials of random graphs and not one pruned by ASHA"
+    for t in pruned:  # stopped right after a rung (1, 2, 4), never at the last epoch
+        assert sorted(t.intermediate_values) == list(range(1, max(t.intermediate_values) + 1))
+        assert max(t.intermediate_values) in (1, 2, 4)
+        assert [k for k in t.system_attrs if k.startswith("completed_rung_")]
+    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        assert sorted(t.intermediate_values) == [1, 2, 3, 4, 5] and t.value == t.intermediate_values[5]
+        assert len(t.user_attrs["graph"]["edges"]) == 9  # N² edges: 3 label edges, 6 node pairs
+
+    # Re-running the command resumes: the study is complete, nothing more runs.
+    assert main(args) == 0 and len(study.get_trials()) == len(load(url, name).get_trials())
+    # The same study with another recipe is refused.
+    assert main([*args[:-4], "--epochs", "3", "--storage", url, "--study", name]) == 2
+    assert "epochs" in capsys.readouterr().err
+
+    assert main(["export", "--storage", url, "--study", name, "-o", "best.json"]) == 0
+    best = max(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: t.value)
+    exported = json.loads((tmp_path / "best.json").read_text())
+    assert {k: v for k, v in exported.items() if k != "description"} == best.user_attrs["graph"]
+    assert main(["train", "--graph", "best.json", "--dataset", TINY, "--epochs", "1", "--device", "cpu",
+                 "--quiet", "--out", "run"]) == 0
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            found = condition()
+        except KeyError:  # the study does not exist yet
+            found = None
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgres"])
+def test_a_killed_worker_trial_is_failed_then_retried_with_the_same_graph(kind, tmp_path):
+    url, name = storage_url(kind, tmp_path), f"kill-{uuid.uuid4().hex[:8]}"
+    cmd = [sys.executable, "-m", "ktfast", *SEARCH, "--epochs", "8", "--trials", "4", "--workers", "2",
+           "--pruner", "none", "--storage", url, "--study", name, "--heartbeat-interval", "1", "--grace-period", "3"]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def training():  # a trial past its first epoch, with epochs still to go
+            running = load(url, name).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+            return next((t for t in running if t.intermediate_values and "worker" in t.user_attrs), None)
+
+        worker = wait_for(training, 120, "a trial in training").user_attrs["worker"]
+        os.kill(int(worker.rpartition(":")[2]), signal.SIGKILL)
+        out, err = launcher.communicate(timeout=180)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 0, err
+    assert "killed by signal 9" in err
+    study = load(url, name)
+    trials = study.get_trials()
+    # The trial it was running (that one, or its next if it finished in the meantime) failed.
+    [victim] = [t for t in trials if t.user_attrs.get("worker") == worker and t.state not in COUNTED]
+    assert victim.state == optuna.trial.TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].params == victim.params and retries[0].state in COUNTED
+    assert sorted(retries[0].intermediate_values) == list(range(1, 9))  # trained again from epoch 1
+    assert len(counted(study)) == 4
+
+
+def queue(cli: list[str], params: dict) -> None:
+    """Create the study `cli` would, with one trial of fixed parameters queued first."""
+    from ktfast.cli import build_parser, config_from_args
+    from ktfast.search import open_study, space_from_args
+
+    args = build_parser().parse_args(cli)
+    cfg = config_from_args(args).replace(split="search")
+    open_study(open_storage(args.storage), args.study, space_from_args(args), cfg).enqueue_trial(params)
+
+
+def test_a_frozen_target_is_rejected_and_not_counted(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    cli = [*SEARCH[:2], "1", *SEARCH[3:], "--gates", "cutoff,through", "--epochs", "1", "--trials", "2",
+           "--storage", url, "--study", "frozen"]
+    queue(cli, {"gate label->n1": "cutoff"})
+    assert main(cli) == 0
+    trials = load(url, "frozen").get_trials()
+    rejected = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert rejected and all(t.user_attrs["fail_reason"].startswith("frozen target") for t in rejected)
+    assert all(t.params == {"gate label->n1": "cutoff"} and not t.intermediate_values for t in rejected)
+    assert [t.params for t in trials if t.state in COUNTED] == [{"gate label->n1": "through"}] * 2
+
+
+def test_ensemble_objective_scores_an_ensemble_node_whose_members_may_all_be_frozen(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    cli = [*SEARCH[:2], "2", *SEARCH[3:], "--objective", "ensemble", "--epochs", "1", "--trials", "2",
+           "--losses", "kl,cos", "--storage", url, "--study", "ens"]
+    queue(cli, {"model n2": "resnet8", **{f"gate {s}->{t}": "cutoff" for s, t in
+                                          [("label", "n1"), ("n2", "n1"), ("label", "n2"), ("n1", "n2")]}})
+    assert main(cli) == 0
+    trials = load(url, "ens").get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for t in trials:
+        graph = t.user_attrs["graph"]
+        assert graph["target"] == "ens" and graph["nodes"][-1] == {
+            "name": "ens", "ensemble": ["n1", "n2"], "reduce": "mean", "detach": True}
+        assert 0 <= t.value <= 1
+    # Every member cut off: two pre-trained teachers, an independent ensemble; kl/cos only on edges that are on.
+    assert not any(k.startswith("loss") for k in trials[0].params)
+
+
+BAD = {
+    "unknown model": (["--models", "resnet8,resnet9"], "resnet9"),
+    "unknown target model": (["--target-model", "vgg"], "vgg"),
+    "no nodes": (["--nodes", "0"], "--nodes"),
+    "unknown gate": (["--gates", "through,sometimes"], "sometimes"),
+    "unknown loss": (["--losses", "kl,ce"], "'ce'"),
+    "unknown objective": (["--objective", "best"], "--objective"),
+    "cutoff alone": (["--gates", "cutoff"], "--gates"),
+    "crop larger than attention map": (["--losses", "kl+att_mse"], "attention map"),
+    "gpus on cpu": (["--gpus", "0"], "--gpus"),
+    "unreachable storage": (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "--storage"),
+    "storage in a missing directory": (["--storage", "sqlite:////no/such/dir/s.db"], "--storage"),
+    "unknown dataset": (["--dataset", "mnist"], "mnist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_search_input_exits_2_with_one_line(case, tmp_path, capsys):
+    extra, needle = BAD[case]
+    assert main([*SEARCH, "--trials", "2", "--storage", f"sqlite:///{tmp_path}/s.db", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "Traceback" not in err
+
+
+def test_bad_export_input_exits_2_with_one_line(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/s.db"
+    optuna.create_study(storage=url, study_name="empty", direction="maximize")
+    for args, needle in ((["--study", "other"], "'other'"), ([], "no complete trial"),
+                         (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "--storage")):
+        assert main(["export", "--storage", url, "-o", "g.json", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err and "Traceback" not in err
+    assert not (tmp_path / "g.json").exists()
