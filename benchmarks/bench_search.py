@@ -83,7 +83,11 @@ def main():
     base = ["search", "--nodes", str(args.nodes), "--target-model", model, "--models", model, "--dataset", dataset,
             "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--trials", str(n),
             "--pruner", "none", "--quiet", *passthrough]
-    rows = []
+    result = {"benchmark": "search", **environment(cuda), "gpus": args.gpus if cuda else None,
+              "optuna": optuna.__version__, "dataset": dataset, "epochs": args.epochs, "batch_size": args.batch_size,
+              "graph": f"{args.nodes} x {model}, random gates, no frozen node", "search_args": passthrough,
+              "rows": []}
+    rows = result["rows"]
     with tempfile.TemporaryDirectory() as tmp:
         for k in ks:
             per_k = ["--device", "cuda", "--gpus", args.gpus, "--trials-per-gpu", str(k)] if cuda else \
@@ -96,11 +100,9 @@ def main():
             print(f"K={k:<2} {row['wall_s']:8.1f} s  {row['trials_per_hour']:9.1f} trials/h  "
                   f"(steady {row['steady_trials_per_hour']:9.1f})  {row['mean_trial_s']:7.1f} s/trial  "
                   f"x{row['speedup']:.2f}", flush=True)
-    result = {"benchmark": "search", **environment(cuda), "gpus": args.gpus if cuda else None,
-              "optuna": optuna.__version__, "dataset": dataset, "epochs": args.epochs, "batch_size": args.batch_size,
-              "graph": f"{args.nodes} x {model}, random gates, no frozen node", "search_args": passthrough,
-              "rows": rows}
-    print(f"wrote {write_result('search', result, cuda, args.out)}")
+            written = write_result("search", result, cuda, args.out)  # after every K: a cut-off run keeps its rows
+    print(f"wrote {written}")
+
 
 if __name__ == "__main__":
     main()

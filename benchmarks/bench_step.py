@@ -40,29 +40,26 @@ GRAPHS = {
 SMOKE_GRAPHS = {"dml2 (2xR8)": ["resnet8", "resnet8"]}
 
 
-def throughput(g: Graph, cfg: TrainConfig, steps: int, warmup: int) -> dict:
-    trainer = Trainer(g, cfg, out=None, progress=False, log=lambda _: None)
-    loader = trainer.train_loader
+def batches(trainer: Trainer):
+    """The training batches, epoch after epoch, endlessly."""
+    epoch = 0
+    while True:
+        trainer.train_loader.set_epoch(epoch)
+        yield from trainer.train_loader
+        epoch += 1
+
+
+def throughput(trainer: Trainer, it, steps: int, warmup: int) -> dict:
+    cfg = trainer.cfg
     cuda = cfg.device == "cuda"
-
-    def batches():
-        epoch = 0
-        while True:
-            loader.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-
-    it = batches()
     for k in range(warmup):
-        x, y = next(it)
-        trainer.train_step(x, y, k + 1)
+        trainer.train_step(*next(it), k + 1)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for k in range(steps):
-        x, y = next(it)
-        trainer.train_step(x, y, warmup + k + 1)
+        trainer.train_step(*next(it), warmup + k + 1)
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
@@ -71,24 +68,23 @@ def throughput(g: Graph, cfg: TrainConfig, steps: int, warmup: int) -> dict:
             "peak_mem_mib": peak}
 
 
-def profile(g: Graph, cfg: TrainConfig, warmup: int, steps: int = 20) -> dict:
-    """Where a fast step's time goes: the kernels by GPU time per step, and how busy the GPU is
-    (kernel time / wall time; the rest is launch gaps, host work and the loader)."""
+def profile(trainer: Trainer, it, first_step: int, steps: int = 20) -> dict:
+    """Where a (warm) fast step's time goes: the kernels by GPU time per step, and how busy the GPU
+    is (kernel time / wall time; the rest is launch gaps, host work and the loader). On a CPU, the
+    operators stand in for the kernels."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    trainer = Trainer(g, cfg, out=None, progress=False, log=lambda _: None)
-    trainer.train_loader.set_epoch(0)
-    it = iter(trainer.train_loader)
-    for k in range(warmup):
-        trainer.train_step(*next(it), k + 1)
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    cuda = trainer.cfg.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         start = time.perf_counter()
         for k in range(steps):
-            trainer.train_step(*next(it), warmup + k + 1)
-        torch.cuda.synchronize()
+            trainer.train_step(*next(it), first_step + k)
+        sync()
         wall = time.perf_counter() - start
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    device = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    kernels = [e for e in prof.events() if e.device_type == device and (cuda or e.name.startswith("aten::"))]
     busy = _union_us([(e.time_range.start, e.time_range.end) for e in kernels])
     per_name: dict = {}
     for e in kernels:
@@ -114,7 +110,8 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (CI)")
     ap.add_argument("--batch-sizes", default="64,256")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--profile", action="store_true", help="also profile the fast path of the first graph")
+    ap.add_argument("--profile", action="store_true", help="also profile the fast path of the first row")
+    ap.add_argument("--graphs", default=None, help="only the graphs whose names start so (comma-separated)")
     ap.add_argument("--out", default=None, help="folder of the JSON (default benchmarks/results)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
@@ -130,27 +127,29 @@ def main():
                                                                                      "CUDA graph" if cuda else "")},
               "rows": []}
     for (name, models), bs in itertools.product(graphs.items(), batch_sizes):
+        if args.graphs and not any(name.startswith(w) for w in args.graphs.split(",")):
+            continue
         g = graph(name, models)
         row = {"graph": name, "batch_size": bs}
         for path, flags in paths.items():
             cfg = TrainConfig(dataset=dataset, epochs=100, batch_size=bs, device=device, **flags)
-            row[path] = throughput(g, cfg, steps, warmup)
+            trainer = Trainer(g, cfg, out=None, progress=False, log=lambda _: None)
+            it = batches(trainer)
+            row[path] = throughput(trainer, it, steps, warmup)
         row["speedup"] = row["fast"]["images_per_s"] / row["reference"]["images_per_s"]
         result["rows"].append(row)
         print(f"{name:<32} B={bs:<4} reference {row['reference']['images_per_s']:9.0f} img/s   "
               f"fast {row['fast']['images_per_s']:9.0f} img/s   x{row['speedup']:.2f}", flush=True)
+        if args.profile and "profile" not in result:
+            p = result["profile"] = {"graph": name, "batch_size": bs, **profile(trainer, it, warmup + steps + 1,
+                                                                                steps=20 if cuda else 2)}
+            print(f"  profile of the fast step: GPU busy {100 * p['gpu_busy']:.0f} % of {p['ms_per_step']:.2f} ms, "
+                  f"{p['kernels_per_step']:.0f} kernels; the top ones:")
+            for k in p["top_kernels"][:8]:
+                print(f"  {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.1f}x  {k['name'][:90]}", flush=True)
         written = write_result("step", result, cuda, args.out)  # after every row: a cut-off run keeps its rows
-    if cuda and args.profile:
-        name, models = next(iter(graphs.items()))
-        cfg = TrainConfig(dataset=dataset, epochs=100, batch_size=batch_sizes[0], device=device, **paths["fast"])
-        result["profile"] = {"graph": name, "batch_size": batch_sizes[0], **profile(graph(name, models), cfg, warmup)}
-        p = result["profile"]
-        print(f"profile of the fast path, {name} B={batch_sizes[0]}: GPU busy {100 * p['gpu_busy']:.0f} % of "
-              f"{p['ms_per_step']:.2f} ms/step; top kernels:")
-        for k in p["top_kernels"][:8]:
-            print(f"  {k['us_per_step']:8.1f} us/step  {k['calls_per_step']:5.1f}x  {k['name'][:90]}")
-        written = write_result("step", result, cuda, args.out)
     print(f"wrote {written}")
+
 
 if __name__ == "__main__":
     main()

@@ -10,9 +10,9 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def smoke(name: str, tmp_path: Path) -> dict:
+def smoke(name: str, tmp_path: Path, *args: str) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--smoke", "--out", str(tmp_path)], check=True,
+    subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--smoke", "--out", str(tmp_path), *args], check=True,
                    env=env, cwd=tmp_path, timeout=600)
     (path,) = tmp_path.glob("*.json")
     return json.loads(path.read_text())
@@ -26,8 +26,9 @@ def test_bench_kernels_smoke(tmp_path):
 
 
 def test_bench_step_smoke(tmp_path):
-    result = smoke("bench_step", tmp_path)
+    result = smoke("bench_step", tmp_path, "--profile")
     (row,) = result["rows"]
+    assert result["profile"]["top_kernels"] and 0 < result["profile"]["gpu_busy"] <= 1
     assert row["reference"]["images_per_s"] > 0 and row["fast"]["images_per_s"] > 0
     assert row["speedup"] == pytest.approx(row["fast"]["images_per_s"] / row["reference"]["images_per_s"])
 
