@@ -94,6 +94,7 @@ def copy_bandwidth() -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (automatic without CUDA)")
+    ap.add_argument("--first", action="store_true", help="only the goal rows: the papers' size and the large ones")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     ap.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results)")
     args = ap.parse_args()
@@ -116,7 +117,7 @@ def main():
               "bytes_counted": "3*M*B*C*4 (fp32 logits read fwd, read bwd, grad written) + 8*B (labels)",
               "graph": "M model nodes; label->each: ce; every ordered pair: kl T=2; gates cycle through/linear/correct",
               "rows": rows}
-    for m, b, c in FULL if cuda else SMOKE:
+    for m, b, c in (FIRST if args.first else FULL) if cuda else SMOKE:
         g = make_graph(m)
         gen = torch.Generator(device=device).manual_seed(0)
         z = {n.name: (3 * torch.randn(b, c, device=device, generator=gen)).requires_grad_() for n in g.model_nodes}

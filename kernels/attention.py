@@ -41,8 +41,8 @@ def _att_edge(maps, plane, b, src, dst, kind, crops, n_crops, H, W, GRAD: tl.con
         left = tl.minimum(tl.maximum(j - k // 2, 0), W - k)
         win = mask & (rows >= top) & (rows < top + k) & (cols >= left) & (cols < left + k)
         sw, tw = tl.where(win, s, 0.0), tl.where(win, t, 0.0)
-        norm_t = tl.sqrt(tl.sum(tw * tw, axis=0))
-        sh = sw / tl.maximum(tl.sqrt(tl.sum(sw * sw, axis=0)), _EPS)
+        norm_t = tl.sqrt_rn(tl.sum(tw * tw, axis=0))
+        sh = sw / tl.maximum(tl.sqrt_rn(tl.sum(sw * sw, axis=0)), _EPS)
         th = tw / tl.maximum(norm_t, _EPS)
         g = tl.zeros([BLOCK], tl.float32)  # d loss / d th
         if (kind & _ATT_MSE) != 0:
