@@ -23,9 +23,13 @@ def environment(cuda: bool) -> dict:
             "cuda": torch.version.cuda if cuda else None, "python": platform.python_version()}
 
 
-def write_result(name: str, payload: dict, cuda: bool, out_dir: str | Path | None = None) -> Path:
+def result_path(name: str, cuda: bool, out_dir: str | Path | None = None) -> Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "_", device_name(cuda)).strip("_") if cuda else "smoke"
-    path = Path(out_dir or RESULTS) / f"{name}-{slug}.json"
+    return Path(out_dir or RESULTS) / f"{name}-{slug}.json"
+
+
+def write_result(name: str, payload: dict, cuda: bool, out_dir: str | Path | None = None) -> Path:
+    path = result_path(name, cuda, out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -65,7 +65,8 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-decay", type=float, default=d.lr_decay)
     p.add_argument("--train-fraction", type=float, default=None,
                    help="train on a class-balanced fraction of the training set")
-    p.add_argument("--loader", default=d.loader, help="auto | tensor | torch")
+    p.add_argument("--loader", default=d.loader,
+                   help="auto | dali | gpu | torch: DALI pipeline, device-resident tensors, torchvision on the CPU")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="mixed precision: bf16 where supported, fp16 with a grad scaler otherwise")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 SPLITS = ("train", "test", "search_train", "search_val")
 TRAIN_SPLITS = ("train", "search_train")  # shuffled and augmented
-LOADERS = ("auto", "tensor", "torch")
+LOADERS = ("auto", "dali", "gpu", "torch")
 PAD = 4  # reflect padding before the random crop: the CIFAR recipe of the papers
 SEARCH_VAL_FRACTION = 0.2  # of each class; on CIFAR exactly the usual 40k/10k
 _SPLIT_SEED = 20240  # constant: every run and every search trial sees the same held-out split
@@ -373,9 +373,27 @@ def make_loader(dataset: str, split: str, batch_size: int, device, seed: int, *,
         raise DatasetError(f"batch size must be positive, got {batch_size}")
     if train_fraction is not None and not 0 < train_fraction <= 1:
         raise DatasetError(f"train fraction must be in (0, 1], got {train_fraction}")
-    args = (load_arrays(dataset, data_dir), split, batch_size, device, seed, train_fraction)
+    arrays = load_arrays(dataset, data_dir)
+    args = (arrays, split, batch_size, device, seed, train_fraction)
     if loader == "auto":
-        loader = "tensor"  # the place to choose a DALI loader (large on-disk sets on a GPU) once there is one
+        loader = _fastest_loader(arrays, torch.device(device))
     if loader == "torch":
         return TorchLoader(*args, num_workers=num_workers)
+    if loader == "dali":
+        from ktfast.dali import DaliLoader
+
+        return DaliLoader(*args)
     return TensorLoader(*args)
+
+
+def _fastest_loader(arrays: Arrays, device: torch.device) -> str:
+    """The device-resident loader when the set fits (the fastest, benchmarks/bench_loader.py), else
+    DALI when installed, else torchvision."""
+    if device.type != "cuda":
+        return "gpu"  # resident in host memory: still one gather per batch, no per-image Python
+    free, _ = torch.cuda.mem_get_info(device)
+    if arrays.train_x.numel() + arrays.test_x.numel() < free // 4:
+        return "gpu"
+    from ktfast.dali import available
+
+    return "dali" if available() else "torch"

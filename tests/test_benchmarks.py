@@ -37,3 +37,12 @@ def test_bench_search_smoke(tmp_path):
     result = smoke("bench_search", tmp_path)
     assert [r["trials_per_gpu"] for r in result["rows"]] == [1, 2]
     assert all(r["trials"] == 4 and r["trials_per_hour"] > 0 for r in result["rows"])
+
+
+def test_bench_loader_smoke(tmp_path):
+    from ktfast import dali
+
+    result = smoke("bench_loader", tmp_path)
+    (row,) = result["rows"]
+    kinds = ["gpu", "torch"] + (["dali"] if dali.available() else [])
+    assert all(row[k]["images_per_s"] > 0 for k in kinds) and result["dali"] == dali.available()

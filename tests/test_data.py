@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ktfast import data
+from ktfast import dali, data
 from ktfast.data import (PAD, DatasetError, class_balanced_subset, dataset_info, load_arrays, make_loader,
                          split_indices)
 
 SYN = "synthetic:classes=5,size=16,train=200,test=60"
-KINDS = ["tensor", "torch"]
+DALI = pytest.param("dali", marks=pytest.mark.skipif(not dali.available(), reason="NVIDIA DALI is not installed"))
+KINDS = ["gpu", "torch", DALI]
 DATASETS = ["digits", SYN]
 
 
@@ -78,16 +79,25 @@ def test_an_epoch_is_a_pure_function_of_seed_and_epoch(kind):
     assert not torch.equal(epoch_batches(loader(1), 3)[0][1], a[0][1])
 
 
-def test_loader_kinds_give_identical_batches_and_test_samples():
+@pytest.mark.parametrize("other", ["torch", DALI])
+def test_loader_kinds_give_identical_batches_and_test_samples(other):
     for split in ("train", "search_train"):
-        a = make_loader(SYN, split, 16, "cpu", 3, loader="tensor")
-        b = make_loader(SYN, split, 16, "cpu", 3, loader="torch")
+        a = make_loader(SYN, split, 16, "cpu", 3, loader="gpu")
+        b = make_loader(SYN, split, 16, "cpu", 3, loader=other)
         for epoch in (0, 2):
             assert same_batches(epoch_batches(a, epoch), epoch_batches(b, epoch))
-    ta = make_loader("digits", "test", 100, "cpu", 0, loader="tensor")
-    tb = make_loader("digits", "test", 100, "cpu", 0, loader="torch")
+    ta = make_loader("digits", "test", 100, "cpu", 0, loader="gpu")
+    tb = make_loader("digits", "test", 100, "cpu", 0, loader=other)
     assert torch.equal(ta.indices, tb.indices)
     assert same_batches(list(ta), list(tb))
+
+
+def test_auto_picks_the_resident_loader_on_the_cpu_and_a_missing_dali_says_how_to_get_it(monkeypatch):
+    assert type(make_loader(SYN, "train", 16, "cpu", 0)).__name__ == "TensorLoader"
+    monkeypatch.setitem(__import__("sys").modules, "nvidia.dali", None)  # as if not installed
+    assert not dali.available()
+    with pytest.raises(DatasetError, match=r"pip install 'ktfast\[dali\]'"):
+        make_loader(SYN, "train", 16, "cpu", 0, loader="dali")
 
 
 def test_torch_loader_workers_change_nothing_and_leave_the_global_rng_alone():
