@@ -28,7 +28,7 @@ def _linear_factor(step, total_steps):
 
 
 def fused_graph_losses(graph: Graph, logits: dict, labels, step, total_steps, attention=None) -> dict:
-    """{target: L_t}, as `ktfast.losses.reference_graph_losses`: keys graph.targets, in order."""
+    """{target: L_t}, as `ktfast.losses.reference_graph_losses`: keys loss_targets(graph), in order."""
     table = edge_table(graph, labels.device)
     if not table.targets:
         return {}

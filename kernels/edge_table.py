@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ktfast.graph import LABEL, EnsembleNode, Graph
+from ktfast.losses import loss_targets, owner
 
 # Loss-term bits over logits, and over attention maps.
 CE, KL, COS, MSE = 1, 2, 4, 8
@@ -41,7 +42,7 @@ class AttentionTable:
 @dataclass(frozen=True)
 class EdgeTable:
     endpoints: tuple[str, ...]  # the logits the kernels read: graph nodes, then branch addresses
-    targets: tuple[str, ...]  # graph.targets: the rows of the output
+    targets: tuple[str, ...]  # loss_targets(graph): the rows of the output (a branch's edges add to its node's)
     ints: torch.Tensor  # [7, E] int32, rows as above
     floats: torch.Tensor  # [3, E] float32
     # Softmax slots: slot n < M is endpoint n at T = 1; the rest are (endpoint, T != 1) pairs.
@@ -89,7 +90,7 @@ def _ranges(keys: list[int], wanted: list[int]) -> list[list[int]]:
 def _build(graph: Graph, device) -> EdgeTable:
     endpoints = _endpoints(graph)
     index = {n: i for i, n in enumerate(endpoints)}
-    targets = graph.targets
+    targets = loss_targets(graph)
     edges = sorted(graph.active_edges, key=lambda e: index[e.target])
 
     slots = {(i, 1.0): i for i in range(len(endpoints))}
@@ -104,7 +105,7 @@ def _build(graph: Graph, device) -> EdgeTable:
                 pair.append(slots.setdefault((node, e.temperature), len(slots)))
             else:
                 pair.append(node)
-        rows.append([src, dst, kind, GATES[e.gate], pair[0], pair[1], targets.index(e.target)])
+        rows.append([src, dst, kind, GATES[e.gate], pair[0], pair[1], targets.index(owner(e.target))])
     ints = torch.tensor(rows, dtype=torch.int32).T
     floats = torch.tensor([[1 / e.temperature, e.temperature, e.weight] for e in edges], dtype=torch.float32).T
     slot_list = sorted(slots, key=slots.get)

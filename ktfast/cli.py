@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ktfast.search import add_search_commands  # here, not at the top: search imports this module
     add_search_commands(sub)
+    from ktfast.plots import add_picture_commands  # show, attention, report
+    add_picture_commands(sub)
     return parser
 
 

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SPLITS = ("train", "test", "search_train", "search_val")
-TRAIN_SPLITS = ("train", "search_train")  # shuffled and augmented
+SPLITS = ("train", "test", "search_train", "search_val", "explore_train", "explore_val")
+TRAIN_SPLITS = ("train", "search_train", "explore_train")  # shuffled and augmented
 LOADERS = ("auto", "dali", "gpu", "torch")
 PAD = 4  # reflect padding before the random crop: the CIFAR recipe of the papers
 SEARCH_VAL_FRACTION = 0.2  # of each class; on CIFAR exactly the usual 40k/10k
+EXPLORE_VAL_FRACTION = 0.5  # the ensemble paper's graph exploration: class-balanced halves
 _SPLIT_SEED = 20240  # constant: every run and every search trial sees the same held-out split
 # First element of every generator key, so the streams of different purposes never coincide.
 _SUBSET, _EPOCH, _WORKERS = 1, 2, 3
@@ -68,7 +69,8 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 # ---- datasets -----------------------------------------------------------------------------------
 # A dataset is an entry of DATASETS: how to describe it from its name alone, how to read it, and
-# the integer options `name:key=value,...` it takes (with their defaults).
+# the options `name:key=value,...` it takes (with their defaults): positive integers, or strings
+# where the default is one.
 
 def _digits_info(name: str, options: dict, root: Path) -> DatasetInfo:
     return DatasetInfo(name, 10, 32, flip=False)  # handwritten digits are not mirror-symmetric
@@ -149,11 +151,24 @@ class _Dataset(NamedTuple):
     options: dict = {}
 
 
+def _in_folders(function: str) -> Callable:
+    """A function of ktfast.folders (image-file datasets), imported at its first call: that module
+    builds on this one, so importing it here, at import time, would be circular."""
+    def call(*args):
+        from ktfast import folders
+
+        return getattr(folders, function)(*args)
+    return call
+
+
 DATASETS = {
     "digits": _Dataset(_digits_info, _read_digits),
     "synthetic": _Dataset(_synthetic_info, _read_synthetic, {"classes": 10, "size": 32, "train": 1024, "test": 256}),
     "cifar10": _Dataset(_cifar_info, _read_cifar),
     "cifar100": _Dataset(_cifar_info, _read_cifar),
+    "tinyimagenet": _Dataset(_in_folders("tinyimagenet_info"), _in_folders("read_tinyimagenet")),
+    "imagefolder": _Dataset(_in_folders("imagefolder_info"), _in_folders("read_imagefolder"),
+                            {"path": "", "size": 256}),
 }
 
 
@@ -169,9 +184,12 @@ def _resolve(dataset: str) -> tuple[_Dataset, dict]:
         if key not in options:
             expected = f"expected {', '.join(entry.options)}" if entry.options else "it takes none"
             raise DatasetError(f"dataset {dataset!r}: unknown option {key!r} ({expected})")
-        if not value.isdigit() or int(value) <= 0:
+        if isinstance(entry.options[key], str):
+            options[key] = value
+        elif not value.isdigit() or int(value) <= 0:
             raise DatasetError(f"dataset {dataset!r}: option {key} must be a positive integer, got {value!r}")
-        options[key] = int(value)
+        else:
+            options[key] = int(value)
     return entry, options
 
 
@@ -224,13 +242,18 @@ def class_balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> t
 
 def split_indices(arrays: Arrays, split: str) -> torch.Tensor:
     """Positions of a split's samples: in the test set for "test", else in the training set. The
-    search splits divide the training set, class-balanced, with a constant seed; never the test set."""
+    search and explore splits divide the training set, class-balanced, with a constant seed; never
+    the test set."""
     if split == "test":
+        if not len(arrays.test_y):  # a folder of class folders without a test/ folder
+            raise DatasetError(f"dataset {arrays.info.name} has no test set: use its explore or search splits")
         return torch.arange(len(arrays.test_y))
     if split == "train":
         return torch.arange(len(arrays.train_y))
-    val = class_balanced_subset(arrays.train_y, SEARCH_VAL_FRACTION, _SPLIT_SEED)
-    if split == "search_val":
+    kind, _, part = split.partition("_")
+    fraction = SEARCH_VAL_FRACTION if kind == "search" else EXPLORE_VAL_FRACTION
+    val = class_balanced_subset(arrays.train_y, fraction, _SPLIT_SEED)
+    if part == "val":
         return val
     keep = torch.ones(len(arrays.train_y), dtype=torch.bool)
     keep[val] = False

@@ -40,7 +40,8 @@ class FastStep:
             stream = self.streams[node.name]
             stream.wait_stream(current)
             with torch.cuda.stream(stream), t.autocast_context():
-                logits[node.name], att = t.forward_node(node, x)
+                out, att = t.forward_node(node, x)
+                logits.update(out)
                 if att is not None:
                     attention[node.name] = att
         for stream in self.streams.values():

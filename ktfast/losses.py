@@ -106,9 +106,22 @@ def edge_loss(edge: Edge, z_s, z_t, labels, att_s=None, att_t=None) -> torch.Ten
 
 
 # ---- the graph ---------------------------------------------------------------------------
+def owner(endpoint: str) -> str:
+    """The node an endpoint belongs to: branch `s.b2` is part of node `s` (names have no '.')."""
+    return endpoint.split(".")[0]
+
+
+def loss_targets(graph: Graph) -> list[str]:
+    """The keys of graph_losses, in file order: nodes with a non-cut-off edge into them or into one
+    of their branches. A loss into a branch adds to its node's L_t, since that node is what it
+    trains (`Graph.targets` leaves out a node whose edges all go to its branches)."""
+    into = {owner(e.target) for e in graph.active_edges}
+    return [name for name in graph.nodes if name in into]
+
+
 def node_logits(graph: Graph, logits: dict) -> dict:
-    """Logits of every endpoint: the model nodes given, plus each ensemble node reduced from its
-    members (detached when the node says so, so that its losses then train nothing)."""
+    """Logits of every endpoint: the model nodes and branches given, plus each ensemble node reduced
+    from its members (detached when the node says so, so that its losses then train nothing)."""
     out = dict(logits)
     for node in graph.ensemble_nodes:
         members = torch.stack([logits[m] for m in node.members])
@@ -134,8 +147,9 @@ def reference_graph_losses(graph: Graph, logits: dict, labels, step: int, total_
             edge, z_s, z[edge.target], labels, att_s, att_t)
         # The mean divides by the full batch, also where the correct gate zeroes samples.
         term = edge.weight * per_sample.sum() / batch
-        losses[edge.target] = losses[edge.target] + term if edge.target in losses else term
-    return {t: losses[t] for t in graph.targets}
+        target = owner(edge.target)
+        losses[target] = losses[target] + term if target in losses else term
+    return {t: losses[t] for t in loss_targets(graph)}
 
 
 def _use_kernels(labels: torch.Tensor) -> bool:
@@ -149,7 +163,8 @@ def graph_losses(graph: Graph, logits: dict, labels, step: int, total_steps: int
                  attention: dict | None = None) -> dict:
     """{target name: L_t} for every node with a non-cut-off incoming edge (DESIGN §8).
 
-    L_t = Σ_edges→t weight · mean_over_batch(gate · loss_per_sample). On CUDA (or with
+    L_t = Σ_edges→t weight · mean_over_batch(gate · loss_per_sample), the edges into t's branches
+    `t.b{i}` included; `logits` holds those branches' logits under their addresses. On CUDA (or with
     KTFAST_KERNELS=1) the fused Triton kernels compute it; KTFAST_KERNELS=0 forces this reference.
     """
     if _use_kernels(labels):

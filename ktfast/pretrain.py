@@ -24,10 +24,13 @@ def cache_dir() -> Path:
 
 def cache_path(model: str, cfg: TrainConfig) -> Path:
     # Everything that changes what the teacher learns is part of the key; the run's seed is not,
-    # so the five seeds of a study share one teacher, as in the papers.
+    # so the five seeds of a study share one teacher, as in the papers. With a train fraction the
+    # seed draws the subset: then each seed's teacher learns that seed's subset and nothing else.
     recipe = {k: v for k, v in cfg.to_dict().items()
               if k in ("dataset", "split", "train_fraction", "epochs", "batch_size", "optimizer", "lr",
                        "momentum", "weight_decay", "lr_decay_at", "lr_decay", "amp")}
+    if cfg.train_fraction is not None:
+        recipe["subset_seed"] = cfg.seed
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.dataset)
     return cache_dir() / f"{model}-{dataset}-{cfg.split}-e{cfg.epochs}-{digest}.pt"
@@ -50,7 +53,8 @@ def pretrain(model: str, cfg: TrainConfig, log=print, progress=True) -> Path:
         if path.exists():
             return path
         log(f"pretraining {model} on {cfg.dataset} ({cfg.epochs} epochs) for the pretrain cache")
-        trainer = Trainer(label_only_graph(model), cfg.replace(seed=0, compile=False), out=None, log=log,
+        seed = cfg.seed if cfg.train_fraction is not None else 0  # see cache_path
+        trainer = Trainer(label_only_graph(model), cfg.replace(seed=seed, compile=False), out=None, log=log,
                           progress=progress)
         rows = trainer.fit()
         tmp = path.with_suffix(".tmp")

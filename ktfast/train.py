@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info, make_loader
-from ktfast.graph import ATTENTION_TERMS, Graph, GraphError, ModelNode
+from ktfast.graph import ATTENTION_TERMS, LABEL, Graph, GraphError, ModelNode
 from ktfast.losses import graph_losses, node_logits, reference_graph_losses
 from ktfast.models import build_model
 
@@ -33,6 +33,14 @@ def splits(cfg: TrainConfig) -> tuple[str, str]:
 def attention_nodes(graph: Graph) -> set[str]:
     return {end for e in graph.active_edges if any(t in ATTENTION_TERMS for t in e.terms)
             for end in (e.source, e.target)}
+
+
+def branch_nodes(graph: Graph) -> set[str]:
+    """Model nodes whose branches an edge or an ensemble addresses (`node.b{i}`): they must hand
+    over their branch logits too. Node names have no '.', so any other endpoint is a branch."""
+    ends = {end for e in graph.active_edges for end in (e.source, e.target)}
+    ends.update(m for n in graph.ensemble_nodes for m in n.members)
+    return {end.split(".")[0] for end in ends if end not in graph.nodes and end != LABEL}
 
 
 def load_state(node: ModelNode, path) -> dict:
@@ -97,19 +105,27 @@ def check_attention_sizes(graph: Graph, models, image_size: int, device) -> None
                                  f"is larger than the {h}x{w} attention map")
 
 
-def forward_node(node: ModelNode, model, x, want_attention: bool):
-    """(logits, attention map or None) of one model node; frozen nodes run without autograd."""
+def forward_node(node: ModelNode, model, x, want_attention: bool, want_branches: bool = False):
+    """({endpoint: logits}, attention map or None) of one model node: the endpoints are the node
+    and, where wanted, its branches `node.b{i}`. Frozen nodes run without autograd."""
+    branches = {"return_branches": True} if want_branches else {}  # single-branch models lack the option
     with torch.no_grad() if node.frozen else nullcontext():
-        if want_attention:
-            return model(x, return_attention=True)
-        return model(x), None
+        out = model(x, return_attention=want_attention, **branches)
+    out = out if isinstance(out, tuple) else (out,)
+    logits = {node.name: out[0]}
+    if want_branches:
+        logits.update((f"{node.name}.b{i}", z) for i, z in enumerate(out[-1]))
+    return logits, out[1] if want_attention else None
 
 
-def forward(graph: Graph, models, x, want_attention: set[str]):
-    """Logits (and attention maps where needed) of every model node on one batch."""
+def forward(graph: Graph, models, x, want_attention: set[str], want_branches: set[str] = frozenset()):
+    """Logits of every model node (and branch, where wanted) on one batch, and the attention maps
+    where wanted."""
     logits, attention = {}, {}
     for node in graph.model_nodes:
-        logits[node.name], att = forward_node(node, models[node.name], x, node.name in want_attention)
+        out, att = forward_node(node, models[node.name], x, node.name in want_attention,
+                                node.name in want_branches)
+        logits.update(out)
         if att is not None:
             attention[node.name] = att
     return logits, attention
@@ -148,10 +164,11 @@ def evaluate(graph: Graph, models, loader, cfg: TrainConfig) -> dict:
     """{node: {"loss": cross-entropy, "acc": top-1}} for every model and ensemble node."""
     models.eval()
     sums = {name: torch.zeros(2, device=cfg.device) for name in graph.nodes}
+    branches = branch_nodes(graph)  # an ensemble of branches is reduced from them
     count = 0
     for x, y in loader:
         with autocast(cfg):
-            logits, _ = forward(graph, models, x, set())
+            logits, _ = forward(graph, models, x, set(), branches)
         for name, z in node_logits(graph, logits).items():
             if name in sums:
                 z = z.float()
@@ -183,6 +200,7 @@ class Trainer:
             if node.frozen:
                 self.models[node.name].eval()  # a teacher's BatchNorm statistics never move
         self.want_attention = attention_nodes(graph)
+        self.want_branches = branch_nodes(graph)
         self.loss_fn = reference_graph_losses if cfg.reference else graph_losses
         params = [p for n in graph.trainable for p in self.models[n.name].parameters()]
         self.optimizer = make_optimizer(cfg, params) if params else None
@@ -209,7 +227,8 @@ class Trainer:
         return autocast(self.cfg)
 
     def forward_node(self, node: ModelNode, x):
-        return forward_node(node, self.models[node.name], x, node.name in self.want_attention)
+        return forward_node(node, self.models[node.name], x, node.name in self.want_attention,
+                            node.name in self.want_branches)
 
     def train_step(self, x, y, step) -> None:
         """Forward all nodes, Σ L_t backward once, one optimizer step, metrics added on the device.
@@ -218,7 +237,7 @@ class Trainer:
             self.fast(x, y, step)
             return
         with self.autocast_context():
-            logits, attention = forward(self.graph, self.models, x, self.want_attention)
+            logits, attention = forward(self.graph, self.models, x, self.want_attention, self.want_branches)
         losses = self.loss_fn(self.graph, logits, y, step=step, total_steps=self.total_steps,
                               attention=attention or None)
         if self.optimizer is not None:

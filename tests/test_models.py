@@ -15,8 +15,8 @@ def n_params(model):
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_logits_and_attention_shapes(name):
-    # resnet18 at 64 px keeps the test fast: /32 gives a 2x2 layer4 map.
-    size, att = (64, 2) if name == "resnet18" else (32, 8)
+    # resnet18's small stem gives a 4x4 layer4 map at 32 px.
+    size, att = (32, 4) if name == "resnet18" else (32, 8)
     model = build_model(name, 7, size).eval()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
@@ -29,6 +29,16 @@ def test_resnet18_at_224px_has_a_7x7_attention_map():
     with torch.no_grad():
         logits, att = build_model("resnet18", 3, 224).eval()(torch.randn(1, 3, 224, 224), return_attention=True)
     assert logits.shape == (1, 3) and att.shape == (1, 7, 7)
+
+
+def test_resnet18_small_stem_at_64px_for_tinyimagenet():
+    model = build_model("resnet18", 200, 64).eval()
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    with torch.no_grad():
+        _, att = model(torch.randn(1, 3, 64, 64), return_attention=True)
+    assert att.shape == (1, 8, 8)
+    assert build_model("resnet18", 200, 224).conv1.kernel_size == (7, 7)
 
 
 @pytest.mark.parametrize("name,exact,published", [

@@ -115,6 +115,18 @@ def test_pretrained_init_fills_the_cache_once(capsys):
     assert "training it first" not in capsys.readouterr().out
 
 
+def test_with_a_train_fraction_each_seed_has_a_teacher_of_its_own_subset():
+    c = cfg(epochs=1, train_fraction=0.5)
+    assert cache_path("resnet8", c) != cache_path("resnet8", c.replace(seed=1))
+    assert cache_path("resnet8", cfg()) == cache_path("resnet8", cfg(seed=1))  # full data: one teacher
+    from ktfast.pretrain import pretrain
+
+    for seed in (0, 1):
+        stored = torch.load(pretrain("resnet8", c.replace(seed=seed), log=lambda *a: None, progress=False),
+                            weights_only=True)
+        assert stored["config"]["seed"] == seed and stored["config"]["train_fraction"] == 0.5
+
+
 def test_same_seed_same_run_different_seed_different_run():
     g = dml()
     a = Trainer(g, cfg(epochs=1), out=None, progress=False).fit()

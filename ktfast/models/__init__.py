@@ -2,7 +2,9 @@
 
 Every model's forward is `forward(x, return_attention=False)`; with `return_attention=True` it
 returns `(logits, attention)`, the attention map being the channel mean of the last stage's
-feature map, `[B, H, W]`.
+feature map, `[B, H, W]` (`abn18`: its attention branch's map). Multi-branch models
+(`branch{N}_resnet8`) also take `return_branches=True`, which appends the tuple of the N branches'
+logits to what they return.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from typing import Callable, Optional
 
 import torch.nn as nn
 
+from ktfast.models.abn import ABN18
+from ktfast.models.branch_resnet import BranchResNet8
 from ktfast.models.cifar_resnet import CifarResNet
 from ktfast.models.imagenet_resnet import ResNet18
 from ktfast.models.wrn import WideResNet
@@ -20,7 +24,8 @@ from ktfast.models.wrn import WideResNet
 Constructor = Callable[[int, int], nn.Module]
 
 _FIXED: dict[str, Constructor] = {f"resnet{d}": partial(CifarResNet, d) for d in (8, 14, 20, 26, 32, 44, 56, 110)}
-_FIXED["resnet18"] = lambda num_classes, image_size: ResNet18(num_classes)  # adaptive-pooled: any size >= 32
+_FIXED["resnet18"] = ResNet18
+_FIXED["abn18"] = ABN18
 
 
 def _wrn(depth: int, k: int) -> Optional[Constructor]:
@@ -33,10 +38,11 @@ def _wrn(depth: int, k: int) -> Optional[Constructor]:
 # constructor, or None where the numbers do not make a valid model. ([1-9] keeps names canonical.)
 _FAMILIES: list[tuple[re.Pattern, Callable[..., Optional[Constructor]]]] = [
     (re.compile(r"wrn([1-9]\d*)_([1-9]\d*)"), _wrn),
+    (re.compile(r"branch([1-9]\d*)_resnet8"), lambda n: partial(BranchResNet8, n)),
 ]
 
-# For help texts and search defaults: the fixed names and the WRN the papers use.
-MODEL_NAMES: tuple[str, ...] = (*_FIXED, "wrn28_2")
+# For help texts and search defaults: the fixed names, the WRN the papers use and an EKD student.
+MODEL_NAMES: tuple[str, ...] = (*_FIXED, "wrn28_2", "branch3_resnet8")
 
 
 def _constructor(name: str) -> Optional[Constructor]:

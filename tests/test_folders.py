@@ -1,0 +1,231 @@
+"""Image-file datasets (ktfast.folders): real JPEG and PNG files in the Tiny ImageNet and class-folder
+layouts, their labels, sizes and cache, the exploration split, and a training run on one."""
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ktfast import data, folders
+from ktfast.cli import main
+from ktfast.data import DatasetError, dataset_info, load_arrays, make_loader
+
+COLOURS = [(220, 30, 30), (30, 190, 40), (40, 60, 220)]  # one per class: the label can be read off the pixels
+# Train/test images per class: odd counts make the halves of the exploration split uneven.
+TRAIN_COUNTS, TEST_COUNTS = [4, 6, 5], [2, 2, 3]
+CLASSES = ["b_class", "a_class", "c_class"]  # written in this order; labelled in sorted order
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def write_image(path: Path, colour, size=(48, 32), grey=False):
+    """The class colour in the centre square, black bands beside it: the bands must be cropped away."""
+    w, h = size
+    side = min(w, h)
+    pixels = np.zeros((h, w, 3), np.uint8)
+    top, left = (h - side) // 2, (w - side) // 2
+    pixels[top:top + side, left:left + side] = colour
+    image = Image.fromarray(pixels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (image.convert("L") if grey else image).save(path)
+
+
+def write_class_folder(root: Path, split: str | None, counts) -> None:
+    """Images of every class under root/split/<class>/ (root/<class>/ when split is None), of
+    several sizes and aspect ratios, as .jpg, .JPEG and .png, one in a nested folder."""
+    sizes = [(48, 32), (32, 48), (80, 60), (32, 32)]
+    for label in np.argsort(CLASSES):  # a label order unlike the sorted one
+        folder = root / split / CLASSES[label] if split else root / CLASSES[label]
+        for i in range(counts[label]):
+            name = ["img{}.jpg", "IMG{}.JPEG", "img{}.png", "nested/img{}.png"][i % 4].format(i)
+            write_image(folder / name, COLOURS[sorted(CLASSES).index(CLASSES[label])], sizes[i % 4])
+        (folder / "notes.txt").write_text("not an image")
+
+
+@pytest.fixture
+def birds(tmp_path):
+    """A class-folder set with train/ and test/, read at 32 px."""
+    write_class_folder(tmp_path / "birds", "train", TRAIN_COUNTS)
+    write_class_folder(tmp_path / "birds", "test", TEST_COUNTS)
+    return "imagefolder:path=birds,size=32", tmp_path
+
+
+def write_tiny(root: Path, per_class=3, val_per_class=2) -> Path:
+    """Tiny ImageNet's layout: wnids.txt (not sorted), train/<wnid>/images/*.JPEG with a boxes file,
+    val/images/*.JPEG labelled by val/val_annotations.txt; one greyscale JPEG, as the real set has."""
+    folder = root / "tiny-imagenet-200"
+    wnids = ["n0300", "n0100", "n0200"]
+    folder.mkdir(parents=True)
+    (folder / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for w in wnids:
+        colour = COLOURS[sorted(wnids).index(w)]
+        for i in range(per_class):
+            grey = (w, i) == ("n0200", 0)
+            write_image(folder / "train" / w / "images" / f"{w}_{i}.JPEG", colour, (64, 64), grey=grey)
+        (folder / "train" / w / f"{w}_boxes.txt").write_text("")
+    lines = []
+    for i in range(val_per_class * len(wnids)):
+        w = wnids[i % len(wnids)]
+        write_image(folder / "val" / "images" / f"val_{i}.JPEG", COLOURS[sorted(wnids).index(w)], (64, 64))
+        lines.append(f"val_{i}.JPEG\t{w}\t0\t0\t63\t63")
+    (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def colour_labels(x: torch.Tensor) -> list[int]:
+    """The class whose colour is nearest to each image's centre pixel."""
+    centre = x[:, :, x.shape[2] // 2, x.shape[3] // 2].float()
+    return torch.cdist(centre, torch.tensor(COLOURS, dtype=torch.float32)).argmin(1).tolist()
+
+
+def reload(dataset, root):
+    data._load_arrays.cache_clear()  # read again, not from this process's memory
+    return load_arrays(dataset, root)
+
+
+def test_imagefolder_classes_labels_and_sizes(birds):
+    dataset, root = birds
+    info = dataset_info(dataset, root)
+    assert (info.num_classes, info.image_size) == (3, 32)
+    a = load_arrays(dataset, root)
+    assert a.train_x.shape == (sum(TRAIN_COUNTS), 3, 32, 32) and a.train_x.dtype == torch.uint8
+    assert a.test_x.shape == (sum(TEST_COUNTS), 3, 32, 32) and a.test_y.dtype == torch.int64
+    # Labels in sorted class-name order, every image of its folder (notes.txt skipped, nested found).
+    assert Counter(a.train_y.tolist()) == {sorted(CLASSES).index(c): n for c, n in zip(CLASSES, TRAIN_COUNTS)}
+    assert Counter(a.test_y.tolist()) == {sorted(CLASSES).index(c): n for c, n in zip(CLASSES, TEST_COUNTS)}
+    assert colour_labels(a.train_x) == a.train_y.tolist() and colour_labels(a.test_x) == a.test_y.tolist()
+    # The centre square of every image, whatever its aspect ratio: no black band left.
+    for x in (a.train_x, a.test_x):
+        assert (x.float().mean((2, 3)) - torch.tensor(COLOURS)[colour_labels(x)]).abs().max() < 12
+
+
+def test_imagefolder_default_size_and_exact_pixels(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    (tmp_path / "set" / "one").mkdir(parents=True)
+    Image.fromarray(pixels).save(tmp_path / "set" / "one" / "exact.png")
+    write_image(tmp_path / "set" / "two" / "large.jpg", COLOURS[1], (400, 300))
+    a = load_arrays("imagefolder:path=set", tmp_path)
+    assert dataset_info("imagefolder:path=set", tmp_path).image_size == 256
+    assert a.train_x.shape == (2, 3, 256, 256) and len(a.test_y) == 0
+    assert torch.equal(a.train_x[0], torch.from_numpy(pixels).permute(2, 0, 1))  # already 256: untouched
+    assert colour_labels(a.train_x[1:]) == [1]
+
+
+def test_tinyimagenet_layout_labels_and_64px(tmp_path):
+    write_tiny(tmp_path)
+    info = dataset_info("tinyimagenet", tmp_path)
+    assert (info.num_classes, info.image_size) == (3, 64)
+    a = load_arrays("tinyimagenet", tmp_path)
+    assert a.train_x.shape == (9, 3, 64, 64) and a.test_x.shape == (6, 3, 64, 64)
+    assert a.train_x.dtype == a.test_x.dtype == torch.uint8
+    assert a.train_y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # sorted wnids
+    # val_i is wnids.txt's (i mod 3)-th wnid: n0300, n0100, n0200 -> labels 2, 0, 1.
+    assert a.test_y.tolist() == [2, 0, 1, 2, 0, 1]
+    assert colour_labels(a.test_x) == a.test_y.tolist()
+    grey = a.train_x[a.train_y == 1][0]
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])  # greyscale read as RGB
+    assert colour_labels(a.train_x[a.train_y != 1]) == a.train_y[a.train_y != 1].tolist()
+
+
+def test_cache_is_written_once_reused_and_rebuilt_when_the_folder_changes(tmp_path, monkeypatch):
+    folder = write_tiny(tmp_path)
+    first = load_arrays("tinyimagenet", tmp_path)
+    cache = tmp_path / "tiny-imagenet-200.ktfast-64px.pt"
+    assert cache.is_file() and not list(tmp_path.glob("*.tmp"))
+    assert folders.cache_path(folder, 64) == cache
+
+    decoded = []
+    real_decode = folders._decode
+    monkeypatch.setattr(folders, "_decode", lambda path, size: decoded.append(path) or real_decode(path, size))
+    again = reload("tinyimagenet", tmp_path)
+    assert not decoded and torch.equal(again.train_x, first.train_x) and torch.equal(again.test_y, first.test_y)
+
+    write_image(folder / "train" / "n0300" / "images" / "n0300_9.JPEG", COLOURS[2], (64, 64))
+    grown = reload("tinyimagenet", tmp_path)
+    assert len(decoded) == 16 and len(grown.train_y) == 10 and grown.train_y.tolist().count(2) == 4
+    decoded.clear()
+    reload("tinyimagenet", tmp_path)
+    assert not decoded  # the rebuilt cache is reused in turn
+
+    write_image(folder / "val" / "images" / "val_0.JPEG", COLOURS[0], (64, 64))  # rewritten in place
+    assert colour_labels(reload("tinyimagenet", tmp_path).test_x[:1]) == [0] and decoded
+
+
+def test_imagefolder_cache_is_per_size(birds):
+    dataset, root = birds
+    load_arrays(dataset, root)
+    small = load_arrays("imagefolder:path=birds,size=16", root)
+    assert small.train_x.shape[2:] == (16, 16)
+    assert sorted(p.name for p in root.glob("*.pt")) == ["birds.ktfast-16px.pt", "birds.ktfast-32px.pt"]
+
+
+def test_exploration_split_is_disjoint_balanced_halves_of_train(birds):
+    dataset, root = birds
+    a = load_arrays(dataset, root)
+    tr = make_loader(dataset, "explore_train", 4, "cpu", 0, data_dir=root)
+    va = make_loader(dataset, "explore_val", 4, "cpu", 0, data_dir=root)
+    train, val = set(tr.indices.tolist()), set(va.indices.tolist())
+    assert not train & val and train | val == set(range(len(a.train_y)))
+    halves = Counter(tr.y.tolist()), Counter(va.y.tolist())
+    for c, n in Counter(a.train_y.tolist()).items():
+        assert halves[0][c] + halves[1][c] == n and abs(halves[0][c] - halves[1][c]) <= 1
+    # Fixed whatever the run seed; training half augmented, evaluation half not; never a test image.
+    assert torch.equal(make_loader(dataset, "explore_val", 4, "cpu", 9, data_dir=root).indices, va.indices)
+    assert tr.train and not va.train
+    assert torch.equal(tr.x, a.train_x[tr.indices]) and torch.equal(va.y, a.train_y[va.indices])
+
+
+def test_train_fraction_on_a_folder_set_is_class_balanced(birds):
+    dataset, root = birds
+    ld = make_loader(dataset, "train", 4, "cpu", 0, data_dir=root, train_fraction=0.5)
+    per_class = Counter(load_arrays(dataset, root).train_y.tolist())
+    assert Counter(ld.y.tolist()) == {c: round(0.5 * n) for c, n in per_class.items()}
+
+
+def test_a_folder_without_train_and_test_is_all_training_data(tmp_path):
+    write_class_folder(tmp_path / "flat", None, TRAIN_COUNTS)
+    dataset = "imagefolder:path=flat,size=16"
+    a = load_arrays(dataset, tmp_path)
+    assert len(a.train_y) == sum(TRAIN_COUNTS) and len(a.test_y) == 0
+    assert colour_labels(a.train_x) == a.train_y.tolist()
+    with pytest.raises(DatasetError, match="no test set"):
+        make_loader(dataset, "test", 4, "cpu", 0, data_dir=tmp_path)
+    assert make_loader(dataset, "explore_val", 4, "cpu", 0, data_dir=tmp_path).num_samples == 7
+
+
+@pytest.mark.parametrize("dataset, expected", [
+    ("tinyimagenet", "none/tiny-imagenet-200"),
+    ("imagefolder:path=dogs", "none/dogs"),
+    ("imagefolder", "path=DIR"),
+])
+def test_a_missing_folder_is_one_line_naming_the_path(tmp_path, dataset, expected):
+    for call in (lambda: dataset_info(dataset, tmp_path / "none"),
+                 lambda: make_loader(dataset, "train", 4, "cpu", 0, data_dir=tmp_path / "none")):
+        with pytest.raises(DatasetError) as info:
+            call()
+        assert "\n" not in str(info.value) and expected in str(info.value)
+        if "none" in expected:
+            assert str(tmp_path / expected) in str(info.value)
+
+
+def test_an_unreadable_image_is_one_line_naming_the_file(birds):
+    dataset, root = birds
+    bad = root / "birds" / "test" / "a_class" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(DatasetError) as info:
+        load_arrays(dataset, root)
+    assert "\n" not in str(info.value) and str(bad) in str(info.value)
+
+
+def test_train_a_graph_end_to_end_on_a_folder_set(birds, monkeypatch):
+    dataset, root = birds
+    monkeypatch.setenv("KTFAST_CACHE", str(root / "cache"))
+    monkeypatch.setenv("KTFAST_KERNELS", "0")
+    out = root / "run"
+    assert main(["train", "--graph", str(EXAMPLES / "dml2.json"), "--dataset", dataset, "--data-dir", str(root),
+                 "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["dataset"] == dataset
+    assert os.listdir(out)
