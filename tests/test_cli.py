@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ktfast.cli import main
 
@@ -129,3 +130,15 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
     subprocess.run([sys.executable, "-m", "ktfast", "train", "--resume", "killed", "--quiet"], check=True,
                    cwd=tmp_path, env=env, capture_output=True)
     assert _strip_times(_rows(killed)) == _strip_times(_rows(tmp_path / "whole"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is the CPU's way to run the kernels")
+def test_kernels_forced_on_a_cpu_run_in_the_triton_interpreter(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["KTFAST_KERNELS"] = "1"
+    graph = write(tmp_path, GOOD)
+    run = subprocess.run([sys.executable, "-m", "ktfast", "train", "--graph", str(graph), "--dataset", TINY,
+                          "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
