@@ -66,9 +66,9 @@ def pretrain(model: str, cfg: TrainConfig, log=print, progress=True) -> Path:
     return path
 
 
-def pretrained_path(model: str, cfg: TrainConfig, log=print) -> Path:
+def pretrained_path(model: str, cfg: TrainConfig, log=print, progress=True) -> Path:
     path = cache_path(model, cfg)
     if path.exists():
         return path
     log(f"no pretrained {model} for {cfg.dataset} in the cache: training it first (ktfast pretrain)")
-    return pretrain(model, cfg, log=log)
+    return pretrain(model, cfg, log=log, progress=progress)

@@ -59,18 +59,22 @@ def load_state(node: ModelNode, path) -> dict:
 
 
 def build_models(graph: Graph, cfg: TrainConfig, num_classes: int, image_size: int,
-                 log: Callable[[str], None] = print) -> torch.nn.ModuleDict:
+                 log: Callable[[str], None] = print, progress: bool = True) -> torch.nn.ModuleDict:
     """Every model node, seeded, initialised as its `init` says, on the configured device."""
     from ktfast.pretrain import pretrained_path
 
+    # Pretraining first: it draws random numbers, and the seeded initialisation below must not
+    # depend on whether the cache already held the teachers.
+    pretrained = {node.name: pretrained_path(node.model, cfg, log=log, progress=progress)
+                  for node in graph.model_nodes if node.init == "pretrained" and not node.checkpoint}
     torch.manual_seed(cfg.seed)
     models = torch.nn.ModuleDict()
     for node in graph.model_nodes:
         model = build_model(node.model, num_classes, image_size)
         if node.checkpoint:
             state = load_state(node, node.checkpoint)
-        elif node.init == "pretrained":
-            state = load_state(node, pretrained_path(node.model, cfg, log=log))
+        elif node.name in pretrained:
+            state = load_state(node, pretrained[node.name])
         else:
             state = None
         if state is not None:
@@ -194,7 +198,7 @@ class Trainer:
                                         train_fraction=cfg.train_fraction)
         self.eval_loader = make_loader(cfg.dataset, eval_split, max(cfg.batch_size, 256), cfg.device,
                                        cfg.seed, data_dir=cfg.data_dir, loader=cfg.loader)
-        self.models = build_models(graph, cfg, info.num_classes, info.image_size, log)
+        self.models = build_models(graph, cfg, info.num_classes, info.image_size, log, progress)
         check_attention_sizes(graph, self.models, info.image_size, cfg.device)
         for node in graph.model_nodes:
             if node.frozen:
