@@ -61,7 +61,7 @@ class DaliLoader(_Loader):
         self._pipe.build()
 
     def __iter__(self):
-        order, offsets, flips = self.plan(self.epoch)
+        order, offsets, flips, _ = self.plan(self.epoch)
         bs = self.batch_size
         # DALI's crop position is a fraction of the slack: corner / (2 PAD), exact for these sizes.
         pos = (offsets.float() / (2 * PAD)).numpy()

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SPLITS = ("train", "test", "search_train", "search_val", "explore_train", "explore_val")
-TRAIN_SPLITS = ("train", "search_train", "explore_train")  # shuffled and augmented
+SPLITS = ("train", "test", "search_train", "search_val")
+TRAIN_SPLITS = ("train", "search_train")  # shuffled and augmented
 LOADERS = ("auto", "dali", "gpu", "torch")
 PAD = 4  # reflect padding before the random crop: the CIFAR recipe of the papers
-SEARCH_VAL_FRACTION = 0.2  # of each class; on CIFAR exactly the usual 40k/10k
-EXPLORE_VAL_FRACTION = 0.5  # the ensemble paper's graph exploration: class-balanced halves
+# Random-resized-crop (torchvision's, the fine-grained recipe): area and aspect-ratio ranges.
+CROP_SCALE, CROP_RATIO, CROP_TRIES = (0.08, 1.0), (3 / 4, 4 / 3), 10
 _SPLIT_SEED = 20240  # constant: every run and every search trial sees the same held-out split
 # First element of every generator key, so the streams of different purposes never coincide.
 _SUBSET, _EPOCH, _WORKERS = 1, 2, 3
@@ -40,9 +40,19 @@ class DatasetError(ValueError):
 class DatasetInfo:
     name: str
     num_classes: int
-    image_size: int
+    image_size: int  # the side of the images the networks see
     channels: int = 3
     flip: bool = True  # horizontal flips are a valid augmentation for this data
+    # The side of the stored images where it is larger than image_size: training then takes
+    # random-resized crops of them, evaluation their centre crop (else: pad, crop and flip).
+    stored_size: int = 0
+    # Each class's fraction that the search split holds out for validation: CIFAR's 40k/10k, or
+    # the class-balanced halves of the ensemble paper's fine-grained graph exploration.
+    val_fraction: float = 0.2
+
+    @property
+    def resized_crops(self) -> bool:
+        return self.stored_size > self.image_size
 
 
 @dataclass
@@ -168,7 +178,7 @@ DATASETS = {
     "cifar100": _Dataset(_cifar_info, _read_cifar),
     "tinyimagenet": _Dataset(_in_folders("tinyimagenet_info"), _in_folders("read_tinyimagenet")),
     "imagefolder": _Dataset(_in_folders("imagefolder_info"), _in_folders("read_imagefolder"),
-                            {"path": "", "size": 256}),
+                            {"path": "", "size": 256, "crop": 224}),
 }
 
 
@@ -242,18 +252,16 @@ def class_balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> t
 
 def split_indices(arrays: Arrays, split: str) -> torch.Tensor:
     """Positions of a split's samples: in the test set for "test", else in the training set. The
-    search and explore splits divide the training set, class-balanced, with a constant seed; never
-    the test set."""
+    search splits divide the training set, class-balanced (`info.val_fraction` held out), with a
+    constant seed; never the test set."""
     if split == "test":
         if not len(arrays.test_y):  # a folder of class folders without a test/ folder
-            raise DatasetError(f"dataset {arrays.info.name} has no test set: use its explore or search splits")
+            raise DatasetError(f"dataset {arrays.info.name} has no test set: use its search splits (--split search)")
         return torch.arange(len(arrays.test_y))
     if split == "train":
         return torch.arange(len(arrays.train_y))
-    kind, _, part = split.partition("_")
-    fraction = SEARCH_VAL_FRACTION if kind == "search" else EXPLORE_VAL_FRACTION
-    val = class_balanced_subset(arrays.train_y, fraction, _SPLIT_SEED)
-    if part == "val":
+    val = class_balanced_subset(arrays.train_y, arrays.info.val_fraction, _SPLIT_SEED)
+    if split == "search_val":
         return val
     keep = torch.ones(len(arrays.train_y), dtype=torch.bool)
     keep[val] = False
@@ -264,8 +272,28 @@ def split_indices(arrays: Arrays, split: str) -> torch.Tensor:
 class EpochPlan(NamedTuple):
     """The random choices of one epoch, drawn on the CPU: the same on every device and loader."""
     order: torch.Tensor  # [N] positions in the split, in batch order
-    offsets: torch.Tensor  # [N, 2] crop corner (top, left) in the padded image, in [0, 2 * PAD]
+    # [N, 2] crop corner (top, left): in the padded image, in [0, 2 * PAD]; with resized crops, in
+    # the stored image.
+    offsets: torch.Tensor
     flips: torch.Tensor  # [N] bool
+    sizes: torch.Tensor | None = None  # [N, 2] (height, width) of the resized crops, else None
+
+
+def resized_crop_boxes(n: int, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's RandomResizedCrop for n square images of side `size`, drawn together: corners
+    and sizes [n, 2] each. Each image takes the first of CROP_TRIES draws that fits, else the whole image."""
+    area = size * size * torch.empty(n, CROP_TRIES).uniform_(*CROP_SCALE, generator=gen)
+    log_ratio = torch.empty(n, CROP_TRIES).uniform_(*np.log(CROP_RATIO), generator=gen)
+    w = (area * log_ratio.exp()).sqrt().round().long()
+    h = (area / log_ratio.exp()).sqrt().round().long()
+    fits = (w > 0) & (w <= size) & (h > 0) & (h <= size)
+    first = fits.long().argmax(1, keepdim=True)
+    any_fit = fits.any(1)
+    h = torch.where(any_fit, h.gather(1, first).squeeze(1), size)
+    w = torch.where(any_fit, w.gather(1, first).squeeze(1), size)
+    u = torch.rand(n, 2, generator=gen)
+    corner = (u * torch.stack([size - h + 1, size - w + 1], 1)).long()
+    return corner, torch.stack([h, w], 1)
 
 
 def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
@@ -284,6 +312,7 @@ class _Loader:
         self.split, self.batch_size, self.device, self.seed = split, batch_size, torch.device(device), seed
         self.train = split in TRAIN_SPLITS
         self.flip = info.flip
+        self.stored_size = info.stored_size if info.resized_crops else 0
         self.indices = split_indices(arrays, split)
         source_x, source_y = (arrays.test_x, arrays.test_y) if split == "test" else (arrays.train_x, arrays.train_y)
         if train_fraction is not None and self.train:
@@ -299,14 +328,20 @@ class _Loader:
         self.epoch = epoch
 
     def plan(self, epoch: int) -> EpochPlan:
-        n = self.num_samples
+        n, stored = self.num_samples, self.stored_size
         if not self.train:
+            if stored:  # the centre crop, not resized
+                side = torch.full((n, 2), self.image_size)
+                return EpochPlan(torch.arange(n), (stored - side) // 2, torch.zeros(n, dtype=torch.bool), side)
             return EpochPlan(torch.arange(n), torch.full((n, 2), PAD), torch.zeros(n, dtype=torch.bool))
         gen = _generator(_EPOCH, self.seed, epoch)
         order = torch.randperm(n, generator=gen)
-        offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=gen)
+        if stored:
+            offsets, sizes = resized_crop_boxes(n, stored, gen)
+        else:
+            offsets, sizes = torch.randint(0, 2 * PAD + 1, (n, 2), generator=gen), None
         flips = (torch.rand(n, generator=gen) < 0.5) & self.flip
-        return EpochPlan(order, offsets, flips)
+        return EpochPlan(order, offsets, flips, sizes)
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -324,7 +359,10 @@ class TensorLoader(_Loader):
         self._mean, self._std = self.mean.to(self.device), self.std.to(self.device)
 
     def __iter__(self):
-        order, offsets, flips = (t.to(self.device) for t in self.plan(self.epoch))
+        if self.stored_size:
+            yield from self._resized_crops()
+            return
+        order, offsets, flips = (t.to(self.device) for t in self.plan(self.epoch)[:3])
         size, bs = self.image_size, self.batch_size
         ar = torch.arange(size, device=self.device)
         channels = torch.arange(3, device=self.device)[None, :, None, None]
@@ -340,6 +378,22 @@ class TensorLoader(_Loader):
             else:
                 x = self._x[idx]
             yield (x.float() / 255 - self._mean) / self._std, self._y[idx]
+
+    def _resized_crops(self):
+        """Every crop of a batch resized by one bilinear `roi_align` (one sample per output pixel:
+        what an interpolation of the cropped image computes), then the flips."""
+        from torchvision.ops import roi_align
+
+        order, offsets, flips, sizes = (t.to(self.device) for t in self.plan(self.epoch))
+        size, bs = self.image_size, self.batch_size
+        for start in range(0, len(self) * bs, bs):
+            idx = order[start:start + bs]
+            top_left = offsets[start:start + bs].flip(1).float()  # (x1, y1)
+            boxes = torch.cat([torch.arange(len(idx), device=self.device)[:, None].float(), top_left,
+                               top_left + sizes[start:start + bs].flip(1).float()], 1)
+            x = roi_align(self._x[idx].float(), boxes, size, sampling_ratio=1, aligned=True)
+            x = torch.where(flips[start:start + bs, None, None, None], x.flip(3), x)
+            yield (x / 255 - self._mean) / self._std, self._y[idx]
 
 
 class _EpochDataset(torch.utils.data.Dataset):
@@ -357,7 +411,12 @@ class _EpochDataset(torch.utils.data.Dataset):
         ld = self.loader
         j = int(self.plan.order[i])
         x = ld.x[j].float() / 255
-        if ld.train:
+        if ld.stored_size:
+            (top, left), (h, w) = self.plan.offsets[i].tolist(), self.plan.sizes[i].tolist()
+            x = TF.resized_crop(x, top, left, h, w, [ld.image_size] * 2, antialias=False)
+            if self.plan.flips[i]:
+                x = TF.hflip(x)
+        elif ld.train:
             top, left = (int(v) for v in self.plan.offsets[i])
             x = TF.crop(TF.pad(x, [PAD], padding_mode="reflect"), top, left, ld.image_size, ld.image_size)
             if self.plan.flips[i]:

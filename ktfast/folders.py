@@ -9,12 +9,13 @@ image is added, removed or rewritten.
 The registry entries are in `ktfast.data.DATASETS`:
 * `tinyimagenet`: `<data-dir>/tiny-imagenet-200/` as distributed (train/<wnid>/images/*.JPEG,
   val/images/*.JPEG with val/val_annotations.txt, wnids.txt); val is the test set; 64 px.
-* `imagefolder:path=DIR[,size=S]`: DIR (relative to the data directory, or absolute) holds
+* `imagefolder:path=DIR[,size=S,crop=C]`: DIR (relative to the data directory, or absolute) holds
   train/<class>/ and test/<class>/ folders of .jpg/.jpeg/.png files (nested folders allowed), or
   only <class>/ folders: then every image is in the training set, there is no test set, and runs
-  use the explore (or search) splits of it. Labels are the class folder names in sorted order.
-  S defaults to 256. The path is part of the dataset's name, so two folders never share a
-  pretrain cache entry or a search study name; it cannot contain a comma.
+  use its search split (class-balanced halves). Labels are the class folder names in sorted order.
+  Stored at S = 256; the networks see C = 224 px (at most S): random-resized crops in training,
+  the centre crop in evaluation. The path is part of the dataset's name, so two folders never
+  share a pretrain cache entry or a search study name; it cannot contain a comma.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from ktfast.data import PAD, DatasetError, DatasetInfo
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TINY_FOLDER = "tiny-imagenet-200"
 TINY_SIZE = 64
+FINE_GRAINED_VAL_FRACTION = 0.5  # the ensemble paper's exploration split: class-balanced halves
 _CACHE_VERSION = 1  # bump when decoding changes: older caches are then rebuilt
 
 
@@ -104,7 +106,9 @@ def imagefolder_info(name: str, options: dict, root: Path) -> DatasetInfo:
     if options["size"] < 2 * PAD:
         raise DatasetError(f"dataset {name!r}: size must be at least {2 * PAD}")
     _, train, _ = _image_folder(name, options, root)
-    return DatasetInfo(name, len(_classes(name, train)), options["size"])
+    crop = min(options["crop"], options["size"])  # crop=size: CIFAR's pad, crop and flip instead
+    return DatasetInfo(name, len(_classes(name, train)), crop, stored_size=options["size"],
+                       val_fraction=FINE_GRAINED_VAL_FRACTION)
 
 
 def read_imagefolder(info: DatasetInfo, options: dict, root: Path):

@@ -108,7 +108,8 @@ def test_imagefolder_default_size_and_exact_pixels(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "set" / "one" / "exact.png")
     write_image(tmp_path / "set" / "two" / "large.jpg", COLOURS[1], (400, 300))
     a = load_arrays("imagefolder:path=set", tmp_path)
-    assert dataset_info("imagefolder:path=set", tmp_path).image_size == 256
+    info = dataset_info("imagefolder:path=set", tmp_path)
+    assert (info.image_size, info.stored_size, info.resized_crops) == (224, 256, True)  # the networks see 224
     assert a.train_x.shape == (2, 3, 256, 256) and len(a.test_y) == 0
     assert torch.equal(a.train_x[0], torch.from_numpy(pixels).permute(2, 0, 1))  # already 256: untouched
     assert colour_labels(a.train_x[1:]) == [1]
@@ -162,18 +163,18 @@ def test_imagefolder_cache_is_per_size(birds):
     assert sorted(p.name for p in root.glob("*.pt")) == ["birds.ktfast-16px.pt", "birds.ktfast-32px.pt"]
 
 
-def test_exploration_split_is_disjoint_balanced_halves_of_train(birds):
+def test_search_split_of_a_folder_set_is_disjoint_balanced_halves_of_train(birds):
     dataset, root = birds
     a = load_arrays(dataset, root)
-    tr = make_loader(dataset, "explore_train", 4, "cpu", 0, data_dir=root)
-    va = make_loader(dataset, "explore_val", 4, "cpu", 0, data_dir=root)
+    tr = make_loader(dataset, "search_train", 4, "cpu", 0, data_dir=root)
+    va = make_loader(dataset, "search_val", 4, "cpu", 0, data_dir=root)
     train, val = set(tr.indices.tolist()), set(va.indices.tolist())
     assert not train & val and train | val == set(range(len(a.train_y)))
     halves = Counter(tr.y.tolist()), Counter(va.y.tolist())
     for c, n in Counter(a.train_y.tolist()).items():
         assert halves[0][c] + halves[1][c] == n and abs(halves[0][c] - halves[1][c]) <= 1
     # Fixed whatever the run seed; training half augmented, evaluation half not; never a test image.
-    assert torch.equal(make_loader(dataset, "explore_val", 4, "cpu", 9, data_dir=root).indices, va.indices)
+    assert torch.equal(make_loader(dataset, "search_val", 4, "cpu", 9, data_dir=root).indices, va.indices)
     assert tr.train and not va.train
     assert torch.equal(tr.x, a.train_x[tr.indices]) and torch.equal(va.y, a.train_y[va.indices])
 
@@ -193,7 +194,7 @@ def test_a_folder_without_train_and_test_is_all_training_data(tmp_path):
     assert colour_labels(a.train_x) == a.train_y.tolist()
     with pytest.raises(DatasetError, match="no test set"):
         make_loader(dataset, "test", 4, "cpu", 0, data_dir=tmp_path)
-    assert make_loader(dataset, "explore_val", 4, "cpu", 0, data_dir=tmp_path).num_samples == 7
+    assert make_loader(dataset, "search_val", 4, "cpu", 0, data_dir=tmp_path).num_samples == 7
 
 
 @pytest.mark.parametrize("dataset, expected", [
@@ -229,3 +230,47 @@ def test_train_a_graph_end_to_end_on_a_folder_set(birds, monkeypatch):
                  "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--out", str(out), "--quiet"]) == 0
     assert json.loads((out / "config.json").read_text())["dataset"] == dataset
     assert os.listdir(out)
+
+
+def _plan_boxes_hold_torchvision_rules(plan, stored):
+    (top, left), (h, w) = plan.offsets.T, plan.sizes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= stored).all() and (left + w <= stored).all()
+    area, ratio = h * w / stored ** 2, w / h
+    whole = (h == stored) & (w == stored)  # the fallback when no draw fits
+    assert ((area >= 0.08 - 0.02) & (area <= 1) | whole).all()
+    assert ((ratio >= 0.75 - 0.05) & (ratio <= 4 / 3 + 0.05) | whole).all()
+
+
+def test_folder_sets_train_on_random_resized_crops_and_evaluate_the_centre(birds):
+    dataset, root = birds
+    dataset += ",crop=24"  # stored 32 px, the networks see 24 px
+    train = make_loader(dataset, "train", 5, "cpu", 0, data_dir=root, loader="gpu")
+    plan = train.plan(0)
+    _plan_boxes_hold_torchvision_rules(plan, 32)
+    assert plan.sizes.unique(dim=0).shape[0] > 1 and torch.equal(train.plan(0).offsets, plan.offsets)
+    assert not torch.equal(train.plan(1).sizes, plan.sizes)
+    # Every loader computes the plan's crops: the torch loader with torchvision's resized_crop,
+    # the device-resident one with one roi_align per batch. They agree but on a crop's outermost
+    # pixels, where an up-scaling interpolation clamps to the crop and roi_align reads past it.
+    a = next(iter(train))
+    b = next(iter(make_loader(dataset, "train", 5, "cpu", 0, data_dir=root, loader="torch")))
+    assert a[0].shape == b[0].shape == (5, 3, 24, 24) and torch.equal(a[1], b[1])
+    close = (a[0] - b[0]).abs() < 1e-4
+    assert close.float().mean() > 0.8 and close[:, :, 4:-4, 4:-4].all()
+    # The crops are of the planned images: the label's colour survives the crop.
+    x = train.x[plan.order[:5]].float().mean((2, 3))
+    mean, std = train.mean.view(3), train.std.view(3)
+    assert torch.allclose((a[0].mean((2, 3)) * std + mean) * 255, x, atol=25)
+    # Evaluation: the 24 px centre of the stored 32 px image, exactly, in every loader.
+    test = make_loader(dataset, "test", 4, "cpu", 0, data_dir=root, loader="gpu")
+    xt, yt = next(iter(test))
+    xr, _ = next(iter(make_loader(dataset, "test", 4, "cpu", 0, data_dir=root, loader="torch")))
+    centre = (test.x[:4, :, 4:28, 4:28].float() / 255 - test.mean) / test.std
+    assert torch.allclose(xt, centre, atol=1e-5) and torch.allclose(xr, centre, atol=1e-5)
+
+
+def test_a_crop_as_large_as_the_stored_images_keeps_pad_crop_and_flip(birds):
+    dataset, root = birds
+    info = dataset_info(dataset, root)  # size=32, crop defaults to 224, at most 32
+    assert (info.image_size, info.resized_crops) == (32, False)
+    assert make_loader(dataset, "train", 4, "cpu", 0, data_dir=root).plan(0).sizes is None
