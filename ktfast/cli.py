@@ -51,8 +51,8 @@ def _positive_int(text: str) -> int:
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     """The flags that set a training run's recipe; defaults are the papers' CIFAR recipe."""
     d = TrainConfig()
-    p.add_argument("--dataset", default=d.dataset, help="digits (offline default), cifar10, cifar100, "
-                   "synthetic[:classes=C,size=S,train=N,test=N]")
+    p.add_argument("--dataset", default=d.dataset, help="digits (offline default), cifar10, cifar100, tinyimagenet, "
+                   "imagefolder:path=DIR[,size=S,crop=C], synthetic[:classes=C,size=S,train=N,test=N]")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--epochs", type=_positive_int, default=d.epochs)
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
@@ -88,7 +88,7 @@ def config_from_args(args, seed: int = 0) -> TrainConfig:
                        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                        momentum=args.momentum, weight_decay=args.weight_decay, lr_decay_at=args.lr_decay_at,
                        lr_decay=args.lr_decay, seed=seed, device=device, amp=args.amp, compile=args.compile,
-                       reference=args.reference, loader=args.loader)
+                       reference=args.reference, loader=args.loader, split=getattr(args, "split", "train"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a graph file")
     p.add_argument("--graph", help="graph file (JSON)")
     add_recipe_args(p)
+    p.add_argument("--split", choices=["train", "search"], default="train",
+                   help="search: train and evaluate on the search's held-out split of the training set "
+                        "(CIFAR 40k/10k, image folders class-balanced halves), never the test set")
     p.add_argument("--seeds", type=_seeds, default=[0], help="e.g. 0,1,2,3,4: report mean ± std")
     p.add_argument("--out", help="run directory (default runs/<graph name>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
@@ -160,7 +163,7 @@ def cmd_train(args) -> int:
               f"{cfg.device}{', amp' if cfg.amp else ''}{', compile' if cfg.compile else ''}", flush=True)
         rows = trainer.fit()
         finals[cfg.seed] = rows[-1]["test"]
-    print(result_table(graph, finals))
+    print(result_table(graph, finals, configs[0].split))
     if multi:
         (root / "summary.json").write_text(json.dumps(summary(graph, finals), indent=2) + "\n")
     return 0
@@ -186,7 +189,7 @@ def _resume(run: Path, args) -> int:
     print(f"resuming {run} after epoch {done} of {cfg.epochs}", flush=True)
     new_rows = trainer.fit()
     final = (kept + new_rows)[-1]["test"] if kept or new_rows else {}
-    print(result_table(graph, {cfg.seed: final}))
+    print(result_table(graph, {cfg.seed: final}, cfg.split))
     return 0
 
 
@@ -207,10 +210,11 @@ def summary(graph: Graph, finals: dict) -> dict:
     return out
 
 
-def result_table(graph: Graph, finals: dict) -> str:
+def result_table(graph: Graph, finals: dict, split: str = "train") -> str:
     stats = summary(graph, finals)
     multi = len(finals) > 1
-    head = f"test accuracy (%){f', mean ± std of {len(finals)} seeds' if multi else ''}"
+    what = "validation accuracy on the search split" if split == "search" else "test accuracy"
+    head = f"{what} (%){f', mean ± std of {len(finals)} seeds' if multi else ''}"
     lines = [head, f"{'node':<12} {'model':<22} {'accuracy':>16}"]
     for name, node in graph.nodes.items():
         kind = getattr(node, "model", None) or f"{node.reduce} of {'+'.join(node.members)}"

@@ -142,3 +142,15 @@ def test_kernels_forced_on_a_cpu_run_in_the_triton_interpreter(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_split_search_trains_and_evaluates_on_the_held_out_split(tmp_path, capsys):
+    from ktfast.config import TrainConfig
+    from ktfast.train import splits
+
+    path = write(tmp_path, GOOD)
+    assert main(["train", "--graph", str(path), "--dataset", TINY, "--epochs", "1", "--split", "search",
+                 "--out", "val", "--quiet", "--device", "cpu"]) == 0
+    assert "validation accuracy on the search split" in capsys.readouterr().out
+    saved = TrainConfig.load(tmp_path / "val" / "config.json")
+    assert saved.split == "search" and splits(saved) == ("search_train", "search_val")
