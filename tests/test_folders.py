@@ -2,6 +2,7 @@
 layouts, their labels, sizes and cache, the exploration split, and a training run on one."""
 import json
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ktfast import data, folders
+from ktfast import dali, data, folders
 from ktfast.cli import main
 from ktfast.data import DatasetError, dataset_info, load_arrays, make_loader
 
@@ -267,6 +268,34 @@ def test_folder_sets_train_on_random_resized_crops_and_evaluate_the_centre(birds
     xr, _ = next(iter(make_loader(dataset, "test", 4, "cpu", 0, data_dir=root, loader="torch")))
     centre = (test.x[:4, :, 4:28, 4:28].float() / 255 - test.mean) / test.std
     assert torch.allclose(xt, centre, atol=1e-5) and torch.allclose(xr, centre, atol=1e-5)
+
+
+@pytest.mark.skipif(not dali.available(), reason="NVIDIA DALI is not installed")
+def test_dali_resizes_the_plan_boxes_as_the_resident_loader_does(tmp_path):
+    """DALI's ROI resize samples where roi_align does, over the whole crop, borders included:
+    on images with detail (noise, not flat class colours), every epoch, flips too."""
+    gen = np.random.default_rng(0)
+    for label in range(3):
+        for i in range(7):
+            path = tmp_path / "noisy" / "train" / f"c{label}" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(gen.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(path)
+    shutil.copytree(tmp_path / "noisy" / "train", tmp_path / "noisy" / "test")
+    dataset = "imagefolder:path=noisy,size=32,crop=20"
+    for split, epochs in (("train", (0, 1)), ("test", (0,))):
+        a = make_loader(dataset, split, 8, "cpu", 5, data_dir=tmp_path, loader="gpu")
+        b = make_loader(dataset, split, 8, "cpu", 5, data_dir=tmp_path, loader="dali")
+        for epoch in epochs:
+            a.set_epoch(epoch)
+            b.set_epoch(epoch)
+            pairs = list(zip(a, b))
+            if split == "train":  # crops of several sizes, some flipped: every path is compared
+                plan = b.plan(epoch)
+                assert plan.flips.any() and not plan.flips.all() and plan.sizes.unique(dim=0).shape[0] > 1
+            assert len(pairs) == len(a) == len(b) > 0
+            for (xa, ya), (xb, yb) in pairs:
+                assert xb.shape == xa.shape == (len(ya), 3, 20, 20) and torch.equal(ya, yb)
+                assert torch.allclose(xa, xb, atol=1e-4)
 
 
 def test_a_crop_as_large_as_the_stored_images_keeps_pad_crop_and_flip(birds):
