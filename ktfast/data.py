@@ -215,15 +215,13 @@ def dataset_info(dataset: str, data_dir=None) -> DatasetInfo:
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of uint8 images, in chunks: no float copy of a whole large set."""
-    total, squares = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-    for chunk in x.split(1024):
-        chunk = chunk.double() / 255
-        total += chunk.sum((0, 2, 3))
-        squares += chunk.square().sum((0, 2, 3))
-    n = x.numel() / x.shape[1]
-    mean = total / n
-    return mean.float(), (squares / n - mean.square()).sqrt().float()
+    """Per-channel mean and std of uint8 images, exact, from each channel's histogram of the 256
+    values: one counting pass, no float copy of the set (seconds for a 20k-image 256 px set)."""
+    hist = torch.stack([torch.bincount(x[:, c].flatten(), minlength=256) for c in range(x.shape[1])]).double()
+    value = torch.arange(256, dtype=torch.float64) / 255
+    count = hist.sum(1)
+    mean = hist @ value / count
+    return mean.float(), (hist @ value.square() / count - mean.square()).sqrt().float()
 
 
 def load_arrays(dataset: str, data_dir=None) -> Arrays:

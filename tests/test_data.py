@@ -55,6 +55,14 @@ def test_train_batches_shapes_range_and_label_multiset(kind, dataset):
     assert Counter(ys.tolist()) + Counter(dropped.tolist()) == Counter(ld.y.tolist())
 
 
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_normalisation_statistics_are_the_training_images_per_channel_mean_and_std(dataset):
+    a = load_arrays(dataset)
+    x = a.train_x.double() / 255
+    assert torch.allclose(a.mean.double(), x.mean((0, 2, 3)), atol=1e-6)
+    assert torch.allclose(a.std.double(), x.std((0, 2, 3), correction=0), atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_set_smaller_than_a_batch_gives_one_partial_batch(kind):
     ld = make_loader(SYN, "train", 500, "cpu", 0, loader=kind)
