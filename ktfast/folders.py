@@ -1,8 +1,8 @@
 """Datasets of image files (DESIGN §5): Tiny ImageNet-200 and class folders (Stanford Dogs, Cars, CUB).
 
-Both are decoded once into uint8 arrays `[N, 3, S, S]` (shorter side resized to S, centre square)
-and cached beside their folder as `<folder>.ktfast-<S>px.pt`: decoding ~100k JPEGs takes minutes,
-loading the cache seconds. The cache records the folder's fingerprint (number of files, newest
+Both are decoded once into uint8 arrays `[N, 3, S, S]` (shorter side resized to S, centre square;
+by DALI's mixed decoder on a GPU where DALI is installed, else by PIL) and cached beside their
+folder as `<folder>.ktfast-<S>px.pt`: decoding ~100k JPEGs takes minutes, loading the cache seconds. The cache records the folder's fingerprint (number of files, newest
 modification time of any file or folder in it) and is rebuilt when that changes, e.g. when an
 image is added, removed or rewritten.
 
@@ -143,6 +143,20 @@ def _images(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+def _unreadable(path: Path, e: Exception) -> DatasetError:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return DatasetError(f"cannot read image {path}: {reason}")
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height), from the file's header."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError) as e:  # not an image
+        raise _unreadable(path, e) from None
+
+
 def _decode(path: Path, size: int) -> np.ndarray:
     """One image as uint8 [3, size, size]: RGB, the shorter side resized to `size`, the centre square."""
     try:
@@ -150,8 +164,7 @@ def _decode(path: Path, size: int) -> np.ndarray:
             img.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 2/4/8, staying >= size
             img = img.convert("RGB")
     except (OSError, ValueError) as e:  # unreadable, truncated, not an image
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DatasetError(f"cannot read image {path}: {reason}") from None
+        raise _unreadable(path, e) from None
     w, h = img.size
     if (w, h) != (size, size):
         side = min(w, h)
@@ -161,11 +174,22 @@ def _decode(path: Path, size: int) -> np.ndarray:
 
 
 def _decode_all(items: list[tuple[Path, int]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x = np.empty((len(items), 3, size, size), np.uint8)
-    # Threads suffice: PIL releases the GIL while it decodes and resizes.
-    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
-        for i, image in enumerate(pool.map(lambda item: _decode(item[0], size), items)):
-            x[i] = image
+    """On a GPU with DALI installed, DALI's mixed decoder (nvJPEG); else PIL in threads (it releases
+    the GIL while it decodes and resizes). A file DALI cannot decode (a truncated JPEG) is left to
+    PIL, whose error names it."""
+    from ktfast import dali
+
+    x = None
+    if items and torch.cuda.is_available() and dali.available():
+        try:
+            x = dali.decode_images([path for path, _ in items], size, gpu=True)
+        except RuntimeError:
+            print("DALI could not decode every image: decoding with PIL", file=sys.stderr, flush=True)
+    if x is None:
+        x = np.empty((len(items), 3, size, size), np.uint8)
+        with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+            for i, image in enumerate(pool.map(lambda item: _decode(item[0], size), items)):
+                x[i] = image
     return torch.from_numpy(x), torch.tensor([label for _, label in items], dtype=torch.int64)
 
 

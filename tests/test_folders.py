@@ -139,9 +139,9 @@ def test_cache_is_written_once_reused_and_rebuilt_when_the_folder_changes(tmp_pa
     assert cache.is_file() and not list(tmp_path.glob("*.tmp"))
     assert folders.cache_path(folder, 64) == cache
 
-    decoded = []
-    real_decode = folders._decode
-    monkeypatch.setattr(folders, "_decode", lambda path, size: decoded.append(path) or real_decode(path, size))
+    decoded = []  # the files decoded, by PIL or DALI
+    real_decode = folders._decode_all
+    monkeypatch.setattr(folders, "_decode_all", lambda items, size: decoded.extend(items) or real_decode(items, size))
     again = reload("tinyimagenet", tmp_path)
     assert not decoded and torch.equal(again.train_x, first.train_x) and torch.equal(again.test_y, first.test_y)
 
@@ -154,6 +154,44 @@ def test_cache_is_written_once_reused_and_rebuilt_when_the_folder_changes(tmp_pa
 
     write_image(folder / "val" / "images" / "val_0.JPEG", COLOURS[0], (64, 64))  # rewritten in place
     assert colour_labels(reload("tinyimagenet", tmp_path).test_x[:1]) == [0] and decoded
+
+
+def write_smooth_images(folder: Path) -> list[Path]:
+    """Colour ramps (what a photo is, locally) of several sizes and aspect ratios, as JPEG and PNG,
+    one greyscale: decoders and resamplers then agree to a few levels."""
+    paths = []
+    for i, (w, h) in enumerate([(120, 90), (90, 120), (64, 64), (300, 200), (33, 47), (40, 40), (257, 31)]):
+        yy, xx = np.mgrid[0:h, 0:w]
+        pixels = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h) + 60], -1).astype(np.uint8)
+        image = Image.fromarray(pixels).convert("L" if i == 4 else "RGB")
+        paths.append(folder / f"ramp{i}.{'jpg' if i % 2 == 0 else 'png'}")
+        paths[-1].parent.mkdir(parents=True, exist_ok=True)
+        image.save(paths[-1], quality=95)
+    return paths
+
+
+@pytest.mark.skipif(not dali.available(), reason="NVIDIA DALI is not installed")
+def test_dali_decodes_image_files_as_pil_does(tmp_path):
+    paths = write_smooth_images(tmp_path)
+    pil = np.stack([folders._decode(path, 32) for path in paths])
+    decoded = dali.decode_images(paths, 32, gpu=False, batch_size=3)  # 7 files: a partial last batch
+    assert decoded.shape == pil.shape == (7, 3, 32, 32) and decoded.dtype == np.uint8
+    diff = np.abs(decoded.astype(int) - pil.astype(int))
+    assert diff.mean() < 1 and diff.max() <= 4
+    grey = decoded[4]
+    assert (grey[0] == grey[1]).all() and (grey[1] == grey[2]).all()
+    (tmp_path / "bad.jpg").write_text("not an image")
+    with pytest.raises(DatasetError, match="cannot read image .*bad.jpg"):
+        dali.decode_images(paths + [tmp_path / "bad.jpg"], 32, gpu=False)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and dali.available()), reason="needs a GPU and DALI")
+def test_on_a_gpu_the_cache_is_decoded_by_dalis_mixed_decoder(tmp_path, monkeypatch):
+    paths = write_smooth_images(tmp_path / "ramps" / "all")
+    pil = torch.from_numpy(np.stack([folders._decode(path, 32) for path in sorted(paths)]))
+    monkeypatch.setattr(folders, "_decode", lambda path, size: pytest.fail("decoded by PIL"))
+    a = load_arrays("imagefolder:path=ramps,size=32", tmp_path)
+    assert (a.train_x.int() - pil.int()).abs().float().mean() < 1
 
 
 def test_imagefolder_cache_is_per_size(birds):
