@@ -285,6 +285,7 @@ def test_folder_sets_train_on_random_resized_crops_and_evaluate_the_centre(birds
     dataset += ",crop=24"  # stored 32 px, the networks see 24 px
     train = make_loader(dataset, "train", 5, "cpu", 0, data_dir=root, loader="gpu")
     plan = train.plan(0)
+    assert isinstance(make_loader(dataset, "train", 5, "cpu", 0, data_dir=root), data.TorchLoader)  # auto, on a CPU
     _plan_boxes_hold_torchvision_rules(plan, 32)
     assert plan.sizes.unique(dim=0).shape[0] > 1 and torch.equal(train.plan(0).offsets, plan.offsets)
     assert not torch.equal(train.plan(1).sizes, plan.sizes)
