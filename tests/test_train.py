@@ -149,6 +149,8 @@ def test_same_seed_same_run_different_seed_different_run():
     assert a[0]["train"] != c[0]["train"]
 
 
+# Only the schedule is stepped here, no optimizer step: torch warns about that order.
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 def test_lr_schedule_follows_the_recipe_fractions():
     trainer = Trainer(dml(), cfg(epochs=10, lr_decay_at=(0.3, 0.6, 0.9)), out=None, progress=False)
     lrs = []
