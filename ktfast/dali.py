@@ -45,12 +45,11 @@ class DaliLoader(_Loader):
         from nvidia.dali import fn, types
 
         size = self.image_size
-        if self.stored_size:
-            self._images = self.x  # [N, 3, S, S]
-        else:
+        images = self.x  # [N, 3, S, S]
+        if not self.stored_size:
             pos = _reflect(torch.arange(-PAD, size + PAD), size)
-            self._images = self.x[:, :, pos[:, None], pos[None, :]]  # reflect-padded
-        self._images = np.ascontiguousarray(self._images.permute(0, 2, 3, 1).numpy())  # DALI reads HWC
+            images = images[:, :, pos[:, None], pos[None, :]]  # reflect-padded
+        self._images = np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())  # DALI reads HWC
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu \
             else None
@@ -118,7 +117,7 @@ def decode_images(paths: list, size: int, gpu: bool, batch_size: int = 128, num_
     dali = _import_dali()
     from nvidia.dali import fn, types
 
-    from ktfast.folders import image_size
+    from ktfast.folders import centre_square
 
     pipe = dali.pipeline.Pipeline(batch_size=batch_size, num_threads=num_threads,
                                   device_id=torch.cuda.current_device() if gpu else None,
@@ -135,9 +134,8 @@ def decode_images(paths: list, size: int, gpu: bool, batch_size: int = 128, num_
         batch = paths[start:start + batch_size]  # the last one may be smaller: DALI takes any size up to batch_size
         starts, ends = [], []
         for path in batch:
-            w, h = image_size(path)
-            side = min(w, h)
-            top_left = np.array([(h - side) / 2, (w - side) / 2], np.float32)  # (y, x), as the layout HWC
+            top, left, side = centre_square(path)
+            top_left = np.array([top, left], np.float32)  # (y, x), as the layout HWC
             starts.append(top_left)
             ends.append(top_left + side)
         pipe.feed_input("files", [np.fromfile(path, np.uint8) for path in batch])

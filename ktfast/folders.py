@@ -2,9 +2,10 @@
 
 Both are decoded once into uint8 arrays `[N, 3, S, S]` (shorter side resized to S, centre square;
 by DALI's mixed decoder on a GPU where DALI is installed, else by PIL) and cached beside their
-folder as `<folder>.ktfast-<S>px.pt`: decoding ~100k JPEGs takes minutes, loading the cache seconds. The cache records the folder's fingerprint (number of files, newest
-modification time of any file or folder in it) and is rebuilt when that changes, e.g. when an
-image is added, removed or rewritten.
+folder as `<folder>.ktfast-<S>px.pt`: decoding ~100k JPEGs takes minutes, loading the cache
+seconds. The cache records the folder's fingerprint (number of files, newest modification time of
+any file or folder in it) and is rebuilt when that changes, e.g. when an image is added, removed
+or rewritten.
 
 The registry entries are in `ktfast.data.DATASETS`:
 * `tinyimagenet`: `<data-dir>/tiny-imagenet-200/` as distributed (train/<wnid>/images/*.JPEG,
@@ -148,13 +149,18 @@ def _unreadable(path: Path, e: Exception) -> DatasetError:
     return DatasetError(f"cannot read image {path}: {reason}")
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height), from the file's header."""
+def centre_square(path: Path) -> tuple[float, float, int]:
+    """(top, left, side) of the image's centre square, from the file's header alone."""
     try:
         with Image.open(path) as img:
-            return img.size
+            return _centre_square(*img.size)
     except (OSError, ValueError) as e:  # not an image
         raise _unreadable(path, e) from None
+
+
+def _centre_square(w: int, h: int) -> tuple[float, float, int]:
+    side = min(w, h)
+    return (h - side) / 2, (w - side) / 2, side
 
 
 def _decode(path: Path, size: int) -> np.ndarray:
@@ -165,10 +171,8 @@ def _decode(path: Path, size: int) -> np.ndarray:
             img = img.convert("RGB")
     except (OSError, ValueError) as e:  # unreadable, truncated, not an image
         raise _unreadable(path, e) from None
-    w, h = img.size
-    if (w, h) != (size, size):
-        side = min(w, h)
-        left, top = (w - side) / 2, (h - side) / 2
+    if img.size != (size, size):
+        top, left, side = _centre_square(*img.size)
         img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
     return np.asarray(img).transpose(2, 0, 1)
 
