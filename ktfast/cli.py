@@ -7,9 +7,11 @@ import statistics
 import sys
 from pathlib import Path
 
+from ktfast.checkpoint import CheckpointError, RunWriteError
 from ktfast.config import TrainConfig
 from ktfast.data import DatasetError, dataset_info
 from ktfast.graph import Graph, GraphError
+from ktfast.train import NonFiniteLoss
 
 
 class UsageError(ValueError):
@@ -169,13 +171,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+# Recipe flags that --resume checks against the run's config.json: a run continues as it started.
+RESUME_CHECKED = ("dataset", "split", "train_fraction", "epochs", "batch_size", "optimizer", "lr", "momentum",
+                  "weight_decay", "lr_decay_at", "lr_decay")
+
+
+def _check_resume_flags(run: Path, args, cfg: TrainConfig) -> None:
+    """A flag given with --resume (one that differs from its default) must agree with the run."""
+    default = TrainConfig()
+    for key in RESUME_CHECKED:
+        given = getattr(args, key, None)
+        if given not in (getattr(default, key), None) and given != getattr(cfg, key):
+            raise UsageError(f"--{key.replace('_', '-')}: the run in {run} has {getattr(cfg, key)!r}, not "
+                             f"{given!r} (--resume continues a run as it was started)")
+    if args.seeds != [0] and args.seeds != [cfg.seed]:
+        raise UsageError(f"--seeds: the run in {run} has seed {cfg.seed}")
+
+
 def _resume(run: Path, args) -> int:
     from ktfast.train import CHECKPOINT, METRICS, Trainer
 
     if not (run / "graph.json").is_file() or not (run / "config.json").is_file():
         raise UsageError(f"--resume: {run} is not a run directory (no graph.json / config.json)")
     graph = Graph.load(run / "graph.json")
-    cfg = TrainConfig.load(run / "config.json")
+    try:
+        cfg = TrainConfig.load(run / "config.json")
+    except (ValueError, TypeError) as e:  # malformed JSON, or fields of the wrong kind
+        raise UsageError(f"--resume: {run / 'config.json'} is not a run's config: {e}") from None
+    _check_resume_flags(run, args, cfg)
     trainer = Trainer(graph, cfg, out=run, log=_logger(args.quiet), progress=not args.quiet)
     done = 0
     if (run / CHECKPOINT).exists():
@@ -185,7 +208,8 @@ def _resume(run: Path, args) -> int:
     metrics = run / METRICS
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     kept = [r for r in rows if r["epoch"] <= done]
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if len(kept) < len(rows):
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
     print(f"resuming {run} after epoch {done} of {cfg.epochs}", flush=True)
     new_rows = trainer.fit()
     final = (kept + new_rows)[-1]["test"] if kept or new_rows else {}
@@ -242,9 +266,15 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (GraphError, DatasetError, UsageError) as e:
+    except (GraphError, DatasetError, UsageError, CheckpointError) as e:
         print(f"ktfast: error: {e}", file=sys.stderr)
         return 2
+    except RunWriteError as e:
+        print(f"ktfast: error: {e}", file=sys.stderr)
+        return 1
+    except NonFiniteLoss as e:  # DESIGN §2: numerical health has an exit code of its own
+        print(f"ktfast: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("ktfast: interrupted", file=sys.stderr)
         return 130

@@ -47,10 +47,7 @@ class FastStep:
         for stream in self.streams.values():
             current.wait_stream(stream)
         losses = t.loss_fn(graph, logits, y, step=self.factor, total_steps=1, attention=attention or None)
-        if t.optimizer is not None:
-            t.scaler.scale(sum(losses.values())).backward()
-            t.scaler.step(t.optimizer)
-            t.scaler.update()
+        t.optimizer_step(losses)  # counts the fp16 scaler's skipped steps on the device, no sync
         t.accumulate(losses, logits, y)
 
     def __call__(self, x, y, step: int) -> None:
@@ -100,7 +97,7 @@ def _snapshot(t) -> dict:
     return {"models": {k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in t.models.items()},
             "optimizer": {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
                           for p, s in (t.optimizer.state.items() if t.optimizer else ())},
-            "metrics": (t.loss_sums.clone(), t.correct.clone())}
+            "metrics": (t.loss_sums.clone(), t.correct.clone(), t.skipped.clone())}
 
 
 def _restore(t, saved) -> None:
@@ -118,3 +115,4 @@ def _restore(t, saved) -> None:
                             v.zero_()
         t.loss_sums.copy_(saved["metrics"][0])
         t.correct.copy_(saved["metrics"][1])
+        t.skipped.copy_(saved["metrics"][2])
