@@ -19,7 +19,6 @@ import copy
 import importlib.util
 import json
 import os
-import random
 import shlex
 import signal
 import socket
@@ -39,6 +38,7 @@ from ktfast.cli import UsageError, _positive_int, add_recipe_args, config_from_a
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info
 from ktfast.graph import ATTENTION_TERMS, DEFAULT_CROPS, GATES, LABEL, LOSS_TERMS, Graph
+from ktfast.storage_retry import RetryingRDBStorage
 
 DEFAULT_STORAGE = "sqlite:///ktfast-search.db"
 DEFAULT_MODELS = ("resnet32", "resnet110", "wrn28_2")
@@ -49,8 +49,8 @@ TARGET = "n1"  # node 1 of the papers: the node whose accuracy is searched for
 ENSEMBLE = "ens"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that --trials counts
 MAX_RETRY = 3  # a graph whose worker keeps dying (killed for memory, say) is given up after this
-SQLITE_TIMEOUT_S = 120  # how long an SQLite writer waits for the lock before "database is locked"
-LOCK_RETRIES = 5
+# How long an SQLite writer waits for the lock before "database is locked" (then its call is retried).
+SQLITE_TIMEOUT_S = float(os.environ.get("KTFAST_SQLITE_TIMEOUT_S", 120))
 POLL_S = 1.0
 
 
@@ -193,45 +193,28 @@ def _with_driver(url: str) -> str:
 
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None):
     """The storage a URL names: `journal:PATH` or a `.log` path is an Optuna journal file; anything else
-    an SQLAlchemy URL (SQLite, PostgreSQL). Workers pass `heartbeat_interval`: a trial whose worker
-    stops beating for `grace_period` seconds (default twice the interval) is failed and queued again."""
+    an SQLAlchemy URL (SQLite, PostgreSQL), whose calls wait out a lost server or a held lock
+    (`ktfast.storage_retry`). Workers pass `heartbeat_interval`: a trial whose worker stops beating
+    for `grace_period` seconds (default twice the interval) is failed and queued again."""
     try:
         if is_journal(url):
             from optuna.storages.journal import JournalFileBackend
 
             return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {}
-        return optuna.storages.RDBStorage(_with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                                          grace_period=grace_period,
-                                          heartbeat_stale_trial_callback=requeue if heartbeat_interval else None)
+        # A dead pooled connection is found before use (pre-ping) and replaced: a restarted server.
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else \
+            {"pool_pre_ping": True}
+        return RetryingRDBStorage(_with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                                  grace_period=grace_period,
+                                  heartbeat_stale_trial_callback=requeue if heartbeat_interval else None)
     except Exception as e:  # unreachable server, bad URL, missing directory: one line either way
         raise UsageError(f"--storage {shown(url)}: cannot open it: {_root_message(e)}") from None
-
-
-def _locked(e: BaseException | None) -> bool:
-    while e is not None:
-        if "database is locked" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def retry_locked(fn, *args):
-    """Call fn; when SQLite stays locked past its timeout, wait a little and try again."""
-    for attempt in range(LOCK_RETRIES + 1):
-        try:
-            return fn(*args)
-        except Exception as e:
-            if not _locked(e) or attempt == LOCK_RETRIES:
-                raise
-            time.sleep(random.uniform(1, 2) * (attempt + 1))
 
 
 def open_study(storage, name: str, space: Space, cfg: TrainConfig) -> optuna.Study:
     """Create the study, or join it when it was made by the same search; any other is an error."""
     try:
-        study = retry_locked(lambda: optuna.create_study(storage=storage, study_name=name, direction="maximize",
-                                                         load_if_exists=True))
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
     except Exception as e:
         raise UsageError(f"--study {name}: cannot create or load it: {_root_message(e)}") from None
     mine = {**space.to_dict(), **json.loads(json.dumps(recipe(cfg)))}
@@ -312,23 +295,23 @@ class SkippedTrial(Exception):
 
 
 def _skip(trial: optuna.Trial, kind: str, why: str):
-    retry_locked(trial.set_user_attr, "fail_reason", f"{kind}: {why}")
+    trial.set_user_attr("fail_reason", f"{kind}: {why}")
     raise SkippedTrial(f"{kind}: {why}")
 
 
 def objective(trial: optuna.Trial, space: Space, cfg: TrainConfig, trials: int) -> float:
     from ktfast.pretrain import pretrain
-    from ktfast.train import Trainer
+    from ktfast.train import NonFiniteLoss, Trainer
 
     study = trial.study
-    retry_locked(trial.set_user_attr, "worker", worker_tag())
+    trial.set_user_attr("worker", worker_tag())
     # Workers that start at the same moment may together pass --trials; the later ones give way.
     ahead = [t for t in study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING))
              if t.number < trial.number]
     if len(ahead) >= trials:
         _skip(trial, "surplus", f"{trials} trials were already finished or running")
     spec = space.sample(trial, f"{study.study_name}-trial{trial.number}")
-    retry_locked(trial.set_user_attr, "graph", spec)  # what `ktfast export` writes, exactly
+    trial.set_user_attr("graph", spec)  # what `ktfast export` writes, exactly
     graph = Graph.from_dict(spec)
     if space.objective == "target" and graph.nodes[TARGET].frozen:
         # The reference code raised an error for such a graph (its trial FAILED) and drew the next one.
@@ -339,13 +322,16 @@ def objective(trial: optuna.Trial, space: Space, cfg: TrainConfig, trials: int) 
             pretrain(node.model, cfg, log=quiet, progress=False)  # trained once on search_train, then cached
 
     def report(epoch: int, row: dict) -> None:
-        retry_locked(trial.report, row["test"][graph.target]["acc"], epoch)
+        trial.report(row["test"][graph.target]["acc"], epoch)
         # Asked every epoch, ASHA only decides at its rungs, epochs 1, 2, 4, 8, …: below the next
         # rung it answers no without looking. The last epoch is no decision: the trial is done.
-        if epoch < cfg.epochs and retry_locked(trial.should_prune):
+        if epoch < cfg.epochs and trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
-    rows = Trainer(graph, cfg, out=None, log=quiet, progress=False).fit(on_epoch=report)
+    try:
+        rows = Trainer(graph, cfg, out=None, log=quiet, progress=False).fit(on_epoch=report)
+    except NonFiniteLoss as e:  # a graph that diverges is a result of the search, not a worker's fault
+        _skip(trial, "non-finite loss", str(e))
     return rows[-1]["test"][graph.target]["acc"]
 
 
@@ -368,21 +354,15 @@ def run_worker(spec: dict) -> None:
     study = optuna.load_study(study_name=spec["study"], storage=storage, sampler=make_sampler(spec["sampler"]),
                               pruner=make_pruner(spec["pruner"], cfg.epochs))
     while True:
-        retry_locked(fail_stale, study, journal)
-        counts = retry_locked(_counts, study)
+        fail_stale(study, journal)
+        counts = _counts(study)
         done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
         if done >= trials:
             return
         if done + counts[TrialState.RUNNING] >= trials:
             time.sleep(POLL_S)  # the last trials run elsewhere: wait until they finish, or die and come back
             continue
-        try:
-            study.optimize(lambda t: objective(t, space, cfg, trials), n_trials=1, catch=(SkippedTrial,))
-        except Exception as e:
-            if not _locked(e):
-                raise
-            # SQLite stayed locked past the retries: not this worker's fault. A trial left RUNNING
-            # comes back once stale; one that got FAILED is not counted, and another takes its place.
+        study.optimize(lambda t: objective(t, space, cfg, trials), n_trials=1, catch=(SkippedTrial,))
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()  # the workers packed on this GPU share its memory between trials
 
@@ -446,7 +426,7 @@ def watch(study: optuna.Study, procs: list[subprocess.Popen], devices: list, tri
                     if p.returncode:
                         where = f"GPU {devices[i]}" if devices[i] is not None else "CPU"
                         tqdm.write(f"worker {i} ({where}, pid {p.pid}) {_exit_text(p.returncode)}", file=sys.stderr)
-            counts, post = postfix(retry_locked(lambda: study.get_trials(deepcopy=False)))
+            counts, post = postfix(study.get_trials(deepcopy=False))
             bar.n = min(counts[TrialState.COMPLETE] + counts[TrialState.PRUNED], trials)
             bar.set_postfix(post)
 
