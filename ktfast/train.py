@@ -21,6 +21,7 @@ from ktfast.data import dataset_info, make_loader
 from ktfast.graph import ATTENTION_TERMS, LABEL, Graph, GraphError, ModelNode
 from ktfast.losses import graph_losses, node_logits, reference_graph_losses
 from ktfast.models import build_model
+from ktfast.models.zoo import ZooError
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -75,7 +76,10 @@ def build_models(graph: Graph, cfg: TrainConfig, num_classes: int, image_size: i
     torch.manual_seed(cfg.seed)
     models = torch.nn.ModuleDict()
     for node in graph.model_nodes:
-        model = build_model(node.model, num_classes, image_size)
+        try:
+            model = build_model(node.model, num_classes, image_size, zoo_weights=node.init == "zoo")
+        except ZooError as e:  # "init": "zoo" offline, say
+            raise GraphError(f"nodes[{node.name}].init: {e}") from None
         if node.checkpoint:
             state = load_state(node, node.checkpoint)
         elif node.name in pretrained:
@@ -104,7 +108,10 @@ def check_attention_sizes(graph: Graph, models, image_size: int, device) -> None
         for name in need:
             was_training = models[name].training
             models[name].eval()
-            sizes[name] = tuple(models[name](x, return_attention=True)[1].shape[1:])
+            try:
+                sizes[name] = tuple(models[name](x, return_attention=True)[1].shape[1:])
+            except ValueError as e:  # a zoo model without a spatial feature map
+                raise GraphError(f"nodes[{name}].model: no attention map: {e}") from None
             models[name].train(was_training)
     for e in graph.active_edges:
         if e.uses_attention:
