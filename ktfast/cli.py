@@ -7,6 +7,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from ktfast import tensorboard
 from ktfast.checkpoint import CheckpointError, RunWriteError
 from ktfast.config import TrainConfig
 from ktfast.data import DatasetError, dataset_info
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<graph name>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files under RUN/tensorboard/NODE")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pretrain", help="fill the pretrain cache with a label-only model")
@@ -139,6 +142,8 @@ def _check_new_run_dir(path: Path) -> None:
 def cmd_train(args) -> int:
     from ktfast.train import Trainer
 
+    if args.tensorboard and not tensorboard.available():
+        raise UsageError("--tensorboard: needs the tensorboard package (pip install 'ktfast[tensorboard]')")
     if args.resume:
         return _resume(Path(args.resume), args)
     if not args.graph:
@@ -163,7 +168,7 @@ def cmd_train(args) -> int:
         cfg.save(out / "config.json")
         print(f"run {out}: graph {graph.name}, {cfg.dataset}, seed {cfg.seed}, {cfg.epochs} epochs, "
               f"{cfg.device}{', amp' if cfg.amp else ''}{', compile' if cfg.compile else ''}", flush=True)
-        rows = trainer.fit()
+        rows = _fit(trainer, out, args.tensorboard)
         finals[cfg.seed] = rows[-1]["test"]
     print(result_table(graph, finals, configs[0].split))
     if multi:
@@ -211,10 +216,20 @@ def _resume(run: Path, args) -> int:
     if len(kept) < len(rows):
         metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
     print(f"resuming {run} after epoch {done} of {cfg.epochs}", flush=True)
-    new_rows = trainer.fit()
+    new_rows = _fit(trainer, run, args.tensorboard)
     final = (kept + new_rows)[-1]["test"] if kept or new_rows else {}
     print(result_table(graph, {cfg.seed: final}, cfg.split))
     return 0
+
+
+def _fit(trainer, run: Path, with_tensorboard: bool) -> list[dict]:
+    if not with_tensorboard:
+        return trainer.fit()
+    log = tensorboard.TensorBoardLog(run, trainer)
+    try:
+        return trainer.fit(on_epoch=log)
+    finally:
+        log.close()
 
 
 def _logger(quiet: bool):

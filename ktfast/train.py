@@ -226,6 +226,7 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.epoch = 0  # epochs completed
+        self.epoch_lrs: dict[str, float] = {}  # each trained node's learning rate in the current epoch
         # Per-node sums the steps add into on the device; read once per epoch.
         self.loss_sums = torch.zeros(len(graph.nodes), device=cfg.device)
         self.correct = torch.zeros(len(graph.nodes), device=cfg.device)
@@ -286,6 +287,13 @@ class Trainer:
         self.loss_sums += torch.stack(per_node)
         self.correct += torch.stack([(z[name].argmax(1) == y).sum() for name in self.graph.nodes]).float()
 
+    def node_lrs(self) -> dict[str, float]:
+        """The learning rate of each trainable node: that of the parameter group holding its weights."""
+        if self.optimizer is None:
+            return {}
+        lr = {id(p): g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
+        return {n.name: lr[id(next(self.models[n.name].parameters()))] for n in self.graph.trainable}
+
     def train_epoch(self) -> tuple[dict, float, int]:
         """(per-node loss and accuracy, images/s, steps the grad scaler skipped) of one epoch."""
         graph, cfg = self.graph, self.cfg
@@ -293,6 +301,7 @@ class Trainer:
         self.loss_sums.zero_()
         self.correct.zero_()
         self.skipped.zero_()
+        self.epoch_lrs = self.node_lrs()
         seen = steps = 0
         start = time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="img",
