@@ -199,6 +199,8 @@ def _resume(run: Path, args) -> int:
     if not (run / "graph.json").is_file() or not (run / "config.json").is_file():
         raise UsageError(f"--resume: {run} is not a run directory (no graph.json / config.json)")
     graph = Graph.load(run / "graph.json")
+    if args.graph and Graph.load(args.graph).to_dict() != graph.to_dict():
+        raise UsageError(f"--graph: {args.graph} is not the graph of the run in {run} (its graph.json)")
     try:
         cfg = TrainConfig.load(run / "config.json")
     except (ValueError, TypeError) as e:  # malformed JSON, or fields of the wrong kind

@@ -125,12 +125,16 @@ def test_resume_from_what_is_not_this_run_exits_2_and_touches_nothing(case, run,
     assert files(run) == before
 
 
-def test_resume_with_a_flag_that_disagrees_with_the_run_exits_2(run, capsys):
+def test_resume_with_a_flag_that_disagrees_with_the_run_exits_2(run, tmp_path, capsys):
     before = files(run)
     assert resume(run, "--dataset", "synthetic:classes=4,size=16,train=96,test=48") == 2
     one_line(capsys.readouterr().err, "--dataset", "test=40")
     assert resume(run, "--lr", "0.3") == 2
     one_line(capsys.readouterr().err, "--lr")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(dict(PAIR, edges=PAIR["edges"][:1])))
+    assert resume(run, "--graph", str(other)) == 2
+    one_line(capsys.readouterr().err, "--graph", "not the graph of the run")
     (run / "config.json").write_text('{"dataset": ')
     assert resume(run) == 2
     one_line(capsys.readouterr().err, "config.json")
@@ -138,8 +142,8 @@ def test_resume_with_a_flag_that_disagrees_with_the_run_exits_2(run, capsys):
         {k: v for k, v in before.items() if k != "config.json"}
 
 
-def test_resume_with_agreeing_flags_continues(run, capsys):
-    assert resume(run, "--dataset", TINY, "--lr", "0.05") == 0
+def test_resume_with_agreeing_flags_continues(run, finished_run):
+    assert resume(run, "--dataset", TINY, "--lr", "0.05", "--graph", str(finished_run / "graph.json")) == 0
     assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
