@@ -201,9 +201,7 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
             from optuna.storages.journal import JournalFileBackend
 
             return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-        # A dead pooled connection is found before use (pre-ping) and replaced: a restarted server.
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else \
-            {"pool_pre_ping": True}
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {}
         return RetryingRDBStorage(_with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
                                   grace_period=grace_period,
                                   heartbeat_stale_trial_callback=requeue if heartbeat_interval else None)

@@ -4,8 +4,8 @@ Every call of the RDB storage — the workers' trials, Optuna's ask/tell and hea
 progress — is retried with exponential backoff while its error is transient (a connection refused,
 closed or invalidated; SQLite's "database is locked"), at most RETRIES times, so a worker waits for
 the server and carries on with the trial it is running: nothing is lost, nothing runs twice.
-SQLAlchemy reconnects by itself: a connection found dead is dropped from the pool, and
-`pool_pre_ping` tests the others before use.
+SQLAlchemy reconnects by itself: a connection that fails as disconnected invalidates the pool, and
+the retry opens a new one.
 """
 from __future__ import annotations
 
