@@ -1,7 +1,5 @@
-# The Triton sources live in the top-level kernels/ folder and install as ktfast.kernels.
-from setuptools import setup
+# The Triton sources live in the top-level kernels/ folder; ktfast/kernels links to it, so that the
+# package tree is the import tree (ktfast.kernels) for setuptools and import-linter alike.
+from setuptools import find_packages, setup
 
-setup(
-    packages=["ktfast", "ktfast.models", "ktfast.kernels"],
-    package_dir={"ktfast": "ktfast", "ktfast.models": "ktfast/models", "ktfast.kernels": "kernels"},
-)
+setup(packages=find_packages(include=["ktfast", "ktfast.*"]))

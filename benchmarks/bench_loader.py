@@ -18,8 +18,7 @@ import time
 import torch
 
 from common import environment, result_path, write_result
-from ktfast import dali
-from ktfast.data import make_loader
+from ktfast.data import decode, make_loader
 
 
 def throughput(dataset: str, kind: str, batch_size: int, device: str, epochs: int, workers: int) -> dict:
@@ -63,10 +62,10 @@ def main():
                                else "synthetic:classes=10,size=16,train=256,test=16")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if cuda else [32]
     epochs, workers = (args.epochs, args.workers) if cuda else (1, 0)
-    kinds = ["gpu", "torch"] + (["dali"] if dali.available() else [])
+    kinds = ["gpu", "torch"] + (["dali"] if decode.available() else [])
     steps = fast_step_ms(cuda)
     result = {"benchmark": "loader", **environment(cuda), "dataset": dataset, "epochs": epochs,
-              "torch_workers": workers, "dali": dali.available(), "rows": []}
+              "torch_workers": workers, "dali": decode.available(), "rows": []}
     for bs in batch_sizes:
         row = {"batch_size": bs}
         for kind in kinds:
@@ -77,8 +76,8 @@ def main():
         print(f"B={bs:<4} " + "   ".join(f"{k} {row[k]['images_per_s']:10.0f} img/s ({row[k]['ms_per_batch']:.3f} ms)"
                                         for k in kinds), flush=True)
         written = write_result("loader", result, cuda, args.out)
-    if not dali.available():
-        print(f"dali: not measured ({dali.MISSING})")
+    if not decode.available():
+        print(f"dali: not measured ({decode.MISSING})")
     print(f"wrote {written}")
 
 

@@ -24,9 +24,12 @@ import torch
 
 from common import environment, write_result
 
-from ktfast.cli import build_parser, config_from_args
+from ktfast.args import config_from_args
+from ktfast.cli import build_parser
+from ktfast.commands.search import space_from_args
 from ktfast.graph import GATES, LABEL
-from ktfast.search import Space, open_storage, open_study, space_from_args
+from ktfast.search import Space
+from ktfast.study import open_storage, open_study
 
 
 def graphs(space: Space, n: int, seed: int) -> list[dict]:

@@ -11,11 +11,29 @@ for the GPU.
   Graph replays read the linear-gate factor from a device tensor, so changing it re-captures
   nothing; the learning rate is a plain float in torch's SGD, so the graph is captured again when
   the schedule changes it (a handful of times per run).
+
+`loss_function` is where the step chooses between the fused kernels and the reference losses.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+from ktfast.losses import reference_graph_losses
+
+
+def loss_function(cfg):
+    """The graph-loss function of a run: the fused Triton kernels on CUDA, the reference losses of
+    `ktfast.losses` with `--reference` and on the CPU. KTFAST_KERNELS=1 forces the kernels (on a
+    CPU, through Triton's interpreter: see ktfast/__init__.py), KTFAST_KERNELS=0 the reference."""
+    choice = os.environ.get("KTFAST_KERNELS")
+    fused = choice == "1" if choice is not None else torch.device(cfg.device).type == "cuda"
+    if cfg.reference or not fused:
+        return reference_graph_losses
+    from ktfast.kernels import fused_graph_losses  # imports Triton: only for runs that use it
+
+    return fused_graph_losses
 
 
 class FastStep:

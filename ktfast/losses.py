@@ -1,16 +1,15 @@
 """Per-edge losses and gates in plain PyTorch: the reference that defines correctness (DESIGN §1, §8).
 
 Every per-sample loss detaches its source, so the gradient reaches only the target. The fused
-Triton kernels in `ktfast.kernels` compute the same functions and are tested against these.
+Triton kernels in `ktfast.kernels` compute the same functions and are tested against these; this
+module imports none of them.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 
-from ktfast.graph import LABEL, Edge, EnsembleNode, Graph, GraphError
+from ktfast.graph import LABEL, Edge, Graph, GraphError
 
 NORMALIZE_EPS = 1e-12  # as torch.nn.functional.normalize
 
@@ -131,8 +130,15 @@ def node_logits(graph: Graph, logits: dict) -> dict:
     return out
 
 
-def reference_graph_losses(graph: Graph, logits: dict, labels, step: int, total_steps: int,
-                           attention: dict | None = None) -> dict:
+def graph_losses(graph: Graph, logits: dict, labels, step: int, total_steps: int,
+                 attention: dict | None = None) -> dict:
+    """{target name: L_t} for every node with a non-cut-off incoming edge (DESIGN §8).
+
+    L_t = Σ_edges→t weight · mean_over_batch(gate · loss_per_sample), the edges into t's branches
+    `t.b{i}` included; `logits` holds those branches' logits under their addresses. The fused
+    Triton kernels (`ktfast.kernels.fused_graph_losses`) compute the same; the training step
+    chooses between the two (`ktfast.fast.loss_function`).
+    """
     z = node_logits(graph, logits)
     batch = labels.shape[0]
     losses = {}
@@ -152,23 +158,4 @@ def reference_graph_losses(graph: Graph, logits: dict, labels, step: int, total_
     return {t: losses[t] for t in loss_targets(graph)}
 
 
-def _use_kernels(labels: torch.Tensor) -> bool:
-    choice = os.environ.get("KTFAST_KERNELS")
-    if choice is not None:
-        return choice == "1"
-    return labels.is_cuda
-
-
-def graph_losses(graph: Graph, logits: dict, labels, step: int, total_steps: int,
-                 attention: dict | None = None) -> dict:
-    """{target name: L_t} for every node with a non-cut-off incoming edge (DESIGN §8).
-
-    L_t = Σ_edges→t weight · mean_over_batch(gate · loss_per_sample), the edges into t's branches
-    `t.b{i}` included; `logits` holds those branches' logits under their addresses. On CUDA (or with
-    KTFAST_KERNELS=1) the fused Triton kernels compute it; KTFAST_KERNELS=0 forces this reference.
-    """
-    if _use_kernels(labels):
-        from ktfast.kernels import fused_graph_losses
-
-        return fused_graph_losses(graph, logits, labels, step, total_steps, attention)
-    return reference_graph_losses(graph, logits, labels, step, total_steps, attention)
+reference_graph_losses = graph_losses  # the name the fused kernels are held to, in tests and benchmarks

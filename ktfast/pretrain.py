@@ -16,6 +16,7 @@ import torch
 
 from ktfast.config import TrainConfig
 from ktfast.graph import Graph
+from ktfast.train import Trainer
 
 
 def cache_dir() -> Path:
@@ -44,8 +45,6 @@ def label_only_graph(model: str) -> Graph:
 
 def pretrain(model: str, cfg: TrainConfig, log=print, progress=True) -> Path:
     """Train `model` on the labels alone and store it in the cache (if it is not there yet)."""
-    from ktfast.train import Trainer
-
     path = cache_path(model, cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:

@@ -19,7 +19,8 @@ from ktfast.checkpoint import CheckpointError, append_line, load_models, read_ch
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info, make_loader
 from ktfast.graph import ATTENTION_TERMS, LABEL, Graph, GraphError, ModelNode
-from ktfast.losses import graph_losses, node_logits, reference_graph_losses
+from ktfast.fast import FastStep, loss_function
+from ktfast.losses import node_logits
 from ktfast.models import build_model
 from ktfast.models.zoo import ZooError
 
@@ -65,14 +66,14 @@ def load_state(node: ModelNode, path) -> dict:
 
 
 def build_models(graph: Graph, cfg: TrainConfig, num_classes: int, image_size: int,
-                 log: Callable[[str], None] = print, progress: bool = True) -> torch.nn.ModuleDict:
-    """Every model node, seeded, initialised as its `init` says, on the configured device."""
-    from ktfast.pretrain import pretrained_path
-
-    # Pretraining first: it draws random numbers, and the seeded initialisation below must not
-    # depend on whether the cache already held the teachers.
-    pretrained = {node.name: pretrained_path(node.model, cfg, log=log, progress=progress)
-                  for node in graph.model_nodes if node.init == "pretrained" and not node.checkpoint}
+                 pretrained: dict | None = None) -> torch.nn.ModuleDict:
+    """Every model node, seeded, initialised as its `init` says, on the configured device.
+    `pretrained` maps each `"init": "pretrained"` node to its pretrain-cache file (`ktfast.run`
+    finds or makes them first)."""
+    pretrained = pretrained or {}
+    missing = [n.name for n in graph.model_nodes if n.init == "pretrained" and not n.checkpoint and n.name not in pretrained]
+    if missing:
+        raise ValueError(f"no pretrained checkpoint given for node {missing[0]!r}: build the run with ktfast.run")
     torch.manual_seed(cfg.seed)
     models = torch.nn.ModuleDict()
     for node in graph.model_nodes:
@@ -201,7 +202,8 @@ def evaluate(graph: Graph, models, loader, cfg: TrainConfig) -> dict:
 class Trainer:
     """One run of one graph with one seed. `fit()` trains to the end, writing the run directory."""
 
-    def __init__(self, graph: Graph, cfg: TrainConfig, out: Path | None, log=print, progress=True):
+    def __init__(self, graph: Graph, cfg: TrainConfig, out: Path | None, log=print, progress=True,
+                 pretrained: dict | None = None):
         self.graph, self.cfg, self.out, self.log, self.progress = graph, cfg, out, log, progress
         info = dataset_info(cfg.dataset, cfg.data_dir)
         train_split, eval_split = splits(cfg)
@@ -210,14 +212,14 @@ class Trainer:
                                         train_fraction=cfg.train_fraction)
         self.eval_loader = make_loader(cfg.dataset, eval_split, max(cfg.batch_size, 256), cfg.device,
                                        cfg.seed, data_dir=cfg.data_dir, loader=cfg.loader)
-        self.models = build_models(graph, cfg, info.num_classes, info.image_size, log, progress)
+        self.models = build_models(graph, cfg, info.num_classes, info.image_size, pretrained)
         check_attention_sizes(graph, self.models, info.image_size, cfg.device)
         for node in graph.model_nodes:
             if node.frozen:
                 self.models[node.name].eval()  # a teacher's BatchNorm statistics never move
         self.want_attention = attention_nodes(graph)
         self.want_branches = branch_nodes(graph)
-        self.loss_fn = reference_graph_losses if cfg.reference else graph_losses
+        self.loss_fn = loss_function(cfg)
         params = [p for n in graph.trainable for p in self.models[n.name].parameters()]
         self.optimizer = make_optimizer(cfg, params) if params else None
         self.scheduler = (torch.optim.lr_scheduler.MultiStepLR(self.optimizer, cfg.milestones(), cfg.lr_decay)
@@ -236,8 +238,6 @@ class Trainer:
                 self.models[name] = torch.compile(self.models[name])
         self.fast = None
         if torch.device(cfg.device).type == "cuda" and not cfg.reference:
-            from ktfast.fast import FastStep
-
             self.fast = FastStep(self)
 
     # ---- one step ---------------------------------------------------------------------------

@@ -40,9 +40,9 @@ def test_bench_search_smoke(tmp_path):
 
 
 def test_bench_loader_smoke(tmp_path):
-    from ktfast import dali
+    from ktfast.data import decode
 
     result = smoke("bench_loader", tmp_path)
     (row,) = result["rows"]
-    kinds = ["gpu", "torch"] + (["dali"] if dali.available() else [])
-    assert all(row[k]["images_per_s"] > 0 for k in kinds) and result["dali"] == dali.available()
+    kinds = ["gpu", "torch"] + (["dali"] if decode.available() else [])
+    assert all(row[k]["images_per_s"] > 0 for k in kinds) and result["dali"] == decode.available()

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ktfast import dali, data
+from ktfast.data import datasets, decode
 from ktfast.data import (PAD, DatasetError, class_balanced_subset, dataset_info, load_arrays, make_loader,
                          split_indices)
 
 SYN = "synthetic:classes=5,size=16,train=200,test=60"
-DALI = pytest.param("dali", marks=pytest.mark.skipif(not dali.available(), reason="NVIDIA DALI is not installed"))
+DALI = pytest.param("dali", marks=pytest.mark.skipif(not decode.available(), reason="NVIDIA DALI is not installed"))
 KINDS = ["gpu", "torch", DALI]
 DATASETS = ["digits", SYN]
 
@@ -103,7 +103,7 @@ def test_loader_kinds_give_identical_batches_and_test_samples(other):
 def test_auto_picks_the_resident_loader_on_the_cpu_and_a_missing_dali_says_how_to_get_it(monkeypatch):
     assert type(make_loader(SYN, "train", 16, "cpu", 0)).__name__ == "TensorLoader"
     monkeypatch.setitem(__import__("sys").modules, "nvidia.dali", None)  # as if not installed
-    assert not dali.available()
+    assert not decode.available()
     with pytest.raises(DatasetError, match=r"pip install 'ktfast\[dali\]'"):
         make_loader(SYN, "train", 16, "cpu", 0, loader="dali")
 
@@ -200,7 +200,7 @@ def test_augmentation_crops_everywhere_flips_synthetic_but_never_digits(kind):
 def test_datasets_are_deterministic_and_synthetic_takes_any_size():
     a = load_arrays("synthetic:size=20,train=30,test=10")
     assert a.train_x.shape == (30, 3, 20, 20) and a.train_x.dtype == torch.uint8
-    data._load_arrays.cache_clear()
+    datasets._load_arrays.cache_clear()
     b = load_arrays("synthetic:size=20,train=30,test=10")
     assert a is not b and torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
     digits = load_arrays("digits")

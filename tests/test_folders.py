@@ -1,4 +1,4 @@
-"""Image-file datasets (ktfast.folders): real JPEG and PNG files in the Tiny ImageNet and class-folder
+"""Image-file datasets (ktfast.data.folders): real JPEG and PNG files in the Tiny ImageNet and class-folder
 layouts, their labels, sizes and cache, the exploration split, and a training run on one."""
 import json
 import os
@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ktfast import dali, data, folders
+from ktfast import data
+from ktfast.data import datasets, decode, folders
 from ktfast.cli import main
 from ktfast.data import DatasetError, dataset_info, load_arrays, make_loader
 
@@ -83,7 +84,7 @@ def colour_labels(x: torch.Tensor) -> list[int]:
 
 
 def reload(dataset, root):
-    data._load_arrays.cache_clear()  # read again, not from this process's memory
+    datasets._load_arrays.cache_clear()  # read again, not from this process's memory
     return load_arrays(dataset, root)
 
 
@@ -170,11 +171,11 @@ def write_smooth_images(folder: Path) -> list[Path]:
     return paths
 
 
-@pytest.mark.skipif(not dali.available(), reason="NVIDIA DALI is not installed")
+@pytest.mark.skipif(not decode.available(), reason="NVIDIA DALI is not installed")
 def test_dali_decodes_image_files_as_pil_does(tmp_path):
     paths = write_smooth_images(tmp_path)
-    pil = np.stack([folders._decode(path, 32) for path in paths])
-    decoded = dali.decode_images(paths, 32, gpu=False, batch_size=3)  # 7 files: a partial last batch
+    pil = np.stack([decode.pil_image(path, 32) for path in paths])
+    decoded = decode.dali_images(paths, 32, gpu=False, batch_size=3)  # 7 files: a partial last batch
     assert decoded.shape == pil.shape == (7, 3, 32, 32) and decoded.dtype == np.uint8
     diff = np.abs(decoded.astype(int) - pil.astype(int))
     assert diff.mean() < 1 and diff.max() <= 4
@@ -182,14 +183,14 @@ def test_dali_decodes_image_files_as_pil_does(tmp_path):
     assert (grey[0] == grey[1]).all() and (grey[1] == grey[2]).all()
     (tmp_path / "bad.jpg").write_text("not an image")
     with pytest.raises(DatasetError, match="cannot read image .*bad.jpg"):
-        dali.decode_images(paths + [tmp_path / "bad.jpg"], 32, gpu=False)
+        decode.dali_images(paths + [tmp_path / "bad.jpg"], 32, gpu=False)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and dali.available()), reason="needs a GPU and DALI")
+@pytest.mark.skipif(not (torch.cuda.is_available() and decode.available()), reason="needs a GPU and DALI")
 def test_on_a_gpu_the_cache_is_decoded_by_dalis_mixed_decoder(tmp_path, monkeypatch):
     paths = write_smooth_images(tmp_path / "ramps" / "all")
-    pil = torch.from_numpy(np.stack([folders._decode(path, 32) for path in sorted(paths)]))
-    monkeypatch.setattr(folders, "_decode", lambda path, size: pytest.fail("decoded by PIL"))
+    pil = torch.from_numpy(np.stack([decode.pil_image(path, 32) for path in sorted(paths)]))
+    monkeypatch.setattr(decode, "pil_image", lambda path, size: pytest.fail("decoded by PIL"))
     a = load_arrays("imagefolder:path=ramps,size=32", tmp_path)
     assert (a.train_x.int() - pil.int()).abs().float().mean() < 1
 
@@ -309,7 +310,7 @@ def test_folder_sets_train_on_random_resized_crops_and_evaluate_the_centre(birds
     assert torch.allclose(xt, centre, atol=1e-5) and torch.allclose(xr, centre, atol=1e-5)
 
 
-@pytest.mark.skipif(not dali.available(), reason="NVIDIA DALI is not installed")
+@pytest.mark.skipif(not decode.available(), reason="NVIDIA DALI is not installed")
 def test_dali_resizes_the_plan_boxes_as_the_resident_loader_does(tmp_path):
     """DALI's ROI resize samples where roi_align does, over the whole crop, borders included:
     on images with detail (noise, not flat class colours), every epoch, flips too."""

@@ -13,7 +13,8 @@ import optuna
 import pytest
 
 from ktfast.cli import main
-from ktfast.search import COUNTED, open_storage
+from ktfast.search import COUNTED
+from ktfast.study import open_storage
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
 SEARCH = ["search", "--nodes", "3", "--target-model", "resnet8", "--models", "resnet8,resnet14", "--dataset", TINY,
@@ -129,8 +130,10 @@ def test_a_killed_worker_trial_is_failed_then_retried_with_the_same_graph(kind, 
 
 def queue(cli: list[str], params: dict) -> None:
     """Create the study `cli` would, with one trial of fixed parameters queued first."""
-    from ktfast.cli import build_parser, config_from_args
-    from ktfast.search import open_study, space_from_args
+    from ktfast.args import config_from_args
+    from ktfast.cli import build_parser
+    from ktfast.commands.search import space_from_args
+    from ktfast.study import open_study
 
     args = build_parser().parse_args(cli)
     cfg = config_from_args(args).replace(split="search")

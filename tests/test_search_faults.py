@@ -13,7 +13,7 @@ import uuid
 import optuna
 import pytest
 
-from ktfast.search import open_storage
+from ktfast.study import open_storage
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
 SEARCH = ["search", "--nodes", "2", "--target-model", "resnet8", "--models", "resnet8", "--dataset", TINY,

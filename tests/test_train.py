@@ -7,6 +7,7 @@ import torch
 from ktfast import Graph
 from ktfast.config import TrainConfig
 from ktfast.pretrain import cache_path
+from ktfast.run import make_trainer
 from ktfast.train import Trainer
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
@@ -103,7 +104,7 @@ def test_pretrained_init_fills_the_cache_once(capsys):
                                    {"from": "t", "to": "s", "loss": "kl", "gate": "through"}]})
     assert g.nodes["t"].init == "pretrained"
     c = cfg(epochs=1)
-    first = Trainer(g, c, out=None, progress=False)
+    first = make_trainer(g, c, out=None, progress=False)
     assert "training it first" in capsys.readouterr().out
     path = cache_path("resnet8", c)
     assert path.exists()
@@ -111,7 +112,7 @@ def test_pretrained_init_fills_the_cache_once(capsys):
     assert stored["model"] == "resnet8"
     for k, v in stored["state_dict"].items():
         assert torch.equal(first.models["t"].state_dict()[k], v)
-    Trainer(g, c.replace(seed=3), out=None, progress=False)
+    make_trainer(g, c.replace(seed=3), out=None, progress=False)
     assert "training it first" not in capsys.readouterr().out
 
 
@@ -122,8 +123,8 @@ def test_a_node_after_a_pretrained_one_starts_the_same_with_or_without_the_cache
                          "edges": [{"from": "label", "to": "s", "loss": "ce", "gate": "through"},
                                    {"from": "t", "to": "s", "loss": "kl", "gate": "through"}]})
     # Seed 1: the pretraining (seed 0) leaves the global generator elsewhere than it found it.
-    fresh = Trainer(g, cfg(epochs=1, seed=1), out=None, progress=False).models["s"].state_dict()  # pretrains t
-    cached = Trainer(g, cfg(epochs=1, seed=1), out=None, progress=False).models["s"].state_dict()
+    fresh = make_trainer(g, cfg(epochs=1, seed=1), out=None, progress=False).models["s"].state_dict()  # pretrains t
+    cached = make_trainer(g, cfg(epochs=1, seed=1), out=None, progress=False).models["s"].state_dict()
     for k, v in fresh.items():
         assert torch.equal(cached[k], v), k
 

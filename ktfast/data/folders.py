@@ -7,7 +7,7 @@ seconds. The cache records the folder's fingerprint (number of files, newest mod
 any file or folder in it) and is rebuilt when that changes, e.g. when an image is added, removed
 or rewritten.
 
-The registry entries are in `ktfast.data.DATASETS`:
+Their registry entries are in `ktfast.data.datasets.DATASETS`:
 * `tinyimagenet`: `<data-dir>/tiny-imagenet-200/` as distributed (train/<wnid>/images/*.JPEG,
   val/images/*.JPEG with val/val_annotations.txt, wnids.txt); val is the test set; 64 px.
 * `imagefolder:path=DIR[,size=S,crop=C]`: DIR (relative to the data directory, or absolute) holds
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from ktfast.data import PAD, DatasetError, DatasetInfo
+from ktfast.data import decode
+from ktfast.data.types import PAD, DatasetError, DatasetInfo
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 TINY_FOLDER = "tiny-imagenet-200"
@@ -144,55 +144,20 @@ def _images(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def _unreadable(path: Path, e: Exception) -> DatasetError:
-    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return DatasetError(f"cannot read image {path}: {reason}")
-
-
-def centre_square(path: Path) -> tuple[float, float, int]:
-    """(top, left, side) of the image's centre square, from the file's header alone."""
-    try:
-        with Image.open(path) as img:
-            return _centre_square(*img.size)
-    except (OSError, ValueError) as e:  # not an image
-        raise _unreadable(path, e) from None
-
-
-def _centre_square(w: int, h: int) -> tuple[float, float, int]:
-    side = min(w, h)
-    return (h - side) / 2, (w - side) / 2, side
-
-
-def _decode(path: Path, size: int) -> np.ndarray:
-    """One image as uint8 [3, size, size]: RGB, the shorter side resized to `size`, the centre square."""
-    try:
-        with Image.open(path) as img:
-            img.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 2/4/8, staying >= size
-            img = img.convert("RGB")
-    except (OSError, ValueError) as e:  # unreadable, truncated, not an image
-        raise _unreadable(path, e) from None
-    if img.size != (size, size):
-        top, left, side = _centre_square(*img.size)
-        img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
-    return np.asarray(img).transpose(2, 0, 1)
-
-
 def _decode_all(items: list[tuple[Path, int]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """On a GPU with DALI installed, DALI's mixed decoder (nvJPEG); else PIL in threads (it releases
     the GIL while it decodes and resizes). A file DALI cannot decode (a truncated JPEG) is left to
     PIL, whose error names it."""
-    from ktfast import dali
-
     x = None
-    if items and torch.cuda.is_available() and dali.available():
+    if items and torch.cuda.is_available() and decode.available():
         try:
-            x = dali.decode_images([path for path, _ in items], size, gpu=True)
+            x = decode.dali_images([path for path, _ in items], size, gpu=True)
         except RuntimeError:
             print("DALI could not decode every image: decoding with PIL", file=sys.stderr, flush=True)
     if x is None:
         x = np.empty((len(items), 3, size, size), np.uint8)
         with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
-            for i, image in enumerate(pool.map(lambda item: _decode(item[0], size), items)):
+            for i, image in enumerate(pool.map(lambda item: decode.pil_image(item[0], size), items)):
                 x[i] = image
     return torch.from_numpy(x), torch.tensor([label for _, label in items], dtype=torch.int64)
 

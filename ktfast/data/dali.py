@@ -8,46 +8,28 @@ crops and flips are fed to DALI per sample. Two pipelines, as the dataset asks:
 * random-resized crops (folder sets stored larger than the networks' input): a linear resize of
   each plan box (DALI's ROI, no antialiasing), which samples exactly where the device-resident
   loader's roi_align does; the evaluation's centre crop is a box of the output size.
-
-`decode_images` decodes image files (JPEG with nvJPEG on the GPU: DALI's mixed decoder) into the
-uint8 arrays of a folder set's cache, as ktfast.folders does with PIL where there is no GPU.
+DALI's decoding of image files into a folder set's cache is in `ktfast.data.decode`.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ktfast.data import PAD, DatasetError, _Loader, _reflect
-
-MISSING = "the dali loader needs NVIDIA DALI: pip install 'ktfast[dali]' (nvidia-dali-cuda130)"
-
-
-def _import_dali():
-    try:
-        import nvidia.dali as dali
-    except ImportError:
-        raise DatasetError(MISSING) from None
-    return dali
+from ktfast.data.decode import import_dali
+from ktfast.data.plan import Loader, reflect
+from ktfast.data.types import PAD
 
 
-def available() -> bool:
-    try:
-        _import_dali()
-    except DatasetError:
-        return False
-    return True
-
-
-class DaliLoader(_Loader):
+class DaliLoader(Loader):
     def __init__(self, *args, num_threads: int = 2):
         super().__init__(*args)
-        dali = _import_dali()
+        dali = import_dali()
         from nvidia.dali import fn, types
 
         size = self.image_size
         images = self.x  # [N, 3, S, S]
         if not self.stored_size:
-            pos = _reflect(torch.arange(-PAD, size + PAD), size)
+            pos = reflect(torch.arange(-PAD, size + PAD), size)
             images = images[:, :, pos[:, None], pos[None, :]]  # reflect-padded
         self._images = np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())  # DALI reads HWC
         gpu = self.device.type == "cuda"
@@ -106,43 +88,3 @@ class DaliLoader(_Loader):
         x = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
         feed_ndarray(dense, x, cuda_stream=torch.cuda.current_stream(self.device))
         return x
-
-
-def decode_images(paths: list, size: int, gpu: bool, batch_size: int = 128, num_threads: int = 4) -> np.ndarray:
-    """Image files as uint8 [N, 3, size, size]: RGB, the centre square resized to `size` (linear,
-    antialiased when shrinking): what ktfast.folders' PIL decoding computes, within a few levels.
-    `gpu`: DALI's mixed decoder (nvJPEG, then the resize on the GPU); else DALI's CPU decoder.
-    Each image's centre square is read off its header, so an unreadable file fails here, with
-    PIL's one-line error naming it."""
-    dali = _import_dali()
-    from nvidia.dali import fn, types
-
-    from ktfast.folders import centre_square
-
-    pipe = dali.pipeline.Pipeline(batch_size=batch_size, num_threads=num_threads,
-                                  device_id=torch.cuda.current_device() if gpu else None,
-                                  exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
-    with pipe:
-        images = fn.decoders.image(fn.external_source(name="files"), device="mixed" if gpu else "cpu",
-                                   output_type=types.RGB)
-        pipe.set_outputs(fn.resize(images, size=(size, size), roi_start=fn.external_source(name="roi_start"),
-                                   roi_end=fn.external_source(name="roi_end"), roi_relative=False,
-                                   interp_type=types.INTERP_LINEAR, antialias=True))
-    pipe.build()
-    out = np.empty((len(paths), 3, size, size), np.uint8)
-    for start in range(0, len(paths), batch_size):
-        batch = paths[start:start + batch_size]  # the last one may be smaller: DALI takes any size up to batch_size
-        starts, ends = [], []
-        for path in batch:
-            top, left, side = centre_square(path)
-            top_left = np.array([top, left], np.float32)  # (y, x), as the layout HWC
-            starts.append(top_left)
-            ends.append(top_left + side)
-        pipe.feed_input("files", [np.fromfile(path, np.uint8) for path in batch])
-        pipe.feed_input("roi_start", starts)
-        pipe.feed_input("roi_end", ends)
-        (decoded,) = pipe.run()
-        if gpu:
-            decoded = decoded.as_cpu()
-        out[start:start + len(batch)] = decoded.as_array().transpose(0, 3, 1, 2)
-    return out

@@ -1,0 +1,93 @@
+"""What every command shares: its error, the parser that turns a bad flag into one line, the value
+types of flags, and the recipe flags that make a `TrainConfig`."""
+from __future__ import annotations
+
+import argparse
+
+from ktfast.config import TrainConfig
+
+
+class UsageError(ValueError):
+    """A bad command-line value; the message is one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other bad input
+        raise UsageError(message)
+
+
+def floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
+    return seeds
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """The flags that set a training run's recipe; defaults are the papers' CIFAR recipe."""
+    d = TrainConfig()
+    p.add_argument("--dataset", default=d.dataset, help="digits (offline default), cifar10, cifar100, tinyimagenet, "
+                   "imagefolder:path=DIR[,size=S,crop=C], synthetic[:classes=C,size=S,train=N,test=N]")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--epochs", type=positive_int, default=d.epochs)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default=d.optimizer)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--lr-decay-at", type=floats, default=d.lr_decay_at,
+                   help="fractions of the run at which the lr is multiplied by --lr-decay (0.3,0.6,0.9)")
+    p.add_argument("--lr-decay", type=float, default=d.lr_decay)
+    p.add_argument("--train-fraction", type=float, default=None,
+                   help="train on a class-balanced fraction of the training set")
+    p.add_argument("--loader", default=d.loader,
+                   help="auto | dali | gpu | torch: DALI pipeline, device-resident tensors, torchvision on the CPU")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="mixed precision: bf16 where supported, fp16 with a grad scaler otherwise")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--reference", action="store_true", help="plain eager PyTorch losses (the reference path)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when present")
+
+
+def config_from_args(args, seed: int = 0) -> TrainConfig:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
+        raise UsageError(f"--train-fraction: must be in (0, 1], got {args.train_fraction}")
+    if args.lr <= 0:
+        raise UsageError(f"--lr: must be > 0, got {args.lr}")
+    return TrainConfig(dataset=args.dataset, data_dir=args.data_dir, train_fraction=args.train_fraction,
+                       epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                       momentum=args.momentum, weight_decay=args.weight_decay, lr_decay_at=args.lr_decay_at,
+                       lr_decay=args.lr_decay, seed=seed, device=device, amp=args.amp, compile=args.compile,
+                       reference=args.reference, loader=args.loader, split=getattr(args, "split", "train"))
+
+
+def logger(quiet: bool):
+    def log(message: str) -> None:
+        if not quiet:
+            print(message, flush=True)
+    return log

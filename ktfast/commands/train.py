@@ -1,0 +1,179 @@
+"""`ktfast train` and `ktfast pretrain` (DESIGN §7): a graph trained with one or several seeds into a
+run directory, resumed from its last checkpoint, and the pretrain cache filled by hand."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from ktfast import tensorboard
+from ktfast.args import UsageError, add_recipe_args, config_from_args, logger, seeds
+from ktfast.config import TrainConfig
+from ktfast.data import dataset_info
+from ktfast.graph import Graph
+from ktfast.models import is_model_name
+from ktfast.pretrain import pretrain
+from ktfast.run import make_trainer
+from ktfast.train import CHECKPOINT, METRICS
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a graph file")
+    p.add_argument("--graph", help="graph file (JSON)")
+    add_recipe_args(p)
+    p.add_argument("--split", choices=["train", "search"], default="train",
+                   help="search: train and evaluate on the search's held-out split of the training set "
+                        "(CIFAR 40k/10k, image folders class-balanced halves), never the test set")
+    p.add_argument("--seeds", type=seeds, default=[0], help="e.g. 0,1,2,3,4: report mean ± std")
+    p.add_argument("--out", help="run directory (default runs/<graph name>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files under RUN/tensorboard/NODE")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain", help="fill the pretrain cache with a label-only model")
+    p.add_argument("--model", required=True)
+    add_recipe_args(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
+
+
+# ---- train -----------------------------------------------------------------------------------
+def _free_run_dir(base: Path) -> Path:
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def _check_new_run_dir(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(f"--out: {path} exists and is not empty (use --resume {path} to continue it)")
+
+
+def cmd_train(args) -> int:
+    if args.tensorboard and not tensorboard.available():
+        raise UsageError("--tensorboard: needs the tensorboard package (pip install 'ktfast[tensorboard]')")
+    if args.resume:
+        return _resume(Path(args.resume), args)
+    if not args.graph:
+        raise UsageError("--graph: required (or --resume DIR)")
+    graph = Graph.load(args.graph)
+    configs = [config_from_args(args, seed) for seed in args.seeds]
+    dataset_info(configs[0].dataset, configs[0].data_dir)
+    if args.out:
+        root = Path(args.out)
+        _check_new_run_dir(root)
+    else:
+        root = _free_run_dir(Path("runs") / graph.name)
+    multi = len(configs) > 1
+    finals = {}
+    for cfg in configs:
+        out = root / f"seed{cfg.seed}" if multi else root
+        log = logger(args.quiet)
+        # Everything that can fail on bad input happens here, before the directory exists.
+        trainer = make_trainer(graph, cfg, out=out, log=log, progress=not args.quiet)
+        out.mkdir(parents=True, exist_ok=True)
+        graph.save(out / "graph.json")
+        cfg.save(out / "config.json")
+        print(f"run {out}: graph {graph.name}, {cfg.dataset}, seed {cfg.seed}, {cfg.epochs} epochs, "
+              f"{cfg.device}{', amp' if cfg.amp else ''}{', compile' if cfg.compile else ''}", flush=True)
+        rows = _fit(trainer, out, args.tensorboard)
+        finals[cfg.seed] = rows[-1]["test"]
+    print(result_table(graph, finals, configs[0].split))
+    if multi:
+        (root / "summary.json").write_text(json.dumps(summary(graph, finals), indent=2) + "\n")
+    return 0
+
+
+# Recipe flags that --resume checks against the run's config.json: a run continues as it started.
+RESUME_CHECKED = ("dataset", "split", "train_fraction", "epochs", "batch_size", "optimizer", "lr", "momentum",
+                  "weight_decay", "lr_decay_at", "lr_decay")
+
+
+def _check_resume_flags(run: Path, args, cfg: TrainConfig) -> None:
+    """A flag given with --resume (one that differs from its default) must agree with the run."""
+    default = TrainConfig()
+    for key in RESUME_CHECKED:
+        given = getattr(args, key, None)
+        if given not in (getattr(default, key), None) and given != getattr(cfg, key):
+            raise UsageError(f"--{key.replace('_', '-')}: the run in {run} has {getattr(cfg, key)!r}, not "
+                             f"{given!r} (--resume continues a run as it was started)")
+    if args.seeds != [0] and args.seeds != [cfg.seed]:
+        raise UsageError(f"--seeds: the run in {run} has seed {cfg.seed}")
+
+
+def _resume(run: Path, args) -> int:
+    if not (run / "graph.json").is_file() or not (run / "config.json").is_file():
+        raise UsageError(f"--resume: {run} is not a run directory (no graph.json / config.json)")
+    graph = Graph.load(run / "graph.json")
+    if args.graph and Graph.load(args.graph).to_dict() != graph.to_dict():
+        raise UsageError(f"--graph: {args.graph} is not the graph of the run in {run} (its graph.json)")
+    try:
+        cfg = TrainConfig.load(run / "config.json")
+    except (ValueError, TypeError) as e:  # malformed JSON, or fields of the wrong kind
+        raise UsageError(f"--resume: {run / 'config.json'} is not a run's config: {e}") from None
+    _check_resume_flags(run, args, cfg)
+    trainer = make_trainer(graph, cfg, out=run, log=logger(args.quiet), progress=not args.quiet)
+    done = 0
+    if (run / CHECKPOINT).exists():
+        trainer.load_checkpoint(run / CHECKPOINT)
+        done = trainer.epoch
+    # Rows past the checkpoint belong to an epoch that will be trained again.
+    metrics = run / METRICS
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    kept = [r for r in rows if r["epoch"] <= done]
+    if len(kept) < len(rows):
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    print(f"resuming {run} after epoch {done} of {cfg.epochs}", flush=True)
+    new_rows = _fit(trainer, run, args.tensorboard)
+    final = (kept + new_rows)[-1]["test"] if kept or new_rows else {}
+    print(result_table(graph, {cfg.seed: final}, cfg.split))
+    return 0
+
+
+def _fit(trainer, run: Path, with_tensorboard: bool) -> list[dict]:
+    if not with_tensorboard:
+        return trainer.fit()
+    log = tensorboard.TensorBoardLog(run, trainer)
+    try:
+        return trainer.fit(on_epoch=log)
+    finally:
+        log.close()
+
+
+def summary(graph: Graph, finals: dict) -> dict:
+    """Mean ± sample std over seeds of each node's final test accuracy, in percent."""
+    out = {}
+    for name in graph.nodes:
+        accs = [100 * finals[s][name]["acc"] for s in finals]
+        out[name] = {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                     "runs": accs}
+    return out
+
+
+def result_table(graph: Graph, finals: dict, split: str = "train") -> str:
+    stats = summary(graph, finals)
+    multi = len(finals) > 1
+    what = "validation accuracy on the search split" if split == "search" else "test accuracy"
+    head = f"{what} (%){f', mean ± std of {len(finals)} seeds' if multi else ''}"
+    lines = [head, f"{'node':<12} {'model':<22} {'accuracy':>16}"]
+    for name, node in graph.nodes.items():
+        kind = getattr(node, "model", None) or f"{node.reduce} of {'+'.join(node.members)}"
+        mark = (" (target)" if name == graph.target else "") + (" (frozen)" if getattr(node, "frozen", False) else "")
+        value = f"{stats[name]['mean']:.2f} ± {stats[name]['std']:.2f}" if multi else f"{stats[name]['mean']:.2f}"
+        lines.append(f"{name:<12} {kind:<22} {value:>16}{mark}")
+    return "\n".join(lines)
+
+
+# ---- pretrain ------------------------------------------------------------------------------
+def cmd_pretrain(args) -> int:
+    if not is_model_name(args.model):
+        raise UsageError(f"--model: unknown model {args.model!r}")
+    cfg = config_from_args(args)
+    dataset_info(cfg.dataset, cfg.data_dir)
+    path = pretrain(args.model, cfg, log=logger(args.quiet), progress=not args.quiet)
+    print(path)
+    return 0

@@ -1,0 +1,129 @@
+"""Splits and epoch plans: which samples a split holds, and the random choices of each epoch (order,
+crops, flips) as a pure function of (seed, epoch), drawn on the CPU, so that a resumed run sees
+exactly the batches an uninterrupted one would, on any device and with any loader kind. `Loader`
+is what every loader kind shares: the split, its plans, the batch boundaries.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ktfast.data.types import PAD, Arrays, DatasetError, generator
+
+SPLITS = ("train", "test", "search_train", "search_val")
+TRAIN_SPLITS = ("train", "search_train")  # shuffled and augmented
+# Random-resized-crop (torchvision's, the fine-grained recipe): area and aspect-ratio ranges.
+CROP_SCALE, CROP_RATIO, CROP_TRIES = (0.08, 1.0), (3 / 4, 4 / 3), 10
+_SPLIT_SEED = 20240  # constant: every run and every search trial sees the same held-out split
+# First element of every generator key, so the streams of different purposes never coincide.
+SUBSET_KEY, EPOCH_KEY, WORKERS_KEY = 1, 2, 3
+
+
+def class_balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Positions of `fraction` of each class (at least one), drawn with `seed`, in ascending order."""
+    gen = generator(SUBSET_KEY, seed)
+    keep = []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        keep.append(idx[torch.randperm(len(idx), generator=gen)[:max(1, round(fraction * len(idx)))]])
+    return torch.cat(keep).sort().values
+
+
+def split_indices(arrays: Arrays, split: str) -> torch.Tensor:
+    """Positions of a split's samples: in the test set for "test", else in the training set. The
+    search splits divide the training set, class-balanced (`info.val_fraction` held out), with a
+    constant seed; never the test set."""
+    if split == "test":
+        if not len(arrays.test_y):  # a folder of class folders without a test/ folder
+            raise DatasetError(f"dataset {arrays.info.name} has no test set: use its search splits (--split search)")
+        return torch.arange(len(arrays.test_y))
+    if split == "train":
+        return torch.arange(len(arrays.train_y))
+    val = class_balanced_subset(arrays.train_y, arrays.info.val_fraction, _SPLIT_SEED)
+    if split == "search_val":
+        return val
+    keep = torch.ones(len(arrays.train_y), dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().flatten()
+
+
+class EpochPlan(NamedTuple):
+    """The random choices of one epoch, drawn on the CPU: the same on every device and loader."""
+    order: torch.Tensor  # [N] positions in the split, in batch order
+    # [N, 2] crop corner (top, left): in the padded image, in [0, 2 * PAD]; with resized crops, in
+    # the stored image.
+    offsets: torch.Tensor
+    flips: torch.Tensor  # [N] bool
+    sizes: torch.Tensor | None = None  # [N, 2] (height, width) of the resized crops, else None
+
+
+def resized_crop_boxes(n: int, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's RandomResizedCrop for n square images of side `size`, drawn together: corners
+    and sizes [n, 2] each. Each image takes the first of CROP_TRIES draws that fits, else the whole image."""
+    area = size * size * torch.empty(n, CROP_TRIES).uniform_(*CROP_SCALE, generator=gen)
+    log_ratio = torch.empty(n, CROP_TRIES).uniform_(*np.log(CROP_RATIO), generator=gen)
+    w = (area * log_ratio.exp()).sqrt().round().long()
+    h = (area / log_ratio.exp()).sqrt().round().long()
+    fits = (w > 0) & (w <= size) & (h > 0) & (h <= size)
+    first = fits.long().argmax(1, keepdim=True)
+    any_fit = fits.any(1)
+    h = torch.where(any_fit, h.gather(1, first).squeeze(1), size)
+    w = torch.where(any_fit, w.gather(1, first).squeeze(1), size)
+    u = torch.rand(n, 2, generator=gen)
+    corner = (u * torch.stack([size - h + 1, size - w + 1], 1)).long()
+    return corner, torch.stack([h, w], 1)
+
+
+def reflect(i: torch.Tensor, size: int) -> torch.Tensor:
+    """The source row/column of position `i` in [-PAD, size + PAD) of a reflect-padded image."""
+    return (size - 1) - ((size - 1) - i.abs()).abs()
+
+
+class Loader:
+    """What every loader kind shares: the split, the epoch plans, the batch boundaries.
+    `x`, `y` are the split's images and labels on the CPU (uint8, int64), `indices` their
+    positions in the dataset's test set (split "test") or training set (every other split)."""
+
+    def __init__(self, arrays: Arrays, split: str, batch_size: int, device, seed: int, train_fraction):
+        info = arrays.info
+        self.dataset, self.num_classes, self.image_size = info.name, info.num_classes, info.image_size
+        self.split, self.batch_size, self.device, self.seed = split, batch_size, torch.device(device), seed
+        self.train = split in TRAIN_SPLITS
+        self.flip = info.flip
+        self.stored_size = info.stored_size if info.resized_crops else 0
+        self.indices = split_indices(arrays, split)
+        source_x, source_y = (arrays.test_x, arrays.test_y) if split == "test" else (arrays.train_x, arrays.train_y)
+        if train_fraction is not None and self.train:
+            self.indices = self.indices[class_balanced_subset(source_y[self.indices], train_fraction, seed)]
+        self.x, self.y = source_x[self.indices], source_y[self.indices]
+        self.num_samples = len(self.indices)
+        self.mean, self.std = arrays.mean.view(1, 3, 1, 1), arrays.std.view(1, 3, 1, 1)
+        # Training drops the last partial batch (constant shapes; BatchNorm never sees a batch of 1).
+        self.drop_last = self.train and self.num_samples >= batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def plan(self, epoch: int) -> EpochPlan:
+        n, stored = self.num_samples, self.stored_size
+        if not self.train:
+            if stored:  # the centre crop, not resized
+                side = torch.full((n, 2), self.image_size)
+                return EpochPlan(torch.arange(n), (stored - side) // 2, torch.zeros(n, dtype=torch.bool), side)
+            return EpochPlan(torch.arange(n), torch.full((n, 2), PAD), torch.zeros(n, dtype=torch.bool))
+        gen = generator(EPOCH_KEY, self.seed, epoch)
+        order = torch.randperm(n, generator=gen)
+        if stored:
+            offsets, sizes = resized_crop_boxes(n, stored, gen)
+        else:
+            offsets, sizes = torch.randint(0, 2 * PAD + 1, (n, 2), generator=gen), None
+        flips = (torch.rand(n, generator=gen) < 0.5) & self.flip
+        return EpochPlan(order, offsets, flips, sizes)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)

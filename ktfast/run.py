@@ -1,0 +1,23 @@
+"""Planning a run: the graph's pretrained teachers are found in the pretrain cache, or trained into
+it first (`ktfast.pretrain`), and only then is the Trainer built, so that training knows nothing
+of pretraining."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ktfast.config import TrainConfig
+from ktfast.graph import Graph
+from ktfast.pretrain import pretrained_path
+from ktfast.train import Trainer
+
+
+def pretrained_paths(graph: Graph, cfg: TrainConfig, log=print, progress=True) -> dict[str, Path]:
+    """The pretrain-cache file of every `"init": "pretrained"` node, made where missing."""
+    return {node.name: pretrained_path(node.model, cfg, log=log, progress=progress)
+            for node in graph.model_nodes if node.init == "pretrained" and not node.checkpoint}
+
+
+def make_trainer(graph: Graph, cfg: TrainConfig, out: Path | None, log=print, progress=True) -> Trainer:
+    # Pretraining first: it draws random numbers, and the Trainer's seeded initialisation must not
+    # depend on whether the cache already held the teachers.
+    return Trainer(graph, cfg, out, log, progress, pretrained=pretrained_paths(graph, cfg, log, progress))

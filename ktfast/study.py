@@ -1,0 +1,122 @@
+"""The study of a search (DESIGN §6): its storage — an SQLite file, an Optuna journal file or a
+PostgreSQL server — opened with the retries SQLite's lock needs, the study created or joined,
+its sampler and pruner, and the re-queueing of a dead worker's trial."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import warnings
+
+import optuna
+
+from ktfast.args import UsageError
+from ktfast.config import TrainConfig
+from ktfast.storage_retry import RetryingRDBStorage
+
+DEFAULT_STORAGE = "sqlite:///ktfast-search.db"
+MAX_RETRY = 3  # a graph whose worker keeps dying (killed for memory, say) is given up after this
+# How long an SQLite writer waits for the lock before "database is locked" (then its call is retried).
+SQLITE_TIMEOUT_S = float(os.environ.get("KTFAST_SQLITE_TIMEOUT_S", 120))
+
+
+def recipe(cfg: TrainConfig) -> dict:
+    """What must be the same for every worker of a study: everything but where and how fast it runs."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("device", "data_dir", "loader", "compile", "reference")}
+
+
+def is_journal(url: str) -> bool:
+    return url.startswith("journal:") or url.endswith(".log")
+
+
+def shown(url: str) -> str:
+    """The storage URL without its password, for messages."""
+    if is_journal(url):
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def _root_message(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _with_driver(url: str) -> str:
+    """SQLAlchemy 2.1 reads `postgresql://` as psycopg 3; psycopg2 (the `postgres` extra) serves as well."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if u.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
+        return u.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    return url
+
+
+def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None):
+    """The storage a URL names: `journal:PATH` or a `.log` path is an Optuna journal file; anything else
+    an SQLAlchemy URL (SQLite, PostgreSQL), whose calls wait out a lost server or a held lock
+    (`ktfast.storage_retry`). Workers pass `heartbeat_interval`: a trial whose worker stops beating
+    for `grace_period` seconds (default twice the interval) is failed and queued again."""
+    try:
+        if is_journal(url):
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {}
+        return RetryingRDBStorage(_with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                                  grace_period=grace_period,
+                                  heartbeat_stale_trial_callback=requeue if heartbeat_interval else None)
+    except Exception as e:  # unreachable server, bad URL, missing directory: one line either way
+        raise UsageError(f"--storage {shown(url)}: cannot open it: {_root_message(e)}") from None
+
+
+def open_study(storage, name: str, space, cfg: TrainConfig) -> optuna.Study:
+    """Create the study, or join it when it was made by the same search; any other is an error."""
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
+    except Exception as e:
+        raise UsageError(f"--study {name}: cannot create or load it: {_root_message(e)}") from None
+    mine = {**space.to_dict(), **json.loads(json.dumps(recipe(cfg)))}
+    theirs = study.user_attrs.get("ktfast")
+    if theirs is None:
+        if study.get_trials(deepcopy=False):
+            raise UsageError(f"--study {name}: the study was not made by ktfast search; choose another name")
+        study.set_user_attr("ktfast", mine)
+    elif theirs != mine:
+        key = next(k for k in {**theirs, **mine} if theirs.get(k) != mine.get(k))
+        raise UsageError(f"--study {name}: the study searches with {key}={theirs.get(key)!r}, not "
+                         f"{mine.get(key)!r}; re-run it as it was started, or choose another --study")
+    return study
+
+
+def make_sampler(name: str) -> optuna.samplers.BaseSampler:
+    # constant_liar: parallel TPE workers do not all sample around the same running trial
+    return optuna.samplers.TPESampler(constant_liar=True) if name == "tpe" else optuna.samplers.RandomSampler()
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    if name == "asha":  # the papers' ASHA: rungs at epochs 1, 2, 4, 8, …, the top half goes on
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=2)
+    if name == "median":
+        return optuna.pruners.MedianPruner()
+    return optuna.pruners.NopPruner()
+
+
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a dead worker's trial again with the same graph, through Optuna's retry callback. The
+    copy trains from epoch 0: it must not inherit the dead run's ASHA rungs, nor its worker."""
+    trial = copy.deepcopy(trial)
+    trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("completed_rung_")}
+    trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
