@@ -56,8 +56,6 @@ def build(name: str, num_classes: int, weights: bool = False) -> nn.Module:
         raise ZooError(f"{name}: the zoo's weights need the network (KTFAST_OFFLINE is set)")
     try:
         return TimmModel(model, num_classes, weights) if zoo == "timm" else TorchvisionModel(model, num_classes, weights)
-    except ZooError:
-        raise
     except Exception as e:  # no network, a download cut short, a hub that is down: one line
         if not weights:
             raise
