@@ -154,7 +154,8 @@ def check_attention_sizes(space: Space, dataset: str, data_dir) -> None:
 
 def recipe(cfg: TrainConfig) -> dict:
     """What must be the same for every worker of a study: everything but where and how fast it runs."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in ("device", "data_dir", "loader", "compile", "reference")}
+    return {k: v for k, v in cfg.to_dict().items()
+            if k not in ("device", "data_dir", "loader", "compile", "cuda_graph", "reference")}
 
 
 # ---- storage -------------------------------------------------------------------------------------

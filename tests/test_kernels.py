@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 
 from ktfast import Graph, GraphError  # noqa: E402
 from ktfast.graph import EnsembleNode  # noqa: E402
-from ktfast.kernels import edge_losses, fused_graph_losses  # noqa: E402
+from ktfast.kernels import edge_losses, fused_graph_losses, fused_loss_vector  # noqa: E402
 from ktfast.losses import NORMALIZE_EPS, loss_targets, node_logits, owner, reference_graph_losses  # noqa: E402
 from ktfast.models import is_model_name  # noqa: E402
 
@@ -228,6 +228,33 @@ def test_class_blocks_and_row_blocks(device, monkeypatch):
         y[10:] = 20
         z["a"][:, 33] = z["a"].max(1).values + 2  # a's top-1 in the last, partial block
     compare(d, z, a, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_vector_and_its_total(device, monkeypatch):
+    """The step's entry: L and Σ L from one launch, reduced inside the kernel over several programs
+    (and its counter left ready: the second call computes the same), with gradients through either."""
+    monkeypatch.setattr(edge_losses, "GPU_TILE", 32)
+    monkeypatch.setattr(edge_losses, "MAX_BLOCK_C", 16)
+    g = Graph.from_dict(graph(models("a", "b", "c"),
+                              [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+                               {"from": "a", "to": "b", "loss": "kl+att_mse", "gate": "linear", "crops": [2]},
+                               {"from": "b", "to": "c", "loss": "cos+mse", "gate": "through", "weight": 0.5}]))
+    z, a, y = inputs("abc", 40, 20, size=4, device=device)
+    z64 = {k: v.double().requires_grad_() for k, v in z.items()}
+    exact = reference_graph_losses(g, z64, y, 3, 8, {k: v.double() for k, v in a.items()})
+    weights = torch.tensor([1.0, -2.0, 3.0], device=device)  # dL/dL_t = weight + 2 below: at most 5
+    exact_grads = torch.autograd.grad((torch.stack(list(exact.values())) * weights.double()).sum()
+                                      + 2 * sum(exact.values()), list(z64.values()))
+    loss_bound, grad_bound = bounds(g, z, a, y)
+    zz = {k: v.clone().requires_grad_() for k, v in z.items()}
+    for _ in range(2):
+        losses, total = fused_loss_vector(g, zz, y, 3, 8, a)
+        assert torch.equal(losses, torch.stack(list(fused_graph_losses(g, zz, y, 3, 8, a).values())))
+        within(total, sum(exact.values()), sum(loss_bound.values()), "total")
+        grads = torch.autograd.grad((losses * weights).sum() + 2 * total, list(zz.values()))
+        for i, (gf, ge) in enumerate(zip(grads, exact_grads)):
+            within(gf, ge, 5 * grad_bound[i], f"gradient {i}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
