@@ -139,14 +139,14 @@ def forward(graph: Graph, models, x, want_attention: set[str], want_branches: se
 def make_optimizer(cfg: TrainConfig, params):
     """One optimizer over every trainable node. On CUDA the fused implementations update all
     nodes' tensors in a few multi-tensor launches (what apex's FusedSGD did), and Adam keeps its
-    step count on the device so that a captured CUDA graph can replay it."""
+    step count on the device when the step is captured as a CUDA graph, so that replays advance it."""
     cuda = torch.device(cfg.device).type == "cuda"
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
                                weight_decay=cfg.weight_decay, fused=cuda or None)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None,
-                                capturable=cuda)
+                                capturable=cuda and cfg.cuda_graph)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
