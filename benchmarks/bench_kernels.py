@@ -5,6 +5,8 @@ Two times per implementation:
 * wall: back-to-back calls timed on the host, launch overhead included (an uncaptured step);
 * gpu: the median replay of a CUDA graph of one call (triton.testing.do_bench, which flushes L2
   between replays): the device's own time, launch overhead removed (a captured step).
+And for the step's own entry (`fused_loss_vector`, Σ L_t back-propagated) at B ≤ 256: its
+host-launched time against its GPU time (CUDA events around graph replays): the host overhead.
 Bytes counted (the fewest the fused forward and backward must move): the logits read by the
 forward, read again by the backward, their gradient written (3·M·B·C elements) and the labels. The
 ceiling is measured in the same run: a 1 GiB device-to-device copy, bytes read plus bytes written.
@@ -49,7 +51,8 @@ def sync(cuda: bool) -> None:
 
 
 def wall_time(fn, cuda: bool) -> float:
-    """Median seconds per call over 5 batches of back-to-back calls, host time included."""
+    """Median seconds per call over 5 batches of back-to-back calls, host time included (on a CPU,
+    where only the smoke test runs, one batch: the interpreter is slow)."""
     fn()
     sync(cuda)
     start = time.perf_counter()
@@ -57,7 +60,7 @@ def wall_time(fn, cuda: bool) -> float:
     sync(cuda)
     reps = max(1, min(200, int(0.02 / (time.perf_counter() - start))))
     samples = []
-    for _ in range(5):
+    for _ in range(5 if cuda else 1):
         start = time.perf_counter()
         for _ in range(reps):
             fn()
@@ -66,10 +69,9 @@ def wall_time(fn, cuda: bool) -> float:
     return statistics.median(samples)
 
 
-def gpu_time(fn) -> float:
-    """Median seconds per CUDA-graph replay of fn."""
-    import triton.testing
-
+def captured(fn) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of one call of fn, warmed up and captured on the same side stream (the fused
+    kernels keep their scratch per stream: the graph then replays with the warm-up's)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -77,9 +79,47 @@ def gpu_time(fn) -> float:
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         fn()
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") / 1e3
+    return graph
+
+
+def gpu_time(fn) -> float:
+    """Median seconds per CUDA-graph replay of fn."""
+    import triton.testing
+
+    return triton.testing.do_bench(captured(fn).replay, warmup=25, rep=100, return_mode="median") / 1e3
+
+
+def event_time(fn, replays: int = 200) -> float:
+    """Seconds of GPU time per call of fn: CUDA events around back-to-back replays of its graph, so
+    the GPU never waits for the host (L2 stays warm, as in a training step)."""
+    graph = captured(fn)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / replays
+
+
+def host_overhead(g, z, y, cuda: bool) -> dict:
+    """The training step's own entry, `fused_loss_vector` forward + Σ L_t backward, as a step without
+    a CUDA graph calls it: host-launched wall time per call vs the GPU's time for the same work.
+    Their ratio is what launching costs (goal: at most 3)."""
+    from ktfast.kernels import fused_loss_vector
+
+    def call():
+        _, total = fused_loss_vector(g, z, y, 5, 10)
+        torch.autograd.grad(total, list(z.values()))
+
+    row = {"host_us": 1e6 * wall_time(call, cuda)}
+    if cuda:
+        row["gpu_us"] = 1e6 * event_time(call)
+        row["host_over_gpu"] = row["host_us"] / row["gpu_us"]
+    return row
 
 
 def copy_bandwidth() -> float:
@@ -136,6 +176,8 @@ def main():
                 row[f"{name}_gpu_us"] = 1e6 * gpu_time(step(fn))
         if cuda:
             row["fused_fwd_gpu_us"] = 1e6 * gpu_time(lambda: fused_graph_losses(g, z, y, 5, 10))
+        if b <= 256:  # the step's sizes, where launching can cost more than computing
+            row["step_entry"] = host_overhead(g, z, y, cuda)
         nbytes = 3 * m * b * c * 4 + b * 8
         row["fused_GBps"] = nbytes / (row["fused_gpu_us" if cuda else "fused_us"] * 1e-6) / 1e9
         if bandwidth:
@@ -157,6 +199,12 @@ def main():
               f"{r.get('fused_gpu_us', float('nan')):>13.1f} {r.get('eager_gpu_us', float('nan')):>8.1f} "
               f"{r.get('compiled_gpu_us', float('nan')):>8.1f} | {r['fused_GBps']:>6.0f} "
               f"{100 * r.get('fraction_of_copy_bw', float('nan')):>5.0f}")
+    print("\nthe step's entry (fused_loss_vector fwd+bwd), host-launched vs GPU time:")
+    for r in rows:
+        if "step_entry" in r:
+            e = r["step_entry"]
+            print(f"M={r['M']} B={r['B']} C={r['C']}: host {e['host_us']:.1f} us, GPU {e.get('gpu_us', float('nan')):.1f} "
+                  f"us, x{e.get('host_over_gpu', float('nan')):.1f}")
     print(f"wrote {path}")
 
 

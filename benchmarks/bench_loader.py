@@ -38,9 +38,10 @@ def throughput(dataset: str, kind: str, batch_size: int, device: str, epochs: in
     return {"images_per_s": len(loader) * batch_size / per_epoch, "ms_per_batch": 1e3 * per_epoch / len(loader)}
 
 
-def fast_step_ms(cuda: bool) -> dict:
-    """{batch size: ms per fast step of the DCL 3-node graph}, from this device's step benchmark."""
-    path = result_path("step", cuda)
+def fast_step_ms(cuda: bool, out_dir) -> dict:
+    """{batch size: ms per fast step of the DCL 3-node graph}, from this device's step benchmark
+    in the same folder."""
+    path = result_path("step", cuda, out_dir)
     if not cuda or not path.exists():
         return {}
     rows = json.loads(path.read_text())["rows"]
@@ -63,7 +64,7 @@ def main():
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if cuda else [32]
     epochs, workers = (args.epochs, args.workers) if cuda else (1, 0)
     kinds = ["gpu", "torch"] + (["dali"] if decode.available() else [])
-    steps = fast_step_ms(cuda)
+    steps = fast_step_ms(cuda, args.out)
     result = {"benchmark": "loader", **environment(cuda), "dataset": dataset, "epochs": epochs,
               "torch_workers": workers, "dali": decode.available(), "rows": []}
     for bs in batch_sizes:

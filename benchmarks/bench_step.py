@@ -4,13 +4,15 @@ images/s counts each training image once for the whole graph (as metrics.jsonl d
 configuration trains real steps on synthetic CIFAR-size data; the first steps (compilation,
 CUDA-graph capture) are excluded, the loader is included.
 
-    python benchmarks/bench_step.py                 # on a GPU: the full table
+    python benchmarks/bench_step.py                 # on a GPU: reference, fast, fast without the CUDA graph
+    python benchmarks/bench_step.py --paths reference,fast-compile --graphs dcl3 --batch-sizes 64
     python benchmarks/bench_step.py --smoke         # CPU-sized, what CI runs
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 import time
 
 import torch
@@ -38,6 +40,15 @@ GRAPHS = {
                                       "resnet20"],
 }
 SMOKE_GRAPHS = {"dml2 (2xR8)": ["resnet8", "resnet8"]}
+# The paths a row compares, as TrainConfig flags; "fast" is the main command, `ktfast train --amp`.
+PATHS = {"reference": dict(reference=True, cuda_graph=False),
+         "fast": dict(amp=True),
+         "fast-eager": dict(amp=True, cuda_graph=False),
+         "fast-compile": dict(amp=True, compile=True)}
+DESCRIPTIONS = {"reference": "eager, fp32, per-edge torch losses",
+                "fast": "streams, channels_last, fused losses, fused SGD, AMP, the step as one CUDA graph",
+                "fast-eager": "as fast, without the CUDA graph (--no-cuda-graph)",
+                "fast-compile": "as fast, with torch.compile of every node (--compile)"}
 
 
 def batches(trainer: Trainer):
@@ -57,15 +68,20 @@ def throughput(trainer: Trainer, it, steps: int, warmup: int) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    images = 0
     start = time.perf_counter()
     for k in range(steps):
-        trainer.train_step(*next(it), warmup + k + 1)
+        x, y = next(it)
+        trainer.train_step(x, y, warmup + k + 1)
+        images += y.shape[0]
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    return {"images_per_s": steps * cfg.batch_size / elapsed, "ms_per_step": 1e3 * elapsed / steps,
-            "peak_mem_mib": peak}
+    return {"images_per_s": images / elapsed, "ms_per_step": 1e3 * elapsed / steps, "images": images,
+            "elapsed_s": elapsed, "peak_mem_mib": peak,
+            "config": {k: getattr(cfg, k) for k in ("reference", "amp", "compile", "cuda_graph")},
+            "cuda_graph_used": trainer.fast is not None and trainer.fast.use_graph}
 
 
 def profile(trainer: Trainer, it, first_step: int, steps: int = 20) -> dict:
@@ -112,6 +128,8 @@ def main():
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--profile", action="store_true", help="also profile the fast path of the first row")
     ap.add_argument("--graphs", default=None, help="only the graphs whose names start so (comma-separated)")
+    ap.add_argument("--paths", default="reference,fast,fast-eager",
+                    help=f"comma-separated, of {', '.join(PATHS)} (fast-compile adds minutes of compilation)")
     ap.add_argument("--out", default=None, help="folder of the JSON (default benchmarks/results)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
@@ -120,30 +138,41 @@ def main():
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if cuda else [16]
     steps, warmup = (args.steps, 15) if cuda else (3, 1)
     dataset = "synthetic:classes=100,size=32,train=8192,test=256" if cuda else "synthetic:classes=10,size=16,train=64,test=16"
-    paths = {"reference": dict(reference=True), "fast": dict(amp=cuda, compile=cuda)}
+    names = args.paths.split(",")
+    unknown = [p for p in names if p not in PATHS]
+    if unknown:
+        print(f"--paths: unknown path {unknown[0]!r} (expected {', '.join(PATHS)})", file=sys.stderr)
+        sys.exit(2)
+    paths = {p: PATHS[p] for p in names}
     result = {"benchmark": "step", **environment(cuda), "dataset": dataset, "steps": steps, "warmup": warmup,
-              "paths": {"reference": "eager, fp32, per-edge torch losses",
-                        "fast": "streams, channels_last, fused losses, fused SGD" + (", bf16 AMP, torch.compile, "
-                                                                                     "CUDA graph" if cuda else "")},
-              "rows": []}
+              "paths": {p: DESCRIPTIONS[p] + ("" if cuda else " (CPU: the eager step, no CUDA graph, no AMP)")
+                        for p in paths}, "rows": []}
     for (name, models), bs in itertools.product(graphs.items(), batch_sizes):
         if args.graphs and not any(name.startswith(w) for w in args.graphs.split(",")):
             continue
         g = graph(name, models)
         row = {"graph": name, "batch_size": bs}
+        runs = {}
         for path, flags in paths.items():
-            cfg = TrainConfig(dataset=dataset, epochs=100, batch_size=bs, device=device, **flags)
+            amp = flags.get("amp", False) and cuda  # bf16 on a CPU would only measure slow bf16 kernels
+            cfg = TrainConfig(dataset=dataset, epochs=100, batch_size=bs, device=device, **{**flags, "amp": amp})
             trainer = Trainer(g, cfg, out=None, progress=False, log=lambda _: None)
-            it = batches(trainer)
-            row[path] = throughput(trainer, it, steps, warmup)
-        row["speedup"] = row["fast"]["images_per_s"] / row["reference"]["images_per_s"]
+            runs[path] = trainer, batches(trainer)
+            row[path] = throughput(*runs[path], steps, warmup)
+        for path in paths:
+            if "reference" in paths and path != "reference":
+                row[path]["speedup_vs_reference"] = row[path]["images_per_s"] / row["reference"]["images_per_s"]
+        if "fast" in paths and "fast-eager" in paths:  # what capturing the step as a CUDA graph gains
+            row["fast"]["speedup_vs_eager_step"] = row["fast"]["images_per_s"] / row["fast-eager"]["images_per_s"]
         result["rows"].append(row)
-        print(f"{name:<32} B={bs:<4} reference {row['reference']['images_per_s']:9.0f} img/s   "
-              f"fast {row['fast']['images_per_s']:9.0f} img/s   x{row['speedup']:.2f}", flush=True)
+        print(f"{name:<32} B={bs:<4} " + "   ".join(f"{p} {row[p]['images_per_s']:9.0f} img/s" for p in paths)
+              + "".join(f"   {p} x{row[p]['speedup_vs_reference']:.2f}" for p in paths
+                        if "speedup_vs_reference" in row[p]), flush=True)
         if args.profile and "profile" not in result:
-            p = result["profile"] = {"graph": name, "batch_size": bs, **profile(trainer, it, warmup + steps + 1,
-                                                                                steps=20 if cuda else 2)}
-            print(f"  profile of the fast step: GPU busy {100 * p['gpu_busy']:.0f} % of {p['ms_per_step']:.2f} ms, "
+            path = "fast" if "fast" in runs else names[-1]
+            p = result["profile"] = {"graph": name, "batch_size": bs, "path": path,
+                                     **profile(*runs[path], warmup + steps + 1, steps=20 if cuda else 2)}
+            print(f"  profile of the {path} step: GPU busy {100 * p['gpu_busy']:.0f} % of {p['ms_per_step']:.2f} ms, "
                   f"{p['kernels_per_step']:.0f} kernels; the top ones:")
             for k in p["top_kernels"][:8]:
                 print(f"  {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.1f}x  {k['name'][:90]}", flush=True)

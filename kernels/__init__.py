@@ -15,7 +15,7 @@ from .attention import AttentionLossFn
 from .edge_losses import EdgeLossFn
 from .edge_table import WEIGHT, edge_table
 
-__all__ = ["fused_graph_losses", "EdgeLossFn", "AttentionLossFn"]
+__all__ = ["fused_graph_losses", "fused_loss_vector", "EdgeLossFn", "AttentionLossFn"]
 
 
 def _linear_factor(step, total_steps):
@@ -32,13 +32,22 @@ def fused_graph_losses(graph: Graph, logits: dict, labels, step, total_steps, at
     table = edge_table(graph, labels.device)
     if not table.targets:
         return {}
+    losses, _ = fused_loss_vector(graph, logits, labels, step, total_steps, attention)
+    return dict(zip(table.targets, losses.unbind(0)))
+
+
+def fused_loss_vector(graph: Graph, logits: dict, labels, step, total_steps, attention=None):
+    """(L [targets], Σ_t L_t []): what `fused_graph_losses` computes, without a tensor per target.
+    A step back-propagates the sum: the kernels hand it out directly, saving the launches (and the
+    host time) that unbinding and summing per-target scalars cost. Targets: loss_targets(graph);
+    the graph must have at least one."""
+    table = edge_table(graph, labels.device)
     z = node_logits(graph, logits)
     rows = [z[n] for n in table.endpoints]
     if len({r.dtype for r in rows}) > 1 or rows[0].dtype == torch.float64:  # the kernels read one dtype
         rows = [r.float() for r in rows]
-    labels = labels.contiguous()
-    losses, gates = EdgeLossFn.apply(table, labels, _linear_factor(step, total_steps),
-                                     *(r.contiguous() for r in rows))
+    losses, total, gates = EdgeLossFn.apply(table, labels.contiguous(), _linear_factor(step, total_steps),
+                                            *(r.contiguous() for r in rows))
     att = table.attention
     if att is not None:
         if attention is None:
@@ -47,5 +56,6 @@ def fused_graph_losses(graph: Graph, logits: dict, labels, step, total_steps, at
         h, w = maps[0].shape[-2:]
         if att.max_crop > min(h, w):
             raise GraphError(f"crops: crop size {att.max_crop} is larger than the {h}x{w} attention map")
-        losses = losses + AttentionLossFn.apply(att, table.floats[WEIGHT], gates, len(table.targets), *maps)
-    return dict(zip(table.targets, losses.unbind(0)))
+        terms = AttentionLossFn.apply(att, table.floats[WEIGHT], gates, len(table.targets), *maps)
+        losses, total = losses + terms, total + terms.sum()
+    return losses, total

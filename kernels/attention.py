@@ -41,9 +41,12 @@ def _att_edge(maps, plane, b, src, dst, kind, crops, n_crops, H, W, GRAD: tl.con
         left = tl.minimum(tl.maximum(j - k // 2, 0), W - k)
         win = mask & (rows >= top) & (rows < top + k) & (cols >= left) & (cols < left + k)
         sw, tw = tl.where(win, s, 0.0), tl.where(win, t, 0.0)
+        # Correctly rounded sqrt and division: in binary floating point sqrt(x·x) = |x| and x / |x| = ±1
+        # exactly, so a 1×1 crop normalises to exactly ±1 and its gradient (truly 0) comes out 0; the
+        # approximate ones leave an ulp that the backward's 1 / |crop| magnifies (500× at |t| = 0.002).
         norm_t = tl.sqrt_rn(tl.sum(tw * tw, axis=0))
-        sh = sw / tl.maximum(tl.sqrt_rn(tl.sum(sw * sw, axis=0)), _EPS)
-        th = tw / tl.maximum(norm_t, _EPS)
+        sh = tl.div_rn(sw, tl.maximum(tl.sqrt_rn(tl.sum(sw * sw, axis=0)), _EPS))
+        th = tl.div_rn(tw, tl.maximum(norm_t, _EPS))
         g = tl.zeros([BLOCK], tl.float32)  # d loss / d th
         if (kind & _ATT_MSE) != 0:
             d = sh - th
@@ -54,7 +57,7 @@ def _att_edge(maps, plane, b, src, dst, kind, crops, n_crops, H, W, GRAD: tl.con
             g += sh
         if GRAD:  # through the normalisation; below eps it divides by eps, a constant
             radial = tl.where(norm_t > _EPS, tl.sum(th * g, axis=0), 0.0)
-            grad += tl.where(win, (g - th * radial) / tl.maximum(norm_t, _EPS), 0.0)
+            grad += tl.where(win, tl.div_rn(g - th * radial, tl.maximum(norm_t, _EPS)), 0.0)
     return loss / n_crops, grad / n_crops
 
 

@@ -17,6 +17,7 @@ ex2/lg2.approx: T² · KL at T = 10 magnifies their error past 1e-5 of the refer
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -116,10 +117,12 @@ def _pick(tile, ids, k):
 
 @triton.jit
 def _edge_loss_fwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15,
-                   y_ptr, factor, factor_ptr, ints, floats, slot_node, slot_inv_t, part_ptr, aux_ptr, lse_ptr,
-                   B, C, E, M, S, NT, inv_b,
+                   y_ptr, factor, factor_ptr, ints, floats, slot_node, slot_inv_t, part_ptr, count_ptr, out_ptr,
+                   aux_ptr, lse_ptr, B, C, E, M, S, NT, inv_b,
                    STACKED: tl.constexpr, FACTOR_FROM_PTR: tl.constexpr, ROWS: tl.constexpr,
-                   BLOCK_C: tl.constexpr, M_P2: tl.constexpr, S_P2: tl.constexpr, NT_P2: tl.constexpr):
+                   BLOCK_C: tl.constexpr, M_P2: tl.constexpr, S_P2: tl.constexpr, NT_P2: tl.constexpr,
+                   P_BLOCK: tl.constexpr):
+    """out[:NT] = every target's L_t, out[NT] = their sum."""
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < B
@@ -206,14 +209,43 @@ def _edge_loss_fwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
         tl.store(aux_ptr + e * B + rows, gate, mask=rmask)
         total = tl.sum(tl.where(rmask, gate * loss, 0.0), axis=0) * tl.load(floats + _WEIGHT * E + e) * inv_b
         part += tl.where(target_ids == tl.load(ints + _TGT * E + e), total, 0.0)
-    tl.store(part_ptr + pid * NT + target_ids, part, mask=target_ids < NT)
+    _reduce_programs(part, part_ptr, count_ptr, out_ptr, target_ids, NT, NT_P2, P_BLOCK)
+
+
+@triton.jit
+def _reduce_programs(part, part_ptr, count_ptr, out_ptr, target_ids, NT, NT_P2: tl.constexpr,
+                     P_BLOCK: tl.constexpr):
+    """Each program's partial sums [NT_P2] into out: the program that finishes last adds up every
+    program's row in program order (blocks of P_BLOCK rows, each a fixed tree), so the result does
+    not depend on which one that is, then resets the counter for the next launch (or graph replay)."""
+    programs = tl.num_programs(0)
+    if programs == 1:
+        tl.store(out_ptr + target_ids, part, mask=target_ids < NT)
+        tl.store(out_ptr + NT, tl.sum(part, axis=0))
+    else:
+        tl.store(part_ptr + tl.program_id(0) * NT_P2 + target_ids, part)
+        tl.debug_barrier()  # every thread's store precedes the release below
+        done = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+        if done == programs - 1:
+            acc = tl.zeros([NT_P2], tl.float32)
+            ids = tl.arange(0, P_BLOCK)
+            for p0 in range(0, programs, P_BLOCK):
+                rows = p0 + ids
+                tile = tl.load(part_ptr + rows[:, None] * NT_P2 + target_ids[None, :],
+                               mask=(rows < programs)[:, None], other=0.0, cache_modifier=".cg")
+                acc += tl.sum(tile, axis=0)
+            tl.store(out_ptr + target_ids, acc, mask=target_ids < NT)
+            tl.store(out_ptr + NT, tl.sum(acc, axis=0))
+            tl.atomic_xchg(count_ptr, 0)
 
 
 @triton.jit
 def _edge_loss_bwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15,
-                   y_ptr, grad_l, ints, floats, grads, aux_ptr, lse_ptr, out_ptr, B, C, E, G, inv_b,
-                   STACKED: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[g] = Σ_{edges e into node g} dL/dL_t · weight / B · gate · d loss_e / d z_g."""
+                   y_ptr, grad_l, grad_total, ints, floats, grads, aux_ptr, lse_ptr, out_ptr, B, C, E, G, inv_b,
+                   STACKED: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                   HAS_GRAD_L: tl.constexpr, HAS_GRAD_TOTAL: tl.constexpr):
+    """out[g] = Σ_{edges e into node g} dL/dL_t · weight / B · gate · d loss_e / d z_g, where
+    dL/dL_t = grad_l[t] + grad_total (either may be absent: the step back-propagates the total)."""
     pid = tl.program_id(0)
     g = tl.program_id(1)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -238,7 +270,12 @@ def _edge_loss_bwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
             src = tl.load(ints + _SRC * E + e)
             kind = tl.load(ints + _KIND * E + e)
             inv_t = tl.load(floats + _INV_T * E + e)
-            scale = (tl.load(grad_l + tl.load(ints + _TGT * E + e)) * tl.load(floats + _WEIGHT * E + e) * inv_b
+            d_target = 0.0
+            if HAS_GRAD_L:
+                d_target += tl.load(grad_l + tl.load(ints + _TGT * E + e)).to(tl.float32)
+            if HAS_GRAD_TOTAL:
+                d_target += tl.load(grad_total).to(tl.float32)
+            scale = (d_target * tl.load(floats + _WEIGHT * E + e) * inv_b
                      * tl.load(aux_ptr + e * B + rows, mask=rmask, other=0.0))
             if (kind & _CE) != 0:
                 acc += scale[:, None] * (pt - tl.where(cc[None, :] == y[:, None], 1.0, 0.0))
@@ -266,25 +303,41 @@ def _edge_loss_bwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
         tl.store(out + row_off[:, None] + cc[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(B: int, C: int, cuda: bool) -> tuple[int, int, int]:
-    """(rows per program, classes per block, warps). On a GPU: enough programs to fill it at small
-    B, enough bytes per program at large B. In the interpreter every program costs host time."""
-    block_c = min(triton.next_power_of_2(C), MAX_BLOCK_C)
-    rows = max(1, GPU_TILE // block_c) if cuda else max(1, 4 * MAX_BLOCK_C // block_c)
+def _blocks(B: int, C: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(rows per program, classes per block, warps, programs). On a GPU: enough programs to fill it
+    at small B, enough bytes per program at large B. In the interpreter every program costs host time."""
+    return _block_plan(B, C, device, MAX_BLOCK_C, GPU_TILE)
+
+
+@functools.lru_cache(maxsize=None)
+def _block_plan(B: int, C: int, device: torch.device, max_block_c: int, tile: int) -> tuple[int, int, int, int]:
+    cuda = device.type == "cuda"
+    block_c = min(triton.next_power_of_2(C), max_block_c)
+    rows = max(1, tile // block_c) if cuda else max(1, 4 * max_block_c // block_c)
     if cuda:
-        rows = min(rows, max(1, triton.next_power_of_2(triton.cdiv(B, 2 * _sm_count()))))
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        rows = min(rows, max(1, triton.next_power_of_2(triton.cdiv(B, 2 * sms))))
     rows = min(rows, triton.next_power_of_2(B))
-    return rows, block_c, max(1, min(8, rows * block_c // 256))
+    return rows, block_c, max(1, min(8, rows * block_c // 256)), triton.cdiv(B, rows)
 
 
-_SMS: dict = {}
+_SCRATCH: dict = {}
 
 
-def _sm_count() -> int:
-    device = torch.cuda.current_device()
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device]
+def _scratch(device: torch.device, programs: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's partial-sum rows [programs, width] and its finish counter, made once per
+    (device, stream, size) and reused by every launch on that stream: launches on one stream run one
+    after another, and the last program of each leaves the counter at 0 again. A CUDA graph must
+    be captured on a stream that already ran the kernel eagerly (its warm-up), so that it replays
+    with this memory rather than memory of its own pool."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream, programs, width)
+    if key not in _SCRATCH:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("edge losses: capture a CUDA graph on the stream its warm-up ran on")
+        _SCRATCH[key] = (torch.empty(programs, width, device=device, dtype=torch.float32),
+                         torch.zeros(1, device=device, dtype=torch.int32))
+    return _SCRATCH[key]
 
 
 def _link(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], int, bool]:
@@ -298,52 +351,57 @@ def _link(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], int, bool]
 
 
 class EdgeLossFn(torch.autograd.Function):
-    """(table, labels, linear factor, *logits [B, C] per endpoint) -> (L [targets], gates [E, B]).
+    """(table, labels, linear factor, *logits [B, C] per endpoint)
+    -> (L [targets], their sum [], gates [E, B]).
 
     The linear factor is a float or a 0-d device tensor (read by the kernel, so that a captured
-    CUDA graph sees it change). Only L carries a gradient; the gates are for the attention kernel.
+    CUDA graph sees it change). L and the sum carry gradients: a step back-propagates the sum, and
+    the backward reads its gradient directly. The gates are for the attention kernel.
     """
 
     @staticmethod
     def forward(ctx, table: et.EdgeTable, labels, factor, *logits):
         B, C = logits[0].shape
         E, S, M, NT = table.n_edges, table.n_slots, len(logits), len(table.targets)
-        cuda = labels.is_cuda
-        rows_per, block_c, warps = _blocks(B, C, cuda)
-        programs = triton.cdiv(B, rows_per)
+        device = labels.device
+        rows_per, block_c, warps, programs = _blocks(B, C, device)
+        width = triton.next_power_of_2(NT)
+        part, count = _scratch(device, programs, width)
         base, offsets, node_stride, stacked = _link(list(logits))
-        part = torch.empty(programs, NT, device=labels.device, dtype=torch.float32)
-        aux = torch.empty(3, E, B, device=labels.device, dtype=torch.float32)
-        lse = torch.empty(S, B, device=labels.device, dtype=torch.float32)
+        out = torch.empty(NT + 1, device=device, dtype=torch.float32)
+        saved = torch.empty((3 * E + S) * B, device=device, dtype=torch.float32)  # for the backward
+        aux, lse = saved[:3 * E * B].view(3, E, B), saved[3 * E * B:].view(S, B)
         from_ptr = torch.is_tensor(factor)
         _edge_loss_fwd[(programs,)](
-            base, node_stride, *offsets, labels, 0.0 if from_ptr else float(factor), factor if from_ptr else part,
-            table.ints, table.floats, table.slot_node, table.slot_inv_t, part, aux, lse,
+            base, node_stride, *offsets, labels, 0.0 if from_ptr else float(factor), factor if from_ptr else out,
+            table.ints, table.floats, table.slot_node, table.slot_inv_t, part, count, out, aux, lse,
             B, C, E, M, S, NT, 1.0 / B, STACKED=stacked, FACTOR_FROM_PTR=from_ptr, ROWS=rows_per,
             BLOCK_C=block_c, M_P2=triton.next_power_of_2(M), S_P2=triton.next_power_of_2(S),
-            NT_P2=triton.next_power_of_2(NT), num_warps=warps)
+            NT_P2=width, P_BLOCK=min(64, triton.next_power_of_2(programs)), num_warps=warps)
         ctx.save_for_backward(labels, aux, lse, *logits)
         ctx.table = table
+        ctx.set_materialize_grads(False)
         gates = aux[0]
         ctx.mark_non_differentiable(gates)
-        return part.sum(0) if programs > 1 else part[0], gates
+        return out[:NT], out[NT], gates
 
     @staticmethod
-    def backward(ctx, grad_l, _grad_gates):
+    def backward(ctx, grad_l, grad_total, _grad_gates):
         labels, aux, lse, *logits = ctx.saved_tensors
         table = ctx.table
         B, C = logits[0].shape
         G = len(table.grad_nodes)
         grads = [None] * len(logits)
-        if G == 0:
+        if G == 0 or (grad_l is None and grad_total is None):
             return None, None, None, *grads
-        rows_per, block_c, warps = _blocks(B, C, labels.is_cuda)
+        rows_per, block_c, warps, programs = _blocks(B, C, labels.device)
         base, offsets, node_stride, stacked = _link(logits)
         out = torch.empty(G, B, C, device=labels.device, dtype=logits[0].dtype)
-        _edge_loss_bwd[(triton.cdiv(B, rows_per), G)](
-            base, node_stride, *offsets, labels, grad_l.float().contiguous(), table.ints, table.floats, table.grads,
+        _edge_loss_bwd[(programs, G)](
+            base, node_stride, *offsets, labels, aux if grad_l is None else grad_l.contiguous(),
+            aux if grad_total is None else grad_total, table.ints, table.floats, table.grads,
             aux, lse, out, B, C, table.n_edges, G, 1.0 / B, STACKED=stacked, ROWS=rows_per, BLOCK_C=block_c,
-            num_warps=warps)
+            HAS_GRAD_L=grad_l is not None, HAS_GRAD_TOTAL=grad_total is not None, num_warps=warps)
         for g, n in enumerate(table.grad_nodes):
             grads[n] = out[g]
         return None, None, None, *grads

@@ -65,6 +65,9 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="mixed precision: bf16 where supported, fp16 with a grad scaler otherwise")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=d.cuda_graph,
+                   help="on CUDA, capture the whole training step as one CUDA graph and replay it "
+                        "(default on; ignored on a CPU)")
     p.add_argument("--reference", action="store_true", help="plain eager PyTorch losses (the reference path)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when present")
 
@@ -83,6 +86,7 @@ def config_from_args(args, seed: int = 0) -> TrainConfig:
                        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                        momentum=args.momentum, weight_decay=args.weight_decay, lr_decay_at=args.lr_decay_at,
                        lr_decay=args.lr_decay, seed=seed, device=device, amp=args.amp, compile=args.compile,
+                       cuda_graph=args.cuda_graph,
                        reference=args.reference, loader=args.loader, split=getattr(args, "split", "train"))
 
 

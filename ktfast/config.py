@@ -27,6 +27,7 @@ class TrainConfig:
     device: str = "cpu"
     amp: bool = False
     compile: bool = False
+    cuda_graph: bool = True  # on CUDA the whole step is one CUDA graph (DESIGN §2); ignored on a CPU
     reference: bool = False
     loader: str = "auto"
     extra: dict = field(default_factory=dict)

@@ -23,7 +23,8 @@ SQLITE_TIMEOUT_S = float(os.environ.get("KTFAST_SQLITE_TIMEOUT_S", 120))
 
 def recipe(cfg: TrainConfig) -> dict:
     """What must be the same for every worker of a study: everything but where and how fast it runs."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in ("device", "data_dir", "loader", "compile", "reference")}
+    return {k: v for k, v in cfg.to_dict().items()
+            if k not in ("device", "data_dir", "loader", "compile", "cuda_graph", "reference")}
 
 
 def is_journal(url: str) -> bool:

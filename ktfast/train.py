@@ -151,14 +151,14 @@ def forward(graph: Graph, models, x, want_attention: set[str], want_branches: se
 def make_optimizer(cfg: TrainConfig, params):
     """One optimizer over every trainable node. On CUDA the fused implementations update all
     nodes' tensors in a few multi-tensor launches (what apex's FusedSGD did), and Adam keeps its
-    step count on the device so that a captured CUDA graph can replay it."""
+    step count on the device when the step is captured as a CUDA graph, so that replays advance it."""
     cuda = torch.device(cfg.device).type == "cuda"
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
                                weight_decay=cfg.weight_decay, fused=cuda or None)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None,
-                                capturable=cuda)
+                                capturable=cuda and cfg.cuda_graph)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
@@ -260,17 +260,17 @@ class Trainer:
                               attention=attention or None)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer_step(losses)
+        self.optimizer_step(sum(losses.values()))
         self.accumulate(losses, logits, y)
 
-    def optimizer_step(self, losses: dict) -> None:
-        """Σ L_t backward once, one step of every trainable node. The fp16 grad scaler skips a step
+    def optimizer_step(self, total) -> None:
+        """`total` = Σ L_t backward once, one step of every trainable node. The fp16 grad scaler skips a step
         whose gradients overflowed and then lowers its scale: that is counted on the device, with
         no read-back (`_scale` is the scaler's device tensor; `get_scale()` would synchronise)."""
         if self.optimizer is None:
             return
         scaler = self.scaler
-        scaler.scale(sum(losses.values())).backward()
+        scaler.scale(total).backward()
         scale = scaler._scale.clone() if scaler.is_enabled() else None
         scaler.step(self.optimizer)
         scaler.update()

@@ -154,3 +154,27 @@ def test_split_search_trains_and_evaluates_on_the_held_out_split(tmp_path, capsy
     assert "validation accuracy on the search split" in capsys.readouterr().out
     saved = TrainConfig.load(tmp_path / "val" / "config.json")
     assert saved.split == "search" and splits(saved) == ("search_train", "search_val")
+
+
+def test_cuda_graph_flag_on_every_training_command(tmp_path):
+    """--cuda-graph/--no-cuda-graph is a recipe flag: train, search and pretrain take it (default on)."""
+    from ktfast.args import config_from_args
+    from ktfast.cli import build_parser
+
+    commands = {"train": ["train", "--graph", "g.json"], "pretrain": ["pretrain", "--model", "resnet8"],
+                "search": ["search", "--nodes", "3", "--target-model", "resnet8", "--trials", "1"]}
+    for name, argv in commands.items():
+        for flag, expected in ((None, True), ("--cuda-graph", True), ("--no-cuda-graph", False)):
+            args = build_parser().parse_args(argv + ["--device", "cpu"] + ([flag] if flag else []))
+            assert config_from_args(args).cuda_graph is expected, (name, flag)
+
+
+@pytest.mark.parametrize("flag", ["--cuda-graph", "--no-cuda-graph"])
+def test_cuda_graph_flag_runs_on_a_cpu(flag, tmp_path):
+    from ktfast.config import TrainConfig
+
+    path = write(tmp_path, GOOD)
+    assert main(["train", "--graph", str(path), "--dataset", TINY, "--epochs", "1", "--out", "run", "--quiet",
+                 "--device", "cpu", flag]) == 0
+    assert TrainConfig.load(tmp_path / "run" / "config.json").cuda_graph is (flag == "--cuda-graph")
+    assert len(_rows(tmp_path / "run")) == 1

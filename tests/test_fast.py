@@ -6,7 +6,7 @@ channels_last, fused kernels, the fused optimizer and the CUDA-graph capture of 
 import pytest
 import torch
 
-from ktfast import Graph
+from ktfast import Graph, train
 from ktfast.config import TrainConfig
 from ktfast.train import Trainer
 
@@ -29,7 +29,11 @@ def env(tmp_path, monkeypatch):
 
 
 def per_step_losses(cfg: TrainConfig, steps: int) -> list[torch.Tensor]:
-    trainer = Trainer(Graph.from_dict(GRAPH), cfg, out=None, progress=False)
+    return step_by_step(Trainer(Graph.from_dict(GRAPH), cfg, out=None, progress=False), steps)
+
+
+def step_by_step(trainer: Trainer, steps: int) -> list[torch.Tensor]:
+    """Each step's per-node losses, as the step adds them to the epoch sums."""
     trainer.train_loader.set_epoch(0)
     out, previous = [], torch.zeros_like(trainer.loss_sums)
     for k, (x, y) in zip(range(steps), trainer.train_loader):
@@ -54,6 +58,17 @@ def test_compiled_cpu_step_matches_reference(monkeypatch):
         torch.testing.assert_close(f, r, rtol=1e-4, atol=1e-5)
 
 
+def test_cuda_graph_flag_is_ignored_on_a_cpu(monkeypatch):
+    monkeypatch.setenv("KTFAST_KERNELS", "0")
+    steps = {}
+    for flag in (True, False):
+        trainer = Trainer(Graph.from_dict(GRAPH), config(cuda_graph=flag), out=None, progress=False)
+        assert trainer.fast is None
+        steps[flag] = step_by_step(trainer, 2)
+    for a, b in zip(steps[True], steps[False]):
+        assert torch.equal(a, b)
+
+
 def test_amp_step_stays_within_bound(monkeypatch):
     monkeypatch.setenv("KTFAST_KERNELS", "0")
     ref = per_step_losses(config(reference=True), 3)
@@ -67,21 +82,86 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @cuda
-@pytest.mark.parametrize("compile_", [False, True], ids=["streams", "compile+cudagraph"])
-def test_cuda_fast_step_matches_reference(compile_):
+@pytest.mark.parametrize("compile_,graph", [(False, False), (False, True), (True, True)],
+                         ids=["streams", "cudagraph", "compile+cudagraph"])
+def test_cuda_fast_step_matches_reference(compile_, graph):
     ref = per_step_losses(config(device="cuda", reference=True), 4)
-    fast = per_step_losses(config(device="cuda", compile=compile_), 4)
+    fast = per_step_losses(config(device="cuda", compile=compile_, cuda_graph=graph), 4)
     for r, f in zip(ref, fast):
         # cuDNN picks different convolution algorithms on each path: float32 rounding, not more.
         torch.testing.assert_close(f, r, rtol=2e-3, atol=2e-3)
 
 
+def graphed_and_eager(monkeypatch, **kw) -> dict:
+    """{cuda_graph: (trainer, per-step losses)} over 6 steps of the same batches: the linear gates'
+    factor changes every step and the schedule divides the lr by 10 after step 3 (a re-capture)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # the same algorithm on both paths
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    out = {}
+    for graph in (False, True):
+        trainer = Trainer(Graph.from_dict(GRAPH), config(device="cuda", cuda_graph=graph, **kw), out=None,
+                          progress=False)
+        assert trainer.fast.use_graph == graph and trainer.cfg.milestones()[0] == 1
+        trainer.train_loader.set_epoch(0)
+        batches = list(trainer.train_loader)
+        batches = batches + batches[:2]
+        losses, previous = [], torch.zeros_like(trainer.loss_sums)
+        for k, (x, y) in enumerate(batches):
+            if k == 3:
+                trainer.scheduler.step()
+            trainer.train_step(x, y, k + 1)
+            now = trainer.loss_sums.clone()
+            losses.append(now - previous)
+            previous = now
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+        out[graph] = trainer, losses
+    return out
+
+
+def state(trainer) -> dict:
+    tensors = {f"{k}.{n}": v for k, m in trainer.models.items() for n, v in m.state_dict().items()}
+    tensors.update((f"momentum {i}", s["momentum_buffer"]) for i, s in enumerate(trainer.optimizer.state.values()))
+    tensors["correct"] = trainer.correct
+    return tensors
+
+
+@cuda
+def test_cuda_graph_step_equals_eager_fast_step(monkeypatch):
+    """Captured and replayed, the step computes what the eager fast step computes: the same kernels
+    in the same order on the same data (deterministic cuDNN), so fp32 agrees to a few roundings:
+    the tolerance is fp32's own (8 ulps), not a fit."""
+    runs = graphed_and_eager(monkeypatch)
+    (eager, eager_losses), (graphed, graphed_losses) = runs[False], runs[True]
+    tol = dict(rtol=8 * torch.finfo(torch.float32).eps, atol=8 * torch.finfo(torch.float32).eps)
+    for a, b in zip(graphed_losses, eager_losses):
+        torch.testing.assert_close(a, b, **tol)
+    eager_state = state(eager)
+    for name, value in state(graphed).items():
+        torch.testing.assert_close(value, eager_state[name], **tol, msg=name)
+
+
+@cuda
+def test_fp16_grad_scaler_step_is_captured(monkeypatch):
+    """fp16 with the grad scaler: captured too (the fused SGD takes the scaler's scale and inf flag
+    on the device), and the scale, which the captured update changes in place, ends as the eager
+    step's does."""
+    monkeypatch.setattr(train, "amp_dtype", lambda cfg: torch.float16)
+    runs = graphed_and_eager(monkeypatch, amp=True)
+    (eager, eager_losses), (graphed, graphed_losses) = runs[False], runs[True]
+    assert graphed.scaler.is_enabled() and graphed.fast.graph is not None
+    assert torch.equal(graphed.scaler._scale, eager.scaler._scale)
+    # fp16 activations: the two paths may round differently where cuBLAS picks another algorithm.
+    tol = dict(rtol=8 * torch.finfo(torch.float16).eps, atol=8 * torch.finfo(torch.float16).eps)
+    for a, b in zip(graphed_losses, eager_losses):
+        torch.testing.assert_close(a, b, **tol)
+
+
 @cuda
 def test_cuda_graph_epoch_metrics_match_eager_fast_path():
     rows = {}
-    for compile_ in (False, True):
-        trainer = Trainer(Graph.from_dict(GRAPH), config(device="cuda", compile=compile_), out=None, progress=False)
-        rows[compile_] = trainer.fit()
+    for graph in (False, True):
+        trainer = Trainer(Graph.from_dict(GRAPH), config(device="cuda", cuda_graph=graph), out=None, progress=False)
+        rows[graph] = trainer.fit()
     for a, b in zip(rows[False], rows[True]):
         for node in a["train"]:
             assert a["train"][node]["loss"] == pytest.approx(b["train"][node]["loss"], rel=1e-2, abs=1e-3)

@@ -115,7 +115,7 @@ def test_every_loss_and_gate_against_independent_computation(loss, gate):
     edges = [{"from": "label", "to": "n1", "loss": "ce", "gate": gate},
              {"from": "n2", "to": "n1", "loss": loss, "gate": gate, "crops": [3, 5]},
              {"from": "label", "to": "n2", "loss": "ce", "gate": "through"}]
-    logits, labels, attention = make_inputs(["n1", "n2"], seed=hash((loss, gate)) % 1000)
+    logits, labels, attention = make_inputs(["n1", "n2"], seed=10 * LOSSES.index(loss) + GATES.index(gate))
     # Make the correct gate select some samples and not others.
     with torch.no_grad():
         logits["n2"][:3].zero_()
@@ -196,6 +196,19 @@ def test_crop_windows_move_inside_the_map_and_k_equal_to_map_is_allowed():
     edges[0]["crops"] = [7]
     with pytest.raises(GraphError, match="crop size 7"):
         graph_losses(Graph.from_dict(graph(models("n1", "n2"), edges)), logits, labels, 1, 1, attention)
+
+
+@pytest.mark.parametrize("loss", ["att_mse", "att_cos"])
+def test_even_crops_away_from_the_border(loss):
+    """An even window has no centre pixel: its top-left corner is (i - k/2, j - k/2), so the arg-max
+    sits just below and right of its middle. Away from the border nothing clamps it: a window one
+    pixel off shows here."""
+    edges = [{"from": "n2", "to": "n1", "loss": loss, "gate": "through", "crops": [2, 4]}]
+    logits, labels, attention = make_inputs(["n1", "n2"], size=8, seed=5)
+    with torch.no_grad():
+        for b, (i, j) in enumerate([(3, 4), (4, 3), (2, 2), (5, 5), (3, 3), (4, 5)]):
+            attention["n2"][b, i, j] = 50.0
+    check(graph(models("n1", "n2"), edges), logits, labels, attention)
 
 
 def test_cutoff_edges_are_not_computed_and_their_targets_absent():

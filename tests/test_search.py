@@ -204,3 +204,35 @@ def test_bad_export_input_exits_2_with_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err and "Traceback" not in err
     assert not (tmp_path / "g.json").exists()
+
+
+def test_asha_first_decides_at_epoch_1(monkeypatch):
+    """ASHA's first rung is epoch 1 (DESIGN §6): a trial far behind the first one is pruned right
+    after its first epoch. The trainer is scripted: only the search's reporting and pruning run."""
+    from ktfast import search
+    from ktfast.config import TrainConfig
+    from ktfast.search import Space, objective
+    from ktfast.study import make_pruner
+
+    accuracies = iter([[0.9, 0.9, 0.9], [0.1, 0.1, 0.1]])
+
+    class Scripted:
+        def __init__(self, graph, cfg, out, log, progress):
+            self.graph, self.script = graph, next(accuracies)
+
+        def fit(self, on_epoch):
+            rows = []
+            for epoch, acc in enumerate(self.script, 1):
+                rows.append({"test": {self.graph.target: {"acc": acc}}})
+                on_epoch(epoch, rows[-1])
+            return rows
+
+    monkeypatch.setattr(search, "make_trainer", Scripted)
+    space = Space(3, "resnet8", ("resnet8",), ("through",), None, "target")
+    cfg = TrainConfig(dataset=TINY, epochs=3, split="search")
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0),
+                                pruner=make_pruner("asha", cfg.epochs))
+    study.optimize(lambda trial: objective(trial, space, cfg, 2), n_trials=2)
+    first, second = study.get_trials()
+    assert first.state == optuna.trial.TrialState.COMPLETE and first.value == 0.9
+    assert second.state == optuna.trial.TrialState.PRUNED and second.intermediate_values == {1: 0.1}
