@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 
 from ktfast.args import Parser, UsageError
+from ktfast.checkpoint import CheckpointError, RunWriteError
 from ktfast.commands import pictures, search, train
 from ktfast.data import DatasetError
 from ktfast.graph import GraphError
+from ktfast.train import NonFiniteLoss
 
 COMMANDS = (train, search, pictures)  # train, pretrain | search, export | show, attention, report
 
@@ -24,9 +26,15 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (GraphError, DatasetError, UsageError) as e:
+    except (GraphError, DatasetError, UsageError, CheckpointError) as e:
         print(f"ktfast: error: {e}", file=sys.stderr)
         return 2
+    except RunWriteError as e:
+        print(f"ktfast: error: {e}", file=sys.stderr)
+        return 1
+    except NonFiniteLoss as e:  # DESIGN §2: numerical health has an exit code of its own
+        print(f"ktfast: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("ktfast: interrupted", file=sys.stderr)
         return 130

@@ -83,10 +83,7 @@ class FastStep:
         for stream in self.streams.values():
             current.wait_stream(stream)
         losses, total = self._losses(logits, y, attention or None)
-        if t.optimizer is not None:
-            t.scaler.scale(total).backward()
-            t.scaler.step(t.optimizer)
-            t.scaler.update()
+        t.optimizer_step(total)  # counts the fp16 scaler's skipped steps on the device, no sync
         t.accumulate(losses, logits, y)
 
     def __call__(self, x, y, step: int) -> None:
@@ -145,7 +142,7 @@ def _snapshot(t) -> dict:
             "optimizer": {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
                           for p, s in (t.optimizer.state.items() if t.optimizer else ())},
             "scaler": [v.clone() for v in _scaler_state(t)],
-            "metrics": (t.loss_sums.clone(), t.correct.clone())}
+            "metrics": (t.loss_sums.clone(), t.correct.clone(), t.skipped.clone())}
 
 
 def _restore(t, saved) -> None:
@@ -170,3 +167,4 @@ def _restore(t, saved) -> None:
             now[1].zero_()
         t.loss_sums.copy_(saved["metrics"][0])
         t.correct.copy_(saved["metrics"][1])
+        t.skipped.copy_(saved["metrics"][2])

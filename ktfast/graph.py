@@ -34,7 +34,7 @@ class GraphError(ValueError):
 class ModelNode:
     name: str
     model: str
-    init: str | dict  # "scratch" | "pretrained" | {"checkpoint": path}, as resolved
+    init: str | dict  # "scratch" | "pretrained" | "zoo" | {"checkpoint": path}, as resolved
     frozen: bool
 
     @property
@@ -79,10 +79,10 @@ class Edge:
         return d
 
 
-def _is_model_name(name: str) -> bool:
-    from ktfast.models import is_model_name
+def _model_problem(name: str) -> str | None:
+    from ktfast.models import model_problem
 
-    return is_model_name(name)
+    return model_problem(name)
 
 
 def branch_count(model: str) -> int:
@@ -259,12 +259,18 @@ def _parse_node(raw, index: int) -> dict:
         return {"name": name, "ensemble": members, "reduce": reduce, "detach": detach}
     _no_unknown_keys(raw, _MODEL_KEYS, where)
     model = _typed(raw, "model", str, where)
-    if not _is_model_name(model):
-        raise GraphError(f"{where}.model: unknown model {model!r}")
+    problem = _model_problem(model)
+    if problem:
+        raise GraphError(f"{where}.model: {problem}")
     init = raw.get("init", "scratch")
     if isinstance(init, dict):
         if set(init) != {"checkpoint"} or not isinstance(init["checkpoint"], str):
-            raise GraphError(f"{where}.init: expected \"scratch\", \"pretrained\" or {{\"checkpoint\": path}}")
+            raise GraphError(f"{where}.init: expected \"scratch\", \"pretrained\", \"zoo\" or "
+                             f"{{\"checkpoint\": path}}")
+    elif init == "zoo":
+        if ":" not in model:
+            raise GraphError(f"{where}.init: \"zoo\" loads the published weights of a timm: or torchvision: "
+                             f"model, and {model!r} is not one")
     elif init not in ("scratch", "pretrained"):
         raise GraphError(f"{where}.init: unknown init {json.dumps(init)}")
     return {"name": name, "model": model, "init": init}

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from ktfast.config import TrainConfig
 from ktfast.graph import LABEL, Graph
 from ktfast.run import make_trainer
-from ktfast.study import is_journal, is_locked, make_pruner, make_sampler, open_storage, requeue, retry_locked, shown
+from ktfast.train import NonFiniteLoss
+from ktfast.study import is_journal, make_pruner, make_sampler, open_storage, requeue, shown
 
 DEFAULT_MODELS = ("resnet32", "resnet110", "wrn28_2")
 OBJECTIVES = ("target", "ensemble")
@@ -130,20 +131,20 @@ class SkippedTrial(Exception):
 
 
 def _skip(trial: optuna.Trial, kind: str, why: str):
-    retry_locked(trial.set_user_attr, "fail_reason", f"{kind}: {why}")
+    trial.set_user_attr("fail_reason", f"{kind}: {why}")
     raise SkippedTrial(f"{kind}: {why}")
 
 
 def objective(trial: optuna.Trial, space: Space, cfg: TrainConfig, trials: int) -> float:
     study = trial.study
-    retry_locked(trial.set_user_attr, "worker", worker_tag())
+    trial.set_user_attr("worker", worker_tag())
     # Workers that start at the same moment may together pass --trials; the later ones give way.
     ahead = [t for t in study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING))
              if t.number < trial.number]
     if len(ahead) >= trials:
         _skip(trial, "surplus", f"{trials} trials were already finished or running")
     spec = space.sample(trial, f"{study.study_name}-trial{trial.number}")
-    retry_locked(trial.set_user_attr, "graph", spec)  # what `ktfast export` writes, exactly
+    trial.set_user_attr("graph", spec)  # what `ktfast export` writes, exactly
     graph = Graph.from_dict(spec)
     if space.objective == "target" and graph.nodes[TARGET].frozen:
         # The reference code raised an error for such a graph (its trial FAILED) and drew the next one.
@@ -151,14 +152,17 @@ def objective(trial: optuna.Trial, space: Space, cfg: TrainConfig, trials: int) 
     quiet = lambda _: None  # noqa: E731
 
     def report(epoch: int, row: dict) -> None:
-        retry_locked(trial.report, row["test"][graph.target]["acc"], epoch)
+        trial.report(row["test"][graph.target]["acc"], epoch)
         # Asked every epoch, ASHA only decides at its rungs, epochs 1, 2, 4, 8, …: below the next
         # rung it answers no without looking. The last epoch is no decision: the trial is done.
-        if epoch < cfg.epochs and retry_locked(trial.should_prune):
+        if epoch < cfg.epochs and trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
     # Pre-trained teachers are trained once on search_train, then cached for every trial.
-    rows = make_trainer(graph, cfg, out=None, log=quiet, progress=False).fit(on_epoch=report)
+    try:
+        rows = make_trainer(graph, cfg, out=None, log=quiet, progress=False).fit(on_epoch=report)
+    except NonFiniteLoss as e:  # a graph that diverges is a result of the search, not a worker's fault
+        _skip(trial, "non-finite loss", str(e))
     return rows[-1]["test"][graph.target]["acc"]
 
 
@@ -181,21 +185,15 @@ def run_worker(spec: dict) -> None:
     study = optuna.load_study(study_name=spec["study"], storage=storage, sampler=make_sampler(spec["sampler"]),
                               pruner=make_pruner(spec["pruner"], cfg.epochs))
     while True:
-        retry_locked(fail_stale, study, journal)
-        counts = retry_locked(_counts, study)
+        fail_stale(study, journal)
+        counts = _counts(study)
         done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
         if done >= trials:
             return
         if done + counts[TrialState.RUNNING] >= trials:
             time.sleep(POLL_S)  # the last trials run elsewhere: wait until they finish, or die and come back
             continue
-        try:
-            study.optimize(lambda t: objective(t, space, cfg, trials), n_trials=1, catch=(SkippedTrial,))
-        except Exception as e:
-            if not is_locked(e):
-                raise
-            # SQLite stayed locked past the retries: not this worker's fault. A trial left RUNNING
-            # comes back once stale; one that got FAILED is not counted, and another takes its place.
+        study.optimize(lambda t: objective(t, space, cfg, trials), n_trials=1, catch=(SkippedTrial,))
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()  # the workers packed on this GPU share its memory between trials
 
@@ -238,7 +236,7 @@ def watch(study: optuna.Study, procs: list[subprocess.Popen], devices: list, tri
                     if p.returncode:
                         where = f"GPU {devices[i]}" if devices[i] is not None else "CPU"
                         tqdm.write(f"worker {i} ({where}, pid {p.pid}) {_exit_text(p.returncode)}", file=sys.stderr)
-            counts, post = postfix(retry_locked(lambda: study.get_trials(deepcopy=False)))
+            counts, post = postfix(study.get_trials(deepcopy=False))
             bar.n = min(counts[TrialState.COMPLETE] + counts[TrialState.PRUNED], trials)
             bar.set_postfix(post)
 

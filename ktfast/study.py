@@ -6,19 +6,19 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import random
-import time
+import os
 import warnings
 
 import optuna
 
 from ktfast.args import UsageError
 from ktfast.config import TrainConfig
+from ktfast.storage_retry import RetryingRDBStorage
 
 DEFAULT_STORAGE = "sqlite:///ktfast-search.db"
 MAX_RETRY = 3  # a graph whose worker keeps dying (killed for memory, say) is given up after this
-SQLITE_TIMEOUT_S = 120  # how long an SQLite writer waits for the lock before "database is locked"
-LOCK_RETRIES = 5
+# How long an SQLite writer waits for the lock before "database is locked" (then its call is retried).
+SQLITE_TIMEOUT_S = float(os.environ.get("KTFAST_SQLITE_TIMEOUT_S", 120))
 
 
 def recipe(cfg: TrainConfig) -> dict:
@@ -62,45 +62,26 @@ def _with_driver(url: str) -> str:
 
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None):
     """The storage a URL names: `journal:PATH` or a `.log` path is an Optuna journal file; anything else
-    an SQLAlchemy URL (SQLite, PostgreSQL). Workers pass `heartbeat_interval`: a trial whose worker
-    stops beating for `grace_period` seconds (default twice the interval) is failed and queued again."""
+    an SQLAlchemy URL (SQLite, PostgreSQL), whose calls wait out a lost server or a held lock
+    (`ktfast.storage_retry`). Workers pass `heartbeat_interval`: a trial whose worker stops beating
+    for `grace_period` seconds (default twice the interval) is failed and queued again."""
     try:
         if is_journal(url):
             from optuna.storages.journal import JournalFileBackend
 
             return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {}
-        return optuna.storages.RDBStorage(_with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                                          grace_period=grace_period,
-                                          heartbeat_stale_trial_callback=requeue if heartbeat_interval else None)
+        return RetryingRDBStorage(_with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                                  grace_period=grace_period,
+                                  heartbeat_stale_trial_callback=requeue if heartbeat_interval else None)
     except Exception as e:  # unreachable server, bad URL, missing directory: one line either way
         raise UsageError(f"--storage {shown(url)}: cannot open it: {_root_message(e)}") from None
-
-
-def is_locked(e: BaseException | None) -> bool:
-    while e is not None:
-        if "database is locked" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def retry_locked(fn, *args):
-    """Call fn; when SQLite stays locked past its timeout, wait a little and try again."""
-    for attempt in range(LOCK_RETRIES + 1):
-        try:
-            return fn(*args)
-        except Exception as e:
-            if not is_locked(e) or attempt == LOCK_RETRIES:
-                raise
-            time.sleep(random.uniform(1, 2) * (attempt + 1))
 
 
 def open_study(storage, name: str, space, cfg: TrainConfig) -> optuna.Study:
     """Create the study, or join it when it was made by the same search; any other is an error."""
     try:
-        study = retry_locked(lambda: optuna.create_study(storage=storage, study_name=name, direction="maximize",
-                                                         load_if_exists=True))
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
     except Exception as e:
         raise UsageError(f"--study {name}: cannot create or load it: {_root_message(e)}") from None
     mine = {**space.to_dict(), **json.loads(json.dumps(recipe(cfg)))}

@@ -5,7 +5,7 @@ run directory (graph.json, config.json, metrics.jsonl, checkpoint.pt written ato
 from __future__ import annotations
 
 import json
-import os
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,15 +15,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ktfast.checkpoint import CheckpointError, append_line, load_models, read_checkpoint, save_atomic, truncate
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info, make_loader
 from ktfast.graph import ATTENTION_TERMS, LABEL, Graph, GraphError, ModelNode
 from ktfast.fast import FastStep, loss_function
 from ktfast.losses import node_logits
 from ktfast.models import build_model
+from ktfast.models.zoo import ZooError
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+
+
+class NonFiniteLoss(RuntimeError):
+    """A node's training loss became NaN or infinite (DESIGN §2, numerical health); one line."""
 
 
 def splits(cfg: TrainConfig) -> tuple[str, str]:
@@ -71,7 +77,10 @@ def build_models(graph: Graph, cfg: TrainConfig, num_classes: int, image_size: i
     torch.manual_seed(cfg.seed)
     models = torch.nn.ModuleDict()
     for node in graph.model_nodes:
-        model = build_model(node.model, num_classes, image_size)
+        try:
+            model = build_model(node.model, num_classes, image_size, zoo_weights=node.init == "zoo")
+        except ZooError as e:  # "init": "zoo" offline, say
+            raise GraphError(f"nodes[{node.name}].init: {e}") from None
         if node.checkpoint:
             state = load_state(node, node.checkpoint)
         elif node.name in pretrained:
@@ -100,7 +109,10 @@ def check_attention_sizes(graph: Graph, models, image_size: int, device) -> None
         for name in need:
             was_training = models[name].training
             models[name].eval()
-            sizes[name] = tuple(models[name](x, return_attention=True)[1].shape[1:])
+            try:
+                sizes[name] = tuple(models[name](x, return_attention=True)[1].shape[1:])
+            except ValueError as e:  # a zoo model without a spatial feature map
+                raise GraphError(f"nodes[{name}].model: no attention map: {e}") from None
             models[name].train(was_training)
     for e in graph.active_edges:
         if e.uses_attention:
@@ -216,9 +228,11 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.epoch = 0  # epochs completed
+        self.epoch_lrs: dict[str, float] = {}  # each trained node's learning rate in the current epoch
         # Per-node sums the steps add into on the device; read once per epoch.
         self.loss_sums = torch.zeros(len(graph.nodes), device=cfg.device)
         self.correct = torch.zeros(len(graph.nodes), device=cfg.device)
+        self.skipped = torch.zeros((), device=cfg.device)  # steps the fp16 grad scaler skipped
         if cfg.compile:
             for name in list(self.models):
                 self.models[name] = torch.compile(self.models[name])
@@ -246,10 +260,22 @@ class Trainer:
                               attention=attention or None)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(sum(losses.values())).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        self.optimizer_step(sum(losses.values()))
         self.accumulate(losses, logits, y)
+
+    def optimizer_step(self, total) -> None:
+        """`total` = Σ L_t backward once, one step of every trainable node. The fp16 grad scaler skips a step
+        whose gradients overflowed and then lowers its scale: that is counted on the device, with
+        no read-back (`_scale` is the scaler's device tensor; `get_scale()` would synchronise)."""
+        if self.optimizer is None:
+            return
+        scaler = self.scaler
+        scaler.scale(total).backward()
+        scale = scaler._scale.clone() if scaler.is_enabled() else None
+        scaler.step(self.optimizer)
+        scaler.update()
+        if scale is not None:
+            self.skipped += scaler._scale < scale
 
     @torch.no_grad()
     def accumulate(self, losses: dict, logits: dict, y) -> None:
@@ -261,11 +287,21 @@ class Trainer:
         self.loss_sums += torch.stack(per_node)
         self.correct += torch.stack([(z[name].argmax(1) == y).sum() for name in self.graph.nodes]).float()
 
-    def train_epoch(self) -> tuple[dict, float]:
+    def node_lrs(self) -> dict[str, float]:
+        """The learning rate of each trainable node: that of the parameter group holding its weights."""
+        if self.optimizer is None:
+            return {}
+        lr = {id(p): g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
+        return {n.name: lr[id(next(self.models[n.name].parameters()))] for n in self.graph.trainable}
+
+    def train_epoch(self) -> tuple[dict, float, int]:
+        """(per-node loss and accuracy, images/s, steps the grad scaler skipped) of one epoch."""
         graph, cfg = self.graph, self.cfg
         self.train_loader.set_epoch(self.epoch)
         self.loss_sums.zero_()
         self.correct.zero_()
+        self.skipped.zero_()
+        self.epoch_lrs = self.node_lrs()
         seen = steps = 0
         start = time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="img",
@@ -274,12 +310,13 @@ class Trainer:
             steps += 1
             self.train_step(x, y, self.epoch * self.steps_per_epoch + steps)
             seen += y.shape[0]
-        loss_sums, correct = self.loss_sums.tolist(), self.correct.tolist()  # the epoch's one sync
+        n = len(graph.nodes)
+        sums = torch.cat([self.loss_sums, self.correct, self.skipped.view(1)]).tolist()  # the epoch's one sync
         elapsed = time.perf_counter() - start
-        train = {name: {"loss": loss_sums[i] / steps, "acc": correct[i] / seen} for i, name in enumerate(graph.nodes)}
+        train = {name: {"loss": sums[i] / steps, "acc": sums[n + i] / seen} for i, name in enumerate(graph.nodes)}
         if self.scheduler is not None:
             self.scheduler.step()
-        return train, seen / elapsed
+        return train, seen / elapsed, int(sums[-1])
 
     # ---- the run ----------------------------------------------------------------------------
     def fit(self, on_epoch: Callable[[int, dict], None] | None = None) -> list[dict]:
@@ -287,43 +324,59 @@ class Trainer:
         rows = []
         while self.epoch < self.cfg.epochs:
             start = time.perf_counter()
-            train, images_per_s = self.train_epoch()
+            train, images_per_s, skipped = self.train_epoch()
+            bad = [name for name, v in train.items() if not math.isfinite(v["loss"])]
+            if bad:  # nothing of this epoch is written: the last checkpoint is the last finite one
+                raise NonFiniteLoss(f"non-finite training loss of node {', '.join(bad)} in epoch {self.epoch + 1}"
+                                    + (f"; {self.out} keeps the checkpoint of epoch {self.epoch}"
+                                       if self.out is not None and self.epoch else ""))
             test = evaluate(self.graph, self.models, self.eval_loader, self.cfg)
             self.epoch += 1
             row = {"epoch": self.epoch, "time_s": time.perf_counter() - start, "images_per_s": images_per_s,
                    "train": train, "test": test}
+            if self.scaler.is_enabled():
+                row["skipped_steps"] = skipped
             rows.append(row)
             if self.out is not None:
-                with open(self.out / METRICS, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                self.save_checkpoint()
+                self.write_epoch(row)
             if self.progress:
                 self.log(epoch_line(self.graph, row, self.cfg.epochs))
             if on_epoch is not None:
                 on_epoch(self.epoch, row)
         return rows
 
+    def write_epoch(self, row: dict) -> None:
+        """The metrics row, then the checkpoint; if the checkpoint cannot be written the row is taken
+        back, so the run directory stays at the previous epoch, whole."""
+        size = append_line(self.out / METRICS, json.dumps(row))
+        try:
+            self.save_checkpoint()
+        except Exception:
+            truncate(self.out / METRICS, size)
+            raise
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch,
+        return {"epoch": self.epoch, "graph": self.graph.to_dict(), "config": self.cfg.to_dict(),
                 "models": {k: _plain_module(m).state_dict() for k, m in self.models.items()},
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "scaler": self.scaler.state_dict()}
 
     def save_checkpoint(self) -> None:
-        # Write then rename: a run killed mid-write keeps its previous checkpoint intact.
-        tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, self.out / CHECKPOINT)
+        save_atomic(self.state_dict(), self.out / CHECKPOINT)
 
     def load_checkpoint(self, path) -> None:
-        state = torch.load(path, map_location=self.cfg.device, weights_only=True)
-        for name, sd in state["models"].items():
-            _plain_module(self.models[name]).load_state_dict(sd)
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        """Raises CheckpointError for a checkpoint that is not this run's (nothing on disk changes)."""
+        path = Path(path)
+        state = read_checkpoint(path, self.graph.to_dict(), self.cfg.to_dict(), self.cfg.device)
+        load_models(state, {k: _plain_module(m) for k, m in self.models.items()}, path)
+        try:
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: its optimizer state does not fit the graph: {e}") from None
         self.epoch = state["epoch"]
 
 

@@ -6,6 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
+from ktfast import tensorboard
 from ktfast.args import UsageError, add_recipe_args, config_from_args, logger, seeds
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info
@@ -27,6 +28,8 @@ def register(sub) -> None:
     p.add_argument("--out", help="run directory (default runs/<graph name>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files under RUN/tensorboard/NODE")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pretrain", help="fill the pretrain cache with a label-only model")
@@ -51,6 +54,8 @@ def _check_new_run_dir(path: Path) -> None:
 
 
 def cmd_train(args) -> int:
+    if args.tensorboard and not tensorboard.available():
+        raise UsageError("--tensorboard: needs the tensorboard package (pip install 'ktfast[tensorboard]')")
     if args.resume:
         return _resume(Path(args.resume), args)
     if not args.graph:
@@ -75,7 +80,7 @@ def cmd_train(args) -> int:
         cfg.save(out / "config.json")
         print(f"run {out}: graph {graph.name}, {cfg.dataset}, seed {cfg.seed}, {cfg.epochs} epochs, "
               f"{cfg.device}{', amp' if cfg.amp else ''}{', compile' if cfg.compile else ''}", flush=True)
-        rows = trainer.fit()
+        rows = _fit(trainer, out, args.tensorboard)
         finals[cfg.seed] = rows[-1]["test"]
     print(result_table(graph, finals, configs[0].split))
     if multi:
@@ -83,11 +88,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+# Recipe flags that --resume checks against the run's config.json: a run continues as it started.
+RESUME_CHECKED = ("dataset", "split", "train_fraction", "epochs", "batch_size", "optimizer", "lr", "momentum",
+                  "weight_decay", "lr_decay_at", "lr_decay")
+
+
+def _check_resume_flags(run: Path, args, cfg: TrainConfig) -> None:
+    """A flag given with --resume (one that differs from its default) must agree with the run."""
+    default = TrainConfig()
+    for key in RESUME_CHECKED:
+        given = getattr(args, key, None)
+        if given not in (getattr(default, key), None) and given != getattr(cfg, key):
+            raise UsageError(f"--{key.replace('_', '-')}: the run in {run} has {getattr(cfg, key)!r}, not "
+                             f"{given!r} (--resume continues a run as it was started)")
+    if args.seeds != [0] and args.seeds != [cfg.seed]:
+        raise UsageError(f"--seeds: the run in {run} has seed {cfg.seed}")
+
+
 def _resume(run: Path, args) -> int:
     if not (run / "graph.json").is_file() or not (run / "config.json").is_file():
         raise UsageError(f"--resume: {run} is not a run directory (no graph.json / config.json)")
     graph = Graph.load(run / "graph.json")
-    cfg = TrainConfig.load(run / "config.json")
+    if args.graph and Graph.load(args.graph).to_dict() != graph.to_dict():
+        raise UsageError(f"--graph: {args.graph} is not the graph of the run in {run} (its graph.json)")
+    try:
+        cfg = TrainConfig.load(run / "config.json")
+    except (ValueError, TypeError) as e:  # malformed JSON, or fields of the wrong kind
+        raise UsageError(f"--resume: {run / 'config.json'} is not a run's config: {e}") from None
+    _check_resume_flags(run, args, cfg)
     trainer = make_trainer(graph, cfg, out=run, log=logger(args.quiet), progress=not args.quiet)
     done = 0
     if (run / CHECKPOINT).exists():
@@ -97,12 +125,23 @@ def _resume(run: Path, args) -> int:
     metrics = run / METRICS
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     kept = [r for r in rows if r["epoch"] <= done]
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if len(kept) < len(rows):
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
     print(f"resuming {run} after epoch {done} of {cfg.epochs}", flush=True)
-    new_rows = trainer.fit()
+    new_rows = _fit(trainer, run, args.tensorboard)
     final = (kept + new_rows)[-1]["test"] if kept or new_rows else {}
     print(result_table(graph, {cfg.seed: final}, cfg.split))
     return 0
+
+
+def _fit(trainer, run: Path, with_tensorboard: bool) -> list[dict]:
+    if not with_tensorboard:
+        return trainer.fit()
+    log = tensorboard.TensorBoardLog(run, trainer)
+    try:
+        return trainer.fit(on_epoch=log)
+    finally:
+        log.close()
 
 
 def summary(graph: Graph, finals: dict) -> dict:

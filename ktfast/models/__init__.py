@@ -4,7 +4,8 @@ Every model's forward is `forward(x, return_attention=False)`; with `return_atte
 returns `(logits, attention)`, the attention map being the channel mean of the last stage's
 feature map, `[B, H, W]` (`abn18`: its attention branch's map). Multi-branch models
 (`branch{N}_resnet8`) also take `return_branches=True`, which appends the tuple of the N branches'
-logits to what they return.
+logits to what they return. Models of the timm and torchvision zoos are named `timm:NAME` and
+`torchvision:NAME` (`ktfast.models.zoo`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ktfast.models.branch_resnet import BranchResNet8
 from ktfast.models.cifar_resnet import CifarResNet
 from ktfast.models.imagenet_resnet import ResNet18
 from ktfast.models.wrn import WideResNet
+from ktfast.models import zoo
 
 # A constructor takes (num_classes, image_size).
 Constructor = Callable[[int, int], nn.Module]
@@ -55,11 +57,21 @@ def _constructor(name: str) -> Optional[Constructor]:
     return None
 
 
+def model_problem(name: str) -> Optional[str]:
+    """Why `name` names no model (one line), or None when it does."""
+    if zoo.split_name(name):
+        return zoo.problem(name)
+    return None if _constructor(name) is not None else f"unknown model {name!r}"
+
+
 def is_model_name(name: str) -> bool:
-    return _constructor(name) is not None
+    return model_problem(name) is None
 
 
-def build_model(name: str, num_classes: int, image_size: int = 32) -> nn.Module:
+def build_model(name: str, num_classes: int, image_size: int = 32, zoo_weights: bool = False) -> nn.Module:
+    """`zoo_weights`: a zoo model with its published weights (raises zoo.ZooError when out of reach)."""
+    if zoo.split_name(name):
+        return zoo.build(name, num_classes, weights=zoo_weights)
     make = _constructor(name)
     if make is None:
         raise ValueError(f"unknown model {name!r}")

@@ -1,0 +1,124 @@
+"""A search whose storage goes away for a while: the PostgreSQL server stopped and started again
+mid-search (the real server `.ci/run` starts), an SQLite file locked by another process past the
+workers' lock timeout. The workers wait and carry on: every trial completes once, none is lost or
+failed by the fault, none runs twice."""
+import os
+import shlex
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pytest
+
+from ktfast.study import open_storage
+
+TINY = "synthetic:classes=4,size=16,train=96,test=40"
+SEARCH = ["search", "--nodes", "2", "--target-model", "resnet8", "--models", "resnet8", "--dataset", TINY,
+          "--batch-size", "32", "--lr", "0.05", "--device", "cpu", "--quiet", "--pruner", "none",
+          "--gates", "through,correct"]  # no cutoff: no graph is refused (a frozen target), every trial trains
+EPOCHS, TRIALS = 4, 4
+
+
+@pytest.fixture(autouse=True)
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("KTFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KTFAST_KERNELS", "0")
+    monkeypatch.chdir(tmp_path)
+
+
+def required(names: list[str]) -> list[str]:
+    values = [os.environ.get(n) for n in names]
+    if all(values):
+        return values
+    if os.environ.get("CI"):
+        pytest.fail(f"{' / '.join(names)} unset in CI: .ci/run exports them for this test")
+    pytest.skip(f"{' / '.join(names)} unset: no PostgreSQL server this test may restart (.ci/run starts one)")
+
+
+def pg_ctl(action: str) -> None:
+    """Stop (fast: every connection cut) or start the test server, as the system user owning it."""
+    ctl, data = required(["KTFAST_TEST_PG_CTL", "KTFAST_TEST_PGDATA"])
+    cmd = [ctl, "-D", data, "-w", *(["-m", "fast"] if action == "stop" else ["-l", f"{data}/log"]), action]
+    user = os.environ.get("KTFAST_TEST_PG_USER")
+    if user and os.geteuid() == 0:
+        cmd = ["su", user, "-s", "/bin/sh", "-c", shlex.join(cmd)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+
+def wait_for_training(url: str, name: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            running = optuna.load_study(study_name=name, storage=open_storage(url)).get_trials(
+                states=(optuna.trial.TrialState.RUNNING,))
+            if any(t.intermediate_values for t in running):
+                return
+        except KeyError:  # the study does not exist yet
+            pass
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for a trial in training")
+
+
+def search(url: str, name: str, workers: int, env=None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ktfast", *SEARCH, "--epochs", str(EPOCHS), "--trials", str(TRIALS),
+           "--workers", str(workers), "--storage", url, "--study", name]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def assert_every_trial_complete_once(url: str, name: str) -> None:
+    trials = optuna.load_study(study_name=name, storage=open_storage(url)).get_trials()
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == TRIALS
+    for t in complete:  # each trained through once, reported every epoch, none a re-run of a failed one
+        assert sorted(t.intermediate_values) == list(range(1, EPOCHS + 1)) and t.user_attrs["graph"]
+        assert "failed_trial" not in t.system_attrs
+    # Nothing else failed but the search's own give-way: a worker that finds --trials already running
+    # fails its fresh trial untrained ("surplus"), which is not counted.
+    others = [(t.state, t.user_attrs.get("fail_reason", "")) for t in trials if t not in complete]
+    assert all(state == optuna.trial.TrialState.FAIL and reason.startswith("surplus") for state, reason in others), \
+        others
+
+
+def test_postgres_restarted_mid_search_the_workers_reconnect_and_lose_no_trial():
+    [url] = required(["KTFAST_TEST_POSTGRES"])
+    required(["KTFAST_TEST_PG_CTL", "KTFAST_TEST_PGDATA"])
+    name = f"restart-{uuid.uuid4().hex[:8]}"
+    launcher = search(url, name, workers=2)
+    try:
+        wait_for_training(url, name)
+        pg_ctl("stop")
+        try:
+            time.sleep(5)  # the workers' epochs end meanwhile: their reports meet a closed server
+        finally:
+            pg_ctl("start")
+        out, err = launcher.communicate(timeout=400)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 0, err[-3000:]
+    assert "ktfast: storage:" in err and "retry 1 of" in err  # the server was away, and was waited for
+    assert f"{TRIALS} of {TRIALS} trials finished: {TRIALS} complete" in out
+    assert_every_trial_complete_once(url, name)
+
+
+def test_sqlite_locked_past_the_timeout_under_4_workers_loses_no_trial(tmp_path):
+    db = tmp_path / "search.db"
+    url, name = f"sqlite:///{db}", "locked"
+    # Writers give up on the lock after 0.2 s instead of 120 s: the test need not hold it for minutes.
+    launcher = search(url, name, workers=4, env={"KTFAST_SQLITE_TIMEOUT_S": "0.2"})
+    try:
+        wait_for_training(url, name)
+        holder = sqlite3.connect(db, timeout=60, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")  # no worker reads or writes while this is held
+        time.sleep(4)
+        holder.execute("ROLLBACK")
+        holder.close()
+        out, err = launcher.communicate(timeout=400)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 0, err[-3000:]
+    assert "database is locked; retry 1 of" in err
+    assert_every_trial_complete_once(url, name)
