@@ -7,6 +7,7 @@ import copy
 import importlib.util
 import json
 import random
+import threading
 import time
 import warnings
 
@@ -19,6 +20,7 @@ DEFAULT_STORAGE = "sqlite:///ktfast-search.db"
 MAX_RETRY = 3  # a graph whose worker keeps dying (killed for memory, say) is given up after this
 SQLITE_TIMEOUT_S = 120  # how long an SQLite writer waits for the lock before "database is locked"
 LOCK_RETRIES = 5
+_REQUEUE_LOCK = threading.Lock()
 
 
 def recipe(cfg: TrainConfig) -> dict:
@@ -132,10 +134,17 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
 
 def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Queue a dead worker's trial again with the same graph, through Optuna's retry callback. The
-    copy trains from epoch 0: it must not inherit the dead run's ASHA rungs, nor its worker."""
-    trial = copy.deepcopy(trial)
-    trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("completed_rung_")}
-    trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+    copy trains from epoch 0: it must not inherit the dead run's ASHA rungs, nor its worker.
+
+    Queued once: the trial slots of one worker (and workers) may fail the same stale trial at the same
+    moment, and on SQLite both succeed (Optuna reads the state, then writes it); the lock settles it
+    between slots, the look for a retry between workers but for a window of milliseconds."""
+    with _REQUEUE_LOCK:
+        if any(t.system_attrs.get("retry_history", [None])[-1] == trial.number for t in study.get_trials(deepcopy=False)):
+            return
+        trial = copy.deepcopy(trial)
+        trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("completed_rung_")}
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
