@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,6 +25,9 @@ from ktfast.models import build_model
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+# Seeding and building draw from torch's one global generator: search trials packed as threads of
+# one process (ktfast.packing) take turns, so that each starts from the weights it would get alone.
+INIT_LOCK = threading.Lock()
 
 
 def splits(cfg: TrainConfig) -> tuple[str, str]:
@@ -68,10 +72,11 @@ def build_models(graph: Graph, cfg: TrainConfig, num_classes: int, image_size: i
     missing = [n.name for n in graph.model_nodes if n.init == "pretrained" and not n.checkpoint and n.name not in pretrained]
     if missing:
         raise ValueError(f"no pretrained checkpoint given for node {missing[0]!r}: build the run with ktfast.run")
-    torch.manual_seed(cfg.seed)
+    with INIT_LOCK:
+        torch.manual_seed(cfg.seed)
+        built = [build_model(node.model, num_classes, image_size) for node in graph.model_nodes]
     models = torch.nn.ModuleDict()
-    for node in graph.model_nodes:
-        model = build_model(node.model, num_classes, image_size)
+    for node, model in zip(graph.model_nodes, built):
         if node.checkpoint:
             state = load_state(node, node.checkpoint)
         elif node.name in pretrained:
