@@ -10,6 +10,7 @@ import random
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import optuna
 
@@ -148,3 +149,34 @@ def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+
+
+def find_study(url: str, name: str | None) -> optuna.Study:
+    """A study to read (`ktfast export`, `ktfast report`): the storage must exist, since opening a
+    missing SQLite or journal file would create it; `name` may be left out when it holds one study."""
+    if is_journal(url) or url.startswith("sqlite"):
+        path = url.removeprefix("journal:") if is_journal(url) else _sqlite_path(url)
+        if path and not Path(path).is_file():
+            raise UsageError(f"--storage {shown(url)}: no such file {path}")
+    storage = open_storage(url)
+    try:
+        names = optuna.get_all_study_names(storage)
+    except Exception as e:
+        raise UsageError(f"--storage {shown(url)}: cannot read it: {_root_message(e)}") from None
+    if name is None:
+        if len(names) != 1:
+            raise UsageError(f"--study: required, the storage holds {len(names)} studies: {', '.join(names) or '-'}")
+        name = names[0]
+    if name not in names:
+        raise UsageError(f"--study: no study {name!r} in {shown(url)}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _sqlite_path(url: str) -> str | None:
+    from sqlalchemy.engine import make_url
+
+    try:
+        database = make_url(url).database
+    except Exception:
+        return None  # a malformed URL: open_storage says so
+    return database if database not in (None, "", ":memory:") else None

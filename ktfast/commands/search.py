@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-import optuna
 from optuna.trial import TrialState
 
 from ktfast.args import UsageError, add_recipe_args, config_from_args, positive_int
@@ -16,7 +15,7 @@ from ktfast.config import TrainConfig
 from ktfast.graph import ATTENTION_TERMS, DEFAULT_CROPS, GATES, LOSS_TERMS, Graph
 from ktfast.packing import PACKS
 from ktfast.search import COUNTED, DEFAULT_MODELS, OBJECTIVES, PRUNERS, SAMPLERS, Space, run_workers, summary
-from ktfast.study import DEFAULT_STORAGE, open_storage, open_study, shown
+from ktfast.study import DEFAULT_STORAGE, find_study, open_storage, open_study
 
 
 def register(sub) -> None:
@@ -171,16 +170,8 @@ def cmd_search(args) -> int:
 
 # ---- export ----------------------------------------------------------------------------------------
 def cmd_export(args) -> int:
-    storage = open_storage(args.storage)
-    names = optuna.get_all_study_names(storage)
-    name = args.study
-    if name is None:
-        if len(names) != 1:
-            raise UsageError(f"--study: required, the storage holds {len(names)} studies: {', '.join(names) or '-'}")
-        name = names[0]
-    if name not in names:
-        raise UsageError(f"--study: no study {name!r} in {shown(args.storage)}")
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = find_study(args.storage, args.study)
+    name = study.study_name
     if args.trial is None:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
