@@ -90,15 +90,16 @@ class MPSDaemon:
     def __init__(self, gpu: str | None, trials_per_gpu: int):
         self.gpu, self.trials_per_gpu = gpu, trials_per_gpu
         self.env: dict[str, str] | None = None
+        self.why: str | None = None  # why it cannot run
         self._root: tempfile.TemporaryDirectory | None = None
         self._exe: str | None = None
 
     def __enter__(self) -> "MPSDaemon":
-        why = self._start()
-        if why is not None:
+        self.why = self._start()
+        if self.why is not None:
             self._cleanup()
-            print(f"ktfast: CUDA MPS cannot run here ({why}): the {self.trials_per_gpu} trials of each GPU run as "
-                  f"separate processes, time-sliced", file=sys.stderr, flush=True)
+            print(f"ktfast: CUDA MPS cannot run here ({self.why}): the {self.trials_per_gpu} trials of each GPU run "
+                  f"as separate processes, time-sliced", file=sys.stderr, flush=True)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -35,8 +35,12 @@ def test_bench_step_smoke(tmp_path):
 
 def test_bench_search_smoke(tmp_path):
     result = smoke("bench_search", tmp_path)
-    assert [r["trials_per_gpu"] for r in result["rows"]] == [1, 2]
-    assert all(r["trials"] == 4 and r["trials_per_hour"] > 0 for r in result["rows"])
+    assert [(r["pack"], r["trials_per_gpu"]) for r in result["rows"]] == [("processes", 1), ("processes", 2),
+                                                                          ("threads", 2)]
+    for row in result["rows"]:
+        assert row["trials"] == 4 and row["trials_per_hour"] > 0 and row["steady_trials_per_hour"] > 0
+        assert row["speedup"] == pytest.approx(row["trials_per_hour"] / result["rows"][0]["trials_per_hour"])
+        assert row["gpu_busy"] is None and row["gpu_busy_steady"] is None  # no GPU to sample
 
 
 def test_bench_loader_smoke(tmp_path):
