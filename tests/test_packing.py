@@ -20,6 +20,7 @@ from ktfast.config import TrainConfig
 from ktfast.graph import Graph
 from ktfast.packing import MPS_CONTROL, MPSDaemon, Slots
 from ktfast.search import COUNTED
+from ktfast.study import open_storage, requeue
 from ktfast.train import build_models
 from test_search import SEARCH, counted, load, queue, storage_url, wait_for
 
@@ -109,6 +110,32 @@ def test_a_killed_packed_worker_has_its_trials_retried_and_none_lost(kind, tmp_p
         assert sorted(retries[0].intermediate_values) == list(range(1, epochs + 1))  # trained again from epoch 1
     assert len(counted(load(url, name))) == 4
     assert all(t.state in (*COUNTED, FAIL) for t in trials)
+
+
+def test_a_stale_trial_failed_by_several_slots_at_once_is_queued_once(tmp_path):
+    """On SQLite, slots that find the same stale trial at the same moment may each fail it: one retry."""
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/s.db"), direction="maximize")
+    trial = study.ask({"gate label->n1": optuna.distributions.CategoricalDistribution(["through", "linear"])})
+    study.tell(trial, state=FAIL)
+    [failed], start = study.get_trials(), threading.Barrier(4)
+
+    def fail_it():
+        start.wait()
+        requeue(study, failed)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=fail_it) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    retries = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == failed.number]
+    assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.WAITING
+    assert retries[0].params == failed.params
 
 
 def test_models_built_in_threads_are_the_ones_built_alone():
