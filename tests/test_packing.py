@@ -1,15 +1,19 @@
 """`ktfast search --pack`: K trials packed as threads of one worker score exactly as the same trials run
-one by one; a killed packed worker's K trials come back; the global RNG is taken in turn; the CUDA MPS
-daemon is started with private folders and stopped on exit, or one line says why it cannot run."""
+one by one; a killed packed worker's K trials come back, each once; the global RNG is taken in turn; the
+launcher packs as asked; the CUDA MPS daemon is started with private folders and stopped after the
+workers (Ctrl-C and kill included), or one line says why it cannot run. The GPU tests skip without one."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import optuna
 import pytest
@@ -242,7 +246,99 @@ def test_mps_that_cannot_run_says_why_in_one_line(case, fake_mps, monkeypatch, c
     assert [c[0] for c in calls] == {"missing": [], "refused": ["-d"], "no client": ["-d", "stdin", "quit"]}[case]
 
 
+@pytest.mark.parametrize("pack, devices", [("processes", ["0", "0"]), ("threads", ["0", "0", "1", "1"]),
+                                           ("mps", ["0", "0"]), ("mps", ["0"]), ("no mps", ["0", "0"])])
+def test_the_launcher_packs_as_asked_and_a_kill_stops_workers_then_daemon(pack, devices, fake_mps, monkeypatch,
+                                                                         capsys):
+    """The launcher's wiring, without GPUs: fake workers (sleeping processes), a fake MPS program, and a
+    SIGTERM to the launcher while it watches."""
+    import ktfast.search as search
+
+    monkeypatch.setattr("ktfast.packing.PROBE", "pass")
+    if pack == "no mps":
+        monkeypatch.setenv("PATH", "/nonexistent")
+    started = {}
+
+    def launch(spec, devices, extra_env=None):
+        started.update(spec=spec, devices=devices, env=extra_env, trace=trace(fake_mps) if fake_mps.exists() else [])
+        started["procs"] = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in devices]
+        return started["procs"]
+
+    def watch(*_):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    def outside(*_):  # the test's own handler: were it reached, the launcher would not have taken the signal
+        pass
+
+    monkeypatch.setattr(search, "launch", launch)
+    monkeypatch.setattr(search, "watch", watch)
+    previous = signal.signal(signal.SIGTERM, outside)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            search.run_workers(None, {"trials": 4}, devices, pack.removeprefix("no "), 4, True)
+        assert signal.getsignal(signal.SIGTERM) is outside  # given back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert all(p.poll() == -signal.SIGTERM for p in started["procs"])  # stopped, not left behind
+    daemon = pack == "mps" and len(devices) > 1
+    assert started["devices"] == (["0", "1"] if pack == "threads" else devices)
+    assert started["spec"].get("slots") == (2 if pack == "threads" else None)
+    assert (started["env"] is not None) == daemon
+    if daemon:  # started before the workers, told to quit after them, through the folders they were given
+        pipe = started["env"]["CUDA_MPS_PIPE_DIRECTORY"]
+        assert started["trace"] == [["-d", pipe, started["env"]["CUDA_MPS_LOG_DIRECTORY"], "all"]]
+        assert [c[0] for c in trace(fake_mps)] == ["-d", "stdin", "quit"] and not os.path.exists(pipe)
+    else:
+        assert not fake_mps.exists()
+    assert ("MPS cannot run" in capsys.readouterr().err) == (pack == "no mps")
+
+
 def test_mps_on_the_cpu_is_bad_input(tmp_path, capsys):
     assert main([*SEARCH, "--trials", "1", "--pack", "mps", "--storage", f"sqlite:///{tmp_path}/s.db"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--pack mps" in err and not (tmp_path / "s.db").exists()
+
+
+# ---- on a GPU -----------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+ON_GPU = [*(a if a != "cpu" else "cuda" for a in SEARCH), "--gpus", "0"]
+
+
+def mps_processes() -> set[int]:
+    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+            and (p / "comm").exists() and (p / "comm").read_text().startswith("nvidia-cuda-mps")}
+
+
+@gpu
+def test_on_a_gpu_trials_packed_as_threads_share_it_and_score_as_one_by_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("KTFAST_KERNELS")  # the fused kernels, as a search on a GPU runs
+    url, params, scores = f"sqlite:///{tmp_path}/s.db", fixed_params(4), {}
+    for pack, k in (("processes", 1), ("threads", 2)):
+        cli = [*ON_GPU, "--trials-per-gpu", str(k), "--epochs", "2", "--trials", "4", "--pruner", "none",
+               "--pack", pack, "--storage", url, "--study", pack]
+        for p in params:
+            queue(cli, p)
+        assert main(cli) == 0
+        trials = counted(load(url, pack))
+        scores[pack] = {key(t.params): t.intermediate_values for t in trials}
+        if pack == "threads":
+            assert len({t.user_attrs["worker"] for t in trials}) == 1
+    # cuDNN may pick non-deterministic kernels: the same within a few images of the 40 (a wrong seed or a
+    # disturbed capture is far off)
+    for graph, values in scores["processes"].items():
+        assert scores["threads"][graph] == pytest.approx(values, abs=0.1)
+
+
+@gpu
+@pytest.mark.skipif(shutil.which(MPS_CONTROL) is None, reason=f"no {MPS_CONTROL}")
+def test_on_a_gpu_mps_runs_the_search_and_is_stopped_after_it(tmp_path):
+    before = mps_processes()
+    run = subprocess.run([sys.executable, "-m", "ktfast", *ON_GPU, "--trials-per-gpu", "2", "--epochs", "1",
+                          "--trials", "4", "--pack", "mps", "--storage", f"sqlite:///{tmp_path}/s.db", "--study", "m"],
+                         capture_output=True, text=True, timeout=600)
+    if "MPS cannot run" in run.stderr:
+        pytest.skip(run.stderr.strip().splitlines()[-1])
+    assert run.returncode == 0, run.stderr
+    assert len(counted(load(f"sqlite:///{tmp_path}/s.db", "m"))) == 4
+    assert mps_processes() <= before and not list(Path(tempfile.gettempdir()).glob("ktfast-mps-*"))
