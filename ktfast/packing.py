@@ -91,8 +91,9 @@ class MPSDaemon:
         self.gpu, self.trials_per_gpu = gpu, trials_per_gpu
         self.env: dict[str, str] | None = None
         self.why: str | None = None  # why it cannot run
-        self._root: tempfile.TemporaryDirectory | None = None
-        self._exe: str | None = None
+        self._root: Path | None = None  # the daemon's folders
+        self._exe: str | None = None  # set while a daemon of ours runs
+        self._daemon_env: dict[str, str] = {}
 
     def __enter__(self) -> "MPSDaemon":
         self.why = self._start()
@@ -109,8 +110,7 @@ class MPSDaemon:
         self._exe = shutil.which(MPS_CONTROL)
         if self._exe is None:
             return f"{MPS_CONTROL} not found"
-        self._root = tempfile.TemporaryDirectory(prefix="ktfast-mps-")
-        root = Path(self._root.name)
+        self._root = root = Path(tempfile.mkdtemp(prefix="ktfast-mps-"))
         dirs = {"CUDA_MPS_PIPE_DIRECTORY": str(root / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(root / "log")}
         for d in dirs.values():
             os.mkdir(d)
@@ -129,13 +129,15 @@ class MPSDaemon:
 
     def _cleanup(self) -> None:
         if self._exe is not None:  # quit stops the daemon and its server; the workers have ended by now
-            why = _call([self._exe], self._daemon_env, Path(self._root.name) / "quit.out", stdin="quit\n")
-            if why is not None:
-                print(f"ktfast: could not stop the MPS daemon ({why}); "
-                      f"CUDA_MPS_PIPE_DIRECTORY={self._daemon_env['CUDA_MPS_PIPE_DIRECTORY']}", file=sys.stderr)
+            why = _call([self._exe], self._daemon_env, self._root / "quit.out", stdin="quit\n")
             self._exe = None
+            if why is not None:  # its folders stay: the pipe is the only way to stop it
+                pipe = self._daemon_env["CUDA_MPS_PIPE_DIRECTORY"]
+                print(f"ktfast: could not stop the MPS daemon ({why}); stop it with: echo quit | "
+                      f"CUDA_MPS_PIPE_DIRECTORY={pipe} {MPS_CONTROL}", file=sys.stderr)
+                self._root = None
         if self._root is not None:
-            self._root.cleanup()
+            shutil.rmtree(self._root, ignore_errors=True)
             self._root = None
 
 

@@ -195,6 +195,8 @@ if [ "$1" = -d ]; then
   exit 0
 fi
 cat >> "$MPS_TRACE"
+[ -n "$MPS_STUCK" ] && { echo "$MPS_STUCK" >&2; exit 1; }
+exit 0
 """
 
 
@@ -227,6 +229,18 @@ def test_mps_runs_a_private_daemon_for_the_workers_and_stops_it_on_ctrl_c(fake_m
     # started with every GPU visible, then told to quit through the same private pipe
     assert trace(fake_mps) == [["-d", pipe, log, "all"], ["stdin", pipe, log, "all"], ["quit"]]
     assert not os.path.exists(pipe) and capsys.readouterr().err == ""
+
+
+def test_an_mps_daemon_that_will_not_quit_keeps_its_pipe_and_one_line_says_how_to_stop_it(fake_mps, monkeypatch,
+                                                                                          capsys):
+    monkeypatch.setattr("ktfast.packing.PROBE", "pass")
+    monkeypatch.setenv("MPS_STUCK", "Cannot find MPS control daemon process")
+    with MPSDaemon("0", 2) as mps:
+        pipe = mps.env["CUDA_MPS_PIPE_DIRECTORY"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Cannot find MPS control daemon" in err
+    assert f"echo quit | CUDA_MPS_PIPE_DIRECTORY={pipe} {MPS_CONTROL}" in err and os.path.isdir(pipe)
+    shutil.rmtree(Path(pipe).parent)
 
 
 @pytest.mark.parametrize("case", ["missing", "refused", "no client"])
