@@ -66,6 +66,15 @@ class Slots:
         if errors:
             raise errors[0]
 
+    def in_turn(self, fn: Callable) -> Callable:
+        """`fn` called by one slot at a time."""
+        lock = threading.Lock()
+
+        def one_at_a_time(*args, **kwargs):
+            with lock:
+                return fn(*args, **kwargs)
+        return one_at_a_time
+
     @contextmanager
     def trial(self):
         """Around one trial: when the last running trial of the process ends, the CUDA cache goes back

@@ -179,11 +179,19 @@ def run_worker(spec: dict) -> None:
     cfg = TrainConfig.from_dict(spec["config"])
     space = Space.from_dict(spec["space"])
     trials, journal = spec["trials"], is_journal(spec["storage"])
+    slots = Slots(spec.get("slots", 1), cfg.device.startswith("cuda"))
+    study = worker_study(spec, cfg, slots)
+    slots.run(lambda stop: trial_loop(study, space, cfg, trials, journal, slots, stop))
+
+
+def worker_study(spec: dict, cfg: TrainConfig, slots: Slots) -> optuna.Study:
     storage = open_storage(spec["storage"], spec["heartbeat_interval"], spec["grace_period"])
     study = optuna.load_study(study_name=spec["study"], storage=storage, sampler=make_sampler(spec["sampler"]),
                               pruner=make_pruner(spec["pruner"], cfg.epochs))
-    slots = Slots(spec.get("slots", 1), cfg.device.startswith("cuda"))
-    slots.run(lambda stop: trial_loop(study, space, cfg, trials, journal, slots, stop))
+    # On SQLite, Optuna reads that a queued trial (enqueued, or a retry) waits and marks it running in
+    # two steps: two slots asking at once would both take it. Optuna's optimize calls study.ask.
+    study.ask = slots.in_turn(study.ask)
+    return study
 
 
 def trial_loop(study: optuna.Study, space: Space, cfg: TrainConfig, trials: int, journal: bool, slots: Slots,

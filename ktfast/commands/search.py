@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--trials", type=positive_int, required=True,
                    help="finished (complete or pruned) trials the study must have; re-running resumes")
     p.add_argument("--gpus", help="GPU ids as CUDA_VISIBLE_DEVICES takes them (default: all visible)")
-    p.add_argument("--trials-per-gpu", type=positive_int, help="workers per GPU (default 1)")
+    p.add_argument("--trials-per-gpu", type=positive_int, help="trials at once on each GPU (default 1; see --pack)")
     p.add_argument("--workers", type=positive_int, help="CPU workers (--device cpu; default 1)")
     p.add_argument("--pack", choices=PACKS, help="how the K trials of a GPU (or the CPU workers) run: as processes "
                    "(time-sliced), as threads of one process on their own CUDA streams, or as processes through "
