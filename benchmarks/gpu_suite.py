@@ -67,7 +67,7 @@ def plan(smoke: bool, out: Path) -> list[Part]:
              ["benchmarks/bench_loader.py", "--dataset", "synthetic:classes=100,size=32,train=10000,test=16",
               "--epochs", "1"], 25, "loader"),
         Part("search", ["benchmarks/bench_search.py", "--smoke", "--trials", "2"] if smoke else
-             ["benchmarks/bench_search.py", "--ks", "1,2,4", "--trials", "4"], 80, "search"),
+             ["benchmarks/bench_search.py", "--ks", "1,4", "--trials", "4"], 80, "search"),
     ]
 
 
@@ -293,8 +293,8 @@ def search_lines(result: dict | None) -> list[str]:
         return []
     lines = ["", f"search on {result['device']}: trials/hour"]
     for r in result["rows"]:
-        lines.append(f"K={r['trials_per_gpu']:<2} {r['trials_per_hour']:8.1f} (steady {r['steady_trials_per_hour']:.1f})"
-                     f"  x{r['speedup']:.2f}")
+        lines.append(f"K={r['trials_per_gpu']:<2} {r['pack']:<9} {r['trials_per_hour']:8.1f} "
+                     f"(steady {r['steady_trials_per_hour']:.1f})  x{r['speedup']:.2f}")
     return lines
 
 

@@ -21,10 +21,16 @@ for the GPU.
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
 from ktfast.losses import loss_targets, reference_graph_losses
+
+# One CUDA-graph capture at a time in a process (torch.cuda.graph's rule; torch.compile is not
+# thread-safe either): search trials packed as threads of one worker (ktfast.packing) warm up and
+# capture in turn, each on its own stream.
+CAPTURE_LOCK = threading.Lock()
 
 
 def loss_function(cfg):
@@ -97,7 +103,8 @@ class FastStep:
             return
         lr = [g["lr"] for g in t.optimizer.param_groups] if t.optimizer else None
         if self.graph is None or lr != self.graph_lr or x.shape != self.static[0].shape:
-            self._capture(x, y)
+            with CAPTURE_LOCK:
+                self._capture(x, y)
             self.graph_lr = lr
         self.static[0].copy_(x)
         self.static[1].copy_(y)
@@ -125,7 +132,8 @@ class FastStep:
         if t.optimizer is not None:
             t.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.side):
+        # thread_local: what the other threads of the process launch meanwhile is not part of it.
+        with torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
             self._body(*self.static)
         self.graph = graph
         _restore(t, saved)

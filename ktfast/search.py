@@ -2,7 +2,8 @@
 accuracy of a target node (or of the ensemble of all nodes) on the held-out search split.
 
 One Optuna study in a shared storage. Each worker is a process that loads the study and runs trials
-one after another, so workers on any number of machines join a search by running the same command.
+one after another (or K at a time, in threads: `ktfast.packing`), so workers on any number of machines
+join a search by running the same command.
 A trial samples a graph — the model of every node but the target, the gate of every edge (label edges
 included), optionally the loss of every model-to-model edge — trains it on `search_train` and reports
 its `search_val` accuracy after every epoch to the pruner (ASHA by default).
@@ -25,6 +26,7 @@ import sys
 import time
 import warnings
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
 import optuna
@@ -33,9 +35,10 @@ from tqdm.auto import tqdm
 
 from ktfast.config import TrainConfig
 from ktfast.graph import LABEL, Graph
+from ktfast.packing import MPSDaemon, Slots
 from ktfast.run import make_trainer
-from ktfast.train import NonFiniteLoss
 from ktfast.study import is_journal, make_pruner, make_sampler, open_storage, requeue, shown
+from ktfast.train import NonFiniteLoss
 
 DEFAULT_MODELS = ("resnet32", "resnet110", "wrn28_2")
 OBJECTIVES = ("target", "ensemble")
@@ -171,9 +174,8 @@ def _counts(study: optuna.Study) -> Counter:
 
 
 def run_worker(spec: dict) -> None:
-    """Run trials until the study has spec["trials"] counted ones."""
-    import torch
-
+    """Run trials until the study has spec["trials"] counted ones, spec["slots"] at a time (threads of
+    this process, `ktfast.packing`)."""
     # Ctrl-C is the launcher's: it stops the workers, and their trials are retried on resume.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -181,10 +183,25 @@ def run_worker(spec: dict) -> None:
     cfg = TrainConfig.from_dict(spec["config"])
     space = Space.from_dict(spec["space"])
     trials, journal = spec["trials"], is_journal(spec["storage"])
+    slots = Slots(spec.get("slots", 1), cfg.device.startswith("cuda"))
+    study = worker_study(spec, cfg, slots)
+    slots.run(lambda stop: trial_loop(study, space, cfg, trials, journal, slots, stop))
+
+
+def worker_study(spec: dict, cfg: TrainConfig, slots: Slots) -> optuna.Study:
     storage = open_storage(spec["storage"], spec["heartbeat_interval"], spec["grace_period"])
     study = optuna.load_study(study_name=spec["study"], storage=storage, sampler=make_sampler(spec["sampler"]),
                               pruner=make_pruner(spec["pruner"], cfg.epochs))
-    while True:
+    # On SQLite, Optuna reads that a queued trial (enqueued, or a retry) waits and marks it running in
+    # two steps: two slots asking at once would both take it. Optuna's optimize calls study.ask.
+    study.ask = slots.in_turn(study.ask)
+    return study
+
+
+def trial_loop(study: optuna.Study, space: Space, cfg: TrainConfig, trials: int, journal: bool, slots: Slots,
+               stop) -> None:
+    """One slot of a worker: trials one after another, until the study is done or `stop` is set."""
+    while not stop.is_set():
         fail_stale(study, journal)
         counts = _counts(study)
         done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
@@ -193,17 +210,17 @@ def run_worker(spec: dict) -> None:
         if done + counts[TrialState.RUNNING] >= trials:
             time.sleep(POLL_S)  # the last trials run elsewhere: wait until they finish, or die and come back
             continue
-        study.optimize(lambda t: objective(t, space, cfg, trials), n_trials=1, catch=(SkippedTrial,))
-        if torch.cuda.is_initialized():
-            torch.cuda.empty_cache()  # the workers packed on this GPU share its memory between trials
+        with slots.trial():
+            study.optimize(lambda t: objective(t, space, cfg, trials), n_trials=1, catch=(SkippedTrial,))
 
 
 # ---- the launcher ------------------------------------------------------------------------------------
-def launch(spec: dict, devices: list[str | None]) -> list[subprocess.Popen]:
+def launch(spec: dict, devices: list[str | None], extra_env: dict | None = None) -> list[subprocess.Popen]:
+    """A worker process per entry of `devices` (its GPU, or None: the CPU), `extra_env` in its environment."""
     threads = max(1, (os.cpu_count() or 1) // len(devices))  # the workers share the CPU cores
     procs = []
     for device in devices:
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        env = dict(os.environ, **(extra_env or {}), OMP_NUM_THREADS=str(threads))
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device  # the worker sees its GPU alone, as cuda:0
         procs.append(subprocess.Popen([sys.executable, "-m", "ktfast.search", json.dumps(spec)], env=env))
@@ -239,6 +256,36 @@ def watch(study: optuna.Study, procs: list[subprocess.Popen], devices: list, tri
             counts, post = postfix(study.get_trials(deepcopy=False))
             bar.n = min(counts[TrialState.COMPLETE] + counts[TrialState.PRUNED], trials)
             bar.set_postfix(post)
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def run_workers(study: optuna.Study, spec: dict, devices: list[str | None], pack: str, trials: int,
+                quiet: bool) -> None:
+    """Start the workers as `pack` says and watch them to the end; on any exit (Ctrl-C and kill
+    included) the workers are stopped, then the MPS daemon."""
+    per_device = len(devices) // len(set(devices))
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with ExitStack() as stack:
+            extra_env = None
+            if pack == "threads":
+                devices, spec = list(dict.fromkeys(devices)), dict(spec, slots=per_device)
+            elif pack == "mps" and per_device > 1:
+                extra_env = stack.enter_context(MPSDaemon(devices[0], per_device)).env
+            procs = launch(spec, devices, extra_env)
+            try:
+                watch(study, procs, devices, trials, quiet)
+            finally:  # the stopped workers' trials are failed and retried on resume
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+                for p in procs:
+                    p.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def summary(study: optuna.Study, url: str, trials: int, top: int = 5) -> str:

@@ -7,7 +7,9 @@ import copy
 import importlib.util
 import json
 import os
+import threading
 import warnings
+from pathlib import Path
 
 import optuna
 
@@ -19,6 +21,7 @@ DEFAULT_STORAGE = "sqlite:///ktfast-search.db"
 MAX_RETRY = 3  # a graph whose worker keeps dying (killed for memory, say) is given up after this
 # How long an SQLite writer waits for the lock before "database is locked" (then its call is retried).
 SQLITE_TIMEOUT_S = float(os.environ.get("KTFAST_SQLITE_TIMEOUT_S", 120))
+_REQUEUE_LOCK = threading.Lock()
 
 
 def recipe(cfg: TrainConfig) -> dict:
@@ -114,10 +117,48 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
 
 def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Queue a dead worker's trial again with the same graph, through Optuna's retry callback. The
-    copy trains from epoch 0: it must not inherit the dead run's ASHA rungs, nor its worker."""
-    trial = copy.deepcopy(trial)
-    trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("completed_rung_")}
-    trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+    copy trains from epoch 0: it must not inherit the dead run's ASHA rungs, nor its worker.
+
+    Queued once: the trial slots of one worker (and workers) may fail the same stale trial at the same
+    moment, and on SQLite both succeed (Optuna reads the state, then writes it); the lock settles it
+    between slots, the look for a retry between workers but for a window of milliseconds."""
+    with _REQUEUE_LOCK:
+        if any(t.system_attrs.get("retry_history", [None])[-1] == trial.number for t in study.get_trials(deepcopy=False)):
+            return
+        trial = copy.deepcopy(trial)
+        trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("completed_rung_")}
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+
+
+def find_study(url: str, name: str | None) -> optuna.Study:
+    """A study to read (`ktfast export`, `ktfast report`): the storage must exist, since opening a
+    missing SQLite or journal file would create it; `name` may be left out when it holds one study."""
+    if is_journal(url) or url.startswith("sqlite"):
+        path = url.removeprefix("journal:") if is_journal(url) else _sqlite_path(url)
+        if path and not Path(path).is_file():
+            raise UsageError(f"--storage {shown(url)}: no such file {path}")
+    storage = open_storage(url)
+    try:
+        names = optuna.get_all_study_names(storage)
+    except Exception as e:
+        raise UsageError(f"--storage {shown(url)}: cannot read it: {_root_message(e)}") from None
+    if name is None:
+        if len(names) != 1:
+            raise UsageError(f"--study: required, the storage holds {len(names)} studies: {', '.join(names) or '-'}")
+        name = names[0]
+    if name not in names:
+        raise UsageError(f"--study: no study {name!r} in {shown(url)}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _sqlite_path(url: str) -> str | None:
+    from sqlalchemy.engine import make_url
+
+    try:
+        database = make_url(url).database
+    except Exception:
+        return None  # a malformed URL: open_storage says so
+    return database if database not in (None, "", ":memory:") else None

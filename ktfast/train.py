@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,6 +27,9 @@ from ktfast.models.zoo import ZooError
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+# Seeding and building draw from torch's one global generator: search trials packed as threads of
+# one process (ktfast.packing) take turns, so that each starts from the weights it would get alone.
+INIT_LOCK = threading.Lock()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -65,6 +69,13 @@ def load_state(node: ModelNode, path) -> dict:
     return blob
 
 
+def _build(node: ModelNode, num_classes: int, image_size: int) -> torch.nn.Module:
+    try:
+        return build_model(node.model, num_classes, image_size, zoo_weights=node.init == "zoo")
+    except ZooError as e:  # "init": "zoo" offline, say
+        raise GraphError(f"nodes[{node.name}].init: {e}") from None
+
+
 def build_models(graph: Graph, cfg: TrainConfig, num_classes: int, image_size: int,
                  pretrained: dict | None = None) -> torch.nn.ModuleDict:
     """Every model node, seeded, initialised as its `init` says, on the configured device.
@@ -74,13 +85,11 @@ def build_models(graph: Graph, cfg: TrainConfig, num_classes: int, image_size: i
     missing = [n.name for n in graph.model_nodes if n.init == "pretrained" and not n.checkpoint and n.name not in pretrained]
     if missing:
         raise ValueError(f"no pretrained checkpoint given for node {missing[0]!r}: build the run with ktfast.run")
-    torch.manual_seed(cfg.seed)
+    with INIT_LOCK:
+        torch.manual_seed(cfg.seed)
+        built = [_build(node, num_classes, image_size) for node in graph.model_nodes]
     models = torch.nn.ModuleDict()
-    for node in graph.model_nodes:
-        try:
-            model = build_model(node.model, num_classes, image_size, zoo_weights=node.init == "zoo")
-        except ZooError as e:  # "init": "zoo" offline, say
-            raise GraphError(f"nodes[{node.name}].init: {e}") from None
+    for node, model in zip(graph.model_nodes, built):
         if node.checkpoint:
             state = load_state(node, node.checkpoint)
         elif node.name in pretrained:

@@ -86,11 +86,12 @@ def test_search_and_loader_rows(suite):
     from ktfast.data import decode
 
     search = result(suite, "search")["rows"]
-    assert [r["trials_per_gpu"] for r in search] == [1, 2]
+    assert [(r["pack"], r["trials_per_gpu"]) for r in search] == [("processes", 1), ("processes", 2), ("threads", 2)]
     for r in search:
         assert r["trials"] == 2
         # Steady throughput leaves out the workers' start-up: it can only be the higher one.
         assert r["steady_trials_per_hour"] >= r["trials_per_hour"] > 0
+        assert r["gpu_busy"] is None and r["gpu_busy_steady"] is None  # no GPU to sample
     loader = result(suite, "loader")
     (row,) = loader["rows"]
     kinds = ["gpu", "torch"] + (["dali"] if decode.available() else [])

@@ -1,7 +1,8 @@
 """`ktfast show`, `ktfast attention`, `ktfast report`: a graph drawn as in the papers (or a model's
-parameters and FLOPs), a run's attention maps, a run's curves."""
+parameters and FLOPs), a run's attention maps, a run's curves or a search's study."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from ktfast.args import UsageError, positive_int
@@ -12,6 +13,8 @@ from ktfast.graph_figure import graph_figure
 from ktfast.models import is_model_name
 from ktfast.plots import (attention_figure, attention_samples, check_nodes, curves_figure, model_cost,
                           picture_format, read_metrics, run_file, save_figure)
+from ktfast.study import find_study
+from ktfast.study_figure import study_figure
 
 
 def register(sub) -> None:
@@ -31,9 +34,11 @@ def register(sub) -> None:
     p.add_argument("--images", type=positive_int, default=6, help="test images, one row each (default 6)")
     p.set_defaults(func=cmd_attention)
 
-    p = sub.add_parser("report", help="accuracy and loss curves of every node of a run")
-    p.add_argument("run", metavar="RUN", help="run directory")
-    p.add_argument("-o", "--output", help="picture to write (default RUN/curves.png)")
+    p = sub.add_parser("report", help="accuracy and loss curves of every node of a run, or a search drawn")
+    p.add_argument("run", metavar="RUN", nargs="?", help="run directory")
+    p.add_argument("--storage", help="instead of a run: the storage of a search (as ktfast search takes it)")
+    p.add_argument("--study", help="with --storage: the study (default: the storage's only study)")
+    p.add_argument("-o", "--output", help="picture to write (default RUN/curves.png; required with --storage)")
     p.set_defaults(func=cmd_report)
 
 
@@ -89,6 +94,12 @@ def cmd_attention(args) -> int:
 
 
 def cmd_report(args) -> int:
+    if (args.run is None) == (args.storage is None):
+        raise UsageError("report: give exactly one of a run directory or --storage URL (a search)")
+    if args.storage is not None:
+        return _report_study(args)
+    if args.study is not None:
+        raise UsageError("--study: only with --storage")
     run = Path(args.run)
     output = Path(args.output) if args.output else run / "curves.png"
     picture_format(output)
@@ -96,5 +107,18 @@ def cmd_report(args) -> int:
     graph = Graph.load(run_file(run, "graph.json"))
     check_nodes(graph, rows, "RUN")
     save_figure(curves_figure(graph, rows, f"{graph.name} ({run})"), output)
+    print(output)
+    return 0
+
+
+def _report_study(args) -> int:
+    if not args.output:
+        raise UsageError("-o: required with --storage")
+    output = Path(args.output)
+    picture_format(output)
+    study = find_study(args.storage, args.study)
+    counts = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
+    title = f"study {study.study_name}: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    save_figure(study_figure(study, title), output)
     print(output)
     return 0

@@ -7,15 +7,15 @@ import os
 import sys
 from pathlib import Path
 
-import optuna
 from optuna.trial import TrialState
 
 from ktfast.args import UsageError, add_recipe_args, config_from_args, positive_int
 from ktfast.data import dataset_info
 from ktfast.config import TrainConfig
 from ktfast.graph import ATTENTION_TERMS, DEFAULT_CROPS, GATES, LOSS_TERMS, Graph
-from ktfast.search import COUNTED, DEFAULT_MODELS, OBJECTIVES, PRUNERS, SAMPLERS, Space, launch, summary, watch
-from ktfast.study import DEFAULT_STORAGE, open_storage, open_study, shown
+from ktfast.packing import PACKS
+from ktfast.search import COUNTED, DEFAULT_MODELS, OBJECTIVES, PRUNERS, SAMPLERS, Space, run_workers, summary
+from ktfast.study import DEFAULT_STORAGE, find_study, open_storage, open_study
 
 
 def register(sub) -> None:
@@ -32,8 +32,12 @@ def register(sub) -> None:
     p.add_argument("--trials", type=positive_int, required=True,
                    help="finished (complete or pruned) trials the study must have; re-running resumes")
     p.add_argument("--gpus", help="GPU ids as CUDA_VISIBLE_DEVICES takes them (default: all visible)")
-    p.add_argument("--trials-per-gpu", type=positive_int, help="workers per GPU (default 1)")
+    p.add_argument("--trials-per-gpu", type=positive_int, help="trials at once on each GPU (default 1; see --pack)")
     p.add_argument("--workers", type=positive_int, help="CPU workers (--device cpu; default 1)")
+    p.add_argument("--pack", choices=PACKS, help="how the K trials of a GPU (or the CPU workers) run: as processes "
+                   "(time-sliced), as threads of one process on their own CUDA streams, or as processes through "
+                   "a CUDA MPS daemon started for the search (default: mps for K > 1 on GPUs, falling back to "
+                   "processes where MPS cannot run; else processes)")
     p.add_argument("--storage", default=DEFAULT_STORAGE,
                    help="sqlite:///FILE (default %(default)s), journal:FILE or FILE.log, postgresql://…")
     p.add_argument("--study", help="study name (default: DATASET-Nn-TARGET_MODEL-OBJECTIVE)")
@@ -130,12 +134,21 @@ def worker_devices(args, cfg: TrainConfig) -> list[str | None]:
     return [g for g in gpus for _ in range(args.trials_per_gpu or 1)]
 
 
+def pack_mode(args, cfg: TrainConfig) -> str:
+    if cfg.device == "cpu":
+        if args.pack == "mps":
+            raise UsageError("--pack mps: MPS shares a GPU; with --device cpu pack processes or threads")
+        return args.pack or "processes"
+    return args.pack or ("mps" if (args.trials_per_gpu or 1) > 1 else "processes")
+
+
 def cmd_search(args) -> int:
     space = space_from_args(args)
     cfg = config_from_args(args).replace(split="search")
     dataset_info(cfg.dataset, cfg.data_dir)
     check_attention_sizes(space, cfg.dataset, cfg.data_dir)
     devices = worker_devices(args, cfg)
+    pack = pack_mode(args, cfg)
     if args.grace_period is not None and args.grace_period <= args.heartbeat_interval:
         raise UsageError("--grace-period: must be longer than --heartbeat-interval")
     name = args.study or f"{cfg.dataset}-{space.nodes}n-{space.target_model}-{space.objective}"
@@ -145,15 +158,7 @@ def cmd_search(args) -> int:
         spec = {"storage": args.storage, "study": name, "trials": args.trials, "space": space.to_dict(),
                 "config": cfg.to_dict(), "sampler": args.sampler, "pruner": args.pruner,
                 "heartbeat_interval": args.heartbeat_interval, "grace_period": args.grace_period}
-        procs = launch(spec, devices)
-        try:
-            watch(study, procs, devices, args.trials, args.quiet)
-        finally:  # on Ctrl-C too: the stopped workers' trials are failed and retried on resume
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-            for p in procs:
-                p.wait()
+        run_workers(study, spec, devices, pack, args.trials, args.quiet)
     print(summary(study, args.storage, args.trials), flush=True)
     done = sum(1 for _ in study.get_trials(deepcopy=False, states=COUNTED))
     if done < args.trials:
@@ -165,16 +170,8 @@ def cmd_search(args) -> int:
 
 # ---- export ----------------------------------------------------------------------------------------
 def cmd_export(args) -> int:
-    storage = open_storage(args.storage)
-    names = optuna.get_all_study_names(storage)
-    name = args.study
-    if name is None:
-        if len(names) != 1:
-            raise UsageError(f"--study: required, the storage holds {len(names)} studies: {', '.join(names) or '-'}")
-        name = names[0]
-    if name not in names:
-        raise UsageError(f"--study: no study {name!r} in {shown(args.storage)}")
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = find_study(args.storage, args.study)
+    name = study.study_name
     if args.trial is None:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
