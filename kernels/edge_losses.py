@@ -33,7 +33,7 @@ GPU_TILE = 4096  # elements per block of rows on a GPU: enough bytes in flight p
 
 _CE, _KL, _COS, _MSE = (tl.constexpr(b) for b in (et.CE, et.KL, et.COS, et.MSE))
 _SRC, _DST, _KIND, _GATE, _SSLOT, _DSLOT, _TGT = (tl.constexpr(r) for r in range(7))
-_INV_T, _TEMP, _WEIGHT = (tl.constexpr(r) for r in range(3))
+_INV_T, _DINV_T, _KL_SCALE, _WEIGHT, _INV_GAMMA = (tl.constexpr(r) for r in range(5))
 
 
 # The interpreter has no libdevice (and its numpy exp and log are exact anyway).
@@ -115,6 +115,17 @@ def _pick(tile, ids, k):
 
 
 @triton.jit
+def _gate(gate_kind, factor, inv_gamma, correct):
+    """Per row: the gate's weight (DESIGN §1, Gates), factor = k / k_end. The gamma gates' power
+    x^(1/γ) is exp(log(x) / γ), and 0 at x = 0."""
+    fading = 1.0 - factor
+    base = tl.where(gate_kind == 4, factor, fading)
+    power = tl.where(base > 0.0, _exp(_log(tl.maximum(base, 1e-30)) * inv_gamma), 0.0)
+    weight = tl.where(gate_kind == 1, factor, tl.where(gate_kind == 3, fading, power))
+    return tl.where(gate_kind == 0, 1.0, tl.where(gate_kind == 2, tl.where(correct, 1.0, 0.0), weight))
+
+
+@triton.jit
 def _edge_loss_fwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15,
                    y_ptr, factor, factor_ptr, ints, floats, slot_node, slot_inv_t, part_ptr, aux_ptr, lse_ptr,
                    B, C, E, M, S, NT, inv_b,
@@ -156,7 +167,7 @@ def _edge_loss_fwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
         kind = tl.load(ints + _KIND * E + e)
         gate_kind = tl.load(ints + _GATE * E + e)
         inv_t = tl.load(floats + _INV_T * E + e)
-        temp = tl.load(floats + _TEMP * E + e)
+        inv_tt = tl.load(floats + _DINV_T * E + e)
         sp = z + _offset(tl.maximum(src, 0), node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13,
                          o14, o15, STACKED)
         tp = z + _offset(dst, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, STACKED)
@@ -179,9 +190,9 @@ def _edge_loss_fwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
                 valid = rmask[:, None] & (cc < C)[None, :]
                 zs = _load(sp, row_off, rmask, cc, C)
                 zt = _load(tp, row_off, rmask, cc, C)
-                if (kind & _KL) != 0:  # Σ p_s (log p_s - log p_t) at temperature T
+                if (kind & _KL) != 0:  # Σ p_s (log p_s - log p_t), p_s at T, p_t at T or 1
                     ps = tl.where(valid, _exp(zs * inv_t - lse_st[:, None]), 0.0)
-                    kl += tl.sum(ps * ((zs - zt) * inv_t + (lse_tt - lse_st)[:, None]), axis=1)
+                    kl += tl.sum(ps * (zs * inv_t - zt * inv_tt + (lse_tt - lse_st)[:, None]), axis=1)
                 if (kind & _COS) != 0:
                     ps = tl.where(valid, _exp(zs - lse_s1[:, None]), 0.0)
                     pt = tl.where(valid, _exp(zt - lse_t1[:, None]), 0.0)
@@ -191,7 +202,7 @@ def _edge_loss_fwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
                 if (kind & _MSE) != 0:
                     d = zt - zs
                     sq += tl.sum(d * d, axis=1)
-        loss += kl * (temp * temp) + sq / C
+        loss += kl * tl.load(floats + _KL_SCALE * E + e) + sq / C
         if (kind & _COS) != 0:
             norms = tl.where(rmask, tl.sqrt_rn(ss) * tl.sqrt_rn(tt), 1.0)  # rows past B: no 0 / 0
             tt = tl.where(rmask, tt, 1.0)
@@ -202,7 +213,7 @@ def _edge_loss_fwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
             tl.store(aux_ptr + (2 * E + e) * B + rows, cos / tt, mask=rmask)
 
         correct = (_pick(args, node_ids, src) == y) | (src < 0)  # the label is always right
-        gate = tl.where(gate_kind == 1, factor, tl.where((gate_kind == 2) & (~correct), 0.0, 1.0))
+        gate = _gate(gate_kind, factor, tl.load(floats + _INV_GAMMA * E + e), correct)
         tl.store(aux_ptr + e * B + rows, gate, mask=rmask)
         total = tl.sum(tl.where(rmask, gate * loss, 0.0), axis=0) * tl.load(floats + _WEIGHT * E + e) * inv_b
         part += tl.where(target_ids == tl.load(ints + _TGT * E + e), total, 0.0)
@@ -246,15 +257,16 @@ def _edge_loss_bwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
                 sp = z + _offset(src, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14,
                                  o15, STACKED)
                 zs = _load(sp, row_off, rmask, cc, C)
-                if (kind & _KL) != 0:  # T² · KL has gradient T · (p_t - p_s) at temperature T
+                if (kind & _KL) != 0:  # scale · KL has gradient scale / T_t · (p_t - p_s), p_t at T_t
+                    inv_tt = tl.load(floats + _DINV_T * E + e)
                     dslot = tl.load(ints + _DSLOT * E + e)
                     if dslot != slot:
                         lse_tt = tl.load(lse_ptr + dslot * B + rows, mask=rmask, other=0.0)
-                        pt_tempered = _exp(zt * inv_t - lse_tt[:, None])
+                        pt_tempered = _exp(zt * inv_tt - lse_tt[:, None])
                         slot = dslot
                     lse_st = tl.load(lse_ptr + tl.load(ints + _SSLOT * E + e) * B + rows, mask=rmask, other=0.0)
                     ps = _exp(zs * inv_t - lse_st[:, None])
-                    acc += (scale * tl.load(floats + _TEMP * E + e))[:, None] * (pt_tempered - ps)
+                    acc += (scale * (tl.load(floats + _KL_SCALE * E + e) * inv_tt))[:, None] * (pt_tempered - ps)
                 if (kind & _COS) != 0:
                     ps = _exp(zs - tl.load(lse_ptr + src * B + rows, mask=rmask, other=0.0)[:, None])
                     a = tl.load(aux_ptr + (E + e) * B + rows, mask=rmask, other=0.0)

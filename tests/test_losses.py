@@ -10,7 +10,7 @@ from ktfast import Graph, GraphError
 from ktfast.losses import graph_losses, reference_graph_losses
 
 LOSSES = ["kl", "cos", "mse", "att_mse", "att_cos", "kl+att_mse", "cos+att_cos", "kl+mse"]
-GATES = ["through", "linear", "correct"]
+GATES = ["through", "linear", "correct", "negative_linear", "gamma", "negative_gamma"]
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +37,9 @@ def term_loss(term, edge, zs, zt, y, att_s, att_t):
         return -math.log(softmax(zt)[y])
     if term == "kl":
         t = edge.get("temperature", 1.0)
+        if edge.get("soften", "both") == "source":  # EKD's Eq. 8: KL(softmax(z_s / T) ‖ softmax(z_t))
+            ps, pt = softmax(zs / t), softmax(zt)
+            return float((ps * (np.log(ps) - np.log(pt))).sum())
         ps, pt = softmax(zs / t), softmax(zt / t)
         return float((ps * (np.log(ps) - np.log(pt))).sum()) * t * t
     if term == "cos":
@@ -50,6 +53,12 @@ def term_loss(term, edge, zs, zt, y, att_s, att_t):
         a, b = crop(att_s, i, j, k), crop(att_t, i, j, k)
         values.append(float(((a - b) ** 2).mean()) if term == "att_mse" else float(a @ b))
     return sum(values) / len(values)
+
+
+def time_gate(gate, x, gamma=1.0):
+    """The gates of DESIGN §1 that depend only on x = k / k_end."""
+    return {"through": 1.0, "linear": x, "negative_linear": 1 - x, "gamma": x ** (1 / gamma),
+            "negative_gamma": (1 - x) ** (1 / gamma)}[gate]
 
 
 def expected_losses(d, logits, labels, step, total, attention):
@@ -68,10 +77,8 @@ def expected_losses(d, logits, labels, step, total, attention):
         total_b = 0.0
         for b in range(batch):
             zs = None if e["from"] == "label" else z[e["from"]][b]
-            if e["gate"] == "through":
-                g = 1.0
-            elif e["gate"] == "linear":
-                g = step / total
+            if e["gate"] != "correct":
+                g = time_gate(e["gate"], step / total, e.get("gamma", 1.0))
             else:
                 g = 1.0 if zs is None or int(np.argmax(zs)) == y[b] else 0.0
             loss = sum(term_loss(t, e, zs, z[e["to"]][b], y[b],
@@ -112,8 +119,9 @@ def models(*names):
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_every_loss_and_gate_against_independent_computation(loss, gate):
-    edges = [{"from": "label", "to": "n1", "loss": "ce", "gate": gate},
-             {"from": "n2", "to": "n1", "loss": loss, "gate": gate, "crops": [3, 5]},
+    gamma = {"gamma": 2.5} if gate in ("gamma", "negative_gamma") else {}
+    edges = [{"from": "label", "to": "n1", "loss": "ce", "gate": gate, **gamma},
+             {"from": "n2", "to": "n1", "loss": loss, "gate": gate, "crops": [3, 5], **gamma},
              {"from": "label", "to": "n2", "loss": "ce", "gate": "through"}]
     logits, labels, attention = make_inputs(["n1", "n2"], seed=hash((loss, gate)) % 1000)
     # Make the correct gate select some samples and not others.
