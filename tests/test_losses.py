@@ -140,6 +140,57 @@ def test_temperature_weights_and_several_edges_into_one_target():
     check(graph(models("n1", "n2", "n3"), edges), logits, labels, step=7, total=7)
 
 
+def test_soften_source_against_independent_computation():
+    # EKD's Eq. 8 (soften source) next to Hinton's (both) on the same target, at two temperatures.
+    edges = [{"from": "n2", "to": "n1", "loss": "kl+mse", "gate": "through", "temperature": 10.0,
+              "soften": "source", "weight": 0.6},
+             {"from": "n3", "to": "n1", "loss": "kl", "gate": "linear", "temperature": 10.0, "weight": 0.4},
+             {"from": "n1", "to": "n2", "loss": "kl", "gate": "correct", "temperature": 3.0, "soften": "source"}]
+    logits, labels, _ = make_inputs(["n1", "n2", "n3"], seed=11, scale=4.0)
+    check(graph(models("n1", "n2", "n3"), edges), logits, labels, step=4, total=9)
+
+
+def test_soften_source_gradient_is_the_difference_of_the_two_softmaxes():
+    # d/dz_t Σ p_s log(p_s / softmax(z_t)) = softmax(z_t) - softmax(z_s / T): no factor T, unlike
+    # T² · KL at T on both sides, whose gradient is T · (softmax(z_t / T) - softmax(z_s / T)).
+    T, weight = 10.0, 0.6
+    d = graph(models("n1", "n2"), [{"from": "n2", "to": "n1", "loss": "kl", "gate": "through",
+                                    "temperature": T, "soften": "source", "weight": weight}])
+    logits, labels, _ = make_inputs(["n1", "n2"], batch=5, classes=7, seed=3, scale=4.0)
+    z1 = logits["n1"].detach().double().requires_grad_()
+    z2 = logits["n2"].detach().double()
+    loss = graph_losses(Graph.from_dict(d), {"n1": z1, "n2": z2}, labels, 1, 1)["n1"]
+    (grad,) = torch.autograd.grad(loss, z1)
+    want = weight / 5 * (torch.softmax(z1.detach(), 1) - torch.softmax(z2 / T, 1))
+    torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(
+        lambda z: graph_losses(Graph.from_dict(d), {"n1": z, "n2": z2}, labels, 1, 1)["n1"], (z1,))
+
+
+# k / k_end = 0.1, 0.5, 1 at steps 1, k_end / 2, k_end of k_end = 10, and γ = 2.5: 1/γ = 0.4.
+TIME_GATE_WEIGHTS = {"negative_linear": [0.9, 0.5, 0.0], "gamma": [0.1 ** 0.4, 0.5 ** 0.4, 1.0],
+                     "negative_gamma": [0.9 ** 0.4, 0.5 ** 0.4, 0.0]}
+
+
+@pytest.mark.parametrize("gate", sorted(TIME_GATE_WEIGHTS))
+def test_time_gates_at_the_first_middle_and_last_step(gate):
+    gamma = {"gamma": 2.5} if "gamma" in gate else {}
+    edges = [{"from": "n2", "to": "n1", "loss": "kl+mse", "gate": gate, "temperature": 2.0, **gamma},
+             {"from": "label", "to": "n1", "loss": "ce", "gate": gate, "weight": 0.5, **gamma}]
+    plain = [dict(e, gate="through") for e in edges]
+    for e in plain:
+        e.pop("gamma", None)
+    gated, through = Graph.from_dict(graph(models("n1", "n2"), edges)), Graph.from_dict(graph(models("n1", "n2"), plain))
+    logits, labels, _ = make_inputs(["n1", "n2"], seed=8)
+    for step, weight in zip((1, 5, 10), TIME_GATE_WEIGHTS[gate]):
+        got = graph_losses(gated, logits, labels, step, 10)["n1"]
+        want = graph_losses(through, logits, labels, step, 10)["n1"]
+        assert got.item() == pytest.approx(weight * want.item(), rel=1e-6, abs=1e-7), step
+        g_got = torch.autograd.grad(got, logits["n1"])[0]
+        g_want = torch.autograd.grad(want, logits["n1"])[0]
+        torch.testing.assert_close(g_got, weight * g_want, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
 @pytest.mark.parametrize("detach", [True, False])
 def test_ensemble_nodes_as_source_and_target(reduce, detach):
