@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ktfast.cli import UsageError, _positive_int
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info, make_loader
-from ktfast.graph import LABEL, EnsembleNode, Graph
+from ktfast.graph import GAMMA_GATES, LABEL, EnsembleNode, Graph
 from ktfast.models import build_model, is_model_name
 from ktfast.train import CHECKPOINT, METRICS
 
@@ -81,8 +81,11 @@ def _node_fill(graph: Graph, name: str) -> str:
 
 
 def _edge_text(edge) -> str:
-    lines = [f"{edge.loss} · {edge.gate}"]
-    extras = [f"T={edge.temperature:g}"] * (edge.temperature != 1.0) + [f"w={edge.weight:g}"] * (edge.weight != 1.0)
+    gamma = f" γ={edge.gamma:g}" if edge.gate in GAMMA_GATES else ""
+    lines = [f"{edge.loss} · {edge.gate}{gamma}"]
+    soften = " (source)" if edge.soften == "source" else ""  # only the source's logits divided by T
+    extras = ([f"T={edge.temperature:g}{soften}"] * (edge.temperature != 1.0 or bool(soften))
+              + [f"w={edge.weight:g}"] * (edge.weight != 1.0))
     if extras:
         lines.append(", ".join(extras))
     if "." in edge.source or "." in edge.target:  # which branches of a multi-branch node it joins

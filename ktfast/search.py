@@ -38,16 +38,20 @@ from tqdm.auto import tqdm
 from ktfast.cli import UsageError, _positive_int, add_recipe_args, config_from_args
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info
-from ktfast.graph import ATTENTION_TERMS, DEFAULT_CROPS, GATES, LABEL, LOSS_TERMS, Graph
+from ktfast.graph import ATTENTION_TERMS, DEFAULT_CROPS, GAMMA_GATES, GATES, LABEL, LOSS_TERMS, Graph
 
 DEFAULT_STORAGE = "sqlite:///ktfast-search.db"
 DEFAULT_MODELS = ("resnet32", "resnet110", "wrn28_2")
+DEFAULT_GATES = ("through", "cutoff", "linear", "correct")  # the papers' four; the others on request
 OBJECTIVES = ("target", "ensemble")
 PRUNERS = ("asha", "hyperband", "median", "none")
 SAMPLERS = ("random", "tpe")
 TARGET = "n1"  # node 1 of the papers: the node whose accuracy is searched for
 ENSEMBLE = "ens"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that --trials counts
+# γ of an edge whose sampled gate is gamma or negative_gamma: (k/k_end)^(1/γ) opens late for γ < 1 and
+# early for γ > 1; γ = 1 is left out, since it is the linear gates.
+GAMMAS = (0.25, 0.5, 2.0, 4.0)
 MAX_RETRY = 3  # a graph whose worker keeps dying (killed for memory, say) is given up after this
 SQLITE_TIMEOUT_S = 120  # how long an SQLite writer waits for the lock before "database is locked"
 LOCK_RETRIES = 5
@@ -91,7 +95,10 @@ class Space:
             loss = "ce" if s == LABEL else "kl"
             if s != LABEL and self.losses and gate != "cutoff":  # a cut-off edge has no loss to choose
                 loss = trial.suggest_categorical(f"loss {s}->{t}", self.losses)
-            edges.append({"from": s, "to": t, "loss": loss, "gate": gate})
+            edge = {"from": s, "to": t, "loss": loss, "gate": gate}
+            if gate in GAMMA_GATES:
+                edge["gamma"] = trial.suggest_categorical(f"gamma {s}->{t}", GAMMAS)
+            edges.append(edge)
         target = TARGET
         if self.objective == "ensemble":
             nodes.append({"name": ENSEMBLE, "ensemble": self.names, "reduce": "mean", "detach": True})
@@ -252,13 +259,15 @@ def make_sampler(name: str) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(constant_liar=True) if name == "tpe" else optuna.samplers.RandomSampler()
 
 
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    if name == "asha":  # the papers' ASHA: rungs at epochs 1, 2, 4, 8, …, the top half goes on
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+def make_pruner(name: str, epochs: int, min_resource: int = 1) -> optuna.pruners.BasePruner:
+    """The first decision at epoch `min_resource` (DESIGN §6): gates that act late in training
+    look bad early, and a pruner that judges at epoch 1 is biased against them."""
+    if name == "asha":  # the papers' ASHA: rungs at epochs m, 2m, 4m, …, the top half goes on
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource, reduction_factor=2)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=2)
+        return optuna.pruners.HyperbandPruner(min_resource=min_resource, max_resource=epochs, reduction_factor=2)
     if name == "median":
-        return optuna.pruners.MedianPruner()
+        return optuna.pruners.MedianPruner(n_warmup_steps=min_resource - 1)
     return optuna.pruners.NopPruner()
 
 
@@ -340,8 +349,8 @@ def objective(trial: optuna.Trial, space: Space, cfg: TrainConfig, trials: int) 
 
     def report(epoch: int, row: dict) -> None:
         retry_locked(trial.report, row["test"][graph.target]["acc"], epoch)
-        # Asked every epoch, ASHA only decides at its rungs, epochs 1, 2, 4, 8, …: below the next
-        # rung it answers no without looking. The last epoch is no decision: the trial is done.
+        # Asked every epoch, ASHA only decides at its rungs, epochs m, 2m, 4m, … (m = --min-resource):
+        # below the next rung it answers no without looking. The last epoch is no decision: the trial is done.
         if epoch < cfg.epochs and retry_locked(trial.should_prune):
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
@@ -366,7 +375,7 @@ def run_worker(spec: dict) -> None:
     trials, journal = spec["trials"], is_journal(spec["storage"])
     storage = open_storage(spec["storage"], spec["heartbeat_interval"], spec["grace_period"])
     study = optuna.load_study(study_name=spec["study"], storage=storage, sampler=make_sampler(spec["sampler"]),
-                              pruner=make_pruner(spec["pruner"], cfg.epochs))
+                              pruner=make_pruner(spec["pruner"], cfg.epochs, spec["min_resource"]))
     while True:
         retry_locked(fail_stale, study, journal)
         counts = retry_locked(_counts, study)
@@ -458,8 +467,12 @@ def summary(study: optuna.Study, url: str, trials: int, top: int = 5) -> str:
     reasons = Counter(t.user_attrs.get("fail_reason", "worker died or error").split(":")[0]
                       for t in all_trials if t.state == TrialState.FAIL)
     failed = f", {counts[TrialState.FAIL]} failed ({', '.join(f'{n} {r}' for r, n in reasons.items())})" if reasons else ""
+    # A pruned trial's last report is the epoch at which the pruner stopped it.
+    pruned_at = Counter(max(t.intermediate_values) for t in all_trials
+                        if t.state == TrialState.PRUNED and t.intermediate_values)
+    when = f" ({', '.join(f'at epoch {e}: {n}' for e, n in sorted(pruned_at.items()))})" if pruned_at else ""
     lines = [f"{done} of {trials} trials finished: {counts[TrialState.COMPLETE]} complete, "
-             f"{counts[TrialState.PRUNED]} pruned{failed}"]
+             f"{counts[TrialState.PRUNED]} pruned{when}{failed}"]
     best = sorted((t for t in all_trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)[:top]
     store, name = shlex.quote(shown(url)), shlex.quote(study.study_name)
     if best:
@@ -482,6 +495,8 @@ def cmd_search(args) -> int:
     dataset_info(cfg.dataset, cfg.data_dir)
     check_attention_sizes(space, cfg.dataset, cfg.data_dir)
     devices = worker_devices(args, cfg)
+    if args.min_resource > cfg.epochs:
+        raise UsageError(f"--min-resource: the first rung, epoch {args.min_resource}, is past --epochs {cfg.epochs}")
     if args.grace_period is not None and args.grace_period <= args.heartbeat_interval:
         raise UsageError("--grace-period: must be longer than --heartbeat-interval")
     name = args.study or f"{cfg.dataset}-{space.nodes}n-{space.target_model}-{space.objective}"
@@ -490,6 +505,7 @@ def cmd_search(args) -> int:
     if done < args.trials:
         spec = {"storage": args.storage, "study": name, "trials": args.trials, "space": space.to_dict(),
                 "config": cfg.to_dict(), "sampler": args.sampler, "pruner": args.pruner,
+                "min_resource": args.min_resource,
                 "heartbeat_interval": args.heartbeat_interval, "grace_period": args.grace_period}
         procs = launch(spec, devices)
         try:
@@ -550,7 +566,9 @@ def add_search_commands(sub) -> None:
     p.add_argument("--nodes", type=_positive_int, required=True, help="number of model nodes, the target included")
     p.add_argument("--target-model", required=True, help="model of node 1, the target (the papers: resnet32)")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="choices for the other nodes")
-    p.add_argument("--gates", default=",".join(GATES), help="choices for every edge, label edges included")
+    p.add_argument("--gates", default=",".join(DEFAULT_GATES),
+                   help=f"choices for every edge, label edges included, of {', '.join(GATES)} (default: "
+                        f"%(default)s); an edge given gamma or negative_gamma also draws γ from {GAMMAS}")
     p.add_argument("--losses", default=None, help="choices for every model-to-model edge, e.g. "
                    "kl,cos,att_mse,att_cos,kl+att_mse,cos+att_cos (default: kl only)")
     p.add_argument("--objective", choices=OBJECTIVES, default="target",
@@ -564,6 +582,8 @@ def add_search_commands(sub) -> None:
                    help="sqlite:///FILE (default %(default)s), journal:FILE or FILE.log, postgresql://…")
     p.add_argument("--study", help="study name (default: DATASET-Nn-TARGET_MODEL-OBJECTIVE)")
     p.add_argument("--pruner", choices=PRUNERS, default="asha")
+    p.add_argument("--min-resource", type=_positive_int, default=1, metavar="N",
+                   help="epoch of the pruner's first decision: ASHA's rungs at N, 2N, 4N, … (default 1)")
     p.add_argument("--sampler", choices=SAMPLERS, default="random")
     p.add_argument("--heartbeat-interval", type=_positive_int, default=60, metavar="S",
                    help="seconds between a worker's heartbeats (SQLite, PostgreSQL)")
