@@ -216,3 +216,12 @@ def test_lr_scale_scales_each_nodes_step_and_survives_resume(tmp_path):
     again.load_checkpoint(out / "checkpoint.pt")
     assert [g["lr"] for g in again.optimizer.param_groups] == [g["lr"] for g in first.optimizer.param_groups]
     assert [g["lr"] for g in first.optimizer.param_groups] == pytest.approx([0.005, 0.0005])
+
+
+def test_a_train_fraction_of_one_is_the_whole_set_and_shares_the_teachers():
+    # Each seed draws its own subset, so its teachers learn that subset; the whole set has one.
+    whole = [cfg(train_fraction=1.0, seed=s) for s in (0, 1)]
+    assert all(c.train_fraction is None for c in whole)
+    assert cache_path("resnet8", whole[0]) == cache_path("resnet8", whole[1]) == cache_path("resnet8", cfg())
+    part = [cfg(train_fraction=0.5, seed=s) for s in (0, 1)]
+    assert cache_path("resnet8", part[0]) != cache_path("resnet8", part[1])
