@@ -240,30 +240,33 @@ def test_half_inputs_within_bound(dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_soften_source_against_a_direct_computation(device):
-    # Into a: one edge softened at the source only (EKD's Eq. 8), one Hinton edge at the same T, so
-    # the backward switches between the target's softmax at T = 1 and at T; into b: source at T = 3.
+    # Into a: edges softened at the source only (EKD's Eq. 8) before and after a Hinton edge at the
+    # same T, so the backward switches the target's softmax from T = 1 to T and back; into b: source
+    # softened at T = 3.
     T, w = 10.0, 0.6
-    d = graph(models("a", "b", "c"),
+    d = graph(models("a", "b", "c", "d"),
               [{"from": "b", "to": "a", "loss": "kl+mse", "gate": "through", "temperature": T, "soften": "source",
                 "weight": w},
                {"from": "c", "to": "a", "loss": "kl", "gate": "through", "temperature": T},
+               {"from": "d", "to": "a", "loss": "kl", "gate": "through", "temperature": 5.0, "soften": "source",
+                "weight": 0.3},
                {"from": "a", "to": "b", "loss": "kl", "gate": "linear", "temperature": 3.0, "soften": "source"},
                {"from": "label", "to": "b", "loss": "ce", "gate": "through"}])
-    z, a, y = inputs("abc", 9, 13, device=device)
+    z, a, y = inputs("abcd", 9, 13, device=device)
     fused, grads = compare(d, z, a, y, step=2, total=7)
 
     def kl(source, target):  # Σ_k softmax(source)_k (log softmax(source)_k - log softmax(target)_k), per row
         return (torch.softmax(source, 1) * (torch.log_softmax(source, 1) - torch.log_softmax(target, 1))).sum(1)
 
     zz = {k: v.double().detach().requires_grad_() for k, v in z.items()}
-    za, zb, zc = zz["a"], zz["b"], zz["c"]
+    za, zb, zc, zd = zz["a"], zz["b"], zz["c"], zz["d"]
     want_a = (w * (kl(zb.detach() / T, za) + ((za - zb.detach()) ** 2).mean(1))
-              + T * T * kl(zc.detach() / T, za / T)).mean()
+              + T * T * kl(zc.detach() / T, za / T) + 0.3 * kl(zd.detach() / 5.0, za)).mean()
     want_b = (2 / 7 * kl(za.detach() / 3.0, zb) + torch.nn.functional.cross_entropy(zb, y, reduction="none")).mean()
     torch.testing.assert_close(fused["a"].double(), want_a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused["b"].double(), want_b, rtol=1e-5, atol=1e-6)
-    want_grads = torch.autograd.grad(want_a + want_b, [za, zb, zc], allow_unused=True)
-    assert grads[2] is None and want_grads[2] is None  # c is only a source
+    want_grads = torch.autograd.grad(want_a + want_b, [za, zb, zc, zd], allow_unused=True)
+    assert grads[2] is None and grads[3] is None  # c and d are only sources
     for got, want in zip(grads[:2], want_grads[:2]):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
