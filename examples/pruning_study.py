@@ -1,6 +1,7 @@
 """How often does ASHA prune the best graph in its first rung? (issue 18)
 
-    python examples/pruning_study.py run    [--root runs/pruning_study] [--epochs 9] [--trials 12]
+    python examples/pruning_study.py run    [--root runs/pruning_study] [--nodes 2] [--models resnet8]
+                                            [--epochs 6] [--trials 12]
     python examples/pruning_study.py replay [--root runs/pruning_study] [--orders 1000]
 
 `run` is one 12-trial `ktfast search` on digits over all seven gates without pruning
@@ -25,23 +26,28 @@ GATES = "through,cutoff,linear,correct,negative_linear,gamma,negative_gamma"
 STUDY = "gates-unpruned"
 
 
-def run(root: Path, epochs: int, trials: int) -> None:
+def run(root: Path, nodes: int, models: str, epochs: int, trials: int) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "ktfast", "search", "--nodes", "3", "--target-model", "resnet8",
-           "--models", "resnet8,resnet14", "--gates", GATES, "--pruner", "none", "--trials", str(trials),
+    cmd = [sys.executable, "-m", "ktfast", "search", "--nodes", str(nodes), "--target-model", "resnet8",
+           "--models", models, "--gates", GATES, "--pruner", "none", "--trials", str(trials),
            "--epochs", str(epochs), "--dataset", "digits", "--device", "cpu", "--quiet",
            "--storage", f"sqlite:///{root}/search.db", "--study", STUDY]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
 
-def curves(root: Path) -> list[dict]:
-    """{epoch: accuracy} of every complete trial, in trial order."""
+def curves(root: Path) -> tuple[list[dict], list[dict]]:
+    """({epoch: accuracy}, graph) of every complete trial, in trial order."""
     import optuna
 
     study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{root}/search.db")
-    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    return [dict(t.intermediate_values) for t in sorted(done, key=lambda t: t.number)]
+    done = sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: t.number)
+    return [dict(t.intermediate_values) for t in done], [t.user_attrs["graph"] for t in done]
+
+
+def gates(graph: dict) -> str:
+    return ", ".join(f"{e['from']}→{e['to']} {e['gate']}" + (f" γ={e['gamma']:g}" if "gamma" in e else "")
+                     for e in graph["edges"])
 
 
 def replay(trial_curves: list[dict], order: list[int], min_resource: int) -> dict:
@@ -71,7 +77,7 @@ def report(root: Path, n_orders: int) -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    trial_curves = curves(root)
+    trial_curves, graphs = curves(root)
     n, epochs = len(trial_curves), max(trial_curves[0])
     finals = [c[epochs] for c in trial_curves]
     best = max(range(n), key=lambda i: finals[i])
@@ -80,7 +86,7 @@ def report(root: Path, n_orders: int) -> None:
     print(f"best final graph: trial index {best}, {100 * finals[best]:.2f} %; its accuracy at epochs 1..{epochs}: "
           + ", ".join(f"{100 * trial_curves[best][e]:.1f}" for e in range(1, epochs + 1)))
     ranks_at_1 = sorted(range(n), key=lambda i: -trial_curves[i][1]).index(best) + 1
-    print(f"its rank among the {n} at epoch 1: {ranks_at_1}")
+    print(f"its rank among the {n} at epoch 1: {ranks_at_1}; its gates: {gates(graphs[best])}")
     rng = random.Random(0)
     orders = [list(range(n))] + [rng.sample(range(n), n) for _ in range(n_orders)]
     print("| first rung | best pruned, search's order | best pruned, random orders | pruned at epoch | "
@@ -102,12 +108,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("command", choices=["run", "replay"])
     p.add_argument("--root", type=Path, default=Path("runs/pruning_study"))
-    p.add_argument("--epochs", type=int, default=9)
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--models", default="resnet8", help="the other nodes' choices")
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--trials", type=int, default=12)
     p.add_argument("--orders", type=int, default=1000, help="random trial orders replayed")
     args = p.parse_args(argv)
     if args.command == "run":
-        run(args.root, args.epochs, args.trials)
+        run(args.root, args.nodes, args.models, args.epochs, args.trials)
     else:
         report(args.root, args.orders)
 

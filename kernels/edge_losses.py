@@ -310,9 +310,9 @@ def _link(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], int, bool]
 
 
 class EdgeLossFn(torch.autograd.Function):
-    """(table, labels, linear factor, *logits [B, C] per endpoint) -> (L [targets], gates [E, B]).
+    """(table, labels, k / k_end, *logits [B, C] per endpoint) -> (L [targets], gates [E, B]).
 
-    The linear factor is a float or a 0-d device tensor (read by the kernel, so that a captured
+    k / k_end is a float or a 0-d device tensor (read by the kernel, so that a captured
     CUDA graph sees it change). Only L carries a gradient; the gates are for the attention kernel.
     """
 
