@@ -1,12 +1,12 @@
 """How often does ASHA prune the best graph in its first rung? (issue 18)
 
     python examples/pruning_study.py run    [--root runs/pruning_study] [--nodes 2] [--models resnet8]
-                                            [--epochs 6] [--trials 12]
+                                            [--epochs 6] [--trials 12] [--train-fraction 0.25]
     python examples/pruning_study.py replay [--root runs/pruning_study] [--orders 1000]
 
-`run` is one 12-trial `ktfast search` on digits over all seven gates without pruning
-(`--pruner none`), so every graph trains all its epochs and reports its search_val accuracy at
-each. `replay` then puts those learning curves through Optuna's own ASHA pruner
+`run` is one 12-trial `ktfast search` on digits (a quarter of the search's training split, the
+whole of its validation split) over all seven gates without pruning (`--pruner none`), so every
+graph trains all its epochs and reports its search_val accuracy at each. `replay` then puts those learning curves through Optuna's own ASHA pruner
 (`SuccessiveHalvingPruner(min_resource=m, reduction_factor=2)`, as `ktfast search --min-resource m`
 builds it), trial after trial as one worker would, for m = 1 and m = a third of the epochs: in the
 search's order and in random orders of the same 12 trials (ASHA's decisions depend on the order in
@@ -26,12 +26,12 @@ GATES = "through,cutoff,linear,correct,negative_linear,gamma,negative_gamma"
 STUDY = "gates-unpruned"
 
 
-def run(root: Path, nodes: int, models: str, epochs: int, trials: int) -> None:
+def run(root: Path, nodes: int, models: str, epochs: int, trials: int, fraction: float) -> None:
     root.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "ktfast", "search", "--nodes", str(nodes), "--target-model", "resnet8",
            "--models", models, "--gates", GATES, "--pruner", "none", "--trials", str(trials),
-           "--epochs", str(epochs), "--dataset", "digits", "--device", "cpu", "--quiet",
-           "--storage", f"sqlite:///{root}/search.db", "--study", STUDY]
+           "--epochs", str(epochs), "--dataset", "digits", "--train-fraction", str(fraction), "--device", "cpu",
+           "--quiet", "--storage", f"sqlite:///{root}/search.db", "--study", STUDY]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -112,10 +112,11 @@ def main(argv=None) -> None:
     p.add_argument("--models", default="resnet8", help="the other nodes' choices")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--train-fraction", type=float, default=0.25, help="of the search's training split")
     p.add_argument("--orders", type=int, default=1000, help="random trial orders replayed")
     args = p.parse_args(argv)
     if args.command == "run":
-        run(args.root, args.nodes, args.models, args.epochs, args.trials)
+        run(args.root, args.nodes, args.models, args.epochs, args.trials, args.train_fraction)
     else:
         report(args.root, args.orders)
 
