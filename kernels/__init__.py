@@ -19,8 +19,9 @@ __all__ = ["fused_graph_losses", "fused_loss_vector", "EdgeLossFn", "AttentionLo
 
 
 def _linear_factor(step, total_steps):
-    """step / total_steps: a float, or a 0-d fp32 device tensor when step is one (the fast path
-    keeps it on the device so that a captured CUDA graph reads the current value)."""
+    """step / total_steps, which every time gate (linear, negative_linear, gamma, negative_gamma) is
+    computed from in the kernel: a float, or a 0-d fp32 device tensor when step is one (the fast
+    path keeps it on the device so that a captured CUDA graph reads the current value)."""
     if not torch.is_tensor(step):
         return step / total_steps
     factor = step if total_steps == 1 and step.dtype == torch.float32 else step / total_steps

@@ -12,20 +12,18 @@ softmax is computed once per row and shared by all edges. Then each edge reads i
 backward is a single pass: one program per (block of rows, trained endpoint), summing the
 gradients of the edges into it in registers and storing them once.
 
-exp and log are libdevice's (within 2 ulp) and sqrt the correctly rounded one, not `tl.exp`/`tl.log`'s
-ex2/lg2.approx: T² · KL at T = 10 magnifies their error past 1e-5 of the reference's value.
+exp and log are libdevice's and sqrt the correctly rounded one (see `rows`).
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from . import edge_table as et
+from .rows import exp, gate_weight, load_rows, offset, pick, row_stats, tempered_lse
 
 OFFSET_ARGS = 15  # o1 … o15 below
 MAX_LINKED = OFFSET_ARGS + 1  # endpoints read in place, through the offsets
@@ -34,85 +32,7 @@ GPU_TILE = 4096  # elements per block of rows on a GPU: enough bytes in flight p
 
 _CE, _KL, _COS, _MSE = (tl.constexpr(b) for b in (et.CE, et.KL, et.COS, et.MSE))
 _SRC, _DST, _KIND, _GATE, _SSLOT, _DSLOT, _TGT = (tl.constexpr(r) for r in range(7))
-_INV_T, _TEMP, _WEIGHT = (tl.constexpr(r) for r in range(3))
-
-
-# The interpreter has no libdevice (and its numpy exp and log are exact anyway).
-_LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
-
-
-@triton.jit
-def _exp(x):
-    if _LIBDEVICE:
-        return libdevice.exp(x)
-    else:
-        return tl.exp(x)
-
-
-@triton.jit
-def _log(x):
-    if _LIBDEVICE:
-        return libdevice.log(x)
-    else:
-        return tl.log(x)
-
-
-@triton.jit
-def _offset(n, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15,
-            STACKED: tl.constexpr):
-    """Element offset of endpoint n's logits from endpoint 0's."""
-    if STACKED:
-        return tl.cast(n, tl.int64) * node_stride
-    off = (tl.where(n == 1, o1, 0) + tl.where(n == 2, o2, 0) + tl.where(n == 3, o3, 0) + tl.where(n == 4, o4, 0)
-           + tl.where(n == 5, o5, 0) + tl.where(n == 6, o6, 0) + tl.where(n == 7, o7, 0) + tl.where(n == 8, o8, 0)
-           + tl.where(n == 9, o9, 0) + tl.where(n == 10, o10, 0) + tl.where(n == 11, o11, 0)
-           + tl.where(n == 12, o12, 0) + tl.where(n == 13, o13, 0) + tl.where(n == 14, o14, 0)
-           + tl.where(n == 15, o15, 0))
-    return off.to(tl.int64)
-
-
-@triton.jit
-def _load(ptr, row_off, rmask, cc, C):
-    """A [ROWS, BLOCK_C] block of logits as fp32; 0 outside the rows and classes."""
-    mask = rmask[:, None] & (cc < C)[None, :]
-    return tl.load(ptr + row_off[:, None] + cc[None, :], mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _stats(ptr, row_off, rmask, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per row: max, first arg-max (as torch.argmax) and log-sum-exp, online over class blocks."""
-    cols = tl.arange(0, BLOCK_C)
-    mx = tl.full([ROWS], -float("inf"), tl.float32)
-    total = tl.zeros([ROWS], tl.float32)
-    arg = tl.zeros([ROWS], tl.int32)
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + cols
-        z = tl.where((cc < C)[None, :], _load(ptr, row_off, rmask, cc, C), -float("inf"))
-        block_max = tl.max(z, axis=1)
-        block_arg = tl.min(tl.where(z == block_max[:, None], cc[None, :], C), axis=1)
-        new = tl.maximum(mx, block_max)
-        total = total * _exp(mx - new) + tl.sum(_exp(z - new[:, None]), axis=1)
-        arg = tl.where(block_max > mx, block_arg, arg)  # an earlier block keeps ties
-        mx = new
-    return mx, arg, mx + _log(total)
-
-
-@triton.jit
-def _tempered_lse(ptr, row_off, rmask, mx, inv_t, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """log Σ exp(z / T) per row, given max(z): max(z / T) = max(z) / T."""
-    cols = tl.arange(0, BLOCK_C)
-    total = tl.zeros([ROWS], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + cols
-        z = _load(ptr, row_off, rmask, cc, C)
-        total += tl.sum(tl.where((cc < C)[None, :], _exp((z - mx[:, None]) * inv_t), 0.0), axis=1)
-    return mx * inv_t + _log(total)
-
-
-@triton.jit
-def _pick(tile, ids, k):
-    """Row k of a small [K, ROWS] tile of per-row statistics."""
-    return tl.sum(tl.where(ids[:, None] == k, tile, 0), axis=0)
+_INV_T, _DINV_T, _KL_SCALE, _WEIGHT, _INV_GAMMA = (tl.constexpr(r) for r in range(5))
 
 
 @triton.jit
@@ -139,15 +59,15 @@ def _edge_loss_fwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
     args = tl.zeros([M_P2, ROWS], tl.int32)
     lses = tl.zeros([S_P2, ROWS], tl.float32)
     for n in range(M):
-        ptr = z + _offset(n, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, STACKED)
-        mx, arg, lse = _stats(ptr, row_off, rmask, C, ROWS, BLOCK_C)
+        ptr = z + offset(n, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, STACKED)
+        mx, arg, lse = row_stats(ptr, row_off, rmask, C, ROWS, BLOCK_C)
         maxes = tl.where(node_ids[:, None] == n, mx[None, :], maxes)
         args = tl.where(node_ids[:, None] == n, arg[None, :], args)
         lses = tl.where(slot_ids[:, None] == n, lse[None, :], lses)
     for k in range(M, S):
         n = tl.load(slot_node + k)
-        ptr = z + _offset(n, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, STACKED)
-        lse = _tempered_lse(ptr, row_off, rmask, _pick(maxes, node_ids, n), tl.load(slot_inv_t + k), C, ROWS, BLOCK_C)
+        ptr = z + offset(n, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, STACKED)
+        lse = tempered_lse(ptr, row_off, rmask, pick(maxes, node_ids, n), tl.load(slot_inv_t + k), C, ROWS, BLOCK_C)
         lses = tl.where(slot_ids[:, None] == k, lse[None, :], lses)
     tl.store(lse_ptr + slot_ids[:, None] * B + rows[None, :], lses, mask=(slot_ids[:, None] < S) & rmask[None, :])
 
@@ -159,14 +79,14 @@ def _edge_loss_fwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
         kind = tl.load(ints + _KIND * E + e)
         gate_kind = tl.load(ints + _GATE * E + e)
         inv_t = tl.load(floats + _INV_T * E + e)
-        temp = tl.load(floats + _TEMP * E + e)
-        sp = z + _offset(tl.maximum(src, 0), node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13,
+        inv_tt = tl.load(floats + _DINV_T * E + e)
+        sp = z + offset(tl.maximum(src, 0), node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13,
                          o14, o15, STACKED)
-        tp = z + _offset(dst, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, STACKED)
-        lse_s1 = _pick(lses, slot_ids, src)
-        lse_t1 = _pick(lses, slot_ids, dst)
-        lse_st = _pick(lses, slot_ids, tl.load(ints + _SSLOT * E + e))
-        lse_tt = _pick(lses, slot_ids, tl.load(ints + _DSLOT * E + e))
+        tp = z + offset(dst, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, STACKED)
+        lse_s1 = pick(lses, slot_ids, src)
+        lse_t1 = pick(lses, slot_ids, dst)
+        lse_st = pick(lses, slot_ids, tl.load(ints + _SSLOT * E + e))
+        lse_tt = pick(lses, slot_ids, tl.load(ints + _DSLOT * E + e))
 
         loss = tl.zeros([ROWS], tl.float32)
         if (kind & _CE) != 0:  # -log p_t[y]
@@ -180,21 +100,21 @@ def _edge_loss_fwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
             for c0 in range(0, C, BLOCK_C):
                 cc = c0 + cols
                 valid = rmask[:, None] & (cc < C)[None, :]
-                zs = _load(sp, row_off, rmask, cc, C)
-                zt = _load(tp, row_off, rmask, cc, C)
-                if (kind & _KL) != 0:  # Σ p_s (log p_s - log p_t) at temperature T
-                    ps = tl.where(valid, _exp(zs * inv_t - lse_st[:, None]), 0.0)
-                    kl += tl.sum(ps * ((zs - zt) * inv_t + (lse_tt - lse_st)[:, None]), axis=1)
+                zs = load_rows(sp, row_off, rmask, cc, C)
+                zt = load_rows(tp, row_off, rmask, cc, C)
+                if (kind & _KL) != 0:  # Σ p_s (log p_s - log p_t), p_s at T, p_t at T or 1
+                    ps = tl.where(valid, exp(zs * inv_t - lse_st[:, None]), 0.0)
+                    kl += tl.sum(ps * (zs * inv_t - zt * inv_tt + (lse_tt - lse_st)[:, None]), axis=1)
                 if (kind & _COS) != 0:
-                    ps = tl.where(valid, _exp(zs - lse_s1[:, None]), 0.0)
-                    pt = tl.where(valid, _exp(zt - lse_t1[:, None]), 0.0)
+                    ps = tl.where(valid, exp(zs - lse_s1[:, None]), 0.0)
+                    pt = tl.where(valid, exp(zt - lse_t1[:, None]), 0.0)
                     dot += tl.sum(ps * pt, axis=1)
                     ss += tl.sum(ps * ps, axis=1)
                     tt += tl.sum(pt * pt, axis=1)
                 if (kind & _MSE) != 0:
                     d = zt - zs
                     sq += tl.sum(d * d, axis=1)
-        loss += kl * (temp * temp) + sq / C
+        loss += kl * tl.load(floats + _KL_SCALE * E + e) + sq / C
         if (kind & _COS) != 0:
             norms = tl.where(rmask, tl.sqrt_rn(ss) * tl.sqrt_rn(tt), 1.0)  # rows past B: no 0 / 0
             tt = tl.where(rmask, tt, 1.0)
@@ -204,8 +124,8 @@ def _edge_loss_fwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
             tl.store(aux_ptr + (E + e) * B + rows, 1.0 / norms, mask=rmask)
             tl.store(aux_ptr + (2 * E + e) * B + rows, cos / tt, mask=rmask)
 
-        correct = (_pick(args, node_ids, src) == y) | (src < 0)  # the label is always right
-        gate = tl.where(gate_kind == 1, factor, tl.where((gate_kind == 2) & (~correct), 0.0, 1.0))
+        correct = (pick(args, node_ids, src) == y) | (src < 0)  # the label is always right
+        gate = gate_weight(gate_kind, factor, tl.load(floats + _INV_GAMMA * E + e), correct)
         tl.store(aux_ptr + e * B + rows, gate, mask=rmask)
         total = tl.sum(tl.where(rmask, gate * loss, 0.0), axis=0) * tl.load(floats + _WEIGHT * E + e) * inv_b
         part += tl.where(target_ids == tl.load(ints + _TGT * E + e), total, 0.0)
@@ -256,13 +176,13 @@ def _edge_loss_bwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
     n = tl.load(grads + g)
     first = tl.load(grads + G + g)
     last = tl.load(grads + 2 * G + g)
-    tp = z + _offset(n, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, STACKED)
+    tp = z + offset(n, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, STACKED)
     out = out_ptr + g.to(tl.int64) * B * C
     lse_t1 = tl.load(lse_ptr + n * B + rows, mask=rmask, other=0.0)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + cols
-        zt = _load(tp, row_off, rmask, cc, C)
-        pt = _exp(zt - lse_t1[:, None])
+        zt = load_rows(tp, row_off, rmask, cc, C)
+        pt = exp(zt - lse_t1[:, None])
         acc = tl.zeros([ROWS, BLOCK_C], tl.float32)
         pt_tempered = pt  # p_t at the slot below: the KL edges into a node mostly share one T
         slot = n
@@ -280,20 +200,21 @@ def _edge_loss_bwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
             if (kind & _CE) != 0:
                 acc += scale[:, None] * (pt - tl.where(cc[None, :] == y[:, None], 1.0, 0.0))
             if (kind & (_KL | _COS | _MSE)) != 0:
-                sp = z + _offset(src, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14,
+                sp = z + offset(src, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14,
                                  o15, STACKED)
-                zs = _load(sp, row_off, rmask, cc, C)
-                if (kind & _KL) != 0:  # T² · KL has gradient T · (p_t - p_s) at temperature T
+                zs = load_rows(sp, row_off, rmask, cc, C)
+                if (kind & _KL) != 0:  # scale · KL has gradient scale / T_t · (p_t - p_s), p_t at T_t
+                    inv_tt = tl.load(floats + _DINV_T * E + e)
                     dslot = tl.load(ints + _DSLOT * E + e)
                     if dslot != slot:
                         lse_tt = tl.load(lse_ptr + dslot * B + rows, mask=rmask, other=0.0)
-                        pt_tempered = _exp(zt * inv_t - lse_tt[:, None])
+                        pt_tempered = exp(zt * inv_tt - lse_tt[:, None])
                         slot = dslot
                     lse_st = tl.load(lse_ptr + tl.load(ints + _SSLOT * E + e) * B + rows, mask=rmask, other=0.0)
-                    ps = _exp(zs * inv_t - lse_st[:, None])
-                    acc += (scale * tl.load(floats + _TEMP * E + e))[:, None] * (pt_tempered - ps)
+                    ps = exp(zs * inv_t - lse_st[:, None])
+                    acc += (scale * (tl.load(floats + _KL_SCALE * E + e) * inv_tt))[:, None] * (pt_tempered - ps)
                 if (kind & _COS) != 0:
-                    ps = _exp(zs - tl.load(lse_ptr + src * B + rows, mask=rmask, other=0.0)[:, None])
+                    ps = exp(zs - tl.load(lse_ptr + src * B + rows, mask=rmask, other=0.0)[:, None])
                     a = tl.load(aux_ptr + (E + e) * B + rows, mask=rmask, other=0.0)
                     b = tl.load(aux_ptr + (2 * E + e) * B + rows, mask=rmask, other=0.0)
                     acc += scale[:, None] * pt * (ps * a[:, None] - pt * b[:, None])
@@ -351,12 +272,11 @@ def _link(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], int, bool]
 
 
 class EdgeLossFn(torch.autograd.Function):
-    """(table, labels, linear factor, *logits [B, C] per endpoint)
-    -> (L [targets], their sum [], gates [E, B]).
+    """(table, labels, k / k_end, *logits [B, C] per endpoint) -> (L [targets], their sum [], gates [E, B]).
 
-    The linear factor is a float or a 0-d device tensor (read by the kernel, so that a captured
-    CUDA graph sees it change). L and the sum carry gradients: a step back-propagates the sum, and
-    the backward reads its gradient directly. The gates are for the attention kernel.
+    k / k_end is a float or a 0-d device tensor (read by the kernel, so that a captured CUDA graph
+    sees it change). L and the sum carry gradients: a step back-propagates the sum, and the
+    backward reads its gradient directly. The gates are for the attention kernel.
     """
 
     @staticmethod

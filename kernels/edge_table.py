@@ -19,13 +19,15 @@ CE, KL, COS, MSE = 1, 2, 4, 8
 LOGIT_TERMS = {"ce": CE, "kl": KL, "cos": COS, "mse": MSE}
 ATT_MSE, ATT_COS = 1, 2
 ATTENTION_TERMS = {"att_mse": ATT_MSE, "att_cos": ATT_COS}
-GATES = {"through": 0, "linear": 1, "correct": 2}
+GATES = {"through": 0, "linear": 1, "correct": 2, "negative_linear": 3, "gamma": 4, "negative_gamma": 5}
 
 # Rows of `EdgeTable.ints` [7, E]: source endpoint (-1: the label), target endpoint, loss bits, gate
-# code, the source's and the target's softmax slot at the edge's temperature, index in `targets`.
+# code, the source's and the target's softmax slot (the source's at the edge's temperature, the
+# target's at it too, or at 1 where the edge softens only its source), index in `targets`.
 SRC, DST, KIND, GATE, SSLOT, DSLOT, TGT = range(7)
-# Rows of `EdgeTable.floats` [3, E].
-INV_T, TEMP, WEIGHT = range(3)
+# Rows of `EdgeTable.floats` [5, E]: 1/T of the source's and of the target's softmax, the KL's
+# factor (T², or 1 where only the source is softened), weight, the gamma gates' exponent 1/γ.
+INV_T, DINV_T, KL_SCALE, WEIGHT, INV_GAMMA = range(5)
 
 
 @dataclass(frozen=True)
@@ -100,14 +102,16 @@ def _build(graph: Graph, device) -> EdgeTable:
         dst = index[e.target]
         kind = sum(LOGIT_TERMS[t] for t in e.terms if t in LOGIT_TERMS)
         pair = []
-        for node in (max(src, 0), dst):
+        for node, temperature in ((max(src, 0), e.temperature), (dst, _target_temperature(e))):
             if kind & KL:
-                pair.append(slots.setdefault((node, e.temperature), len(slots)))
+                pair.append(slots.setdefault((node, temperature), len(slots)))
             else:
                 pair.append(node)
         rows.append([src, dst, kind, GATES[e.gate], pair[0], pair[1], targets.index(owner(e.target))])
     ints = torch.tensor(rows, dtype=torch.int32).T
-    floats = torch.tensor([[1 / e.temperature, e.temperature, e.weight] for e in edges], dtype=torch.float32).T
+    floats = torch.tensor([[1 / e.temperature, 1 / _target_temperature(e),
+                            e.temperature ** 2 if e.soften == "both" else 1.0, e.weight, 1 / e.gamma]
+                           for e in edges], dtype=torch.float32).T
     slot_list = sorted(slots, key=slots.get)
 
     dsts = [r[DST] for r in rows]
@@ -120,6 +124,10 @@ def _build(graph: Graph, device) -> EdgeTable:
     return EdgeTable(tuple(endpoints), tuple(targets), put(ints), put(floats, torch.float32),
                      put([n for n, _ in slot_list]), put([1 / t for _, t in slot_list], torch.float32),
                      put(grads).reshape(3, -1), tuple(trained), _attention_table(graph, edges, targets, put))
+
+
+def _target_temperature(edge) -> float:
+    return edge.temperature if edge.soften == "both" else 1.0
 
 
 def _trains(graph: Graph, edge) -> bool:

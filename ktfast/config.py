@@ -32,6 +32,12 @@ class TrainConfig:
     loader: str = "auto"
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        # The whole training set is no subset: its runs share the pretrained teachers across seeds,
+        # as the runs without a fraction do (the subset of each class would be all of it anyway).
+        if self.train_fraction == 1:
+            self.train_fraction = None
+
     def milestones(self) -> list[int]:
         return sorted({max(1, round(f * self.epochs)) for f in self.lr_decay_at})
 

@@ -14,16 +14,18 @@ from pathlib import Path
 LABEL = "label"
 LOSS_TERMS = ("ce", "kl", "cos", "mse", "att_mse", "att_cos")
 ATTENTION_TERMS = ("att_mse", "att_cos")
-GATES = ("through", "cutoff", "linear", "correct")
+GATES = ("through", "cutoff", "linear", "correct", "negative_linear", "gamma", "negative_gamma")
+GAMMA_GATES = ("gamma", "negative_gamma")  # the gates that read the edge's `gamma`
+SOFTEN = ("both", "source")
 REDUCES = ("mean", "sum")
 DEFAULT_CROPS = (3, 5)
 
 _BRANCH_MODEL = re.compile(r"^branch(\d+)_resnet8$")
 _BRANCH_ADDRESS = re.compile(r"^(.+)\.b(\d+)$")
 _GRAPH_KEYS = {"version", "name", "target", "nodes", "edges", "description"}
-_MODEL_KEYS = {"name", "model", "init"}
+_MODEL_KEYS = {"name", "model", "init", "lr_scale"}
 _ENSEMBLE_KEYS = {"name", "ensemble", "reduce", "detach"}
-_EDGE_KEYS = {"from", "to", "loss", "gate", "temperature", "weight", "crops"}
+_EDGE_KEYS = {"from", "to", "loss", "gate", "temperature", "weight", "crops", "soften", "gamma"}
 
 
 class GraphError(ValueError):
@@ -36,6 +38,7 @@ class ModelNode:
     model: str
     init: str | dict  # "scratch" | "pretrained" | "zoo" | {"checkpoint": path}, as resolved
     frozen: bool
+    lr_scale: float = 1.0  # the node's learning rate is the run's times this
 
     @property
     def checkpoint(self) -> str | None:
@@ -59,6 +62,8 @@ class Edge:
     temperature: float = 1.0
     weight: float = 1.0
     crops: tuple[int, ...] = DEFAULT_CROPS
+    soften: str = "both"  # "source": only the source's logits are divided by T, no T² (EKD's Eq. 8)
+    gamma: float = 1.0  # the exponent 1/γ of the gamma gates
 
     @property
     def terms(self) -> tuple[str, ...]:
@@ -76,6 +81,10 @@ class Edge:
             d["weight"] = self.weight
         if self.uses_attention:
             d["crops"] = list(self.crops)
+        if self.soften != "both":
+            d["soften"] = self.soften
+        if self.gamma != 1.0:
+            d["gamma"] = self.gamma
         return d
 
 
@@ -160,7 +169,7 @@ class Graph:
                 init = n["init"]
                 if frozen and init == "scratch":
                     init = "pretrained"  # a frozen node is a teacher: it must have learnt something
-                nodes[n["name"]] = ModelNode(n["name"], n["model"], init, frozen)
+                nodes[n["name"]] = ModelNode(n["name"], n["model"], init, frozen, n["lr_scale"])
             else:
                 nodes[n["name"]] = EnsembleNode(n["name"], tuple(n["ensemble"]), n["reduce"], n["detach"])
         return cls(version, name, target, nodes, edges, description)
@@ -198,6 +207,8 @@ class Graph:
         for n in self.nodes.values():
             if isinstance(n, ModelNode):
                 nodes.append({"name": n.name, "model": n.model, "init": n.init})
+                if n.lr_scale != 1.0:
+                    nodes[-1]["lr_scale"] = n.lr_scale
             else:
                 nodes.append({"name": n.name, "ensemble": list(n.members), "reduce": n.reduce,
                               "detach": n.detach})
@@ -273,7 +284,10 @@ def _parse_node(raw, index: int) -> dict:
                              f"model, and {model!r} is not one")
     elif init not in ("scratch", "pretrained"):
         raise GraphError(f"{where}.init: unknown init {json.dumps(init)}")
-    return {"name": name, "model": model, "init": init}
+    lr_scale = _typed(raw, "lr_scale", float, where, default=1.0)
+    if not math.isfinite(lr_scale) or lr_scale <= 0:
+        raise GraphError(f"{where}.lr_scale: must be > 0, got {lr_scale}")
+    return {"name": name, "model": model, "init": init, "lr_scale": float(lr_scale)}
 
 
 def _is_model_endpoint(name: str, models: dict) -> bool:
@@ -326,7 +340,17 @@ def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
         for end in (source, target):
             if end not in models:
                 raise GraphError(f"{where}.loss: attention losses need model nodes at both ends, not {end!r}")
-    return Edge(source, target, loss, gate, float(temperature), float(weight), tuple(crops))
+    soften = _typed(raw, "soften", str, where, default="both")
+    if soften not in SOFTEN:
+        raise GraphError(f"{where}.soften: unknown soften {soften!r} (expected both or source)")
+    if "soften" in raw and "kl" not in terms:
+        raise GraphError(f"{where}.soften: only edges with a 'kl' term soften, not loss {loss!r}")
+    gamma = _typed(raw, "gamma", float, where, default=1.0)
+    if "gamma" in raw and gate not in GAMMA_GATES:
+        raise GraphError(f"{where}.gamma: only the gamma and negative_gamma gates take it, not gate {gate!r}")
+    if not math.isfinite(gamma) or gamma <= 0:
+        raise GraphError(f"{where}.gamma: must be > 0, got {gamma}")
+    return Edge(source, target, loss, gate, float(temperature), float(weight), tuple(crops), soften, float(gamma))
 
 
 def _owner(endpoint: str) -> str:

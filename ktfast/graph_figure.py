@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from ktfast.graph import LABEL, EnsembleNode, Graph
+from ktfast.graph import GAMMA_GATES, LABEL, EnsembleNode, Graph
 
 # Colours of the papers' figures: red target, blue pre-trained (frozen) source; ensembles get a
 # colour of their own since the ensemble paper's red ensemble node is also its search target.
@@ -59,8 +59,11 @@ def _node_fill(graph: Graph, name: str) -> str:
 
 
 def _edge_text(edge) -> str:
-    lines = [f"{edge.loss} · {edge.gate}"]
-    extras = [f"T={edge.temperature:g}"] * (edge.temperature != 1.0) + [f"w={edge.weight:g}"] * (edge.weight != 1.0)
+    gamma = f" γ={edge.gamma:g}" if edge.gate in GAMMA_GATES else ""
+    lines = [f"{edge.loss} · {edge.gate}{gamma}"]
+    soften = " (source)" if edge.soften == "source" else ""  # only the source's logits divided by T
+    extras = ([f"T={edge.temperature:g}{soften}"] * (edge.temperature != 1.0 or bool(soften))
+              + [f"w={edge.weight:g}"] * (edge.weight != 1.0))
     if extras:
         lines.append(", ".join(extras))
     if "." in edge.source or "." in edge.target:  # which branches of a multi-branch node it joins

@@ -24,9 +24,12 @@ def ce(z_t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(_acc(z_t), labels, reduction="none")
 
 
-def kl(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(p_s ‖ p_t) of softmax(z / T), times T² so gradients keep their scale (Hinton et al.)."""
+def kl(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 1.0, soften: str = "both") -> torch.Tensor:
+    """KL(p_s ‖ p_t). soften "both": of softmax(z / T), times T² so gradients keep their scale
+    (Hinton et al.); "source": softmax(z_s / T) against softmax(z_t), no factor (EKD's Eq. 8)."""
     log_p_s = F.log_softmax(_acc(z_s.detach()) / temperature, dim=1)
+    if soften == "source":
+        return F.kl_div(F.log_softmax(_acc(z_t), dim=1), log_p_s, reduction="none", log_target=True).sum(1)
     log_p_t = F.log_softmax(_acc(z_t) / temperature, dim=1)
     return F.kl_div(log_p_t, log_p_s, reduction="none", log_target=True).sum(1) * temperature**2
 
@@ -78,6 +81,12 @@ def gate(edge: Edge, z_s: torch.Tensor | None, labels: torch.Tensor, step: int, 
         return 1.0
     if edge.gate == "linear":
         return step / total_steps
+    if edge.gate == "negative_linear":
+        return 1 - step / total_steps
+    if edge.gate == "gamma":
+        return (step / total_steps) ** (1 / edge.gamma)
+    if edge.gate == "negative_gamma":
+        return (1 - step / total_steps) ** (1 / edge.gamma)
     if edge.gate == "correct":
         if z_s is None:  # the label is always right about itself
             return 1.0
@@ -92,7 +101,7 @@ def edge_loss(edge: Edge, z_s, z_t, labels, att_s=None, att_t=None) -> torch.Ten
         if term == "ce":
             total = total + ce(z_t, labels)
         elif term == "kl":
-            total = total + kl(z_s, z_t, edge.temperature)
+            total = total + kl(z_s, z_t, edge.temperature, edge.soften)
         elif term == "cos":
             total = total + cos(z_s, z_t)
         elif term == "mse":

@@ -34,19 +34,23 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from ktfast.config import TrainConfig
-from ktfast.graph import LABEL, Graph
+from ktfast.graph import GAMMA_GATES, LABEL, Graph
 from ktfast.packing import MPSDaemon, Slots
 from ktfast.run import make_trainer
 from ktfast.study import is_journal, make_pruner, make_sampler, open_storage, requeue, shown
 from ktfast.train import NonFiniteLoss
 
 DEFAULT_MODELS = ("resnet32", "resnet110", "wrn28_2")
+DEFAULT_GATES = ("through", "cutoff", "linear", "correct")  # the papers' four; the others on request
 OBJECTIVES = ("target", "ensemble")
 PRUNERS = ("asha", "hyperband", "median", "none")
 SAMPLERS = ("random", "tpe")
 TARGET = "n1"  # node 1 of the papers: the node whose accuracy is searched for
 ENSEMBLE = "ens"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that --trials counts
+# γ of an edge whose sampled gate is gamma or negative_gamma: (k/k_end)^(1/γ) opens late for γ < 1 and
+# early for γ > 1; γ = 1 is left out, since it is the linear gates.
+GAMMAS = (0.25, 0.5, 2.0, 4.0)
 POLL_S = 1.0
 
 
@@ -87,7 +91,10 @@ class Space:
             loss = "ce" if s == LABEL else "kl"
             if s != LABEL and self.losses and gate != "cutoff":  # a cut-off edge has no loss to choose
                 loss = trial.suggest_categorical(f"loss {s}->{t}", self.losses)
-            edges.append({"from": s, "to": t, "loss": loss, "gate": gate})
+            edge = {"from": s, "to": t, "loss": loss, "gate": gate}
+            if gate in GAMMA_GATES:
+                edge["gamma"] = trial.suggest_categorical(f"gamma {s}->{t}", GAMMAS)
+            edges.append(edge)
         target = TARGET
         if self.objective == "ensemble":
             nodes.append({"name": ENSEMBLE, "ensemble": self.names, "reduce": "mean", "detach": True})
@@ -156,8 +163,8 @@ def objective(trial: optuna.Trial, space: Space, cfg: TrainConfig, trials: int) 
 
     def report(epoch: int, row: dict) -> None:
         trial.report(row["test"][graph.target]["acc"], epoch)
-        # Asked every epoch, ASHA only decides at its rungs, epochs 1, 2, 4, 8, …: below the next
-        # rung it answers no without looking. The last epoch is no decision: the trial is done.
+        # Asked every epoch, ASHA only decides at its rungs, epochs m, 2m, 4m, … (m = --min-resource):
+        # below the next rung it answers no without looking. The last epoch is no decision: the trial is done.
         if epoch < cfg.epochs and trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
@@ -191,7 +198,7 @@ def run_worker(spec: dict) -> None:
 def worker_study(spec: dict, cfg: TrainConfig, slots: Slots) -> optuna.Study:
     storage = open_storage(spec["storage"], spec["heartbeat_interval"], spec["grace_period"])
     study = optuna.load_study(study_name=spec["study"], storage=storage, sampler=make_sampler(spec["sampler"]),
-                              pruner=make_pruner(spec["pruner"], cfg.epochs))
+                              pruner=make_pruner(spec["pruner"], cfg.epochs, spec["min_resource"]))
     # On SQLite, Optuna reads that a queued trial (enqueued, or a retry) waits and marks it running in
     # two steps: two slots asking at once would both take it. Optuna's optimize calls study.ask.
     study.ask = slots.in_turn(study.ask)
@@ -295,8 +302,12 @@ def summary(study: optuna.Study, url: str, trials: int, top: int = 5) -> str:
     reasons = Counter(t.user_attrs.get("fail_reason", "worker died or error").split(":")[0]
                       for t in all_trials if t.state == TrialState.FAIL)
     failed = f", {counts[TrialState.FAIL]} failed ({', '.join(f'{n} {r}' for r, n in reasons.items())})" if reasons else ""
+    # A pruned trial's last report is the epoch at which the pruner stopped it.
+    pruned_at = Counter(max(t.intermediate_values) for t in all_trials
+                        if t.state == TrialState.PRUNED and t.intermediate_values)
+    when = f" ({', '.join(f'at epoch {e}: {n}' for e, n in sorted(pruned_at.items()))})" if pruned_at else ""
     lines = [f"{done} of {trials} trials finished: {counts[TrialState.COMPLETE]} complete, "
-             f"{counts[TrialState.PRUNED]} pruned{failed}"]
+             f"{counts[TrialState.PRUNED]} pruned{when}{failed}"]
     best = sorted((t for t in all_trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)[:top]
     store, name = shlex.quote(shown(url)), shlex.quote(study.study_name)
     if best:

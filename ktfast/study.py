@@ -105,13 +105,15 @@ def make_sampler(name: str) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(constant_liar=True) if name == "tpe" else optuna.samplers.RandomSampler()
 
 
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    if name == "asha":  # the papers' ASHA: rungs at epochs 1, 2, 4, 8, …, the top half goes on
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+def make_pruner(name: str, epochs: int, min_resource: int = 1) -> optuna.pruners.BasePruner:
+    """The first decision at epoch `min_resource` (DESIGN §6): gates that act late in training
+    look bad early, and a pruner that judges at epoch 1 is biased against them."""
+    if name == "asha":  # the papers' ASHA: rungs at epochs m, 2m, 4m, …, the top half goes on
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource, reduction_factor=2)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=2)
+        return optuna.pruners.HyperbandPruner(min_resource=min_resource, max_resource=epochs, reduction_factor=2)
     if name == "median":
-        return optuna.pruners.MedianPruner()
+        return optuna.pruners.MedianPruner(n_warmup_steps=min_resource - 1)
     return optuna.pruners.NopPruner()
 
 

@@ -157,10 +157,20 @@ def forward(graph: Graph, models, x, want_attention: set[str], want_branches: se
     return logits, attention
 
 
+def param_groups(graph: Graph, models, lr: float) -> list[dict]:
+    """One optimizer parameter group per distinct `lr_scale` of the trainable nodes, in node order,
+    at lr × scale: the schedule multiplies every group's lr alike, so the ratios hold throughout."""
+    groups: dict[float, list] = {}
+    for node in graph.trainable:
+        groups.setdefault(node.lr_scale, []).extend(models[node.name].parameters())
+    return [{"params": params, "lr": lr * scale} for scale, params in groups.items()]
+
+
 def make_optimizer(cfg: TrainConfig, params):
-    """One optimizer over every trainable node. On CUDA the fused implementations update all
-    nodes' tensors in a few multi-tensor launches (what apex's FusedSGD did), and Adam keeps its
-    step count on the device when the step is captured as a CUDA graph, so that replays advance it."""
+    """One optimizer over every trainable node (`params`: tensors or parameter groups). On CUDA the
+    fused implementations update all nodes' tensors in a few multi-tensor launches (what apex's
+    FusedSGD did), and Adam keeps its step count on the device when the step is captured as a CUDA
+    graph, so that replays advance it."""
     cuda = torch.device(cfg.device).type == "cuda"
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
@@ -229,8 +239,8 @@ class Trainer:
         self.want_attention = attention_nodes(graph)
         self.want_branches = branch_nodes(graph)
         self.loss_fn = loss_function(cfg)
-        params = [p for n in graph.trainable for p in self.models[n.name].parameters()]
-        self.optimizer = make_optimizer(cfg, params) if params else None
+        groups = param_groups(graph, self.models, cfg.lr)
+        self.optimizer = make_optimizer(cfg, groups) if groups else None
         self.scheduler = (torch.optim.lr_scheduler.MultiStepLR(self.optimizer, cfg.milestones(), cfg.lr_decay)
                           if self.optimizer else None)
         self.scaler = torch.amp.GradScaler(enabled=cfg.amp and amp_dtype(cfg) == torch.float16)

@@ -51,6 +51,10 @@ BAD_RUNS = {
     "bad seeds": (GOOD, ["--seeds", "0,x"], "--seeds"),
     "bad epochs": (GOOD, ["--epochs", "0"], "--epochs"),
     "bad crop": (bad(lambda g: g["edges"][3].update(loss="kl+att_mse", crops=[9])), [], "crop"),
+    "soften on a ce edge": (bad(lambda g: g["edges"][0].update(soften="source")), [], "soften"),
+    "lr_scale zero": (bad(lambda g: g["nodes"][0].update(lr_scale=0)), [], "lr_scale"),
+    "gamma on a correct gate": (bad(lambda g: g["edges"][2].update(gamma=2.0)), [], "gamma"),
+    "gamma zero": (bad(lambda g: g["edges"][3].update(gate="gamma", gamma=0.0)), [], "gamma"),
 }
 
 

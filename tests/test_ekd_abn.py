@@ -175,9 +175,9 @@ def with_student_sum(z):
 
 def ekd_paper_loss(z, y, alpha=0.5, beta=0.5, gamma=0.6, T=10.0):
     """Asif et al., Eq. 5 and 8, written out: (teachers' part, student's part) of L_train."""
-    def kl(student, teacher):  # KL(softmax(teacher/T) ‖ softmax(student/T)) · T², batch mean
+    def kl(student, teacher):  # Eq. 8's L_KL(student, teacher / T): only the teacher is softened, no T²
         p = F.softmax(teacher / T, 1)
-        return (p * (F.log_softmax(teacher / T, 1) - F.log_softmax(student / T, 1))).sum(1).mean() * T * T
+        return (p * (F.log_softmax(teacher / T, 1) - F.log_softmax(student, 1))).sum(1).mean()
 
     def mse(student, teacher):
         return ((student - teacher) ** 2).mean()

@@ -65,6 +65,24 @@ def test_non_detached_ensemble_target_trains_its_members():
     assert g.nodes["a"].frozen and g.nodes["b"].frozen
 
 
+def test_soften_lr_scale_and_gamma_parse_and_round_trip():
+    d = base()
+    d["nodes"][1]["lr_scale"] = 0.1
+    d["edges"][1].update(soften="source", gate="gamma", gamma=2.5)
+    d["edges"][2].update(gate="negative_gamma")
+    d["edges"].append({"from": "n2", "to": "n3", "loss": "mse", "gate": "negative_linear"})
+    g = Graph.from_dict(d)
+    assert g.nodes["n2"].lr_scale == 0.1 and g.nodes["n1"].lr_scale == 1.0
+    e = g.edges[1]
+    assert (e.soften, e.gate, e.gamma) == ("source", "gamma", 2.5)
+    assert (g.edges[2].soften, g.edges[2].gamma) == ("both", 1.0)
+    again = g.to_dict()
+    assert again["nodes"][1]["lr_scale"] == 0.1 and "lr_scale" not in again["nodes"][0]
+    assert again["edges"][1]["soften"] == "source" and again["edges"][1]["gamma"] == 2.5
+    assert "soften" not in again["edges"][2] and "gamma" not in again["edges"][2]
+    assert Graph.from_dict(again).to_dict() == again
+
+
 def mutate(fn):
     d = base()
     fn(d)
@@ -102,6 +120,19 @@ BAD = {
     "bad crops": (lambda d: d["edges"][4].update(crops=[0]), "crops"),
     "version": (lambda d: d.update(version=2), "version"),
     "duplicate edge": (lambda d: d["edges"].append(dict(d["edges"][1])), "duplicate"),
+    "soften on a ce edge": (lambda d: d["edges"][0].update(soften="source"), "soften"),
+    "soften on a cos edge": (lambda d: d["edges"].append({"from": "n3", "to": "n2", "loss": "cos", "gate": "through",
+                                                         "soften": "both"}), "soften"),
+    "unknown soften": (lambda d: d["edges"][1].update(soften="target"), "soften"),
+    "soften not a string": (lambda d: d["edges"][1].update(soften=1), "soften"),
+    "lr_scale zero": (lambda d: d["nodes"][0].update(lr_scale=0), "lr_scale"),
+    "lr_scale negative": (lambda d: d["nodes"][0].update(lr_scale=-0.1), "lr_scale"),
+    "lr_scale not a number": (lambda d: d["nodes"][0].update(lr_scale="0.1"), "lr_scale"),
+    "lr_scale on an ensemble": (lambda d: d["nodes"][3].update(lr_scale=0.1), "lr_scale"),
+    "gamma zero": (lambda d: d["edges"][1].update(gate="gamma", gamma=0), "gamma"),
+    "gamma negative": (lambda d: d["edges"][1].update(gate="negative_gamma", gamma=-2.0), "gamma"),
+    "gamma on a linear gate": (lambda d: d["edges"][1].update(gamma=2.0), "gamma"),
+    "gamma on a negative_linear gate": (lambda d: d["edges"][1].update(gate="negative_linear", gamma=2.0), "gamma"),
 }
 
 

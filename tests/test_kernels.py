@@ -362,8 +362,66 @@ def test_half_inputs_within_bound(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_linear_gate_factor_from_a_device_tensor(device):
-    g = Graph.from_dict(graph(models("a", "b"), [{"from": "b", "to": "a", "loss": "kl", "gate": "linear"}]))
+def test_soften_source_against_a_direct_computation(device):
+    # Into a: edges softened at the source only (EKD's Eq. 8) before and after a Hinton edge at the
+    # same T, so the backward switches the target's softmax from T = 1 to T and back; into b: source
+    # softened at T = 3.
+    T, w = 10.0, 0.6
+    d = graph(models("a", "b", "c", "d"),
+              [{"from": "b", "to": "a", "loss": "kl+mse", "gate": "through", "temperature": T, "soften": "source",
+                "weight": w},
+               {"from": "c", "to": "a", "loss": "kl", "gate": "through", "temperature": T},
+               {"from": "d", "to": "a", "loss": "kl", "gate": "through", "temperature": 5.0, "soften": "source",
+                "weight": 0.3},
+               {"from": "a", "to": "b", "loss": "kl", "gate": "linear", "temperature": 3.0, "soften": "source"},
+               {"from": "label", "to": "b", "loss": "ce", "gate": "through"}])
+    z, a, y = inputs("abcd", 9, 13, device=device)
+    fused, grads = compare(d, z, a, y, step=2, total=7)
+
+    def kl(source, target):  # Σ_k softmax(source)_k (log softmax(source)_k - log softmax(target)_k), per row
+        return (torch.softmax(source, 1) * (torch.log_softmax(source, 1) - torch.log_softmax(target, 1))).sum(1)
+
+    zz = {k: v.double().detach().requires_grad_() for k, v in z.items()}
+    za, zb, zc, zd = zz["a"], zz["b"], zz["c"], zz["d"]
+    want_a = (w * (kl(zb.detach() / T, za) + ((za - zb.detach()) ** 2).mean(1))
+              + T * T * kl(zc.detach() / T, za / T) + 0.3 * kl(zd.detach() / 5.0, za)).mean()
+    want_b = (2 / 7 * kl(za.detach() / 3.0, zb) + torch.nn.functional.cross_entropy(zb, y, reduction="none")).mean()
+    torch.testing.assert_close(fused["a"].double(), want_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused["b"].double(), want_b, rtol=1e-5, atol=1e-6)
+    want_grads = torch.autograd.grad(want_a + want_b, [za, zb, zc, zd], allow_unused=True)
+    assert grads[2] is None and grads[3] is None  # c and d are only sources
+    for got, want in zip(grads[:2], want_grads[:2]):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+# k / k_end = 0.1, 0.5, 1 at steps 1, k_end / 2, k_end of k_end = 10, and γ = 2.5: 1/γ = 0.4.
+TIME_GATE_WEIGHTS = {"negative_linear": [0.9, 0.5, 0.0], "gamma": [0.1 ** 0.4, 0.5 ** 0.4, 1.0],
+                     "negative_gamma": [0.9 ** 0.4, 0.5 ** 0.4, 0.0]}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gate", sorted(TIME_GATE_WEIGHTS))
+def test_time_gates_at_the_first_middle_and_last_step(gate, device):
+    gamma = {"gamma": 2.5} if "gamma" in gate else {}
+    edges = [{"from": "b", "to": "a", "loss": "kl+cos+att_mse", "gate": gate, "temperature": 2.0, "crops": [2],
+              **gamma},
+             {"from": "label", "to": "a", "loss": "ce", "gate": gate, "weight": 0.5, **gamma}]
+    plain = [{k: v for k, v in e.items() if k != "gamma"} | {"gate": "through"} for e in edges]
+    z, a, y = inputs("ab", 6, 9, device=device)
+    through, through_grads = run(fused_graph_losses, Graph.from_dict(graph(models("a", "b"), plain)), z, a, y, 1, 10)
+    for step, weight in zip((1, 5, 10), TIME_GATE_WEIGHTS[gate]):
+        fused, grads = compare(graph(models("a", "b"), edges), z, a, y, step=step, total=10)
+        assert fused["a"].item() == pytest.approx(weight * through["a"].item(), rel=1e-5, abs=1e-6)
+        for got, want in zip(grads, through_grads):
+            if want is not None:
+                torch.testing.assert_close(got, weight * want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gate", ["linear", "negative_linear", "gamma", "negative_gamma"])
+def test_time_gate_factor_from_a_device_tensor(gate, device):
+    edge = {"from": "b", "to": "a", "loss": "kl", "gate": gate} | ({"gamma": 0.7} if "gamma" in gate else {})
+    g = Graph.from_dict(graph(models("a", "b"), [edge]))
     z, a, y = inputs("ab", 4, 10, device=device)
     as_int = fused_graph_losses(g, z, y, 3, 12)["a"]
     as_tensor = fused_graph_losses(g, z, y, torch.tensor(0.25, device=device), 1)["a"]

@@ -10,7 +10,7 @@ from ktfast import Graph, GraphError
 from ktfast.losses import graph_losses, reference_graph_losses
 
 LOSSES = ["kl", "cos", "mse", "att_mse", "att_cos", "kl+att_mse", "cos+att_cos", "kl+mse"]
-GATES = ["through", "linear", "correct"]
+GATES = ["through", "linear", "correct", "negative_linear", "gamma", "negative_gamma"]
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +37,9 @@ def term_loss(term, edge, zs, zt, y, att_s, att_t):
         return -math.log(softmax(zt)[y])
     if term == "kl":
         t = edge.get("temperature", 1.0)
+        if edge.get("soften", "both") == "source":  # EKD's Eq. 8: KL(softmax(z_s / T) ‖ softmax(z_t))
+            ps, pt = softmax(zs / t), softmax(zt)
+            return float((ps * (np.log(ps) - np.log(pt))).sum())
         ps, pt = softmax(zs / t), softmax(zt / t)
         return float((ps * (np.log(ps) - np.log(pt))).sum()) * t * t
     if term == "cos":
@@ -50,6 +53,12 @@ def term_loss(term, edge, zs, zt, y, att_s, att_t):
         a, b = crop(att_s, i, j, k), crop(att_t, i, j, k)
         values.append(float(((a - b) ** 2).mean()) if term == "att_mse" else float(a @ b))
     return sum(values) / len(values)
+
+
+def time_gate(gate, x, gamma=1.0):
+    """The gates of DESIGN §1 that depend only on x = k / k_end."""
+    return {"through": 1.0, "linear": x, "negative_linear": 1 - x, "gamma": x ** (1 / gamma),
+            "negative_gamma": (1 - x) ** (1 / gamma)}[gate]
 
 
 def expected_losses(d, logits, labels, step, total, attention):
@@ -68,10 +77,8 @@ def expected_losses(d, logits, labels, step, total, attention):
         total_b = 0.0
         for b in range(batch):
             zs = None if e["from"] == "label" else z[e["from"]][b]
-            if e["gate"] == "through":
-                g = 1.0
-            elif e["gate"] == "linear":
-                g = step / total
+            if e["gate"] != "correct":
+                g = time_gate(e["gate"], step / total, e.get("gamma", 1.0))
             else:
                 g = 1.0 if zs is None or int(np.argmax(zs)) == y[b] else 0.0
             loss = sum(term_loss(t, e, zs, z[e["to"]][b], y[b],
@@ -112,8 +119,9 @@ def models(*names):
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_every_loss_and_gate_against_independent_computation(loss, gate):
-    edges = [{"from": "label", "to": "n1", "loss": "ce", "gate": gate},
-             {"from": "n2", "to": "n1", "loss": loss, "gate": gate, "crops": [3, 5]},
+    gamma = {"gamma": 2.5} if gate in ("gamma", "negative_gamma") else {}
+    edges = [{"from": "label", "to": "n1", "loss": "ce", "gate": gate, **gamma},
+             {"from": "n2", "to": "n1", "loss": loss, "gate": gate, "crops": [3, 5], **gamma},
              {"from": "label", "to": "n2", "loss": "ce", "gate": "through"}]
     logits, labels, attention = make_inputs(["n1", "n2"], seed=10 * LOSSES.index(loss) + GATES.index(gate))
     # Make the correct gate select some samples and not others.
@@ -130,6 +138,57 @@ def test_temperature_weights_and_several_edges_into_one_target():
              {"from": "n1", "to": "n3", "loss": "cos", "gate": "correct", "weight": 2.0}]
     logits, labels, _ = make_inputs(["n1", "n2", "n3"], seed=5)
     check(graph(models("n1", "n2", "n3"), edges), logits, labels, step=7, total=7)
+
+
+def test_soften_source_against_independent_computation():
+    # EKD's Eq. 8 (soften source) next to Hinton's (both) on the same target, at two temperatures.
+    edges = [{"from": "n2", "to": "n1", "loss": "kl+mse", "gate": "through", "temperature": 10.0,
+              "soften": "source", "weight": 0.6},
+             {"from": "n3", "to": "n1", "loss": "kl", "gate": "linear", "temperature": 10.0, "weight": 0.4},
+             {"from": "n1", "to": "n2", "loss": "kl", "gate": "correct", "temperature": 3.0, "soften": "source"}]
+    logits, labels, _ = make_inputs(["n1", "n2", "n3"], seed=11, scale=4.0)
+    check(graph(models("n1", "n2", "n3"), edges), logits, labels, step=4, total=9)
+
+
+def test_soften_source_gradient_is_the_difference_of_the_two_softmaxes():
+    # d/dz_t Σ p_s log(p_s / softmax(z_t)) = softmax(z_t) - softmax(z_s / T): no factor T, unlike
+    # T² · KL at T on both sides, whose gradient is T · (softmax(z_t / T) - softmax(z_s / T)).
+    T, weight = 10.0, 0.6
+    d = graph(models("n1", "n2"), [{"from": "n2", "to": "n1", "loss": "kl", "gate": "through",
+                                    "temperature": T, "soften": "source", "weight": weight}])
+    logits, labels, _ = make_inputs(["n1", "n2"], batch=5, classes=7, seed=3, scale=4.0)
+    z1 = logits["n1"].detach().double().requires_grad_()
+    z2 = logits["n2"].detach().double()
+    loss = graph_losses(Graph.from_dict(d), {"n1": z1, "n2": z2}, labels, 1, 1)["n1"]
+    (grad,) = torch.autograd.grad(loss, z1)
+    want = weight / 5 * (torch.softmax(z1.detach(), 1) - torch.softmax(z2 / T, 1))
+    torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(
+        lambda z: graph_losses(Graph.from_dict(d), {"n1": z, "n2": z2}, labels, 1, 1)["n1"], (z1,))
+
+
+# k / k_end = 0.1, 0.5, 1 at steps 1, k_end / 2, k_end of k_end = 10, and γ = 2.5: 1/γ = 0.4.
+TIME_GATE_WEIGHTS = {"negative_linear": [0.9, 0.5, 0.0], "gamma": [0.1 ** 0.4, 0.5 ** 0.4, 1.0],
+                     "negative_gamma": [0.9 ** 0.4, 0.5 ** 0.4, 0.0]}
+
+
+@pytest.mark.parametrize("gate", sorted(TIME_GATE_WEIGHTS))
+def test_time_gates_at_the_first_middle_and_last_step(gate):
+    gamma = {"gamma": 2.5} if "gamma" in gate else {}
+    edges = [{"from": "n2", "to": "n1", "loss": "kl+mse", "gate": gate, "temperature": 2.0, **gamma},
+             {"from": "label", "to": "n1", "loss": "ce", "gate": gate, "weight": 0.5, **gamma}]
+    plain = [dict(e, gate="through") for e in edges]
+    for e in plain:
+        e.pop("gamma", None)
+    gated, through = Graph.from_dict(graph(models("n1", "n2"), edges)), Graph.from_dict(graph(models("n1", "n2"), plain))
+    logits, labels, _ = make_inputs(["n1", "n2"], seed=8)
+    for step, weight in zip((1, 5, 10), TIME_GATE_WEIGHTS[gate]):
+        got = graph_losses(gated, logits, labels, step, 10)["n1"]
+        want = graph_losses(through, logits, labels, step, 10)["n1"]
+        assert got.item() == pytest.approx(weight * want.item(), rel=1e-6, abs=1e-7), step
+        g_got = torch.autograd.grad(got, logits["n1"])[0]
+        g_want = torch.autograd.grad(want, logits["n1"])[0]
+        torch.testing.assert_close(g_got, weight * g_want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("reduce", ["mean", "sum"])

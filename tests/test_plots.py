@@ -90,6 +90,19 @@ def test_graph_figure_shows_what_the_graph_says():
     assert "teacher\nresnet14*" in kd and "kl · through\nw=0.5" in kd  # frozen teacher, non-default weight
 
 
+def test_edge_labels_name_the_time_gates_gamma_and_soften():
+    d = {"version": 1, "target": "a", "nodes": [{"name": n, "model": "resnet8"} for n in "abc"],
+         "edges": [{"from": "b", "to": "a", "loss": "kl", "gate": "gamma", "gamma": 2.5, "temperature": 10.0,
+                    "soften": "source"},
+                   {"from": "c", "to": "a", "loss": "kl", "gate": "negative_gamma", "soften": "source"},
+                   {"from": "a", "to": "b", "loss": "mse", "gate": "negative_linear"},
+                   {"from": "label", "to": "c", "loss": "ce", "gate": "gamma"}]}
+    texts = [t.get_text() for t in graph_figure(Graph.from_dict(d)).axes[0].texts]
+    for label in ("kl · gamma γ=2.5\nT=10 (source)", "kl · negative_gamma γ=1\nT=1 (source)",
+                  "mse · negative_linear", "ce · gamma γ=1"):
+        assert label in texts
+
+
 def test_show_with_run_adds_final_test_accuracies(runs, tmp_path):
     graph = write_json(tmp_path / "pair.json", PAIR)
     plain, with_run = tmp_path / "plain.png", tmp_path / "run.png"

@@ -99,6 +99,26 @@ def wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def test_min_resource_moves_the_first_pruning_decision(tmp_path, capsys):
+    url, name = f"sqlite:///{tmp_path}/search.db", "late"
+    gates = "through,cutoff,linear,correct,negative_linear,gamma,negative_gamma"
+    assert main([*SEARCH, "--epochs", "4", "--trials", "12", "--workers", "2", "--storage", url, "--study", name,
+                 "--min-resource", "3", "--gates", gates]) == 0
+    out = capsys.readouterr().out
+    study = load(url, name)
+    pruned = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, "12 trials of random graphs and not one pruned at the rung of epoch 3"
+    for t in pruned:  # ASHA's only rung below 4 epochs is epoch 3: no decision at 1 or 2
+        assert sorted(t.intermediate_values) == [1, 2, 3]
+    assert f"{len(pruned)} pruned (at epoch 3: {len(pruned)})" in out
+    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        assert sorted(t.intermediate_values) == [1, 2, 3, 4]
+    edges = [e for t in study.get_trials() if "graph" in t.user_attrs for e in t.user_attrs["graph"]["edges"]]
+    assert {e["gate"] for e in edges} == set(gates.split(","))  # 12 × 9 draws: every gate turns up
+    assert all((e["gate"] in ("gamma", "negative_gamma")) == ("gamma" in e) for e in edges)
+    assert {e["gamma"] for e in edges if "gamma" in e} <= {0.25, 0.5, 2.0, 4.0}
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "journal", "postgres"])
 def test_a_killed_worker_trial_is_failed_then_retried_with_the_same_graph(kind, tmp_path):
     url, name = storage_url(kind, tmp_path), f"kill-{uuid.uuid4().hex[:8]}"
@@ -184,6 +204,8 @@ BAD = {
     "unreachable storage": (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "--storage"),
     "storage in a missing directory": (["--storage", "sqlite:////no/such/dir/s.db"], "--storage"),
     "unknown dataset": (["--dataset", "mnist"], "mnist"),
+    "min resource zero": (["--min-resource", "0"], "--min-resource"),
+    "min resource past the epochs": (["--epochs", "3", "--min-resource", "4"], "--min-resource"),
 }
 
 

@@ -192,3 +192,68 @@ def test_the_loop_hands_every_step_its_1_based_index_and_the_run_its_total():
     per_epoch = trainer.steps_per_epoch
     assert per_epoch == 96 // 32 and trainer.total_steps == 2 * per_epoch
     assert seen == list(range(1, trainer.total_steps + 1))
+
+
+def scaled(scales: dict) -> Graph:
+    """Three trained nodes with the given lr_scale (1 where not given)."""
+    d = dml(extra_nodes=[{"name": "c", "model": "resnet8"}],
+            extra_edges=[{"from": "label", "to": "c", "loss": "ce", "gate": "through"}]).to_dict()
+    for node in d["nodes"]:
+        if node["name"] in scales:
+            node["lr_scale"] = scales[node["name"]]
+    return Graph.from_dict(d)
+
+
+# Only the schedule is stepped here, no optimizer step: torch warns about that order.
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_lr_scale_gives_each_node_its_lr_through_the_schedule(optimizer):
+    trainer = Trainer(scaled({"b": 0.1, "c": 0.25}), cfg(epochs=10, optimizer=optimizer), out=None, progress=False)
+    group_of = {id(p): i for i, g in enumerate(trainer.optimizer.param_groups) for p in g["params"]}
+    for _ in range(10):
+        decay = 0.1 ** sum(trainer.scheduler.last_epoch >= m for m in cfg(epochs=10).milestones())
+        for name, scale in {"a": 1.0, "b": 0.1, "c": 0.25}.items():
+            groups = {group_of[id(p)] for p in trainer.models[name].parameters()}
+            assert len(groups) == 1, name
+            assert trainer.optimizer.param_groups[groups.pop()]["lr"] == pytest.approx(0.05 * scale * decay), name
+        trainer.scheduler.step()
+    assert trainer.scheduler.last_epoch == 10
+
+
+def test_lr_scale_scales_each_nodes_step_and_survives_resume(tmp_path):
+    # Plain SGD (no momentum, no weight decay): a node's first step is -lr · scale · gradient, and
+    # the first gradient does not depend on the scales (same seed, same weights, same batch).
+    recipe = dict(epochs=3, momentum=0.0, weight_decay=0.0)
+    steps = {}
+    for scales in ({}, {"b": 0.1}):
+        trainer = Trainer(scaled(scales), cfg(**recipe), out=None, progress=False)
+        before = {n: [p.detach().clone() for p in m.parameters()] for n, m in trainer.models.items()}
+        x, y = next(iter(trainer.train_loader))
+        trainer.train_step(x, y, 1)
+        steps[bool(scales)] = {n: [(p.detach() - p0, p0) for p, p0 in zip(m.parameters(), before[n])]
+                               for n, m in trainer.models.items()}
+    eps = torch.finfo(torch.float32).eps
+    for name, ratio in {"a": 1.0, "b": 0.1, "c": 1.0}.items():
+        for (full, p0), (scaled_step, _) in zip(steps[False][name], steps[True][name]):
+            # A step read as new - old weight carries the rounding of the new weight: ≤ eps · |w| / 2.
+            bound = 2 * eps * max(p0.abs().max().item(), full.abs().max().item())
+            torch.testing.assert_close(scaled_step, ratio * full, rtol=0, atol=bound)
+            assert ratio == 1.0 or full.abs().max() > 100 * eps * p0.abs().max()  # the step is more than rounding
+
+    out = tmp_path / "run"
+    out.mkdir()
+    first = Trainer(scaled({"b": 0.1}), cfg(**recipe, lr_decay_at=(0.5,)), out=out, progress=False)
+    first.fit()
+    again = Trainer(scaled({"b": 0.1}), cfg(**recipe, lr_decay_at=(0.5,)), out=None, progress=False)
+    again.load_checkpoint(out / "checkpoint.pt")
+    assert [g["lr"] for g in again.optimizer.param_groups] == [g["lr"] for g in first.optimizer.param_groups]
+    assert [g["lr"] for g in first.optimizer.param_groups] == pytest.approx([0.005, 0.0005])
+
+
+def test_a_train_fraction_of_one_is_the_whole_set_and_shares_the_teachers():
+    # Each seed draws its own subset, so its teachers learn that subset; the whole set has one.
+    whole = [cfg(train_fraction=1.0, seed=s) for s in (0, 1)]
+    assert all(c.train_fraction is None for c in whole)
+    assert cache_path("resnet8", whole[0]) == cache_path("resnet8", whole[1]) == cache_path("resnet8", cfg())
+    part = [cfg(train_fraction=0.5, seed=s) for s in (0, 1)]
+    assert cache_path("resnet8", part[0]) != cache_path("resnet8", part[1])

@@ -14,7 +14,8 @@ from ktfast.data import dataset_info
 from ktfast.config import TrainConfig
 from ktfast.graph import ATTENTION_TERMS, DEFAULT_CROPS, GATES, LOSS_TERMS, Graph
 from ktfast.packing import PACKS
-from ktfast.search import COUNTED, DEFAULT_MODELS, OBJECTIVES, PRUNERS, SAMPLERS, Space, run_workers, summary
+from ktfast.search import (COUNTED, DEFAULT_GATES, DEFAULT_MODELS, GAMMAS, OBJECTIVES, PRUNERS, SAMPLERS, Space, run_workers,
+                           summary)
 from ktfast.study import DEFAULT_STORAGE, find_study, open_storage, open_study
 
 
@@ -24,7 +25,9 @@ def register(sub) -> None:
     p.add_argument("--nodes", type=positive_int, required=True, help="number of model nodes, the target included")
     p.add_argument("--target-model", required=True, help="model of node 1, the target (the papers: resnet32)")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="choices for the other nodes")
-    p.add_argument("--gates", default=",".join(GATES), help="choices for every edge, label edges included")
+    p.add_argument("--gates", default=",".join(DEFAULT_GATES),
+                   help=f"choices for every edge, label edges included, of {', '.join(GATES)} (default: "
+                        f"%(default)s); an edge given gamma or negative_gamma also draws γ from {GAMMAS}")
     p.add_argument("--losses", default=None, help="choices for every model-to-model edge, e.g. "
                    "kl,cos,att_mse,att_cos,kl+att_mse,cos+att_cos (default: kl only)")
     p.add_argument("--objective", choices=OBJECTIVES, default="target",
@@ -42,6 +45,8 @@ def register(sub) -> None:
                    help="sqlite:///FILE (default %(default)s), journal:FILE or FILE.log, postgresql://…")
     p.add_argument("--study", help="study name (default: DATASET-Nn-TARGET_MODEL-OBJECTIVE)")
     p.add_argument("--pruner", choices=PRUNERS, default="asha")
+    p.add_argument("--min-resource", type=positive_int, default=1, metavar="N",
+                   help="epoch of the pruner's first decision: ASHA's rungs at N, 2N, 4N, … (default 1)")
     p.add_argument("--sampler", choices=SAMPLERS, default="random")
     p.add_argument("--heartbeat-interval", type=positive_int, default=60, metavar="S",
                    help="seconds between a worker's heartbeats (SQLite, PostgreSQL)")
@@ -149,6 +154,8 @@ def cmd_search(args) -> int:
     check_attention_sizes(space, cfg.dataset, cfg.data_dir)
     devices = worker_devices(args, cfg)
     pack = pack_mode(args, cfg)
+    if args.min_resource > cfg.epochs:
+        raise UsageError(f"--min-resource: the first rung, epoch {args.min_resource}, is past --epochs {cfg.epochs}")
     if args.grace_period is not None and args.grace_period <= args.heartbeat_interval:
         raise UsageError("--grace-period: must be longer than --heartbeat-interval")
     name = args.study or f"{cfg.dataset}-{space.nodes}n-{space.target_model}-{space.objective}"
@@ -157,6 +164,7 @@ def cmd_search(args) -> int:
     if done < args.trials:
         spec = {"storage": args.storage, "study": name, "trials": args.trials, "space": space.to_dict(),
                 "config": cfg.to_dict(), "sampler": args.sampler, "pruner": args.pruner,
+                "min_resource": args.min_resource,
                 "heartbeat_interval": args.heartbeat_interval, "grace_period": args.grace_period}
         run_workers(study, spec, devices, pack, args.trials, args.quiet)
     print(summary(study, args.storage, args.trials), flush=True)
