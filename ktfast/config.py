@@ -29,10 +29,17 @@ class TrainConfig:
     compile: bool = False
     reference: bool = False
     loader: str = "auto"
+    # Horizontal fusion of same-architecture nodes (DESIGN §2); None: on for the CUDA fast path.
+    fuse: bool | None = None
     extra: dict = field(default_factory=dict)
 
     def milestones(self) -> list[int]:
         return sorted({max(1, round(f * self.epochs)) for f in self.lr_decay_at})
+
+    def fused(self) -> bool:
+        if self.fuse is not None:
+            return self.fuse
+        return self.device.startswith("cuda") and not self.reference
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

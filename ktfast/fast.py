@@ -54,14 +54,13 @@ class FastStep:
         t, graph = self.t, self.t.graph
         current = torch.cuda.current_stream(self.device)
         logits, attention = {}, {}
-        for node in graph.model_nodes:
-            stream = self.streams[node.name]
+        for unit in t.units:  # a node, or a fused group of nodes on its first node's stream
+            stream = self.streams[unit.name]
             stream.wait_stream(current)
             with torch.cuda.stream(stream), t.autocast_context():
-                out, att = t.forward_node(node, x)
+                out, att = t.forward_unit(unit, x)
                 logits.update(out)
-                if att is not None:
-                    attention[node.name] = att
+                attention.update(att)
         for stream in self.streams.values():
             current.wait_stream(stream)
         losses = t.loss_fn(graph, logits, y, step=self.factor, total_steps=1, attention=attention or None)
