@@ -1,4 +1,5 @@
-"""Training-step throughput: the fast path vs the reference path, side by side in one run.
+"""Training-step throughput: the fast path vs the reference path, and the fast path with horizontal
+fusion (`--fuse`) vs without, side by side in one run.
 
 images/s counts each training image once for the whole graph (as metrics.jsonl does). Each
 configuration trains real steps on synthetic CIFAR-size data; the first steps (compilation,
@@ -34,6 +35,7 @@ def graph(name: str, models: list[str]) -> Graph:
 GRAPHS = {
     "dcl3 (R32,R110,R32)": ["resnet32", "resnet110", "resnet32"],
     "dml4 (4xR32)": ["resnet32"] * 4,
+    "abn5 (5xABN18)": ["abn18"] * 5,
     "7 nodes (R32,R110,WRN28-2,..)": ["resnet32", "resnet110", "wrn28_2", "resnet32", "resnet56", "wrn28_2",
                                       "resnet20"],
 }
@@ -120,11 +122,13 @@ def main():
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if cuda else [16]
     steps, warmup = (args.steps, 15) if cuda else (3, 1)
     dataset = "synthetic:classes=100,size=32,train=8192,test=256" if cuda else "synthetic:classes=10,size=16,train=64,test=16"
-    paths = {"reference": dict(reference=True), "fast": dict(amp=cuda, compile=cuda)}
+    paths = {"reference": dict(reference=True, fuse=False), "fast": dict(amp=cuda, compile=cuda, fuse=False),
+             "fused": dict(amp=cuda, compile=cuda, fuse=True)}
     result = {"benchmark": "step", **environment(cuda), "dataset": dataset, "steps": steps, "warmup": warmup,
               "paths": {"reference": "eager, fp32, per-edge torch losses",
                         "fast": "streams, channels_last, fused losses, fused SGD" + (", bf16 AMP, torch.compile, "
-                                                                                     "CUDA graph" if cuda else "")},
+                                                                                     "CUDA graph" if cuda else ""),
+                        "fused": "the fast path with same-model nodes fused (--fuse)"},
               "rows": []}
     for (name, models), bs in itertools.product(graphs.items(), batch_sizes):
         if args.graphs and not any(name.startswith(w) for w in args.graphs.split(",")):
@@ -137,13 +141,15 @@ def main():
             it = batches(trainer)
             row[path] = throughput(trainer, it, steps, warmup)
         row["speedup"] = row["fast"]["images_per_s"] / row["reference"]["images_per_s"]
+        row["fuse_speedup"] = row["fused"]["images_per_s"] / row["fast"]["images_per_s"]
         result["rows"].append(row)
         print(f"{name:<32} B={bs:<4} reference {row['reference']['images_per_s']:9.0f} img/s   "
-              f"fast {row['fast']['images_per_s']:9.0f} img/s   x{row['speedup']:.2f}", flush=True)
+              f"fast {row['fast']['images_per_s']:9.0f} img/s   x{row['speedup']:.2f}   "
+              f"fused {row['fused']['images_per_s']:9.0f} img/s   x{row['fuse_speedup']:.2f} of fast", flush=True)
         if args.profile and "profile" not in result:
             p = result["profile"] = {"graph": name, "batch_size": bs, **profile(trainer, it, warmup + steps + 1,
                                                                                 steps=20 if cuda else 2)}
-            print(f"  profile of the fast step: GPU busy {100 * p['gpu_busy']:.0f} % of {p['ms_per_step']:.2f} ms, "
+            print(f"  profile of the fused fast step: GPU busy {100 * p['gpu_busy']:.0f} % of {p['ms_per_step']:.2f} ms, "
                   f"{p['kernels_per_step']:.0f} kernels; the top ones:")
             for k in p["top_kernels"][:8]:
                 print(f"  {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.1f}x  {k['name'][:90]}", flush=True)

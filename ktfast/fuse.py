@@ -123,9 +123,9 @@ class FusedGroup(nn.Module):
             self.register_buffer(f"buffer{k}", stacked)
 
     def forward(self, x, **options):
-        """The first member is the template: its training flag (the nodes' mode: evaluation switches it) decides how
-        BatchNorm runs; `randomness="error"`: a model that draws random numbers cannot be fused
-        exactly (each node would draw its own)."""
+        """The first member is the template: its training flag (the nodes' mode, which evaluation
+        switches) decides how BatchNorm runs. `randomness="error"`: a model that draws random
+        numbers cannot be fused exactly (each node would draw its own)."""
         def one(params, buffers):
             return functional_call(self.members[0], (params, buffers), (x,), options)
 

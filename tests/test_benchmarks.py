@@ -31,6 +31,7 @@ def test_bench_step_smoke(tmp_path):
     assert result["profile"]["top_kernels"] and 0 < result["profile"]["gpu_busy"] <= 1
     assert row["reference"]["images_per_s"] > 0 and row["fast"]["images_per_s"] > 0
     assert row["speedup"] == pytest.approx(row["fast"]["images_per_s"] / row["reference"]["images_per_s"])
+    assert row["fuse_speedup"] == pytest.approx(row["fused"]["images_per_s"] / row["fast"]["images_per_s"])
 
 
 def test_bench_search_smoke(tmp_path):

@@ -74,7 +74,8 @@ def cmd_train(args) -> int:
         graph.save(out / "graph.json")
         cfg.save(out / "config.json")
         print(f"run {out}: graph {graph.name}, {cfg.dataset}, seed {cfg.seed}, {cfg.epochs} epochs, "
-              f"{cfg.device}{', amp' if cfg.amp else ''}{', compile' if cfg.compile else ''}", flush=True)
+              f"{cfg.device}{', amp' if cfg.amp else ''}{', compile' if cfg.compile else ''}{', fuse' if cfg.fuse else ''}",
+              flush=True)
         rows = trainer.fit()
         finals[cfg.seed] = rows[-1]["test"]
     print(result_table(graph, finals, configs[0].split))
@@ -88,6 +89,8 @@ def _resume(run: Path, args) -> int:
         raise UsageError(f"--resume: {run} is not a run directory (no graph.json / config.json)")
     graph = Graph.load(run / "graph.json")
     cfg = TrainConfig.load(run / "config.json")
+    if args.fuse is not None:  # fused or not, the run computes the same: either may resume the other
+        cfg = cfg.replace(fuse=args.fuse)
     trainer = make_trainer(graph, cfg, out=run, log=logger(args.quiet), progress=not args.quiet)
     done = 0
     if (run / CHECKPOINT).exists():
