@@ -39,12 +39,16 @@ def cfg(**kw):
 
 
 def graph(model: str, n: int = 2, extra_nodes=(), extra_edges=()) -> Graph:
-    """n nodes of one model learning from the labels and each other, attention edges between the
-    first two (and branch edges for multi-branch models)."""
+    """n nodes of one model learning from the labels and each other, an attention edge between the
+    first two (and branch edges for multi-branch models). Every loss is a continuous function of
+    the logits and maps: the crop is the whole map and no gate reads an arg-max, so float rounding
+    cannot flip a choice (a near-tie in an arg-max, taken one way fused and the other unfused,
+    changes a loss by O(1): in float64 such graphs match to 1e-13, in float32 they need not)."""
     names = [f"n{i}" for i in range(n)]
+    side = build_model(model, 4, 16)(torch.zeros(2, 3, 16, 16), return_attention=True)[1].shape[-1]
     edges = [{"from": "label", "to": a, "loss": "ce", "gate": "through"} for a in names]
-    edges += [{"from": names[1], "to": names[0], "loss": "kl+att_mse", "gate": "linear", "crops": [1, 2]},
-              {"from": names[0], "to": names[1], "loss": "kl", "gate": "correct", "temperature": 2.0}]
+    edges += [{"from": names[1], "to": names[0], "loss": "kl+att_mse", "gate": "linear", "crops": [side]},
+              {"from": names[0], "to": names[1], "loss": "kl", "gate": "through", "temperature": 2.0}]
     if model.startswith("branch"):
         edges += [{"from": names[1], "to": f"{names[0]}.b1", "loss": "kl+mse", "gate": "through"},
                   {"from": f"{names[0]}.b0", "to": names[1], "loss": "kl", "gate": "through"}]
@@ -54,12 +58,13 @@ def graph(model: str, n: int = 2, extra_nodes=(), extra_edges=()) -> Graph:
 
 
 def record(trainer: Trainer) -> list:
-    """What the loss function sees each step (every endpoint's logits, every L_t), kept."""
+    """What the loss function sees each step (every endpoint's logits and attention map, every L_t)."""
     seen, loss_fn = [], trainer.loss_fn
 
-    def recording(graph, logits, labels, **kw):
-        losses = loss_fn(graph, logits, labels, **kw)
-        seen.append({k: v.detach().clone() for k, v in (*logits.items(), *(("L_" + t, L) for t, L in losses.items()))})
+    def recording(graph, logits, labels, attention=None, **kw):
+        losses = loss_fn(graph, logits, labels, attention=attention, **kw)
+        seen.append({k: v.detach().clone() for k, v in (*logits.items(), *(("L_" + t, L) for t, L in losses.items()),
+                                                        *(("att_" + a, m) for a, m in (attention or {}).items()))})
         return losses
     trainer.loss_fn = recording
     return seen
@@ -96,7 +101,7 @@ def assert_same_run(plain: Trainer, fused: Trainer, seen_plain: list, seen_fused
         for k in p:
             assert_close(f[k], p[k], f"step {step + 1} {k}", rtol)
     for name, model in plain.models.items():
-        other = fused.models[name].state_dict()
+        other = getattr(fused.models[name], "_orig_mod", fused.models[name]).state_dict()  # compiled or not
         for k, v in model.state_dict().items():
             assert_close(other[k], v, f"{name}.{k}", rtol)
     if plain.optimizer is not None:
@@ -108,16 +113,23 @@ def assert_same_run(plain: Trainer, fused: Trainer, seen_plain: list, seen_fused
 
 
 FAMILIES = ["resnet8", "wrn10_2", "resnet18", "abn18", "branch2_resnet8"]
+# ResNet-18 and ABN-18 at 16 px (2x2 and 4x4 last maps, batch 16): their fp32 CPU computation is
+# itself unstable. Unfused, an input scaled by 1 + 1e-7 changes ResNet-18's fp32 gradients by up to
+# 17 % in the first step (in float64: by 2e-7), so no two orderings of its sums agree to 1e-5, the
+# unfused path not even with itself. They are compared in float64, where fused and unfused agree
+# to 2e-13: 1e-9 leaves that four orders for rounding and stays six below a real fault's 1e-3.
+FLOAT64 = {"resnet18", "abn18"}
 
 
 @pytest.mark.parametrize("model", FAMILIES)
 def test_fused_nodes_compute_what_unfused_nodes_compute(model):
     g = graph(model, 3)
-    plain, seen_plain = run(g, fuse=False)
-    fused, seen_fused = run(g, fuse=True)
+    dtype, rtol = (torch.float64, 1e-9) if model in FLOAT64 else (torch.float32, RTOL)
+    plain, seen_plain = run(g, fuse=False, dtype=dtype)
+    fused, seen_fused = run(g, fuse=True, dtype=dtype)
     # n0, n1 need attention maps, n2 does not: one fused pair and one single node.
     assert [(len(u.nodes), isinstance(u.module, FusedGroup)) for u in fused.units] == [(2, True), (1, False)]
-    assert_same_run(plain, fused, seen_plain, seen_fused)
+    assert_same_run(plain, fused, seen_plain, seen_fused, rtol)
 
 
 def test_fused_adam_steps_as_unfused():
@@ -134,13 +146,18 @@ def test_fused_adam_steps_as_unfused():
     assert_same_run(plain, fused, seen_plain, seen_fused, rtol=1e-8)
 
 
+# Epoch metrics come after 6 steps and an evaluation: measured, fused and unfused drift apart by
+# about 1e-6 a step (to 1.3e-5 in a loss after 9 steps); 1e-4 holds that with room.
+EPOCH_RTOL = 1e-4
+
+
 def test_fused_evaluation_matches_unfused():
     g = graph("resnet8", 3)
     rows = {fuse: Trainer(g, cfg(epochs=1, fuse=fuse), out=None, progress=False).fit()[0] for fuse in (False, True)}
     for split in ("train", "test"):
         for node, v in rows[False][split].items():
             assert rows[True][split][node]["acc"] == v["acc"]
-            assert rows[True][split][node]["loss"] == pytest.approx(v["loss"], rel=RTOL)
+            assert rows[True][split][node]["loss"] == pytest.approx(v["loss"], rel=EPOCH_RTOL)
 
 
 def teacher_checkpoint(path, seed: int) -> dict:
@@ -218,7 +235,7 @@ def test_a_checkpoint_moves_between_fused_and_unfused_runs(tmp_path, first):
     for split in ("train", "test"):
         for node, v in whole[1][split].items():
             assert row[split][node]["acc"] == v["acc"]
-            assert row[split][node]["loss"] == pytest.approx(v["loss"], rel=RTOL)
+            assert row[split][node]["loss"] == pytest.approx(v["loss"], rel=EPOCH_RTOL)
 
 
 def test_fusion_keeps_the_nodes_layout_and_later_conversions_keep_the_views():
