@@ -1,4 +1,5 @@
-"""Training-step throughput: the fast path vs the reference path, side by side in one run.
+"""Training-step throughput: the fast path vs the reference path, and the fast path with horizontal
+fusion (`--fuse`) vs without, side by side in one run.
 
 images/s counts each training image once for the whole graph (as metrics.jsonl does). Each
 configuration trains real steps on synthetic CIFAR-size data; the first steps (compilation,
@@ -36,19 +37,22 @@ def graph(name: str, models: list[str]) -> Graph:
 GRAPHS = {
     "dcl3 (R32,R110,R32)": ["resnet32", "resnet110", "resnet32"],
     "dml4 (4xR32)": ["resnet32"] * 4,
+    "abn5 (5xABN18)": ["abn18"] * 5,
     "7 nodes (R32,R110,WRN28-2,..)": ["resnet32", "resnet110", "wrn28_2", "resnet32", "resnet56", "wrn28_2",
                                       "resnet20"],
 }
 SMOKE_GRAPHS = {"dml2 (2xR8)": ["resnet8", "resnet8"]}
 # The paths a row compares, as TrainConfig flags; "fast" is the main command, `ktfast train --amp`.
-PATHS = {"reference": dict(reference=True, cuda_graph=False),
-         "fast": dict(amp=True),
-         "fast-eager": dict(amp=True, cuda_graph=False),
-         "fast-compile": dict(amp=True, compile=True)}
+PATHS = {"reference": dict(reference=True, cuda_graph=False, fuse=False),
+         "fast": dict(amp=True, fuse=False),
+         "fast-eager": dict(amp=True, cuda_graph=False, fuse=False),
+         "fast-compile": dict(amp=True, compile=True, fuse=False),
+         "fused": dict(amp=True, fuse=True)}
 DESCRIPTIONS = {"reference": "eager, fp32, per-edge torch losses",
                 "fast": "streams, channels_last, fused losses, fused SGD, AMP, the step as one CUDA graph",
                 "fast-eager": "as fast, without the CUDA graph (--no-cuda-graph)",
-                "fast-compile": "as fast, with torch.compile of every node (--compile)"}
+                "fast-compile": "as fast, with torch.compile of every node (--compile)",
+                "fused": "as fast, with the nodes of one model and role fused into one module (--fuse)"}
 
 
 def batches(trainer: Trainer):
@@ -80,7 +84,7 @@ def throughput(trainer: Trainer, it, steps: int, warmup: int) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     return {"images_per_s": images / elapsed, "ms_per_step": 1e3 * elapsed / steps, "images": images,
             "elapsed_s": elapsed, "peak_mem_mib": peak,
-            "config": {k: getattr(cfg, k) for k in ("reference", "amp", "compile", "cuda_graph")},
+            "config": {k: getattr(cfg, k) for k in ("reference", "amp", "compile", "cuda_graph", "fuse")},
             "cuda_graph_used": trainer.fast is not None and trainer.fast.use_graph}
 
 
@@ -128,7 +132,7 @@ def main():
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--profile", action="store_true", help="also profile the fast path of the first row")
     ap.add_argument("--graphs", default=None, help="only the graphs whose names start so (comma-separated)")
-    ap.add_argument("--paths", default="reference,fast,fast-eager",
+    ap.add_argument("--paths", default="reference,fast,fast-eager,fused",
                     help=f"comma-separated, of {', '.join(PATHS)} (fast-compile adds minutes of compilation)")
     ap.add_argument("--out", default=None, help="folder of the JSON (default benchmarks/results)")
     args = ap.parse_args()
@@ -164,6 +168,8 @@ def main():
                 row[path]["speedup_vs_reference"] = row[path]["images_per_s"] / row["reference"]["images_per_s"]
         if "fast" in paths and "fast-eager" in paths:  # what capturing the step as a CUDA graph gains
             row["fast"]["speedup_vs_eager_step"] = row["fast"]["images_per_s"] / row["fast-eager"]["images_per_s"]
+        if "fast" in paths and "fused" in paths:  # what fusing the same-model nodes gains
+            row["fused"]["speedup_vs_fast"] = row["fused"]["images_per_s"] / row["fast"]["images_per_s"]
         result["rows"].append(row)
         print(f"{name:<32} B={bs:<4} " + "   ".join(f"{p} {row[p]['images_per_s']:9.0f} img/s" for p in paths)
               + "".join(f"   {p} x{row[p]['speedup_vs_reference']:.2f}" for p in paths

@@ -68,6 +68,8 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=d.cuda_graph,
                    help="on CUDA, capture the whole training step as one CUDA graph and replay it "
                         "(default on; ignored on a CPU)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                   help="run nodes of the same model and role as one fused module (default: on the CUDA fast path)")
     p.add_argument("--reference", action="store_true", help="plain eager PyTorch losses (the reference path)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when present")
 
@@ -82,12 +84,13 @@ def config_from_args(args, seed: int = 0) -> TrainConfig:
         raise UsageError(f"--train-fraction: must be in (0, 1], got {args.train_fraction}")
     if args.lr <= 0:
         raise UsageError(f"--lr: must be > 0, got {args.lr}")
-    return TrainConfig(dataset=args.dataset, data_dir=args.data_dir, train_fraction=args.train_fraction,
-                       epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                       momentum=args.momentum, weight_decay=args.weight_decay, lr_decay_at=args.lr_decay_at,
-                       lr_decay=args.lr_decay, seed=seed, device=device, amp=args.amp, compile=args.compile,
-                       cuda_graph=args.cuda_graph,
-                       reference=args.reference, loader=args.loader, split=getattr(args, "split", "train"))
+    cfg = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, train_fraction=args.train_fraction,
+                      epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                      momentum=args.momentum, weight_decay=args.weight_decay, lr_decay_at=args.lr_decay_at,
+                      lr_decay=args.lr_decay, seed=seed, device=device, amp=args.amp, compile=args.compile,
+                      cuda_graph=args.cuda_graph, reference=args.reference, loader=args.loader,
+                      split=getattr(args, "split", "train"), fuse=args.fuse)
+    return cfg.replace(fuse=cfg.fused())  # config.json records what the run did
 
 
 def logger(quiet: bool):

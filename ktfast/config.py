@@ -30,6 +30,8 @@ class TrainConfig:
     cuda_graph: bool = True  # on CUDA the whole step is one CUDA graph (DESIGN §2); ignored on a CPU
     reference: bool = False
     loader: str = "auto"
+    # Horizontal fusion of same-architecture nodes (DESIGN §2); None: on for the CUDA fast path.
+    fuse: bool | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -40,6 +42,11 @@ class TrainConfig:
 
     def milestones(self) -> list[int]:
         return sorted({max(1, round(f * self.epochs)) for f in self.lr_decay_at})
+
+    def fused(self) -> bool:
+        if self.fuse is not None:
+            return self.fuse
+        return self.device.startswith("cuda") and not self.reference
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -75,17 +75,16 @@ class FastStep:
         return losses, sum(losses.values())
 
     def _body(self, x, y) -> None:
-        t, graph = self.t, self.t.graph
+        t = self.t
         current = torch.cuda.current_stream(self.device)
         logits, attention = {}, {}
-        for node in graph.model_nodes:
-            stream = self.streams[node.name]
+        for unit in t.units:  # a node, or a fused group of nodes on its first node's stream
+            stream = self.streams[unit.name]
             stream.wait_stream(current)
             with torch.cuda.stream(stream), t.autocast_context():
-                out, att = t.forward_node(node, x)
+                out, att = t.forward_unit(unit, x)
                 logits.update(out)
-                if att is not None:
-                    attention[node.name] = att
+                attention.update(att)
         for stream in self.streams.values():
             current.wait_stream(stream)
         losses, total = self._losses(logits, y, attention or None)

@@ -21,6 +21,7 @@ from ktfast.config import TrainConfig
 from ktfast.data import dataset_info, make_loader
 from ktfast.graph import ATTENTION_TERMS, LABEL, Graph, GraphError, ModelNode
 from ktfast.fast import FastStep, loss_function
+from ktfast.fuse import Unit, forward_unit, make_units
 from ktfast.losses import node_logits
 from ktfast.models import build_model
 from ktfast.models.zoo import ZooError
@@ -131,29 +132,14 @@ def check_attention_sizes(graph: Graph, models, image_size: int, device) -> None
                                  f"is larger than the {h}x{w} attention map")
 
 
-def forward_node(node: ModelNode, model, x, want_attention: bool, want_branches: bool = False):
-    """({endpoint: logits}, attention map or None) of one model node: the endpoints are the node
-    and, where wanted, its branches `node.b{i}`. Frozen nodes run without autograd."""
-    branches = {"return_branches": True} if want_branches else {}  # single-branch models lack the option
-    with torch.no_grad() if node.frozen else nullcontext():
-        out = model(x, return_attention=want_attention, **branches)
-    out = out if isinstance(out, tuple) else (out,)
-    logits = {node.name: out[0]}
-    if want_branches:
-        logits.update((f"{node.name}.b{i}", z) for i, z in enumerate(out[-1]))
-    return logits, out[1] if want_attention else None
-
-
-def forward(graph: Graph, models, x, want_attention: set[str], want_branches: set[str] = frozenset()):
+def forward(units: list[Unit], x, want_attention: set[str]):
     """Logits of every model node (and branch, where wanted) on one batch, and the attention maps
     where wanted."""
     logits, attention = {}, {}
-    for node in graph.model_nodes:
-        out, att = forward_node(node, models[node.name], x, node.name in want_attention,
-                                node.name in want_branches)
+    for unit in units:
+        out, att = forward_unit(unit, x, unit.name in want_attention)
         logits.update(out)
-        if att is not None:
-            attention[node.name] = att
+        attention.update(att)
     return logits, attention
 
 
@@ -196,15 +182,15 @@ def amp_dtype(cfg: TrainConfig) -> torch.dtype:
 
 
 @torch.no_grad()
-def evaluate(graph: Graph, models, loader, cfg: TrainConfig) -> dict:
-    """{node: {"loss": cross-entropy, "acc": top-1}} for every model and ensemble node."""
+def evaluate(graph: Graph, models, units: list[Unit], loader, cfg: TrainConfig) -> dict:
+    """{node: {"loss": cross-entropy, "acc": top-1}} for every model and ensemble node, the
+    `units` (the nodes' models, fused or not) run in eval mode."""
     models.eval()
     sums = {name: torch.zeros(2, device=cfg.device) for name in graph.nodes}
-    branches = branch_nodes(graph)  # an ensemble of branches is reduced from them
     count = 0
     for x, y in loader:
         with autocast(cfg):
-            logits, _ = forward(graph, models, x, set(), branches)
+            logits, _ = forward(units, x, set())
         for name, z in node_logits(graph, logits).items():
             if name in sums:
                 z = z.float()
@@ -258,14 +244,16 @@ class Trainer:
         self.fast = None
         if torch.device(cfg.device).type == "cuda" and not cfg.reference:
             self.fast = FastStep(self)
+        # After FastStep: fused stacks keep the layout (channels_last) it gives the nodes' tensors.
+        self.units = make_units(graph, self.models, self.want_attention, self.want_branches,
+                                fuse=cfg.fused(), compile=cfg.compile)
 
     # ---- one step ---------------------------------------------------------------------------
     def autocast_context(self):
         return autocast(self.cfg)
 
-    def forward_node(self, node: ModelNode, x):
-        return forward_node(node, self.models[node.name], x, node.name in self.want_attention,
-                            node.name in self.want_branches)
+    def forward_unit(self, unit: Unit, x):
+        return forward_unit(unit, x, unit.name in self.want_attention)
 
     def train_step(self, x, y, step) -> None:
         """Forward all nodes, Σ L_t backward once, one optimizer step, metrics added on the device.
@@ -274,7 +262,7 @@ class Trainer:
             self.fast(x, y, step)
             return
         with self.autocast_context():
-            logits, attention = forward(self.graph, self.models, x, self.want_attention, self.want_branches)
+            logits, attention = forward(self.units, x, self.want_attention)
         losses = self.loss_fn(self.graph, logits, y, step=step, total_steps=self.total_steps,
                               attention=attention or None)
         if self.optimizer is not None:
@@ -349,7 +337,7 @@ class Trainer:
                 raise NonFiniteLoss(f"non-finite training loss of node {', '.join(bad)} in epoch {self.epoch + 1}"
                                     + (f"; {self.out} keeps the checkpoint of epoch {self.epoch}"
                                        if self.out is not None and self.epoch else ""))
-            test = evaluate(self.graph, self.models, self.eval_loader, self.cfg)
+            test = evaluate(self.graph, self.models, self.units, self.eval_loader, self.cfg)
             self.epoch += 1
             row = {"epoch": self.epoch, "time_s": time.perf_counter() - start, "images_per_s": images_per_s,
                    "train": train, "test": test}

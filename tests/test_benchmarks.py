@@ -70,7 +70,7 @@ def test_step_rows_count_each_image_once_in_the_time_measured(suite):
     assert step["profile"]["top_kernels"] and 0 < step["profile"]["gpu_busy"] <= 1
     assert step["profile"]["path"] == "fast"
     measured = 0.0
-    for path in ("reference", "fast", "fast-eager"):
+    for path in ("reference", "fast", "fast-eager", "fused"):
         r = row[path]
         # images/s counts each image once for the whole graph (not once per node)
         assert r["images"] == step["steps"] * row["batch_size"]
@@ -79,6 +79,7 @@ def test_step_rows_count_each_image_once_in_the_time_measured(suite):
         assert not r["cuda_graph_used"]  # a CPU has no CUDA graph, whatever the flag says
         measured += r["elapsed_s"]
     assert row["fast-eager"]["config"]["cuda_graph"] is False and row["fast"]["config"]["cuda_graph"] is True
+    assert row["fused"]["config"]["fuse"] is True and row["fast"]["config"]["fuse"] is False
     assert measured < suite["parts"]["step"]["seconds"]  # the timed steps lie inside the part's run
 
 

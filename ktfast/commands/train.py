@@ -79,7 +79,8 @@ def cmd_train(args) -> int:
         graph.save(out / "graph.json")
         cfg.save(out / "config.json")
         print(f"run {out}: graph {graph.name}, {cfg.dataset}, seed {cfg.seed}, {cfg.epochs} epochs, "
-              f"{cfg.device}{', amp' if cfg.amp else ''}{', compile' if cfg.compile else ''}", flush=True)
+              f"{cfg.device}{', amp' if cfg.amp else ''}{', compile' if cfg.compile else ''}{', fuse' if cfg.fuse else ''}",
+              flush=True)
         rows = _fit(trainer, out, args.tensorboard)
         finals[cfg.seed] = rows[-1]["test"]
     print(result_table(graph, finals, configs[0].split))
@@ -116,6 +117,8 @@ def _resume(run: Path, args) -> int:
     except (ValueError, TypeError) as e:  # malformed JSON, or fields of the wrong kind
         raise UsageError(f"--resume: {run / 'config.json'} is not a run's config: {e}") from None
     _check_resume_flags(run, args, cfg)
+    if args.fuse is not None:  # fused or not, the run computes the same: either may resume the other
+        cfg = cfg.replace(fuse=args.fuse)
     trainer = make_trainer(graph, cfg, out=run, log=logger(args.quiet), progress=not args.quiet)
     done = 0
     if (run / CHECKPOINT).exists():
