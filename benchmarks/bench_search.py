@@ -35,7 +35,7 @@ from common import environment, write_result
 from ktfast.args import config_from_args
 from ktfast.cli import build_parser
 from ktfast.commands.search import space_from_args
-from ktfast.graph import GATES, LABEL
+from ktfast.graph import LABEL
 from ktfast.packing import MPSDaemon
 from ktfast.search import Space
 from ktfast.study import open_storage, open_study
@@ -50,7 +50,8 @@ def graphs(space: Space, n: int, seed: int) -> list[dict]:
     for _ in range(n):
         params = {f"model {m}": rng.choice(space.models) for m in space.names[1:]}
         for s, t in space.edges():
-            params[f"gate {s}->{t}"] = rng.choice([g for g in GATES if g != "cutoff"] if s == LABEL else GATES)
+            params[f"gate {s}->{t}"] = rng.choice([g for g in space.gates if g != "cutoff"] if s == LABEL
+                                                   else space.gates)
         out.append(params)
     return out
 
