@@ -148,7 +148,7 @@ def test_slots_asking_at_once_never_take_the_same_queued_trial(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     optuna.create_study(storage=open_storage(url), study_name="s", direction="maximize")
     spec = {"storage": url, "study": "s", "heartbeat_interval": None, "grace_period": None, "sampler": "random",
-            "pruner": "none"}
+            "pruner": "none", "min_resource": 1}
     study = worker_study(spec, TrainConfig(), Slots(8, cuda=False))
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)

@@ -139,8 +139,10 @@ def test_a_killed_worker_trial_is_failed_then_retried_with_the_same_graph(kind, 
     assert "killed by signal 9" in err
     study = load(url, name)
     trials = study.get_trials()
-    # The trial it was running (that one, or its next if it finished in the meantime) failed.
-    [victim] = [t for t in trials if t.user_attrs.get("worker") == worker and t.state not in COUNTED]
+    # The trial it was running (that one, or its next if it finished in the meantime) failed; trials
+    # the worker gave up with a reason (a graph whose loss diverged) are not the one it died in.
+    [victim] = [t for t in trials if t.user_attrs.get("worker") == worker and t.state not in COUNTED
+                and "fail_reason" not in t.user_attrs]
     assert victim.state == optuna.trial.TrialState.FAIL
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].params == victim.params and retries[0].state in COUNTED

@@ -179,7 +179,7 @@ def test_training_learns_real_digits():
         previous = trainer.loss_sums[0].item()
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert first > 2.0 and last < 0.75 * first, (first, last)  # ln 10 = 2.30 at the start
-    assert evaluate(g, trainer.models, trainer.eval_loader, trainer.cfg)["a"]["acc"] > 0.4
+    assert evaluate(g, trainer.models, trainer.units, trainer.eval_loader, trainer.cfg)["a"]["acc"] > 0.4
 
 
 def test_the_loop_hands_every_step_its_1_based_index_and_the_run_its_total():
