@@ -21,11 +21,7 @@ GOOD = {"version": 1, "name": "pair", "target": "a",
                   {"from": "a", "to": "b", "loss": "kl", "gate": "linear"}]}
 
 
-@pytest.fixture(autouse=True)
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("KTFAST_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("KTFAST_KERNELS", "0")
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("private_cache", "in_tmp")
 
 
 def write(tmp_path, graph, name="g.json"):

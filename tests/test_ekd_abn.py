@@ -21,10 +21,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TINY = "synthetic:classes=10,size=32,train=16,test=16"  # 32 px: the 8x8 ABN map the examples' crops need
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KTFAST_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("KTFAST_KERNELS", "0")
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 # ---- abn18 ----------------------------------------------------------------------------------

@@ -26,11 +26,7 @@ PAIR = {"version": 1, "name": "pair", "target": "a",
                   {"from": "label", "to": "b", "loss": "ce", "gate": "through"}]}
 
 
-@pytest.fixture(autouse=True)
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("KTFAST_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("KTFAST_KERNELS", "0")
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("private_cache", "in_tmp")
 
 
 def train(tmp_path, out: str, graph: dict = PAIR, epochs: int = 1, extra=()) -> int:

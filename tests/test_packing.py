@@ -31,11 +31,11 @@ from test_search import SEARCH, counted, load, queue, storage_url, wait_for
 RUNNING, FAIL = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL
 
 
+pytestmark = pytest.mark.usefixtures("private_cache", "in_tmp")
+
+
 @pytest.fixture(autouse=True)
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("KTFAST_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("KTFAST_KERNELS", "0")
-    monkeypatch.chdir(tmp_path)
+def quiet_optuna():
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 

@@ -21,11 +21,11 @@ SEARCH = ["search", "--nodes", "3", "--target-model", "resnet8", "--models", "re
           "--batch-size", "32", "--lr", "0.05", "--device", "cpu", "--quiet"]
 
 
+pytestmark = pytest.mark.usefixtures("private_cache", "in_tmp")
+
+
 @pytest.fixture(autouse=True)
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("KTFAST_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("KTFAST_KERNELS", "0")
-    monkeypatch.chdir(tmp_path)
+def quiet_optuna():
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 

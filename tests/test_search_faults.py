@@ -22,11 +22,7 @@ SEARCH = ["search", "--nodes", "2", "--target-model", "resnet8", "--models", "re
 EPOCHS, TRIALS = 4, 4
 
 
-@pytest.fixture(autouse=True)
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("KTFAST_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("KTFAST_KERNELS", "0")
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("private_cache", "in_tmp")
 
 
 def required(names: list[str]) -> list[str]:

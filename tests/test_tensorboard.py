@@ -19,11 +19,7 @@ GRAPH = {"version": 1, "name": "tb", "target": "a",
                    {"from": "a", "to": "b", "loss": "kl", "gate": "linear"}]}
 
 
-@pytest.fixture(autouse=True)
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("KTFAST_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("KTFAST_KERNELS", "0")
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("private_cache", "in_tmp")
 
 
 def read_events(folder) -> dict:

@@ -13,10 +13,7 @@ from ktfast.train import Trainer
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KTFAST_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("KTFAST_KERNELS", "0")
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def cfg(**kw):
