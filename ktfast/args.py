@@ -89,7 +89,8 @@ def config_from_args(args, seed: int = 0) -> TrainConfig:
                       momentum=args.momentum, weight_decay=args.weight_decay, lr_decay_at=args.lr_decay_at,
                       lr_decay=args.lr_decay, seed=seed, device=device, amp=args.amp, compile=args.compile,
                       cuda_graph=args.cuda_graph, reference=args.reference, loader=args.loader,
-                      split=getattr(args, "split", "train"), fuse=args.fuse)
+                      split=getattr(args, "split", "train"), fuse=args.fuse,
+                      place=getattr(args, "place", None) or "data", sync_bn=getattr(args, "sync_bn", False))
     return cfg.replace(fuse=cfg.fused())  # config.json records what the run did
 
 

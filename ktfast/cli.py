@@ -2,12 +2,14 @@
 ends with exit code 2 and one line. Nothing imports this module back."""
 from __future__ import annotations
 
+import os
 import sys
 
 from ktfast.args import Parser, UsageError
 from ktfast.checkpoint import CheckpointError, RunWriteError
 from ktfast.commands import pictures, search, train
 from ktfast.data import DatasetError
+from ktfast.distributed import PeerLost
 from ktfast.graph import GraphError
 from ktfast.train import NonFiniteLoss
 
@@ -25,6 +27,7 @@ def build_parser() -> Parser:
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what `train --gpus` hands to torchrun
         return args.func(args)
     except (GraphError, DatasetError, UsageError, CheckpointError) as e:
         print(f"ktfast: error: {e}", file=sys.stderr)
@@ -35,6 +38,9 @@ def main(argv=None) -> int:
     except NonFiniteLoss as e:  # DESIGN §2: numerical health has an exit code of its own
         print(f"ktfast: error: {e}", file=sys.stderr)
         return 3
+    except PeerLost as e:
+        print(f"ktfast: error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # the process group's threads would abort a normal exit once a peer is gone
     except KeyboardInterrupt:
         print("ktfast: interrupted", file=sys.stderr)
         return 130

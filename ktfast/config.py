@@ -32,6 +32,11 @@ class TrainConfig:
     loader: str = "auto"
     # Horizontal fusion of same-architecture nodes (DESIGN §2); None: on for the CUDA fast path.
     fuse: bool | None = None
+    # Several processes (DESIGN §10): how many, and what each holds ("data": every node, a share of
+    # each batch; "nodes": a share of the nodes, every batch); BatchNorm over the global batch.
+    world_size: int = 1
+    place: str = "data"
+    sync_bn: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -44,6 +49,8 @@ class TrainConfig:
         return sorted({max(1, round(f * self.epochs)) for f in self.lr_decay_at})
 
     def fused(self) -> bool:
+        if self.sync_bn:  # the global BatchNorm's all-reduce does not run under vmap
+            return False
         if self.fuse is not None:
             return self.fuse
         return self.device.startswith("cuda") and not self.reference

@@ -56,7 +56,8 @@ class FastStep:
         self.streams = {n.name: torch.cuda.Stream(self.device) for n in graph.model_nodes}
         self.factor = torch.zeros((), device=self.device)  # step / total_steps, for linear gates
         self.targets = loss_targets(graph)
-        self.use_graph = cfg.cuda_graph
+        # Over several ranks the step holds collectives: it runs eagerly (DESIGN §10).
+        self.use_graph = cfg.cuda_graph and trainer.placement.world == 1
         # Warm-up and capture share one stream: the kernels' cached scratch then lives outside the graph.
         self.side = torch.cuda.Stream(self.device)
         self.graph = None
@@ -87,8 +88,9 @@ class FastStep:
                 attention.update(att)
         for stream in self.streams.values():
             current.wait_stream(stream)
+        logits, attention = t.exchange(logits, attention)
         losses, total = self._losses(logits, y, attention or None)
-        t.optimizer_step(total)  # counts the fp16 scaler's skipped steps on the device, no sync
+        t.optimizer_step(total if t.placement.world == 1 else t.placement.total(losses))  # counts the fp16 scaler's skipped steps on the device, no sync
         t.accumulate(losses, logits, y)
 
     def __call__(self, x, y, step: int) -> None:

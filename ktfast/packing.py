@@ -3,7 +3,7 @@ never overlap. Two ways around it, chosen by `ktfast search --pack`:
 
 * `threads`: the K trials of a GPU run in one worker process, each in its own thread on its own CUDA
   stream (the current stream is per thread), so their kernels share the GPU. The global RNG and
-  CUDA-graph capture are taken in turn (`ktfast.train.INIT_LOCK`, `ktfast.fast.CAPTURE_LOCK`), and the
+  CUDA-graph capture are taken in turn (`ktfast.nodes.INIT_LOCK`, `ktfast.fast.CAPTURE_LOCK`), and the
   CUDA cache is emptied only when no trial of the process runs.
 * `mps`: K processes, as `processes`, through a CUDA MPS control daemon that the search starts for
   itself (private pipe and log folders, stopped on exit, Ctrl-C included): MPS runs the kernels of

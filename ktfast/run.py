@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ktfast.config import TrainConfig
+from ktfast.data import load_arrays
+from ktfast.distributed import Placement, rank_zero_first
 from ktfast.graph import Graph
 from ktfast.pretrain import pretrained_path
 from ktfast.train import Trainer
@@ -17,7 +19,15 @@ def pretrained_paths(graph: Graph, cfg: TrainConfig, log=print, progress=True) -
             for node in graph.model_nodes if node.init == "pretrained" and not node.checkpoint}
 
 
-def make_trainer(graph: Graph, cfg: TrainConfig, out: Path | None, log=print, progress=True) -> Trainer:
+def make_trainer(graph: Graph, cfg: TrainConfig, out: Path | None, log=print, progress=True,
+                 placement: Placement | None = None) -> Trainer:
+    """The Trainer of a run (of this rank's part in a run of several: `placement`)."""
     # Pretraining first: it draws random numbers, and the Trainer's seeded initialisation must not
-    # depend on whether the cache already held the teachers.
-    return Trainer(graph, cfg, out, log, progress, pretrained=pretrained_paths(graph, cfg, log, progress))
+    # depend on whether the cache already held the teachers. Over several ranks, rank 0 fills the
+    # caches (data and teachers) before the others look.
+    def prepare():
+        load_arrays(cfg.dataset, cfg.data_dir)
+        return pretrained_paths(graph, cfg, log, progress)
+
+    paths = rank_zero_first(prepare)
+    return Trainer(graph, cfg, out, log, progress, pretrained=paths, placement=placement)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,18 +18,15 @@ from tqdm.auto import tqdm
 from ktfast.checkpoint import CheckpointError, append_line, load_models, read_checkpoint, save_atomic, truncate
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info, make_loader
-from ktfast.graph import ATTENTION_TERMS, LABEL, Graph, GraphError, ModelNode
+from ktfast.distributed import Placement, global_batchnorm
+from ktfast.graph import Graph
 from ktfast.fast import FastStep, loss_function
 from ktfast.fuse import Unit, forward_unit, make_units
-from ktfast.losses import node_logits
-from ktfast.models import build_model
-from ktfast.models.zoo import ZooError
+from ktfast.losses import loss_targets, node_logits
+from ktfast.nodes import attention_nodes, branch_nodes, build_models, check_attention_sizes
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-# Seeding and building draw from torch's one global generator: search trials packed as threads of
-# one process (ktfast.packing) take turns, so that each starts from the weights it would get alone.
-INIT_LOCK = threading.Lock()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -40,96 +36,6 @@ class NonFiniteLoss(RuntimeError):
 def splits(cfg: TrainConfig) -> tuple[str, str]:
     """The (training, evaluation) splits: the search never touches the test set."""
     return ("search_train", "search_val") if cfg.split == "search" else ("train", "test")
-
-
-def attention_nodes(graph: Graph) -> set[str]:
-    return {end for e in graph.active_edges if any(t in ATTENTION_TERMS for t in e.terms)
-            for end in (e.source, e.target)}
-
-
-def branch_nodes(graph: Graph) -> set[str]:
-    """Model nodes whose branches an edge or an ensemble addresses (`node.b{i}`): they must hand
-    over their branch logits too. Node names have no '.', so any other endpoint is a branch."""
-    ends = {end for e in graph.active_edges for end in (e.source, e.target)}
-    ends.update(m for n in graph.ensemble_nodes for m in n.members)
-    return {end.split(".")[0] for end in ends if end not in graph.nodes and end != LABEL}
-
-
-def load_state(node: ModelNode, path) -> dict:
-    """A state dict from a pretrain-cache file or a plain saved state dict."""
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise GraphError(f"nodes[{node.name}].init: checkpoint not found: {path}") from None
-    except Exception as e:  # a corrupt or foreign file: say which, in one line
-        raise GraphError(f"nodes[{node.name}].init: cannot read checkpoint {path}: {e}") from None
-    if isinstance(blob, dict) and "state_dict" in blob:
-        if blob.get("model") not in (None, node.model):
-            raise GraphError(f"nodes[{node.name}].init: checkpoint holds {blob['model']}, node is {node.model}")
-        return blob["state_dict"]
-    return blob
-
-
-def _build(node: ModelNode, num_classes: int, image_size: int) -> torch.nn.Module:
-    try:
-        return build_model(node.model, num_classes, image_size, zoo_weights=node.init == "zoo")
-    except ZooError as e:  # "init": "zoo" offline, say
-        raise GraphError(f"nodes[{node.name}].init: {e}") from None
-
-
-def build_models(graph: Graph, cfg: TrainConfig, num_classes: int, image_size: int,
-                 pretrained: dict | None = None) -> torch.nn.ModuleDict:
-    """Every model node, seeded, initialised as its `init` says, on the configured device.
-    `pretrained` maps each `"init": "pretrained"` node to its pretrain-cache file (`ktfast.run`
-    finds or makes them first)."""
-    pretrained = pretrained or {}
-    missing = [n.name for n in graph.model_nodes if n.init == "pretrained" and not n.checkpoint and n.name not in pretrained]
-    if missing:
-        raise ValueError(f"no pretrained checkpoint given for node {missing[0]!r}: build the run with ktfast.run")
-    with INIT_LOCK:
-        torch.manual_seed(cfg.seed)
-        built = [_build(node, num_classes, image_size) for node in graph.model_nodes]
-    models = torch.nn.ModuleDict()
-    for node, model in zip(graph.model_nodes, built):
-        if node.checkpoint:
-            state = load_state(node, node.checkpoint)
-        elif node.name in pretrained:
-            state = load_state(node, pretrained[node.name])
-        else:
-            state = None
-        if state is not None:
-            try:
-                model.load_state_dict(state)
-            except RuntimeError:
-                raise GraphError(f"nodes[{node.name}].init: checkpoint does not fit model {node.model}") from None
-        if node.frozen:
-            model.requires_grad_(False)
-        models[node.name] = model.to(cfg.device)
-    return models
-
-
-def check_attention_sizes(graph: Graph, models, image_size: int, device) -> None:
-    """A crop larger than the attention map is an error; find it before anything is written."""
-    need = attention_nodes(graph)
-    if not need:
-        return
-    x = torch.zeros(2, 3, image_size, image_size, device=device)
-    sizes = {}
-    with torch.no_grad():
-        for name in need:
-            was_training = models[name].training
-            models[name].eval()
-            try:
-                sizes[name] = tuple(models[name](x, return_attention=True)[1].shape[1:])
-            except ValueError as e:  # a zoo model without a spatial feature map
-                raise GraphError(f"nodes[{name}].model: no attention map: {e}") from None
-            models[name].train(was_training)
-    for e in graph.active_edges:
-        if e.uses_attention:
-            h, w = sizes[e.source]
-            if max(e.crops) > min(h, w):
-                raise GraphError(f"edges[{e.source}->{e.target}].crops: crop size {max(e.crops)} "
-                                 f"is larger than the {h}x{w} attention map")
 
 
 def forward(units: list[Unit], x, want_attention: set[str]):
@@ -182,42 +88,58 @@ def amp_dtype(cfg: TrainConfig) -> torch.dtype:
 
 
 @torch.no_grad()
-def evaluate(graph: Graph, models, units: list[Unit], loader, cfg: TrainConfig) -> dict:
+def evaluate(graph: Graph, models, units: list[Unit], loader, cfg: TrainConfig,
+             placement: Placement | None = None) -> dict:
     """{node: {"loss": cross-entropy, "acc": top-1}} for every model and ensemble node, the
-    `units` (the nodes' models, fused or not) run in eval mode."""
+    `units` (the nodes' models, fused or not) run in eval mode; over several ranks, each image of
+    the split counted once (`placement`)."""
+    placement = placement or Placement(graph, "data", 0, 1)
     models.eval()
-    sums = {name: torch.zeros(2, device=cfg.device) for name in graph.nodes}
-    count = 0
+    sums = torch.zeros(len(graph.nodes) * 2 + 1, device=cfg.device)  # loss and correct per node, count
     for x, y in loader:
         with autocast(cfg):
-            logits, _ = forward(units, x, set())
-        for name, z in node_logits(graph, logits).items():
-            if name in sums:
-                z = z.float()
-                sums[name] += torch.stack([F.cross_entropy(z, y, reduction="sum"),
-                                           (z.argmax(1) == y).sum().float()])
-        count += y.shape[0]
+            logits, _ = placement.exchange(*forward(units, x, set()), grad=False, phase="eval")
+        z = node_logits(graph, logits)
+        per_node = [torch.stack([F.cross_entropy(z[name].float(), y, reduction="sum"),
+                                 (z[name].argmax(1) == y).sum().float()]) for name in graph.nodes]
+        sums[:-1] += torch.cat(per_node)
+        sums[-1] += y.shape[0]
+    sums = placement.reduce_sums(sums).tolist()
     models.train()
     for node in graph.model_nodes:
         if node.frozen:
             models[node.name].eval()
-    return {name: {"loss": s[0].item() / count, "acc": s[1].item() / count} for name, s in sums.items()}
+    count = sums[-1]
+    return {name: {"loss": sums[2 * i] / count, "acc": sums[2 * i + 1] / count} for i, name in enumerate(graph.nodes)}
 
 
 class Trainer:
     """One run of one graph with one seed. `fit()` trains to the end, writing the run directory."""
 
     def __init__(self, graph: Graph, cfg: TrainConfig, out: Path | None, log=print, progress=True,
-                 pretrained: dict | None = None):
+                 pretrained: dict | None = None, placement: Placement | None = None):
+        """`placement`: this process's part in a run of several (`ktfast.distributed`); there, rank 0
+        alone writes `out`."""
+        self.placement = placement = placement or Placement(graph, "data", 0, 1)
+        self.keeps_state = out is not None
+        out = out if placement.rank == 0 else None
         self.graph, self.cfg, self.out, self.log, self.progress = graph, cfg, out, log, progress
         info = dataset_info(cfg.dataset, cfg.data_dir)
         train_split, eval_split = splits(cfg)
+        shard = (placement.rank, placement.world) if not placement.nodes else (0, 1)
         self.train_loader = make_loader(cfg.dataset, train_split, cfg.batch_size, cfg.device, cfg.seed,
                                         data_dir=cfg.data_dir, loader=cfg.loader,
-                                        train_fraction=cfg.train_fraction)
+                                        train_fraction=cfg.train_fraction, shard=shard)
         self.eval_loader = make_loader(cfg.dataset, eval_split, max(cfg.batch_size, 256), cfg.device,
-                                       cfg.seed, data_dir=cfg.data_dir, loader=cfg.loader)
+                                       cfg.seed, data_dir=cfg.data_dir, loader=cfg.loader, shard=shard)
         self.models = build_models(graph, cfg, info.num_classes, info.image_size, pretrained)
+        if placement.sync_bn:
+            for name in list(self.models):
+                self.models[name] = global_batchnorm(self.models[name])
+        placement.assign(self.models)
+        # Whether remote losses train this rank's nodes: a non-detached ensemble's loss (place nodes).
+        self.exchange_grad = any(not n.detach and n.name in loss_targets(graph) for n in graph.ensemble_nodes)
+        self.metric_mask = placement.metric_mask(cfg.device)
         check_attention_sizes(graph, self.models, info.image_size, cfg.device)
         for node in graph.model_nodes:
             if node.frozen:
@@ -246,7 +168,7 @@ class Trainer:
             self.fast = FastStep(self)
         # After FastStep: fused stacks keep the layout (channels_last) it gives the nodes' tensors.
         self.units = make_units(graph, self.models, self.want_attention, self.want_branches,
-                                fuse=cfg.fused(), compile=cfg.compile)
+                                fuse=cfg.fused(), compile=cfg.compile, runs=placement.owns)
 
     # ---- one step ---------------------------------------------------------------------------
     def autocast_context(self):
@@ -262,22 +184,27 @@ class Trainer:
             self.fast(x, y, step)
             return
         with self.autocast_context():
-            logits, attention = forward(self.units, x, self.want_attention)
+            logits, attention = self.exchange(*forward(self.units, x, self.want_attention))
         losses = self.loss_fn(self.graph, logits, y, step=step, total_steps=self.total_steps,
                               attention=attention or None)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer_step(sum(losses.values()))
+        self.optimizer_step(self.placement.total(losses))
         self.accumulate(losses, logits, y)
+
+    def exchange(self, logits: dict, attention: dict):
+        """Every node's outputs, those of other ranks' nodes included (place nodes)."""
+        return self.placement.exchange(logits, attention, grad=self.exchange_grad, phase="train")
 
     def optimizer_step(self, total) -> None:
         """`total` = Σ L_t backward once, one step of every trainable node. The fp16 grad scaler skips a step
         whose gradients overflowed and then lowers its scale: that is counted on the device, with
         no read-back (`_scale` is the scaler's device tensor; `get_scale()` would synchronise)."""
-        if self.optimizer is None:
-            return
+        if self.optimizer is None or not torch.is_tensor(total) or not total.requires_grad:
+            return  # place nodes: a rank of frozen nodes only has nothing to step
         scaler = self.scaler
         scaler.scale(total).backward()
+        self.placement.average_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
         scale = scaler._scale.clone() if scaler.is_enabled() else None
         scaler.step(self.optimizer)
         scaler.update()
@@ -291,8 +218,9 @@ class Trainer:
         z = node_logits(self.graph, {k: v.detach() for k, v in logits.items()})
         per_node = [losses[name].detach().float() if name in losses else F.cross_entropy(z[name].float(), y)
                     for name in self.graph.nodes]
-        self.loss_sums += torch.stack(per_node)
-        self.correct += torch.stack([(z[name].argmax(1) == y).sum() for name in self.graph.nodes]).float()
+        self.loss_sums += torch.stack(per_node) * self.metric_mask
+        self.correct += torch.stack([(z[name].argmax(1) == y).sum() for name in self.graph.nodes]).float() \
+            * self.metric_mask
 
     def node_lrs(self) -> dict[str, float]:
         """The learning rate of each trainable node: that of the parameter group holding its weights."""
@@ -318,7 +246,8 @@ class Trainer:
             self.train_step(x, y, self.epoch * self.steps_per_epoch + steps)
             seen += y.shape[0]
         n = len(graph.nodes)
-        sums = torch.cat([self.loss_sums, self.correct, self.skipped.view(1)]).tolist()  # the epoch's one sync
+        loss_sums, correct, skipped, seen = self.placement.reduce_epoch(self.loss_sums, self.correct, self.skipped, seen)
+        sums = torch.cat([loss_sums, correct, skipped.view(1)]).tolist()  # the epoch's one sync
         elapsed = time.perf_counter() - start
         train = {name: {"loss": sums[i] / steps, "acc": sums[n + i] / seen} for i, name in enumerate(graph.nodes)}
         if self.scheduler is not None:
@@ -337,13 +266,16 @@ class Trainer:
                 raise NonFiniteLoss(f"non-finite training loss of node {', '.join(bad)} in epoch {self.epoch + 1}"
                                     + (f"; {self.out} keeps the checkpoint of epoch {self.epoch}"
                                        if self.out is not None and self.epoch else ""))
-            test = evaluate(self.graph, self.models, self.units, self.eval_loader, self.cfg)
+            self.placement.share_buffers(self.models)
+            test = evaluate(self.graph, self.models, self.units, self.eval_loader, self.cfg, self.placement)
             self.epoch += 1
             row = {"epoch": self.epoch, "time_s": time.perf_counter() - start, "images_per_s": images_per_s,
                    "train": train, "test": test}
             if self.scaler.is_enabled():
                 row["skipped_steps"] = skipped
             rows.append(row)
+            if self.keeps_state:
+                self.placement.collect_state({k: _plain_module(m) for k, m in self.models.items()}, self.optimizer)
             if self.out is not None:
                 self.write_epoch(row)
             if self.progress:

@@ -25,7 +25,7 @@ from ktfast.graph import Graph
 from ktfast.packing import MPS_CONTROL, MPSDaemon, Slots
 from ktfast.search import COUNTED, worker_study
 from ktfast.study import open_storage, requeue
-from ktfast.train import build_models
+from ktfast.nodes import build_models
 from test_search import SEARCH, counted, load, queue, storage_url, wait_for
 
 RUNNING, FAIL = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL
@@ -90,9 +90,10 @@ def test_a_killed_packed_worker_has_its_trials_retried_and_none_lost(kind, tmp_p
            "--heartbeat-interval", "1", "--grace-period", "3"]
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        def both_training():  # the worker's two slots each past a first epoch, with epochs to go
+        def both_training():  # the worker's two slots each past a first epoch, and at most half-way
             running = [t for t in load(url, name).get_trials(states=(RUNNING,)) if t.intermediate_values]
-            return running if len(running) == 2 else None
+            midway = all(len(t.intermediate_values) <= epochs // 2 for t in running)
+            return running if len(running) == 2 and midway else None
 
         running = wait_for(both_training, 180, "two packed trials in training")
         [worker] = {t.user_attrs["worker"] for t in running}

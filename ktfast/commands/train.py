@@ -3,13 +3,18 @@ run directory, resumed from its last checkpoint, and the pretrain cache filled b
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 from ktfast import tensorboard
+from ktfast import distributed
 from ktfast.args import UsageError, add_recipe_args, config_from_args, logger, seeds
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info
+from ktfast.distributed import PLACES, Placement, PeerLost
 from ktfast.graph import Graph
 from ktfast.models import is_model_name
 from ktfast.pretrain import pretrain
@@ -30,6 +35,13 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard event files under RUN/tensorboard/NODE")
+    p.add_argument("--place", choices=PLACES, default=None,
+                   help="under torchrun: data (default) = every process holds every node and takes a share "
+                        "of each batch; nodes = each process runs a share of the nodes on every batch")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="with --place data: BatchNorm normalises over the global batch of all processes")
+    p.add_argument("--gpus", type=gpu_list, default=None,
+                   help="e.g. 0,1,2,3: train on these GPUs of this machine (one torchrun process each)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pretrain", help="fill the pretrain cache with a label-only model")
@@ -53,40 +65,116 @@ def _check_new_run_dir(path: Path) -> None:
         raise UsageError(f"--out: {path} exists and is not empty (use --resume {path} to continue it)")
 
 
+def gpu_list(text: str) -> list[int]:
+    gpus = seeds(text)  # distinct integers
+    if min(gpus) < 0:
+        raise ValueError(text)
+    return gpus
+
+
 def cmd_train(args) -> int:
     if args.tensorboard and not tensorboard.available():
         raise UsageError("--tensorboard: needs the tensorboard package (pip install 'ktfast[tensorboard]')")
-    if args.resume:
-        return _resume(Path(args.resume), args)
+    if args.gpus is not None:
+        return _launch(args)
+    device = config_from_args(args).device
+    with distributed.process_group(device) as (rank, world):
+        try:
+            if args.resume:
+                return _resume(Path(args.resume), args, rank, world)
+            return _train(args, rank, world)
+        except Exception as e:
+            if distributed.is_peer_failure(e):
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise PeerLost(f"rank {rank} of {world}: another process of the run stopped ({first[:160]}); "
+                               "the run directory keeps its last whole epoch: continue it with --resume") from None
+            raise
+
+
+def _check_launch(graph: Graph, cfg: TrainConfig) -> None:
+    """What a run of `cfg.world_size` processes cannot do (exit 2 on every rank, DESIGN §10)."""
+    world = cfg.world_size
+    if cfg.place == "nodes" and world > len(graph.model_nodes):
+        raise UsageError(f"--place nodes: {world} processes for the {len(graph.model_nodes)} model nodes of "
+                         f"{graph.name} (at most one process per node)")
+    if cfg.sync_bn and cfg.place != "data":
+        raise UsageError("--sync-bn: only with --place data (with --place nodes each node sees the whole batch)")
+    if cfg.place == "data" and cfg.batch_size % world:
+        raise UsageError(f"--batch-size: {cfg.batch_size} does not split into {world} equal shares")
+
+
+def _train(args, rank: int, world: int) -> int:
     if not args.graph:
         raise UsageError("--graph: required (or --resume DIR)")
     graph = Graph.load(args.graph)
-    configs = [config_from_args(args, seed) for seed in args.seeds]
-    dataset_info(configs[0].dataset, configs[0].data_dir)
-    if args.out:
-        root = Path(args.out)
-        _check_new_run_dir(root)
-    else:
-        root = _free_run_dir(Path("runs") / graph.name)
+    configs = [config_from_args(args, seed).replace(world_size=world) for seed in args.seeds]
+    distributed.check_same([graph.to_dict(), [c.to_dict() for c in configs]], "graph or recipe")
+    _check_launch(graph, configs[0])
+    distributed.rank_zero_first(lambda: dataset_info(configs[0].dataset, configs[0].data_dir))
+
+    def run_dir() -> Path:
+        if args.out:
+            _check_new_run_dir(Path(args.out))
+            return Path(args.out)
+        return _free_run_dir(Path("runs") / graph.name)
+
+    root = distributed.from_rank_zero(run_dir)
     multi = len(configs) > 1
+    quiet = args.quiet or rank != 0
     finals = {}
     for cfg in configs:
         out = root / f"seed{cfg.seed}" if multi else root
-        log = logger(args.quiet)
         # Everything that can fail on bad input happens here, before the directory exists.
-        trainer = make_trainer(graph, cfg, out=out, log=log, progress=not args.quiet)
-        out.mkdir(parents=True, exist_ok=True)
-        graph.save(out / "graph.json")
-        cfg.save(out / "config.json")
-        print(f"run {out}: graph {graph.name}, {cfg.dataset}, seed {cfg.seed}, {cfg.epochs} epochs, "
-              f"{cfg.device}{', amp' if cfg.amp else ''}{', compile' if cfg.compile else ''}{', fuse' if cfg.fuse else ''}",
-              flush=True)
-        rows = _fit(trainer, out, args.tensorboard)
+        trainer = make_trainer(graph, cfg, out=out, log=logger(quiet), progress=not quiet,
+                               placement=Placement(graph, cfg.place, rank, world, cfg.sync_bn))
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            graph.save(out / "graph.json")
+            cfg.save(out / "config.json")
+            print(f"run {out}: graph {graph.name}, {cfg.dataset}, seed {cfg.seed}, {cfg.epochs} epochs, "
+                  f"{cfg.device}{', amp' if cfg.amp else ''}{', compile' if cfg.compile else ''}"
+                  f"{', fuse' if cfg.fuse else ''}{f', {world} processes, place {cfg.place}' if world > 1 else ''}",
+                  flush=True)
+        rows = _fit(trainer, out, args.tensorboard and rank == 0)
         finals[cfg.seed] = rows[-1]["test"]
-    print(result_table(graph, finals, configs[0].split))
-    if multi:
-        (root / "summary.json").write_text(json.dumps(summary(graph, finals), indent=2) + "\n")
+    if rank == 0:
+        print(result_table(graph, finals, configs[0].split))
+        if multi:
+            (root / "summary.json").write_text(json.dumps(summary(graph, finals), indent=2) + "\n")
     return 0
+
+
+def _launch(args) -> int:
+    """`ktfast train --gpus 0,1,…`: the same command under torchrun, one process per GPU."""
+    import torch
+
+    if distributed.world_size() > 1:
+        raise UsageError("--gpus: already one of several processes (torchrun starts them; drop --gpus)")
+    if args.device == "cpu" or not torch.cuda.is_available():
+        raise UsageError("--gpus: needs CUDA (on a CPU: torchrun --nproc-per-node N -m ktfast train ... --device cpu)")
+    if max(args.gpus) >= torch.cuda.device_count():
+        raise UsageError(f"--gpus: this machine has {torch.cuda.device_count()} GPUs, numbered from 0")
+    if not args.resume:  # a bad launch ends here, in one line, before any process starts
+        graph = Graph.load(args.graph) if args.graph else None
+        if graph is None:
+            raise UsageError("--graph: required (or --resume DIR)")
+        _check_launch(graph, config_from_args(args).replace(world_size=len(args.gpus)))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, args.gpus))}
+    return subprocess.run(launch_command(args.argv, len(args.gpus)), env=env).returncode
+
+
+def launch_command(argv: list[str], processes: int) -> list[str]:
+    """torchrun's command line for `ktfast ARGV` without its --gpus flag."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--gpus":
+            skip = True
+        elif not a.startswith("--gpus="):
+            rest.append(a)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+            "-m", "ktfast", *rest]
 
 
 # Recipe flags that --resume checks against the run's config.json: a run continues as it started.
@@ -106,7 +194,7 @@ def _check_resume_flags(run: Path, args, cfg: TrainConfig) -> None:
         raise UsageError(f"--seeds: the run in {run} has seed {cfg.seed}")
 
 
-def _resume(run: Path, args) -> int:
+def _resume(run: Path, args, rank: int = 0, world: int = 1) -> int:
     if not (run / "graph.json").is_file() or not (run / "config.json").is_file():
         raise UsageError(f"--resume: {run} is not a run directory (no graph.json / config.json)")
     graph = Graph.load(run / "graph.json")
@@ -117,23 +205,38 @@ def _resume(run: Path, args) -> int:
     except (ValueError, TypeError) as e:  # malformed JSON, or fields of the wrong kind
         raise UsageError(f"--resume: {run / 'config.json'} is not a run's config: {e}") from None
     _check_resume_flags(run, args, cfg)
+    if args.place not in (None, cfg.place):
+        raise UsageError(f"--place: the run in {run} has place {cfg.place}")
+    if cfg.place == "data" and cfg.world_size != world:
+        raise UsageError(f"--resume: the run in {run} was trained by {cfg.world_size} processes with place data: "
+                         f"resume it with as many (place nodes resumes with any number)")
     if args.fuse is not None:  # fused or not, the run computes the same: either may resume the other
         cfg = cfg.replace(fuse=args.fuse)
-    trainer = make_trainer(graph, cfg, out=run, log=logger(args.quiet), progress=not args.quiet)
+    cfg = cfg.replace(world_size=world)
+    _check_launch(graph, cfg)
+    quiet = args.quiet or rank != 0
+    trainer = make_trainer(graph, cfg, out=run, log=logger(quiet), progress=not quiet,
+                           placement=Placement(graph, cfg.place, rank, world, cfg.sync_bn))
     done = 0
     if (run / CHECKPOINT).exists():
         trainer.load_checkpoint(run / CHECKPOINT)
         done = trainer.epoch
-    # Rows past the checkpoint belong to an epoch that will be trained again.
-    metrics = run / METRICS
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    kept = [r for r in rows if r["epoch"] <= done]
-    if len(kept) < len(rows):
-        metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    print(f"resuming {run} after epoch {done} of {cfg.epochs}", flush=True)
-    new_rows = _fit(trainer, run, args.tensorboard)
+    # Every rank has read the checkpoint before rank 0 changes the run directory.
+    distributed.agree(lambda: None)
+    kept = []
+    if rank == 0:
+        cfg.save(run / "config.json")  # the world size it continues with
+        # Rows past the checkpoint belong to an epoch that will be trained again.
+        metrics = run / METRICS
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        kept = [r for r in rows if r["epoch"] <= done]
+        if len(kept) < len(rows):
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        print(f"resuming {run} after epoch {done} of {cfg.epochs}", flush=True)
+    new_rows = _fit(trainer, run, args.tensorboard and rank == 0)
     final = (kept + new_rows)[-1]["test"] if kept or new_rows else {}
-    print(result_table(graph, {cfg.seed: final}, cfg.split))
+    if rank == 0:
+        print(result_table(graph, {cfg.seed: final}, cfg.split))
     return 0
 
 

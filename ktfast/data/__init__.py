@@ -28,9 +28,11 @@ __all__ = ["DATASETS", "LOADERS", "PAD", "SPLITS", "Arrays", "DaliLoader", "Data
 
 
 def make_loader(dataset: str, split: str, batch_size: int, device, seed: int, *, data_dir=None,
-                loader: str = "auto", train_fraction: float | None = None, num_workers: int = 0):
+                loader: str = "auto", train_fraction: float | None = None, num_workers: int = 0,
+                shard: tuple[int, int] = (0, 1)):
     """Batches `(x, y)` of a split on `device`: x float32 [B, 3, H, W] normalised, y int64 [B].
-    `train_fraction` keeps that class-balanced fraction (drawn with `seed`) of a training split."""
+    `train_fraction` keeps that class-balanced fraction (drawn with `seed`) of a training split;
+    `shard` (rank, world size) keeps rank's share of every batch (`Loader._shard`)."""
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
     if loader not in LOADERS:
@@ -40,7 +42,7 @@ def make_loader(dataset: str, split: str, batch_size: int, device, seed: int, *,
     if train_fraction is not None and not 0 < train_fraction <= 1:
         raise DatasetError(f"train fraction must be in (0, 1], got {train_fraction}")
     arrays = load_arrays(dataset, data_dir)
-    args = (arrays, split, batch_size, device, seed, train_fraction)
+    args = (arrays, split, batch_size, device, seed, train_fraction, shard)
     if loader == "auto":
         loader = _fastest_loader(arrays, torch.device(device))
     if loader == "torch":

@@ -86,7 +86,8 @@ class Loader:
     `x`, `y` are the split's images and labels on the CPU (uint8, int64), `indices` their
     positions in the dataset's test set (split "test") or training set (every other split)."""
 
-    def __init__(self, arrays: Arrays, split: str, batch_size: int, device, seed: int, train_fraction):
+    def __init__(self, arrays: Arrays, split: str, batch_size: int, device, seed: int, train_fraction,
+                 shard: tuple[int, int] = (0, 1)):
         info = arrays.info
         self.dataset, self.num_classes, self.image_size = info.name, info.num_classes, info.image_size
         self.split, self.batch_size, self.device, self.seed = split, batch_size, torch.device(device), seed
@@ -103,11 +104,38 @@ class Loader:
         # Training drops the last partial batch (constant shapes; BatchNorm never sees a batch of 1).
         self.drop_last = self.train and self.num_samples >= batch_size
         self.epoch = 0
+        self.positions = None  # with a shard: the positions of every epoch plan this rank keeps
+        rank, world = shard
+        if world > 1:
+            self._shard(rank, world)
+
+    def _shard(self, rank: int, world: int) -> None:
+        """Keep this rank's share of every epoch (DESIGN §10, place data): of each training batch
+        its slice, so that the global batch stays the batch size and the plan is one process's; of
+        an evaluation split, a contiguous block, each sample evaluated once."""
+        if not self.train:
+            n = self.num_samples
+            self.positions = torch.arange(n)[rank * n // world:(rank + 1) * n // world]
+            return
+        if self.batch_size % world or not self.drop_last:
+            raise DatasetError(f"batch size {self.batch_size} does not split into {world} equal shares of a "
+                               f"training set of {self.num_samples} images")
+        share = self.batch_size // world
+        steps = torch.arange(len(self) * self.batch_size).view(len(self), self.batch_size)
+        self.positions = steps[:, rank * share:(rank + 1) * share].reshape(-1)
+        self.batch_size = share
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def plan(self, epoch: int) -> EpochPlan:
+        """The epoch's plan, of this rank's positions only when the loader is a shard."""
+        plan = self._full_plan(epoch)
+        if self.positions is None:
+            return plan
+        return EpochPlan(*(None if a is None else a[self.positions] for a in plan))
+
+    def _full_plan(self, epoch: int) -> EpochPlan:
         n, stored = self.num_samples, self.stored_size
         if not self.train:
             if stored:  # the centre crop, not resized
@@ -124,6 +152,7 @@ class Loader:
         return EpochPlan(order, offsets, flips, sizes)
 
     def __len__(self) -> int:
+        n = self.num_samples if self.positions is None else len(self.positions)
         if self.drop_last:
-            return self.num_samples // self.batch_size
-        return -(-self.num_samples // self.batch_size)
+            return n // self.batch_size
+        return -(-n // self.batch_size)

@@ -1,0 +1,348 @@
+"""Training on several processes (DESIGN §10): `torch.distributed`, launched by `torchrun` (or by
+`ktfast train --gpus`), NCCL on CUDA and gloo on the CPU.
+
+* place "data": every rank holds every node and takes its slice of each global batch (the epoch
+  plan stays the single process's); after the backward, the gradients of every trainable node are
+  averaged in one bucketed all-reduce. With `sync_bn`, BatchNorm normalises over the global batch,
+  and the ranks compute what one process computes.
+* place "nodes": each rank runs a share of the model nodes (balanced by cost) on the whole batch;
+  after the forwards the ranks all-gather the logits and attention maps, and each rank
+  back-propagates the losses of the targets it owns. A non-detached ensemble's loss reaches its
+  members on other ranks through an all-gather with autograd (`torch.distributed.nn`), whose
+  backward every rank takes part in. Every rank keeps a copy of every node (for the checkpoint,
+  brought up to date on rank 0 before each is written), so a run resumes at any world size.
+
+Rank 0 alone writes the run directory; a rank whose peer is gone ends the run with one line.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.nn import functional as with_grad  # collectives that autograd differentiates
+
+from ktfast.args import UsageError
+from ktfast.graph import Graph
+from ktfast.losses import owner
+
+PLACES = ("data", "nodes")
+# The bound on a collective that waits for a rank that neither answers nor dies (a dead rank's
+# sockets close at once and end the others' collectives within a second on gloo; torchrun ends the
+# survivors of a dead rank on NCCL). Long: rank 0 pretrains missing teachers while the others wait.
+TIMEOUT_S = float(os.environ.get("KTFAST_DIST_TIMEOUT", "1800"))
+
+
+class PeerLost(RuntimeError):
+    """A collective failed: another rank of the run stopped. One line."""
+
+
+def world_size() -> int:
+    """The number of processes torchrun started (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextmanager
+def process_group(device: str):
+    """Joins the process group of a torchrun launch and leaves it at the end; yields (rank, world).
+    Outside torchrun: (0, 1) and nothing else."""
+    world = world_size()
+    if world == 1:
+        yield 0, 1
+        return
+    cuda = torch.device(device).type == "cuda"
+    if cuda:  # "cuda" then means this rank's GPU everywhere
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=TIMEOUT_S))
+    try:
+        yield dist.get_rank(), world
+    except BaseException as e:
+        if not is_peer_failure(e):  # leaving a group whose peer is gone can hang
+            dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Whether an exception is a collective's failure (a rank gone), not this rank's own error."""
+    if not dist.is_available() or not dist.is_initialized() or not isinstance(e, RuntimeError):
+        return False
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe"))
+
+
+def agree(check) -> None:
+    """Runs `check()` on every rank; if it raises on any, every rank raises the first rank's error,
+    so that a bad launch ends every rank with the same line and exit code."""
+    if world_size() == 1:
+        return check()
+    try:
+        check()
+        mine = None
+    except Exception as e:  # sent to the other ranks, raised again below
+        mine = e
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, mine)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+
+
+def check_same(value, what: str) -> None:
+    """Every rank was started with the same `value` (the graph and the recipe), or every rank says so."""
+    if world_size() == 1:
+        return
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    for rank, theirs in enumerate(values):
+        if theirs != values[0]:
+            raise UsageError(f"rank {rank} was started with another {what} than rank 0: start every rank "
+                             "with the same command")
+
+
+def from_rank_zero(make):
+    """`make()` on rank 0, its result (or its error) on every rank: one run directory's name, say."""
+    if world_size() == 1:
+        return make()
+    box = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = make()
+        except Exception as e:  # raised on every rank below
+            box[1] = e
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
+def rank_zero_first(make):
+    """`make()` on rank 0 first (it fills the caches: downloads, decoding, pretrained teachers), then
+    on the others, which find them filled; an error on rank 0 is raised on every rank."""
+    if world_size() == 1:
+        return make()
+    result = from_rank_zero(make)
+    return result if dist.get_rank() == 0 else make()
+
+
+class Placement:
+    """This rank's part in a run of `world` processes, and the collectives of the training step."""
+
+    def __init__(self, graph: Graph, place: str, rank: int, world: int, sync_bn: bool = False):
+        self.graph, self.place, self.rank, self.world, self.sync_bn = graph, place, rank, world, sync_bn
+        self.owner = {n.name: 0 for n in graph.model_nodes}
+        self._layouts: dict = {}
+
+    @property
+    def nodes(self) -> bool:
+        return self.place == "nodes"
+
+    def assign(self, models) -> None:
+        """place nodes: each model node to the least loaded rank, largest first (ties: graph order,
+        lowest rank). A node's cost: its parameters, ×3 when trained (forward and backward)."""
+        if not self.nodes:
+            return
+        cost = {n.name: sum(p.numel() for p in models[n.name].parameters()) * (1 if n.frozen else 3)
+                for n in self.graph.model_nodes}
+        load = [0] * self.world
+        for name in sorted(cost, key=lambda k: -cost[k]):  # sorted() is stable: graph order on ties
+            rank = min(range(self.world), key=lambda r: load[r])
+            self.owner[name] = rank
+            load[rank] += cost[name]
+
+    def owns(self, name: str) -> bool:
+        """Whether this rank runs a model node (place nodes; every rank runs every node with place data)."""
+        return not self.nodes or self.owner[owner(name)] == self.rank
+
+    def accounts_for(self, name: str) -> bool:
+        """Whether this rank counts a node's metrics and back-propagates its loss (place nodes): its
+        owner for a model node, rank 0 for an ensemble (whose gradient reaches remote members)."""
+        if not self.nodes:
+            return True
+        return self.owner[owner(name)] == self.rank if owner(name) in self.owner else self.rank == 0
+
+    # ---- the step ----------------------------------------------------------------------------
+    def total(self, losses: dict):
+        """What this rank back-propagates: Σ_t L_t of its targets. Other targets enter times zero, so
+        that every rank's backward passes through the all-gather's collective backward."""
+        if not self.nodes or self.world == 1:
+            return sum(losses.values())
+        return sum(v if self.accounts_for(t) else 0 * v for t, v in losses.items())
+
+    def exchange(self, logits: dict, attention: dict, grad: bool, phase: str):
+        """place nodes: every node's logits and attention maps on every rank, in one all-gather of
+        one flat buffer per rank. `grad`: through `torch.distributed.nn`, so that gradients of
+        remote losses reach this rank's nodes; else detached, this rank's own tensors kept live."""
+        if not self.nodes or self.world == 1:
+            return logits, attention
+        own = [("logits", k, v) for k, v in sorted(logits.items())] + \
+              [("attention", k, v) for k, v in sorted(attention.items())]
+        batch = own[0][2].shape[0] if own else 0
+        key = (phase, batch)
+        if key not in self._layouts:  # once per phase and batch size: every rank's names and shapes
+            mine = [(kind, name, tuple(t.shape), t.dtype) for kind, name, t in own]
+            layouts = [None] * self.world
+            dist.all_gather_object(layouts, mine)
+            self._layouts[key] = layouts
+        layouts = self._layouts[key]
+        device = next(iter(logits.values())).device if logits else torch.device("cpu")
+        parts = [t.reshape(-1).float() for _, _, t in own]
+        flat = torch.cat(parts) if parts else torch.zeros(0, device=device)
+        longest = max(sum(_numel(shape) for _, _, shape, _ in layout) for layout in layouts)
+        flat = torch.cat([flat, flat.new_zeros(longest - flat.numel())])
+        if grad:
+            if not flat.requires_grad:  # a rank of frozen nodes must still take part in the backward
+                flat = flat.clone().requires_grad_()
+            with warnings.catch_warnings():  # deprecated for functional collectives, which gloo lacks
+                warnings.simplefilter("ignore", FutureWarning)
+                gathered = with_grad.all_gather(flat)
+        else:
+            gathered = [torch.empty_like(flat) for _ in range(self.world)]
+            dist.all_gather(gathered, flat.detach())
+        out = {"logits": {}, "attention": {}}
+        for rank, layout in enumerate(layouts):
+            offset = 0
+            for kind, name, shape, dtype in layout:
+                n = _numel(shape)
+                out[kind][name] = gathered[rank][offset:offset + n].view(shape).to(dtype)
+                offset += n
+        if not grad:
+            out["logits"].update(logits)
+            out["attention"].update(attention)
+        return out["logits"], out["attention"]
+
+    def average_gradients(self, params) -> None:
+        """place data: every trainable node's gradients averaged over the ranks, in one all-reduce."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.nodes or self.world == 1 or not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    # ---- metrics and state -------------------------------------------------------------------
+    def metric_mask(self, device) -> torch.Tensor:
+        """1 for the nodes whose step metrics this rank counts (every node with place data)."""
+        return torch.tensor([float(self.accounts_for(name)) for name in self.graph.nodes], device=device)
+
+    def reduce_epoch(self, loss_sums, correct, skipped, seen: int):
+        """The epoch's per-node loss sums and correct counts over all ranks, each image counted once."""
+        if self.world == 1:
+            return loss_sums, correct, skipped, seen
+        sums = torch.cat([loss_sums, correct])
+        dist.all_reduce(sums)
+        dist.all_reduce(skipped, op=dist.ReduceOp.MAX)
+        n = len(loss_sums)
+        if self.nodes:
+            return sums[:n], sums[n:], skipped, seen
+        return sums[:n] / self.world, sums[n:], skipped, seen * self.world
+
+    def reduce_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        """place data: evaluation sums of every rank's block of the split, added."""
+        if not self.nodes and self.world > 1:
+            dist.all_reduce(sums)
+        return sums
+
+    def share_buffers(self, models) -> None:
+        """place data: rank 0's BatchNorm statistics on every rank (without --sync-bn each rank's
+        follow its own shard), so that evaluation and the checkpoint agree."""
+        if self.nodes or self.world == 1:
+            return
+        buffers = [b for m in models.values() for b in m.buffers() if b.is_floating_point()]
+        if buffers:
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for b in buffers:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
+
+    def collect_state(self, models: dict, optimizer) -> None:
+        """place nodes: rank 0's copies of the other ranks' nodes brought up to date — weights,
+        buffers, optimizer state — before it writes the checkpoint."""
+        if not self.nodes or self.world == 1:
+            return
+        mine = {}
+        for name, model in models.items():
+            if self.owner[name] == self.rank and self.rank != 0:
+                params = dict(model.named_parameters())
+                state = optimizer.state if optimizer is not None else {}
+                mine[name] = ({k: v.cpu() for k, v in model.state_dict().items()},
+                              {p: {k: (v.cpu(), v.device.type) if torch.is_tensor(v) else v for k, v in state[t].items()}
+                               for p, t in params.items() if t in state})
+        parts = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(mine, parts, dst=0)
+        if self.rank != 0:
+            return
+        for part in parts[1:]:
+            for name, (weights, optim) in part.items():
+                models[name].load_state_dict(weights)
+                params = dict(models[name].named_parameters())
+                for p, state in optim.items():
+                    device = params[p].device
+                    optimizer.state[params[p]] = {k: v[0].to(device if v[1] != "cpu" else "cpu") if isinstance(v, tuple)
+                                                  else v for k, v in state.items()}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the global batch of every rank (`--sync-bn`, place data), on any device:
+    torch's SyncBatchNorm takes CUDA tensors only. Training mode: the mean, then the variance
+    about it, each summed over the ranks by an all-reduce with autograd (its backward sums the
+    ranks' gradients, as the single process's batch statistics would); eval mode is BatchNorm's."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        reduce = with_grad.all_reduce
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()  # half precision: statistics in fp32
+        count = torch.full((1,), x.numel() / x.shape[1], dtype=xf.dtype, device=x.device)
+        with warnings.catch_warnings():  # as in Placement.exchange
+            warnings.simplefilter("ignore", FutureWarning)
+            stats = reduce(torch.cat([xf.sum(dims), count]))
+            n = stats[-1].detach()
+            mean = stats[:-1] / n
+            var = reduce((xf - mean.view(shape)).pow(2).sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def global_batchnorm(module: nn.Module) -> nn.Module:
+    """`module` with every BatchNorm replaced by a GlobalBatchNorm holding the same tensors."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                             module.track_running_stats)
+        bn.load_state_dict(module.state_dict())
+        return bn.to(next(iter(module.state_dict().values())).device)
+    for name, child in module.named_children():
+        module.add_module(name, global_batchnorm(child))
+    return module
