@@ -2,7 +2,7 @@
 (branch3_alone.json), EKD (ekd.json) and EKD with gently fine-tuned teachers (ekd_gentle.json) at
 several training fractions, Adam lr 0.01, 60 epochs, seeds 0, 1, 2.
 
-    python examples/ekd_study.py run  [--root runs/ekd_study] [--rows ekd@0.1,alone@0.1,...]
+    python examples/ekd_study.py run  [--root runs/ekd_study] [--rows ekd@0.1,alone@0.1,...] [--seeds 0,1,2]
     python examples/ekd_study.py plot [--root runs/ekd_study] [-o docs/ekd_fraction.png]
 
 `run` trains each (row, fraction, seed) as its own run directory ROOT/ROW-fFRACTION/seedS, one
@@ -47,9 +47,9 @@ def finished_rows(run: Path) -> list[dict]:
     return rows if len(rows) == EPOCHS else []
 
 
-def run(root: Path, rows: list[str]) -> None:
+def run(root: Path, rows: list[str], seeds=SEEDS) -> None:
     for name, fraction in map(parse_row, rows):
-        for seed in SEEDS:
+        for seed in seeds:
             out = run_dir(root, name, fraction, seed)
             if finished_rows(out):
                 continue
@@ -127,10 +127,11 @@ def main(argv=None) -> None:
     p.add_argument("command", choices=["run", "plot"])
     p.add_argument("--root", type=Path, default=Path("runs/ekd_study"))
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="NAME@FRACTION, in the order to train")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="of the rows, these seeds (a first seed of every row first, say)")
     p.add_argument("-o", "--output", type=Path, default=Path("docs/ekd_fraction.png"))
     args = p.parse_args(argv)
     if args.command == "run":
-        run(args.root, args.rows.split(","))
+        run(args.root, args.rows.split(","), [int(s) for s in args.seeds.split(",")])
         return
     results = collect(args.root)
     if not results:

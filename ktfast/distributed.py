@@ -93,6 +93,11 @@ def agree(check) -> None:
         raise first
 
 
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
 def check_same(value, what: str) -> None:
     """Every rank was started with the same `value` (the graph and the recipe), or every rank says so."""
     if world_size() == 1:

@@ -20,15 +20,18 @@ import torch
 import dist_steps
 from ktfast.cli import main
 from ktfast.commands.train import launch_command
+from ktfast.config import TrainConfig
 from ktfast.data import make_loader
 from ktfast.distributed import Placement
 from ktfast.graph import Graph
+from ktfast.run import make_trainer
+from ktfast.train import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 DML2 = ["train", "--graph", str(EXAMPLES / "dml2_resnet8.json"), "--dataset", "digits", "--device", "cpu",
-        "--epochs", "4", "--lr-decay-at", "0.8", "--quiet"]
+        "--epochs", "4", "--lr-decay-at", "0.8", "--fuse", "--quiet"]  # place data fuses n1 and n2
 
 
 @pytest.fixture
@@ -130,7 +133,7 @@ def rows(run: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("place", ["data", "nodes"])
-def test_torchrun_trains_both_places_to_the_accuracy_of_one_process(place, uninterrupted, tmp_path):
+def test_torchrun_trains_both_places_to_the_accuracy_of_one_process(place, uninterrupted, tmp_path, monkeypatch):
     run, env = uninterrupted
     if place == "nodes":
         done = torchrun(["-m", "ktfast", *DML2, "--place", "nodes", "--out", str(tmp_path / "run")], env)
@@ -144,6 +147,14 @@ def test_torchrun_trains_both_places_to_the_accuracy_of_one_process(place, unint
     # The whole training set each epoch, each image counted once: accuracies are multiples of 1/N.
     seen = metrics[-1]["train"]["n1"]["acc"] * 1408
     assert abs(seen - round(seen)) < 1e-6
+    # The checkpoint holds every node as trained, rank 1's too: one process evaluates what the run did.
+    monkeypatch.setenv("KTFAST_CACHE", env["KTFAST_CACHE"])
+    cfg = TrainConfig.load(run / "config.json").replace(world_size=1)
+    trainer = make_trainer(Graph.load(run / "graph.json"), cfg, out=None, progress=False)
+    trainer.load_checkpoint(run / "checkpoint.pt")
+    test = evaluate(trainer.graph, trainer.models, trainer.units, trainer.eval_loader, cfg)
+    for node, want in metrics[-1]["test"].items():
+        assert test[node]["acc"] == want["acc"] and test[node]["loss"] == pytest.approx(want["loss"], rel=1e-5)
 
 
 def free_port() -> int:

@@ -77,8 +77,7 @@ def cmd_train(args) -> int:
         raise UsageError("--tensorboard: needs the tensorboard package (pip install 'ktfast[tensorboard]')")
     if args.gpus is not None:
         return _launch(args)
-    device = config_from_args(args).device
-    with distributed.process_group(device) as (rank, world):
+    with distributed.process_group(_device(args)) as (rank, world):
         try:
             if args.resume:
                 return _resume(Path(args.resume), args, rank, world)
@@ -89,6 +88,16 @@ def cmd_train(args) -> int:
                 raise PeerLost(f"rank {rank} of {world}: another process of the run stopped ({first[:160]}); "
                                "the run directory keeps its last whole epoch: continue it with --resume") from None
             raise
+
+
+def _device(args) -> str:
+    """Where the run trains: a resumed run where it started (its config.json), else as the flags say."""
+    if args.resume:
+        try:
+            return TrainConfig.load(Path(args.resume) / "config.json").device
+        except (OSError, ValueError, TypeError):  # _resume says what is wrong with the directory
+            pass
+    return config_from_args(args).device
 
 
 def _check_launch(graph: Graph, cfg: TrainConfig) -> None:
@@ -210,6 +219,7 @@ def _resume(run: Path, args, rank: int = 0, world: int = 1) -> int:
     if cfg.place == "data" and cfg.world_size != world:
         raise UsageError(f"--resume: the run in {run} was trained by {cfg.world_size} processes with place data: "
                          f"resume it with as many (place nodes resumes with any number)")
+    started = cfg
     if args.fuse is not None:  # fused or not, the run computes the same: either may resume the other
         cfg = cfg.replace(fuse=args.fuse)
     cfg = cfg.replace(world_size=world)
@@ -221,11 +231,11 @@ def _resume(run: Path, args, rank: int = 0, world: int = 1) -> int:
     if (run / CHECKPOINT).exists():
         trainer.load_checkpoint(run / CHECKPOINT)
         done = trainer.epoch
-    # Every rank has read the checkpoint before rank 0 changes the run directory.
-    distributed.agree(lambda: None)
+    distributed.barrier()  # every rank has read the run directory before rank 0 changes it
     kept = []
     if rank == 0:
-        cfg.save(run / "config.json")  # the world size it continues with
+        if started.world_size != world:  # place nodes, continued by another number of processes
+            started.replace(world_size=world).save(run / "config.json")
         # Rows past the checkpoint belong to an epoch that will be trained again.
         metrics = run / METRICS
         rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
