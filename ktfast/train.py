@@ -1,6 +1,7 @@
 """Training a graph: one forward of every node per batch, Σ L_t back-propagated once, every trainable
 node stepped together (the DCL algorithm, DESIGN §2), evaluation of every node each epoch, and the
-run directory (graph.json, config.json, metrics.jsonl, checkpoint.pt written atomically).
+run directory (graph.json, config.json, metrics.jsonl, checkpoint.pt written atomically). Over
+several processes (torchrun) the step's collectives are those of `ktfast.distributed.Placement`.
 """
 from __future__ import annotations
 
