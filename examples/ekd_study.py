@@ -114,7 +114,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xticks([0.1, 0.25, 0.5, 1.0], ["0.1", "0.25", "0.5", "1.0"])
     ax.set_xlabel("training fraction of digits")
     ax.set_ylabel("student test accuracy (%)")
-    ax.set_title(f"EKD vs the student alone, {EPOCHS} epochs, mean ± std over seeds")
+    ax.set_title(f"EKD vs the student alone on digits\n{EPOCHS} epochs, Adam, mean ± std over seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
