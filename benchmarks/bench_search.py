@@ -92,7 +92,7 @@ def run(cli: list[str], params: list[dict], workdir: Path, gpus: list[int] | Non
     """One `ktfast search` over a fresh study holding `params` as its queued trials."""
     args = build_parser().parse_args(cli)
     space, cfg = space_from_args(args), config_from_args(args).replace(split="search")
-    study = open_study(open_storage(args.storage), args.study, space, cfg)
+    study = open_study(open_storage(args.storage), args.study, space, cfg, args.pruner, args.min_resource)
     for p in params:
         study.enqueue_trial(p)
     start = time.perf_counter()

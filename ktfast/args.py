@@ -44,20 +44,23 @@ def positive_int(text: str) -> int:
 
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
-    """The flags that set a training run's recipe; defaults are the papers' CIFAR recipe."""
+    """The flags that set a training run's recipe; defaults are the papers' CIFAR recipe. They parse
+    to None when not given (`config_from_args` fills the default in), so that `--resume` can tell a
+    flag given at its default value from one left out."""
     d = TrainConfig()
-    p.add_argument("--dataset", default=d.dataset, help="digits (offline default), cifar10, cifar100, tinyimagenet, "
+    p.add_argument("--dataset", help=f"{d.dataset} (offline default), cifar10, cifar100, tinyimagenet, "
                    "imagefolder:path=DIR[,size=S,crop=C], synthetic[:classes=C,size=S,train=N,test=N]")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--epochs", type=positive_int, default=d.epochs)
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default=d.optimizer)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--lr-decay-at", type=floats, default=d.lr_decay_at,
-                   help="fractions of the run at which the lr is multiplied by --lr-decay (0.3,0.6,0.9)")
-    p.add_argument("--lr-decay", type=float, default=d.lr_decay)
+    p.add_argument("--epochs", type=positive_int, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", type=positive_int, help=f"default {d.batch_size}")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], help=f"default {d.optimizer}")
+    p.add_argument("--lr", type=float, help=f"default {d.lr}")
+    p.add_argument("--momentum", type=float, help=f"default {d.momentum}")
+    p.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay}")
+    p.add_argument("--lr-decay-at", type=floats,
+                   help="fractions of the run at which the lr is multiplied by --lr-decay "
+                        f"(default {','.join(map(str, d.lr_decay_at))})")
+    p.add_argument("--lr-decay", type=float, help=f"default {d.lr_decay}")
     p.add_argument("--train-fraction", type=float, default=None,
                    help="train on a class-balanced fraction of the training set")
     p.add_argument("--loader", default=d.loader,
@@ -74,22 +77,26 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when present")
 
 
+# The recipe flags whose value is None when not given.
+RECIPE = ("dataset", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "lr_decay_at", "lr_decay")
+
+
 def config_from_args(args, seed: int = 0) -> TrainConfig:
     import torch
 
+    d = TrainConfig()
+    recipe = {k: getattr(d, k) if getattr(args, k) is None else getattr(args, k) for k in RECIPE}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
     if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
         raise UsageError(f"--train-fraction: must be in (0, 1], got {args.train_fraction}")
-    if args.lr <= 0:
-        raise UsageError(f"--lr: must be > 0, got {args.lr}")
-    cfg = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, train_fraction=args.train_fraction,
-                      epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                      momentum=args.momentum, weight_decay=args.weight_decay, lr_decay_at=args.lr_decay_at,
-                      lr_decay=args.lr_decay, seed=seed, device=device, amp=args.amp, compile=args.compile,
+    if recipe["lr"] <= 0:
+        raise UsageError(f"--lr: must be > 0, got {recipe['lr']}")
+    cfg = TrainConfig(**recipe, data_dir=args.data_dir, train_fraction=args.train_fraction,
+                      seed=seed, device=device, amp=args.amp, compile=args.compile,
                       cuda_graph=args.cuda_graph, reference=args.reference, loader=args.loader,
-                      split=getattr(args, "split", "train"), fuse=args.fuse,
+                      split=getattr(args, "split", None) or "train", fuse=args.fuse,
                       place=getattr(args, "place", None) or "data", sync_bn=getattr(args, "sync_bn", False))
     return cfg.replace(fuse=cfg.fused())  # config.json records what the run did
 

@@ -73,21 +73,38 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
             from optuna.storages.journal import JournalFileBackend
 
             return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {}
-        return RetryingRDBStorage(_with_driver(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                                  grace_period=grace_period,
-                                  heartbeat_stale_trial_callback=requeue if heartbeat_interval else None)
+        sqlite = url.startswith("sqlite")
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if sqlite else {}
+        storage = RetryingRDBStorage(_with_driver(url), engine_kwargs=engine_kwargs,
+                                     heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                     heartbeat_stale_trial_callback=requeue if heartbeat_interval else None)
+        if sqlite:
+            _immediate_transactions(storage.engine)
+        return storage
     except Exception as e:  # unreachable server, bad URL, missing directory: one line either way
         raise UsageError(f"--storage {shown(url)}: cannot open it: {_root_message(e)}") from None
 
 
-def open_study(storage, name: str, space, cfg: TrainConfig) -> optuna.Study:
-    """Create the study, or join it when it was made by the same search; any other is an error."""
+def _immediate_transactions(engine) -> None:
+    """Python's sqlite3 reads outside any transaction and begins one only at the first write, so two
+    workers could both read a queued trial as WAITING and both take it (Optuna checks, then writes).
+    With BEGIN IMMEDIATE every transaction holds SQLite's write lock from its first statement: a
+    storage call's read and write are one step, and the second worker reads RUNNING."""
+    from sqlalchemy import event
+
+    event.listen(engine, "connect", lambda dbapi_connection, _: setattr(dbapi_connection, "isolation_level", None))
+    event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
+    engine.dispose()  # the connections Optuna opened while setting the storage up predate the listeners
+
+
+def open_study(storage, name: str, space, cfg: TrainConfig, pruner: str, min_resource: int) -> optuna.Study:
+    """Create the study, or join it when it was made by the same search — the same space, recipe and
+    pruning, since workers that prune differently would make one study of two; any other is an error."""
     try:
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
     except Exception as e:
         raise UsageError(f"--study {name}: cannot create or load it: {_root_message(e)}") from None
-    mine = {**space.to_dict(), **json.loads(json.dumps(recipe(cfg)))}
+    mine = {**space.to_dict(), **json.loads(json.dumps(recipe(cfg))), "pruner": pruner, "min_resource": min_resource}
     theirs = study.user_attrs.get("ktfast")
     if theirs is None:
         if study.get_trials(deepcopy=False):

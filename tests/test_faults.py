@@ -127,6 +127,13 @@ def test_resume_with_a_flag_that_disagrees_with_the_run_exits_2(run, tmp_path, c
     one_line(capsys.readouterr().err, "--dataset", "test=40")
     assert resume(run, "--lr", "0.3") == 2
     one_line(capsys.readouterr().err, "--lr")
+    d = TrainConfig()  # given at its default value, a flag is still given: the run has lr 0.05, batch 32
+    assert resume(run, "--lr", str(d.lr)) == 2
+    one_line(capsys.readouterr().err, "--lr", "0.05")
+    assert resume(run, "--batch-size", str(d.batch_size)) == 2
+    one_line(capsys.readouterr().err, "--batch-size", "32")
+    assert resume(run, "--seeds", "1") == 2
+    one_line(capsys.readouterr().err, "--seeds", "seed 0")
     other = tmp_path / "other.json"
     other.write_text(json.dumps(dict(PAIR, edges=PAIR["edges"][:1])))
     assert resume(run, "--graph", str(other)) == 2

@@ -150,6 +150,33 @@ def test_a_killed_worker_trial_is_failed_then_retried_with_the_same_graph(kind, 
     assert len(counted(study)) == 4
 
 
+def test_a_study_is_joined_only_by_the_same_search(tmp_path):
+    from ktfast.args import UsageError, config_from_args
+    from ktfast.cli import build_parser
+    from ktfast.commands.search import space_from_args
+    from ktfast.study import open_study
+
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+
+    def join(*extra: str) -> optuna.Study:
+        args = build_parser().parse_args([*SEARCH, "--trials", "2", "--storage", url, "--study", "s", *extra])
+        return open_study(open_storage(url), "s", space_from_args(args), config_from_args(args).replace(split="search"),
+                          args.pruner, args.min_resource)
+
+    join().enqueue_trial({})
+    assert len(join().get_trials(deepcopy=False)) == 1  # the same search joins
+    for extra, needle in ((["--pruner", "median"], "pruner='asha', not 'median'"),
+                          (["--min-resource", "2"], "min_resource=1, not 2"),
+                          (["--lr", "0.1"], "lr=0.05, not 0.1"),
+                          (["--gates", "through,cutoff"], "gates")):
+        with pytest.raises(UsageError, match=needle):
+            join(*extra)
+    optuna.create_study(storage=open_storage(url), study_name="foreign").enqueue_trial({})
+    args = build_parser().parse_args([*SEARCH, "--trials", "2"])
+    with pytest.raises(UsageError, match="not made by ktfast search"):
+        open_study(open_storage(url), "foreign", space_from_args(args), config_from_args(args), "asha", 1)
+
+
 def queue(cli: list[str], params: dict) -> None:
     """Create the study `cli` would, with one trial of fixed parameters queued first."""
     from ktfast.args import config_from_args
@@ -159,7 +186,8 @@ def queue(cli: list[str], params: dict) -> None:
 
     args = build_parser().parse_args(cli)
     cfg = config_from_args(args).replace(split="search")
-    open_study(open_storage(args.storage), args.study, space_from_args(args), cfg).enqueue_trial(params)
+    open_study(open_storage(args.storage), args.study, space_from_args(args), cfg, args.pruner,
+               args.min_resource).enqueue_trial(params)
 
 
 def test_a_frozen_target_is_rejected_and_not_counted(tmp_path):

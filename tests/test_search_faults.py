@@ -7,12 +7,14 @@ import shlex
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
 import optuna
 import pytest
 
+from ktfast.storage_retry import RetryingRDBStorage
 from ktfast.study import open_storage
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
@@ -118,3 +120,32 @@ def test_sqlite_locked_past_the_timeout_under_4_workers_loses_no_trial(tmp_path)
     assert launcher.returncode == 0, err[-3000:]
     assert "database is locked; retry 1 of" in err
     assert_every_trial_complete_once(url, name)
+
+
+def test_sqlite_hands_a_queued_trial_to_one_worker_only(tmp_path, monkeypatch):
+    # Two workers (two connections) take the same queued trial at the same moment: each stops between
+    # reading the trial's state and writing RUNNING until the other has read it too, or for 3 s.
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+    first, second = open_storage(url), open_storage(url)
+    study = optuna.create_study(storage=first, study_name="queued")
+    study.enqueue_trial({"x": 1})
+    trial_id = study.get_trials(deepcopy=False)[0]._trial_id
+    both_read = threading.Barrier(2)
+    check = RetryingRDBStorage.check_trial_is_updatable
+
+    def read_then_wait(self, trial_id, state):
+        try:
+            both_read.wait(timeout=3)  # with the write lock held from the read, the other cannot read yet
+        except threading.BrokenBarrierError:
+            pass
+        return check(self, trial_id, state)
+
+    monkeypatch.setattr(RetryingRDBStorage, "check_trial_is_updatable", read_then_wait)
+    taken = []
+    workers = [threading.Thread(target=lambda s=s: taken.append(
+        s.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING))) for s in (first, second)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert sorted(taken) == [False, True]

@@ -159,7 +159,7 @@ def cmd_search(args) -> int:
     if args.grace_period is not None and args.grace_period <= args.heartbeat_interval:
         raise UsageError("--grace-period: must be longer than --heartbeat-interval")
     name = args.study or f"{cfg.dataset}-{space.nodes}n-{space.target_model}-{space.objective}"
-    study = open_study(open_storage(args.storage), name, space, cfg)
+    study = open_study(open_storage(args.storage), name, space, cfg, args.pruner, args.min_resource)
     done = sum(1 for _ in study.get_trials(deepcopy=False, states=COUNTED))
     if done < args.trials:
         spec = {"storage": args.storage, "study": name, "trials": args.trials, "space": space.to_dict(),

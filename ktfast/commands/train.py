@@ -26,10 +26,10 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train a graph file")
     p.add_argument("--graph", help="graph file (JSON)")
     add_recipe_args(p)
-    p.add_argument("--split", choices=["train", "search"], default="train",
+    p.add_argument("--split", choices=["train", "search"],
                    help="search: train and evaluate on the search's held-out split of the training set "
                         "(CIFAR 40k/10k, image folders class-balanced halves), never the test set")
-    p.add_argument("--seeds", type=seeds, default=[0], help="e.g. 0,1,2,3,4: report mean ± std")
+    p.add_argument("--seeds", type=seeds, help="e.g. 0,1,2,3,4: report mean ± std (default 0)")
     p.add_argument("--out", help="run directory (default runs/<graph name>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -116,7 +116,7 @@ def _train(args, rank: int, world: int) -> int:
     if not args.graph:
         raise UsageError("--graph: required (or --resume DIR)")
     graph = Graph.load(args.graph)
-    configs = [config_from_args(args, seed).replace(world_size=world) for seed in args.seeds]
+    configs = [config_from_args(args, seed).replace(world_size=world) for seed in args.seeds or [0]]
     distributed.check_same([graph.to_dict(), [c.to_dict() for c in configs]], "graph or recipe")
     _check_launch(graph, configs[0])
     distributed.rank_zero_first(lambda: dataset_info(configs[0].dataset, configs[0].data_dir))
@@ -192,14 +192,13 @@ RESUME_CHECKED = ("dataset", "split", "train_fraction", "epochs", "batch_size", 
 
 
 def _check_resume_flags(run: Path, args, cfg: TrainConfig) -> None:
-    """A flag given with --resume (one that differs from its default) must agree with the run."""
-    default = TrainConfig()
+    """A flag given with --resume must agree with the run, also when it is given at its default value."""
     for key in RESUME_CHECKED:
         given = getattr(args, key, None)
-        if given not in (getattr(default, key), None) and given != getattr(cfg, key):
+        if given is not None and given != getattr(cfg, key):
             raise UsageError(f"--{key.replace('_', '-')}: the run in {run} has {getattr(cfg, key)!r}, not "
                              f"{given!r} (--resume continues a run as it was started)")
-    if args.seeds != [0] and args.seeds != [cfg.seed]:
+    if args.seeds is not None and args.seeds != [cfg.seed]:
         raise UsageError(f"--seeds: the run in {run} has seed {cfg.seed}")
 
 
