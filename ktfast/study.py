@@ -138,9 +138,9 @@ def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Queue a dead worker's trial again with the same graph, through Optuna's retry callback. The
     copy trains from epoch 0: it must not inherit the dead run's ASHA rungs, nor its worker.
 
-    Queued once: the trial slots of one worker (and workers) may fail the same stale trial at the same
-    moment, and on SQLite both succeed (Optuna reads the state, then writes it); the lock settles it
-    between slots, the look for a retry between workers but for a window of milliseconds."""
+    Queued once: only the worker that moves the stale trial from RUNNING to FAIL calls this (a row
+    lock on PostgreSQL, BEGIN IMMEDIATE on SQLite). The lock guards the trial slots of one worker, the
+    look for a retry the workers of a journal file but for a window of milliseconds."""
     with _REQUEUE_LOCK:
         if any(t.system_attrs.get("retry_history", [None])[-1] == trial.number for t in study.get_trials(deepcopy=False)):
             return

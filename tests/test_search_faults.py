@@ -122,30 +122,42 @@ def test_sqlite_locked_past_the_timeout_under_4_workers_loses_no_trial(tmp_path)
     assert_every_trial_complete_once(url, name)
 
 
-def test_sqlite_hands_a_queued_trial_to_one_worker_only(tmp_path, monkeypatch):
-    # Two workers (two connections) take the same queued trial at the same moment: each stops between
-    # reading the trial's state and writing RUNNING until the other has read it too, or for 3 s.
+def take(storage, trial_id: int, state) -> bool:
+    try:
+        return storage.set_trial_state_values(trial_id, state)
+    except optuna.exceptions.UpdateFinishedTrialError:  # another worker finished (failed) it first
+        return False
+
+
+@pytest.mark.parametrize("move", ["queued trial taken", "stale trial failed"])
+def test_sqlite_lets_one_worker_only_move_a_trial(move, tmp_path, monkeypatch):
+    # Two workers (two connections) move one trial at the same moment — take a queued trial (WAITING →
+    # RUNNING), or fail a trial whose worker died (RUNNING → FAIL, which queues its retry): each stops
+    # between reading the trial's state and writing its own until the other has read it too, or 3 s.
     url = f"sqlite:///{tmp_path / 'search.db'}"
     first, second = open_storage(url), open_storage(url)
     study = optuna.create_study(storage=first, study_name="queued")
     study.enqueue_trial({"x": 1})
     trial_id = study.get_trials(deepcopy=False)[0]._trial_id
+    state = optuna.trial.TrialState.RUNNING
+    if move == "stale trial failed":
+        assert first.set_trial_state_values(trial_id, state)
+        state = optuna.trial.TrialState.FAIL
     both_read = threading.Barrier(2)
     check = RetryingRDBStorage.check_trial_is_updatable
 
-    def read_then_wait(self, trial_id, state):
+    def read_then_wait(self, trial_id, trial_state):
         try:
             both_read.wait(timeout=3)  # with the write lock held from the read, the other cannot read yet
         except threading.BrokenBarrierError:
             pass
-        return check(self, trial_id, state)
+        return check(self, trial_id, trial_state)
 
     monkeypatch.setattr(RetryingRDBStorage, "check_trial_is_updatable", read_then_wait)
-    taken = []
-    workers = [threading.Thread(target=lambda s=s: taken.append(
-        s.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING))) for s in (first, second)]
+    moved = []
+    workers = [threading.Thread(target=lambda s=s: moved.append(take(s, trial_id, state))) for s in (first, second)]
     for w in workers:
         w.start()
     for w in workers:
         w.join(timeout=60)
-    assert sorted(taken) == [False, True]
+    assert sorted(moved) == [False, True]
