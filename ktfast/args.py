@@ -96,7 +96,7 @@ def config_from_args(args, seed: int = 0) -> TrainConfig:
     cfg = TrainConfig(**recipe, data_dir=args.data_dir, train_fraction=args.train_fraction,
                       seed=seed, device=device, amp=args.amp, compile=args.compile,
                       cuda_graph=args.cuda_graph, reference=args.reference, loader=args.loader,
-                      split=getattr(args, "split", None) or "train", fuse=args.fuse,
+                      split=getattr(args, "split", None) or d.split, fuse=args.fuse,
                       place=getattr(args, "place", None) or "data", sync_bn=getattr(args, "sync_bn", False))
     return cfg.replace(fuse=cfg.fused())  # config.json records what the run did
 

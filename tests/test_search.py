@@ -159,9 +159,7 @@ def test_a_study_is_joined_only_by_the_same_search(tmp_path):
     url = f"sqlite:///{tmp_path / 'search.db'}"
 
     def join(*extra: str) -> optuna.Study:
-        args = build_parser().parse_args([*SEARCH, "--trials", "2", "--storage", url, "--study", "s", *extra])
-        return open_study(open_storage(url), "s", space_from_args(args), config_from_args(args).replace(split="search"),
-                          args.pruner, args.min_resource)
+        return study_of([*SEARCH, "--trials", "2", "--storage", url, "--study", "s", *extra])
 
     join().enqueue_trial({})
     assert len(join().get_trials(deepcopy=False)) == 1  # the same search joins
@@ -177,8 +175,8 @@ def test_a_study_is_joined_only_by_the_same_search(tmp_path):
         open_study(open_storage(url), "foreign", space_from_args(args), config_from_args(args), "asha", 1)
 
 
-def queue(cli: list[str], params: dict) -> None:
-    """Create the study `cli` would, with one trial of fixed parameters queued first."""
+def study_of(cli: list[str]) -> optuna.Study:
+    """Create or join the study `cli` would."""
     from ktfast.args import config_from_args
     from ktfast.cli import build_parser
     from ktfast.commands.search import space_from_args
@@ -186,8 +184,13 @@ def queue(cli: list[str], params: dict) -> None:
 
     args = build_parser().parse_args(cli)
     cfg = config_from_args(args).replace(split="search")
-    open_study(open_storage(args.storage), args.study, space_from_args(args), cfg, args.pruner,
-               args.min_resource).enqueue_trial(params)
+    return open_study(open_storage(args.storage), args.study, space_from_args(args), cfg, args.pruner,
+                      args.min_resource)
+
+
+def queue(cli: list[str], params: dict) -> None:
+    """Create the study `cli` would, with one trial of fixed parameters queued first."""
+    study_of(cli).enqueue_trial(params)
 
 
 def test_a_frozen_target_is_rejected_and_not_counted(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ktfast import tensorboard
 from ktfast import distributed
-from ktfast.args import UsageError, add_recipe_args, config_from_args, logger, seeds
+from ktfast.args import RECIPE, UsageError, add_recipe_args, config_from_args, logger, seeds
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info
 from ktfast.distributed import PLACES, Placement, PeerLost
@@ -187,8 +187,7 @@ def launch_command(argv: list[str], processes: int) -> list[str]:
 
 
 # Recipe flags that --resume checks against the run's config.json: a run continues as it started.
-RESUME_CHECKED = ("dataset", "split", "train_fraction", "epochs", "batch_size", "optimizer", "lr", "momentum",
-                  "weight_decay", "lr_decay_at", "lr_decay")
+RESUME_CHECKED = (*RECIPE, "split", "train_fraction")
 
 
 def _check_resume_flags(run: Path, args, cfg: TrainConfig) -> None:
