@@ -33,8 +33,13 @@ from ktfast.losses import owner
 PLACES = ("data", "nodes")
 # The bound on a collective that waits for a rank that neither answers nor dies (a dead rank's
 # sockets close at once and end the others' collectives within a second on gloo; torchrun ends the
-# survivors of a dead rank on NCCL). Long: rank 0 pretrains missing teachers while the others wait.
+# survivors of a dead rank on NCCL).
 TIMEOUT_S = float(os.environ.get("KTFAST_DIST_TIMEOUT", "1800"))
+# Rank 0 alone fills the caches (pretraining teachers can take hours) while the others wait for it:
+# they wait on a gloo group of its own with this bound, not on the run's group, whose timeout (and
+# NCCL's watchdog) is TIMEOUT_S.
+PREPARE_TIMEOUT_S = float(os.environ.get("KTFAST_PREPARE_TIMEOUT", str(48 * 3600)))
+_waiting: list = []  # the gloo group of the waits for rank 0, made once per process group
 
 
 class PeerLost(RuntimeError):
@@ -64,6 +69,8 @@ def process_group(device: str):
         if not is_peer_failure(e):  # leaving a group whose peer is gone can hang
             dist.destroy_process_group()
         raise
+    finally:
+        _waiting.clear()
     dist.destroy_process_group()
 
 
@@ -114,13 +121,16 @@ def from_rank_zero(make):
     """`make()` on rank 0, its result (or its error) on every rank: one run directory's name, say."""
     if world_size() == 1:
         return make()
+    # Made by every rank before rank 0 starts (creating a group is itself a collective).
+    if not _waiting:
+        _waiting.append(dist.new_group(backend="gloo", timeout=timedelta(seconds=PREPARE_TIMEOUT_S)))
     box = [None, None]
     if dist.get_rank() == 0:
         try:
             box[0] = make()
         except Exception as e:  # raised on every rank below
             box[1] = e
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_waiting[0])
     if box[1] is not None:
         raise box[1]
     return box[0]

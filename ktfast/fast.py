@@ -1,92 +1,216 @@
-"""The fast training step on CUDA (DESIGN §2): the same computation as `Trainer.train_step`, laid out
-for the GPU.
+"""The fast training step on CUDA: the same computation as `Trainer.train_step`, laid out for the GPU.
 
-* every node's forward runs on its own CUDA stream (autograd runs each backward on the stream of
-  its forward, so the backward passes overlap too);
+* every unit (a node, or a fused group of nodes) forwards on its own CUDA stream (autograd runs
+  each backward on the stream of its forward, so the backward passes overlap too);
 * channels_last activations, AMP (bf16, or fp16 with a grad scaler), a fused multi-tensor SGD/Adam;
 * the fused loss kernels hand out Σ_t L_t directly, the tensor the step back-propagates;
 * the per-step bookkeeping (loss sums, correct counts) stays on the device: nothing in the step
   reads a value back to the host;
 * with `cuda_graph` (the default), with or without torch.compile: the whole step — forwards,
-  fused losses, backward, optimizer step, metric accumulation — captured once as a CUDA graph and
-  replayed, since an eager step of small networks is bound by kernel launches. Graph replays read
-  the linear-gate factor from a device tensor, so changing it re-captures nothing; the learning
-  rate is a plain float in torch's SGD, so the graph is captured again when the schedule changes
-  it (a handful of times per run). fp16's grad scaler is captured too: the fused optimizers take
-  its scale and inf flag as device tensors (`GradScaler.step` reads nothing back for them) and
-  `GradScaler.update` runs on the device.
+  fused losses, backward, optimizer step, metric accumulation — captured once per input shape as a
+  CUDA graph and replayed, since an eager step of small networks is bound by kernel launches.
+  Replays read the linear-gate factor and the learning rate from device tensors, so neither the
+  gates nor the lr schedule re-capture. fp16's grad scaler is captured too: the fused optimizers
+  take its scale and inf flag as device tensors and `GradScaler.update` runs on the device.
 
-`loss_function` is where the step chooses between the fused kernels and the reference losses.
+A step never shares a CUDA stream or the kernels' scratch with another step of the process (search
+trials packed as threads run one step each): streams are leased from a `StreamBank`, and each step
+owns its scratch. The stream bookkeeping is plain Python (`StreamBank`, `Streams`), so a CPU test
+runs the whole step with stand-in streams.
+
+`loss_function` is where the step chooses between the fused kernels and the reference losses; a
+kernel, capture or compile that fails falls back to the next path (`ktfast.paths.fall_back`).
 """
 from __future__ import annotations
 
 import os
 import threading
+import weakref
+from contextlib import nullcontext
 
 import torch
 
 from ktfast.losses import loss_targets, reference_graph_losses
 
-# One CUDA-graph capture at a time in a process (torch.cuda.graph's rule; torch.compile is not
-# thread-safe either): search trials packed as threads of one worker (ktfast.packing) warm up and
-# capture in turn, each on its own stream.
+# One CUDA-graph capture at a time in a process (torch's caching allocator keeps one capture's
+# private pool per stream, and torch.compile is not thread-safe): packed trials hold this lock
+# while they capture, or warm up a compiled step, and at no other time.
 CAPTURE_LOCK = threading.Lock()
+POOL = 32  # streams per device and priority in torch's round-robin pool (c10/cuda/CUDAStream.cpp)
+
+
+def uses_kernels(cfg) -> bool:
+    """Whether the fused Triton kernels compute the losses: on CUDA, unless `--reference`.
+    KTFAST_KERNELS=1 forces them (on a CPU, through Triton's interpreter: see ktfast/__init__.py),
+    KTFAST_KERNELS=0 forces the reference."""
+    choice = os.environ.get("KTFAST_KERNELS")
+    fused = choice == "1" if choice is not None else torch.device(cfg.device).type == "cuda"
+    return fused and not cfg.reference
 
 
 def loss_function(cfg):
-    """The graph-loss function of a run: the fused Triton kernels on CUDA, the reference losses of
-    `ktfast.losses` with `--reference` and on the CPU. KTFAST_KERNELS=1 forces the kernels (on a
-    CPU, through Triton's interpreter: see ktfast/__init__.py), KTFAST_KERNELS=0 the reference."""
-    choice = os.environ.get("KTFAST_KERNELS")
-    fused = choice == "1" if choice is not None else torch.device(cfg.device).type == "cuda"
-    if cfg.reference or not fused:
+    """The graph-loss function of a run: the fused kernels where `uses_kernels`, else the reference
+    losses of `ktfast.losses`."""
+    if not uses_kernels(cfg):
         return reference_graph_losses
     from ktfast.kernels import fused_graph_losses  # imports Triton: only for runs that use it
 
     return fused_graph_losses
 
 
+def step_losses(graph, logits: dict, labels, factor, attention, scratch=None):
+    """({target: L_t}, Σ_t L_t) from the fused kernels, which hand out the losses as one vector in
+    `loss_targets` order: this is where each L_t is paired with its target. `factor` = step / total
+    (a device tensor on the fast path)."""
+    from ktfast.kernels import fused_loss_vector
+
+    targets = loss_targets(graph)
+    if not targets:
+        return {}, None
+    losses, total = fused_loss_vector(graph, logits, labels, factor, 1, attention, scratch=scratch)
+    return dict(zip(targets, losses.unbind(0))), total
+
+
+# ---- streams ----------------------------------------------------------------------------------------
+def _handle(stream) -> int:
+    return stream.cuda_stream
+
+
+class StreamBank:
+    """The streams of one device, leased so that no two owners (steps, trial slots) ever hold the
+    same one. torch hands out streams round-robin from a pool of `POOL`: drawn naively, K packed
+    trials × (units + 1) streams past 32 would share one, and then one trial's CUDA-graph capture
+    takes in the other's kernels. An owner that cannot get as many as it asks for gets fewer (at
+    least one) and shares them among its own units."""
+
+    def __init__(self, draw, pool: int = POOL):
+        self._draw, self._pool = draw, pool
+        self._held: set[int] = set()
+        self._lock = threading.Lock()
+
+    def lease(self, count: int) -> list:
+        """Up to `count` streams that no other owner holds, at least one."""
+        with self._lock:
+            got, seen = [], set()
+            # Two turns of the pool: other code of the process may draw from it meanwhile.
+            for _ in range(2 * self._pool):
+                if len(got) == count:
+                    break
+                stream = self._draw()
+                key = _handle(stream)
+                if key not in self._held and key not in seen:
+                    got.append(stream)
+                    seen.add(key)
+            if not got:
+                raise RuntimeError(f"all {self._pool} CUDA streams of the pool are held by other steps of this "
+                                   "process: run fewer trials per GPU (--trials-per-gpu)")
+            self._held |= seen
+            return got
+
+    def release(self, streams) -> None:
+        with self._lock:
+            self._held -= {_handle(s) for s in streams}
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+
+_BANKS: dict = {}
+_BANKS_LOCK = threading.Lock()
+
+
+def stream_bank(device: torch.device) -> StreamBank:
+    """The process's StreamBank of a CUDA device."""
+    with _BANKS_LOCK:
+        if device not in _BANKS:
+            _BANKS[device] = StreamBank(lambda: torch.cuda.Stream(device))
+        return _BANKS[device]
+
+
+class CudaStreams:
+    """What the step asks of CUDA streams; a CPU test hands the step stand-ins with the same methods."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def current(self):
+        return torch.cuda.current_stream(self.device)
+
+    def use(self, stream):
+        return torch.cuda.stream(stream)
+
+
+class Streams:
+    """A step's streams: the side stream (warm-up and capture) and one per unit, leased together.
+    Units share streams only when the bank is short, and only among themselves. `forks` lists
+    each stream once with the units it runs: the step forks and joins exactly these."""
+
+    def __init__(self, unit_names: list[str], bank: StreamBank):
+        leased = bank.lease(1 + len(unit_names))
+        self.side = leased[0]
+        own = leased[1:] or leased[:1]
+        forks: dict[int, tuple] = {}
+        for i, name in enumerate(unit_names):
+            stream = own[i % len(own)]
+            forks.setdefault(_handle(stream), (stream, []))[1].append(name)
+        self.forks = list(forks.values())
+        self.count = len(leased)
+        weakref.finalize(self, bank.release, leased)  # back to the bank when the step is freed
+
+
+# ---- the step ---------------------------------------------------------------------------------------
 class FastStep:
-    def __init__(self, trainer):
-        self.t = trainer
-        cfg, graph = trainer.cfg, trainer.graph
+    """The step of a Trainer on CUDA (or, in tests, with stand-in `streams` on a CPU).
+
+    It holds its trainer weakly: a finished trainer (a search trial's) is freed at once, with its
+    CUDA graphs and their memory pools, not whenever the garbage collector runs."""
+
+    def __init__(self, trainer, bank: StreamBank | None = None, streams=None):
+        self.t = weakref.proxy(trainer)
+        cfg = trainer.cfg
         self.device = torch.device(cfg.device)
-        for name in trainer.models:
-            trainer.models[name].to(memory_format=torch.channels_last)
-        self.streams = {n.name: torch.cuda.Stream(self.device) for n in graph.model_nodes}
-        self.factor = torch.zeros((), device=self.device)  # step / total_steps, for linear gates
-        self.targets = loss_targets(graph)
-        # Over several ranks the step holds collectives: it runs eagerly (DESIGN §10).
-        self.use_graph = cfg.cuda_graph and trainer.placement.world == 1
-        # Warm-up and capture share one stream: the kernels' cached scratch then lives outside the graph.
-        self.side = torch.cuda.Stream(self.device)
-        self.graph = None
-        self.graph_lr = None
-        self.static = None
+        self.cuda = streams or CudaStreams(self.device)
+        self.streams = Streams([u.name for u in trainer.units], bank or stream_bank(self.device))
+        self.units = {u.name: u for u in trainer.units}
+        self.factor = torch.zeros((), device=self.device)  # step / total_steps, for the time gates
+        self.kernels = uses_kernels(cfg)
+        self.scratch = None
+        if self.kernels:
+            from ktfast.kernels import Scratch
+
+            self.scratch = Scratch()
+        # Over several ranks the step holds collectives: it runs eagerly.
+        self.use_graph = cfg.cuda_graph and trainer.placement.world == 1 and self.device.type == "cuda"
+        self.graphs: dict[tuple, tuple] = {}  # input shape -> (CUDA graph, static x, static y)
+        self.captures = 0
 
     def _losses(self, logits, y, attention):
-        """({target: L_t}, Σ_t L_t) of the step."""
+        """({target: L_t}, Σ_t L_t) of the step: the fused kernels, or the reference after a fallback."""
         t = self.t
-        if t.loss_fn is not reference_graph_losses and self.targets:
-            from ktfast.kernels import fused_loss_vector
-
-            losses, total = fused_loss_vector(t.graph, logits, y, self.factor, 1, attention)
-            return dict(zip(self.targets, losses.unbind(0))), total
-        losses = t.loss_fn(t.graph, logits, y, step=self.factor, total_steps=1, attention=attention)
+        if self.kernels:
+            try:
+                return step_losses(t.graph, logits, y, self.factor, attention, self.scratch)
+            except Exception as e:  # a kernel that cannot compile or launch here
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise
+                t.fall_back("kernels", "reference", e)
+                self.kernels = False
+        losses = reference_graph_losses(t.graph, logits, y, step=self.factor, total_steps=1, attention=attention)
         return losses, sum(losses.values())
 
     def _body(self, x, y) -> None:
         t = self.t
-        current = torch.cuda.current_stream(self.device)
+        current = self.cuda.current()
         logits, attention = {}, {}
-        for unit in t.units:  # a node, or a fused group of nodes on its first node's stream
-            stream = self.streams[unit.name]
+        for stream, names in self.streams.forks:
             stream.wait_stream(current)
-            with torch.cuda.stream(stream), t.autocast_context():
-                out, att = t.forward_unit(unit, x)
-                logits.update(out)
-                attention.update(att)
-        for stream in self.streams.values():
+            with self.cuda.use(stream), t.autocast_context():
+                for name in names:
+                    out, att = t.forward_unit(self.units[name], x)
+                    logits.update(out)
+                    attention.update(att)
+        for stream, _ in self.streams.forks:
             current.wait_stream(stream)
         logits, attention = t.exchange(logits, attention)
         losses, total = self._losses(logits, y, attention or None)
@@ -96,47 +220,61 @@ class FastStep:
     def __call__(self, x, y, step: int) -> None:
         t = self.t
         self.factor.fill_(step / t.total_steps)
-        x = x.contiguous(memory_format=torch.channels_last)
-        if not self.use_graph:
-            if t.optimizer is not None:
-                t.optimizer.zero_grad(set_to_none=True)
-            self._body(x, y)
-            return
-        lr = [g["lr"] for g in t.optimizer.param_groups] if t.optimizer else None
-        if self.graph is None or lr != self.graph_lr or x.shape != self.static[0].shape:
-            with CAPTURE_LOCK:
-                self._capture(x, y)
-            self.graph_lr = lr
-        self.static[0].copy_(x)
-        self.static[1].copy_(y)
-        self.graph.replay()
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.use_graph:
+            key = (tuple(x.shape), tuple(y.shape))
+            if key not in self.graphs:
+                self._capture(key, x, y)
+            if self.use_graph:
+                graph, static_x, static_y = self.graphs[key]
+                static_x.copy_(x)
+                static_y.copy_(y)
+                graph.replay()
+                return
+        if t.optimizer is not None:
+            t.optimizer.zero_grad(set_to_none=True)
+        self._body(x, y)
 
-    def _capture(self, x, y) -> None:
-        """Warm up on the side stream (compiles kernels, creates optimizer state), then capture.
+    def _capture(self, key, x, y) -> None:
+        """Warm up on the side stream (compiles kernels, creates optimizer state), then capture there.
 
         The warm-up steps are real optimizer steps on this batch, so the parameters, the optimizer
         and grad-scaler state and the metric accumulators are restored afterwards: capture must not
-        change what is computed.
-        """
+        change what is computed. A capture that fails falls back to the eager step."""
         t = self.t
         saved = _snapshot(t)
-        self.static = (x.clone(), y.clone())
-        self.graph = None  # the previous graph's memory is free for the new one
-        self.side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.side):
+        static = (x.clone(), y.clone())
+        side = self.streams.side
+        side.wait_stream(self.cuda.current())
+        # torch.compile is not thread-safe: a compiled warm-up (it compiles) is taken in turn.
+        with CAPTURE_LOCK if t.cfg.compile else nullcontext(), self.cuda.use(side):
             for _ in range(2):
                 if t.optimizer is not None:
                     t.optimizer.zero_grad(set_to_none=True)
-                self._body(*self.static)
-        torch.cuda.current_stream(self.device).wait_stream(self.side)
+                self._body(*static)
+        self.cuda.current().wait_stream(side)
         # Gradients allocated inside the capture are overwritten, not accumulated, by each replay.
         if t.optimizer is not None:
             t.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: what the other threads of the process launch meanwhile is not part of it.
-        with torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
-            self._body(*self.static)
-        self.graph = graph
+        try:
+            # capture_begin/end rather than torch.cuda.graph, which synchronises the whole device and
+            # empties the cache at every capture: other trials of the process would wait on it.
+            # thread_local: what the other threads of the process launch meanwhile is not part of it.
+            with CAPTURE_LOCK, self.cuda.use(side):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    self._body(*static)
+                finally:
+                    graph.capture_end()
+        except Exception as e:
+            _restore(t, saved)
+            self.use_graph = False
+            t.fall_back("cuda_graph", "off", e)
+            return
+        self.graphs[key] = (graph, *static)
+        self.captures += 1
         _restore(t, saved)
 
 

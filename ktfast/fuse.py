@@ -85,6 +85,38 @@ def forward_unit(unit: Unit, x, want_attention: bool):
     return logits, attention
 
 
+def fusion_fault(unit: Unit, x: torch.Tensor, want_attention: bool) -> str | None:
+    """Why a fused unit cannot stand in for its nodes on this machine (an error, or outputs that
+    differ), or None. One forward of a small batch through the group and through each member
+    alone, in the nodes' own mode (training mode runs BatchNorm on the batch: under vmap on a GPU
+    that is cuDNN's path), the BatchNorm statistics put back afterwards. The bound, 1e-3 of the
+    outputs' scale, is far above fp32 rounding of these few layers and far below a wrong path."""
+    group = getattr(unit.module, "_orig_mod", unit.module)
+    saved = [b.clone() for b in group.buffers()]
+    try:
+        with torch.no_grad():
+            fused, _ = forward_unit(unit, x, want_attention)
+            alone = {}
+            for node, member in zip(unit.nodes, group.members):
+                alone.update(forward_unit(Unit([node], member, unit.branches), x, want_attention)[0])
+        for name, want in alone.items():
+            scale = want.abs().max().item() or 1.0
+            if not (fused[name] - want).abs().max().item() <= 1e-3 * scale:
+                return f"node {name}'s fused output differs from its own"
+        return None
+    except Exception as e:  # a backend without this path under vmap
+        return f"{type(e).__name__}: {e}"
+    finally:
+        with torch.no_grad():
+            for b, old in zip(group.buffers(), saved):
+                b.copy_(old)
+
+
+def unfuse(unit: Unit, models) -> list[Unit]:
+    """A fused unit's nodes as units of their own (their modules as `models` holds them)."""
+    return [Unit([n], models[n.name], unit.branches) for n in unit.nodes]
+
+
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The tensors stacked on a new leading dimension, each row laid out as the first tensor is
     (channels_last stays channels_last), so that the rows can stand in for the tensors."""

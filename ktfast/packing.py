@@ -2,7 +2,8 @@
 never overlap. Two ways around it, chosen by `ktfast search --pack`:
 
 * `threads`: the K trials of a GPU run in one worker process, each in its own thread on its own CUDA
-  stream (the current stream is per thread), so their kernels share the GPU. The global RNG and
+  stream (the current stream is per thread; every stream of a slot and of its steps is leased from
+  `ktfast.fast.StreamBank`, so no two slots share one), so their kernels share the GPU. The global RNG and
   CUDA-graph capture are taken in turn (`ktfast.nodes.INIT_LOCK`, `ktfast.fast.CAPTURE_LOCK`), and the
   CUDA cache is emptied only when no trial of the process runs.
 * `mps`: K processes, as `processes`, through a CUDA MPS control daemon that the search starts for
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from ktfast.fast import stream_bank
 
 PACKS = ("processes", "threads", "mps")
 MPS_CONTROL = "nvidia-cuda-mps-control"
@@ -52,7 +55,7 @@ class Slots:
 
         def slot():
             try:
-                with torch.cuda.stream(torch.cuda.Stream()) if self.cuda else nullcontext():
+                with _own_stream() if self.cuda else nullcontext():
                     loop(stop)
             except BaseException as e:
                 errors.append(e)
@@ -88,6 +91,19 @@ class Slots:
                 self._running -= 1
                 if self._running == 0 and torch.cuda.is_initialized():
                     torch.cuda.empty_cache()
+
+
+@contextmanager
+def _own_stream():
+    """A CUDA stream of the slot's own for as long as it runs: leased from the process's bank, so
+    that no step of another slot ever runs on it."""
+    bank = stream_bank(torch.device("cuda", torch.cuda.current_device()))
+    lease = bank.lease(1)
+    try:
+        with torch.cuda.stream(lease[0]):
+            yield
+    finally:
+        bank.release(lease)
 
 
 # ---- MPS ----------------------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ from ktfast.data import dataset_info, make_loader
 from ktfast.distributed import Placement, global_batchnorm
 from ktfast.graph import Graph
 from ktfast.fast import FastStep, loss_function
-from ktfast.fuse import Unit, forward_unit, make_units
-from ktfast.losses import loss_targets, node_logits
+from ktfast.fuse import Unit, forward_unit, fusion_fault, make_units, unfuse
+from ktfast.losses import loss_targets, node_logits, reference_graph_losses
+from ktfast.optim import load_keeping_lr_tensors, make_optimizer, param_groups, plain_lrs, plain_schedule
 from ktfast.nodes import attention_nodes, branch_nodes, build_models, check_attention_sizes
 
 CHECKPOINT = "checkpoint.pt"
@@ -48,30 +49,6 @@ def forward(units: list[Unit], x, want_attention: set[str]):
         logits.update(out)
         attention.update(att)
     return logits, attention
-
-
-def param_groups(graph: Graph, models, lr: float) -> list[dict]:
-    """One optimizer parameter group per distinct `lr_scale` of the trainable nodes, in node order,
-    at lr × scale: the schedule multiplies every group's lr alike, so the ratios hold throughout."""
-    groups: dict[float, list] = {}
-    for node in graph.trainable:
-        groups.setdefault(node.lr_scale, []).extend(models[node.name].parameters())
-    return [{"params": params, "lr": lr * scale} for scale, params in groups.items()]
-
-
-def make_optimizer(cfg: TrainConfig, params):
-    """One optimizer over every trainable node (`params`: tensors or parameter groups). On CUDA the
-    fused implementations update all nodes' tensors in a few multi-tensor launches (what apex's
-    FusedSGD did), and Adam keeps its step count on the device when the step is captured as a CUDA
-    graph, so that replays advance it."""
-    cuda = torch.device(cfg.device).type == "cuda"
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay, fused=cuda or None)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None,
-                                capturable=cuda and cfg.cuda_graph)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
 def autocast(cfg: TrainConfig):
@@ -164,12 +141,27 @@ class Trainer:
         if cfg.compile:
             for name in list(self.models):
                 self.models[name] = torch.compile(self.models[name])
-        self.fast = None
-        if torch.device(cfg.device).type == "cuda" and not cfg.reference:
-            self.fast = FastStep(self)
-        # After FastStep: fused stacks keep the layout (channels_last) it gives the nodes' tensors.
+        fast = torch.device(cfg.device).type == "cuda" and not cfg.reference
+        if fast:  # before fusion: the fused stacks keep the layout of the nodes' tensors
+            for model in self.models.values():
+                model.to(memory_format=torch.channels_last)
         self.units = make_units(graph, self.models, self.want_attention, self.want_branches,
                                 fuse=cfg.fused(), compile=cfg.compile, runs=placement.owns)
+        self.check_fusion(info.image_size)
+        self.fast = FastStep(self) if fast else None
+
+    def check_fusion(self, image_size: int) -> None:
+        """Each fused group runs as its nodes would, or falls back to its nodes run one by one."""
+        x = torch.randn(2, 3, image_size, image_size, device=self.cfg.device)
+        if self.cfg.device.startswith("cuda"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        units = []
+        for unit in self.units:
+            fault = fusion_fault(unit, x, unit.name in self.want_attention) if len(unit.nodes) > 1 else None
+            if fault is not None:
+                self.fall_back("fuse", "off", RuntimeError(f"{', '.join(n.name for n in unit.nodes)}: {fault}"))
+            units += unfuse(unit, self.models) if fault is not None else [unit]
+        self.units = units
 
     # ---- one step ---------------------------------------------------------------------------
     def autocast_context(self):
@@ -186,12 +178,30 @@ class Trainer:
             return
         with self.autocast_context():
             logits, attention = self.exchange(*forward(self.units, x, self.want_attention))
-        losses = self.loss_fn(self.graph, logits, y, step=step, total_steps=self.total_steps,
-                              attention=attention or None)
+        losses = self.losses(logits, y, step, attention or None)
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_step(self.placement.total(losses))
         self.accumulate(losses, logits, y)
+
+    def losses(self, logits: dict, y, step, attention) -> dict:
+        """{target: L_t} by the run's loss function; kernels that fail here fall back to the reference."""
+        try:
+            return self.loss_fn(self.graph, logits, y, step=step, total_steps=self.total_steps, attention=attention)
+        except Exception as e:
+            if self.loss_fn is reference_graph_losses:
+                raise
+            self.fall_back("kernels", "reference", e)
+            self.loss_fn = reference_graph_losses
+            return self.losses(logits, y, step, attention)
+
+    def fall_back(self, switch: str, path: str, error: BaseException) -> None:
+        """A fast component that cannot run here: the run goes on with `path`, one line says so,
+        config.json records it (KTFAST_STRICT=1: an error instead)."""
+        from ktfast.paths import fall_back  # TODO(merge wt-info): module import
+
+        fall_back(self.paths, switch, path, f"{type(error).__name__}: {error}", self.log)
+        self.record_paths()
 
     def exchange(self, logits: dict, attention: dict):
         """Every node's outputs, those of other ranks' nodes included (place nodes)."""
@@ -227,7 +237,7 @@ class Trainer:
         """The learning rate of each trainable node: that of the parameter group holding its weights."""
         if self.optimizer is None:
             return {}
-        lr = {id(p): g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
+        lr = {id(p): float(g["lr"]) for g in self.optimizer.param_groups for p in g["params"]}
         return {n.name: lr[id(next(self.models[n.name].parameters()))] for n in self.graph.trainable}
 
     def train_epoch(self) -> tuple[dict, float, int]:
@@ -298,8 +308,8 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "graph": self.graph.to_dict(), "config": self.cfg.to_dict(),
                 "models": {k: _plain_module(m).state_dict() for k, m in self.models.items()},
-                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "optimizer": plain_lrs(self.optimizer.state_dict()) if self.optimizer else None,
+                "scheduler": plain_schedule(self.scheduler.state_dict()) if self.scheduler else None,
                 "scaler": self.scaler.state_dict()}
 
     def save_checkpoint(self) -> None:
@@ -312,7 +322,7 @@ class Trainer:
         load_models(state, {k: _plain_module(m) for k, m in self.models.items()}, path)
         try:
             if self.optimizer is not None:
-                self.optimizer.load_state_dict(state["optimizer"])
+                load_keeping_lr_tensors(self.optimizer, state["optimizer"])
                 self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
         except (KeyError, TypeError, ValueError) as e:
