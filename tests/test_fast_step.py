@@ -194,3 +194,58 @@ def test_the_kernels_loss_vector_is_paired_with_its_targets(monkeypatch):
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
     torch.testing.assert_close(total, values.sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_lr_schedule_fills_the_optimizers_lr_tensor_in_place_and_checkpoints_hold_floats():
+    """On the captured step each group's lr is a device tensor the graph reads: the schedule must
+    change it in place (a new object would leave the graph at the old lr), a checkpoint holds plain
+    floats, and loading one keeps the tensor."""
+    from ktfast.optim import load_keeping_lr_tensors, plain_lrs, plain_schedule
+
+    w = torch.nn.Parameter(torch.ones(3))
+    lr = torch.tensor(0.1)
+    opt = torch.optim.SGD([{"params": [w], "lr": lr}], lr=0.1, momentum=0.9, foreach=False)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1], 0.1)
+    w.grad = torch.ones(3)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(0.01)
+    saved = plain_lrs(opt.state_dict())
+    assert type(saved["param_groups"][0]["lr"]) is float
+    assert all(type(v) is float for v in plain_schedule(sched.state_dict())["_last_lr"])
+    saved["param_groups"][0]["lr"] = 0.001
+    load_keeping_lr_tensors(opt, saved)
+    assert opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(0.001)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+def test_on_a_gpu_five_steps_of_nine_streams_get_distinct_streams():
+    """45 streams from the real pool of 32: every step's own, none shared across steps."""
+    bank = StreamBank(lambda: torch.cuda.Stream())
+    plans = [[s.cuda_stream for s in bank.lease(9)] for _ in range(5)]
+    flat = [h for plan in plans for h in plan]
+    assert len(flat) == len(set(flat)) <= 32 and all(plan for plan in plans)
+
+
+@cuda
+@pytest.mark.parametrize("model", ["resnet8", "abn18"])
+def test_on_a_gpu_a_fused_group_runs_batchnorm_as_its_nodes(model):
+    """vmap's BatchNorm in training mode takes cuDNN's path on a GPU: the fused group must run
+    and equal its members (or the trainer falls back to them; under KTFAST_STRICT, as in the GPU
+    suite, that is an error)."""
+    from ktfast.fuse import FusedGroup, fusion_fault
+
+    size = 32 if model == "resnet8" else 64
+    g = Graph.from_dict({"version": 1, "name": "g", "target": "a",
+                         "nodes": [{"name": "a", "model": model}, {"name": "b", "model": model}],
+                         "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+                                   {"from": "a", "to": "b", "loss": "kl", "gate": "through"}]})
+    trainer = Trainer(g, cfg(device="cuda", dataset=f"synthetic:classes=5,size={size},train=32,test=8", fuse=True),
+                      out=None, progress=False)
+    (unit,) = trainer.units
+    assert isinstance(getattr(unit.module, "_orig_mod", unit.module), FusedGroup)
+    x = torch.randn(8, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
+    assert fusion_fault(unit, x, False) is None
