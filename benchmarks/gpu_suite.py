@@ -152,7 +152,8 @@ def main() -> int:
     deadline = time.monotonic() + args.budget
     with tempfile.TemporaryDirectory(prefix="gpu_suite-") as tmp, open(out / "benchmarks.log", "w") as log:
         work = Path(tmp)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "KTFAST_CACHE": str(work / "cache")}
+        # KTFAST_STRICT: a fast path that falls back is an error here, not a quieter figure.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "KTFAST_CACHE": str(work / "cache"), "KTFAST_STRICT": "1"}
         if args.smoke:
             env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
         log.write("==== setup\n")
