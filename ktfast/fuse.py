@@ -95,7 +95,7 @@ def fusion_fault(unit: Unit, x: torch.Tensor, want_attention: bool) -> str | Non
     saved = [b.clone() for b in group.buffers()]
     try:
         with torch.no_grad():
-            fused, _ = forward_unit(unit, x, want_attention)
+            fused, _ = forward_unit(Unit(unit.nodes, group, unit.branches), x, want_attention)  # not compiled
             alone = {}
             for node, member in zip(unit.nodes, group.members):
                 alone.update(forward_unit(Unit([node], member, unit.branches), x, want_attention)[0])
