@@ -16,13 +16,12 @@ exp and log are libdevice's and sqrt the correctly rounded one (see `rows`).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from . import edge_table as et
+from . import plans
 from .rows import exp, gate_weight, load_rows, offset, pick, row_stats, tempered_lse
 
 OFFSET_ARGS = 15  # o1 … o15 below
@@ -225,21 +224,8 @@ def _edge_loss_bwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
 
 
 def _blocks(B: int, C: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(rows per program, classes per block, warps, programs). On a GPU: enough programs to fill it
-    at small B, enough bytes per program at large B. In the interpreter every program costs host time."""
-    return _block_plan(B, C, device, MAX_BLOCK_C, GPU_TILE)
-
-
-@functools.lru_cache(maxsize=None)
-def _block_plan(B: int, C: int, device: torch.device, max_block_c: int, tile: int) -> tuple[int, int, int, int]:
-    cuda = device.type == "cuda"
-    block_c = min(triton.next_power_of_2(C), max_block_c)
-    rows = max(1, tile // block_c) if cuda else max(1, 4 * max_block_c // block_c)
-    if cuda:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        rows = min(rows, max(1, triton.next_power_of_2(triton.cdiv(B, 2 * sms))))
-    rows = min(rows, triton.next_power_of_2(B))
-    return rows, block_c, max(1, min(8, rows * block_c // 256)), triton.cdiv(B, rows)
+    """(rows per program, classes per block, warps, programs): `plans.edge_plan` on this device."""
+    return plans.edge_plan(B, C, plans.multiprocessors(device), MAX_BLOCK_C, GPU_TILE)
 
 
 _SCRATCH: dict = {}
