@@ -228,23 +228,39 @@ def _blocks(B: int, C: int, device: torch.device) -> tuple[int, int, int, int]:
     return plans.edge_plan(B, C, plans.multiprocessors(device), MAX_BLOCK_C, GPU_TILE)
 
 
-_SCRATCH: dict = {}
+def _new_scratch(device: torch.device, programs: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's partial-sum rows [programs, width] and its finish counter, at 0."""
+    return (torch.empty(programs, width, device=device, dtype=torch.float32),
+            torch.zeros(1, device=device, dtype=torch.int32))
 
 
-def _scratch(device: torch.device, programs: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward's partial-sum rows [programs, width] and its finish counter, made once per
-    (device, stream, size) and reused by every launch on that stream: launches on one stream run one
-    after another, and the last program of each leaves the counter at 0 again. A CUDA graph must
-    be captured on a stream that already ran the kernel eagerly (its warm-up), so that it replays
-    with this memory rather than memory of its own pool."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream, programs, width)
-    if key not in _SCRATCH:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("edge losses: capture a CUDA graph on the stream its warm-up ran on")
-        _SCRATCH[key] = (torch.empty(programs, width, device=device, dtype=torch.float32),
-                         torch.zeros(1, device=device, dtype=torch.int32))
-    return _SCRATCH[key]
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+class Scratch:
+    """The edge-loss forward's scratch memory, owned by one caller (a training step) and passed to
+    each call: per (device, programs, width), the programs' partial-sum rows and the counter that
+    finds the last program, which leaves it at 0 again for the next launch or graph replay.
+
+    Two launches using one Scratch at the same time would add into each other's rows and counter:
+    its owner's launches must run one after another (on one stream, or synchronised). So nothing is
+    shared behind the caller's back: without a Scratch a call makes its own.
+
+    Made on first use, which must not be inside a CUDA-graph capture: memory allocated there
+    belongs to the graph's pool. Run the step once before capturing it (its warm-up does)."""
+
+    def __init__(self):
+        self._buffers: dict = {}
+
+    def buffers(self, device: torch.device, programs: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (device, programs, width)
+        if key not in self._buffers:
+            if _capturing(device):
+                raise RuntimeError(f"edge losses: the Scratch has no {programs}x{width} buffers on {device} yet, "
+                                   "and a CUDA graph is being captured: run the step once before capturing it")
+            self._buffers[key] = _new_scratch(device, programs, width)
+        return self._buffers[key]
 
 
 def _link(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], int, bool]:
@@ -258,21 +274,23 @@ def _link(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], int, bool]
 
 
 class EdgeLossFn(torch.autograd.Function):
-    """(table, labels, k / k_end, *logits [B, C] per endpoint) -> (L [targets], their sum [], gates [E, B]).
+    """(table, labels, k / k_end, scratch, *logits [B, C] per endpoint) -> (L [targets], their sum [],
+    gates [E, B]).
 
     k / k_end is a float or a 0-d device tensor (read by the kernel, so that a captured CUDA graph
-    sees it change). L and the sum carry gradients: a step back-propagates the sum, and the
-    backward reads its gradient directly. The gates are for the attention kernel.
+    sees it change); scratch is the caller's `Scratch`, or None for memory of the call's own. L and
+    the sum carry gradients: a step back-propagates the sum, and the backward reads its gradient
+    directly. The gates are for the attention kernel.
     """
 
     @staticmethod
-    def forward(ctx, table: et.EdgeTable, labels, factor, *logits):
+    def forward(ctx, table: et.EdgeTable, labels, factor, scratch: Scratch | None, *logits):
         B, C = logits[0].shape
         E, S, M, NT = table.n_edges, table.n_slots, len(logits), len(table.targets)
         device = labels.device
         rows_per, block_c, warps, programs = _blocks(B, C, device)
         width = triton.next_power_of_2(NT)
-        part, count = _scratch(device, programs, width)
+        part, count = (scratch.buffers if scratch is not None else _new_scratch)(device, programs, width)
         base, offsets, node_stride, stacked = _link(list(logits))
         out = torch.empty(NT + 1, device=device, dtype=torch.float32)
         saved = torch.empty((3 * E + S) * B, device=device, dtype=torch.float32)  # for the backward
@@ -299,7 +317,7 @@ class EdgeLossFn(torch.autograd.Function):
         G = len(table.grad_nodes)
         grads = [None] * len(logits)
         if G == 0 or (grad_l is None and grad_total is None):
-            return None, None, None, *grads
+            return None, None, None, None, *grads
         rows_per, block_c, warps, programs = _blocks(B, C, labels.device)
         base, offsets, node_stride, stacked = _link(logits)
         out = torch.empty(G, B, C, device=labels.device, dtype=logits[0].dtype)
@@ -310,4 +328,4 @@ class EdgeLossFn(torch.autograd.Function):
             HAS_GRAD_L=grad_l is not None, HAS_GRAD_TOTAL=grad_total is not None, num_warps=warps)
         for g, n in enumerate(table.grad_nodes):
             grads[n] = out[g]
-        return None, None, None, *grads
+        return None, None, None, None, *grads
