@@ -24,7 +24,13 @@ from . import edge_table as et
 from . import plans
 from .rows import exp, gate_weight, load_rows, offset, pick, row_stats, tempered_lse
 
-OFFSET_ARGS = 15  # o1 … o15 below
+OFFSET_ARGS = 15  # ep_off1 … ep_off15 below: endpoint n's element offset from endpoint 0's logits
+# The offsets move whenever the logits' buffers do: at every eager step (a captured graph keeps its
+# capture's). Plain ints, Triton would specialise the kernels on their values (i32 or i64, divisible
+# by 16 or not) and compile a new variant whenever the pattern changes, inside a CUDA-graph capture
+# too. Typed int64 and not specialised, one compiled kernel takes them all. (A device table of them
+# would need an upload at every eager step, a host-to-device copy that a capture cannot hold.)
+ENDPOINT_OFFSETS = [f"ep_off{n}" for n in range(1, OFFSET_ARGS + 1)]
 MAX_LINKED = OFFSET_ARGS + 1  # endpoints read in place, through the offsets
 MAX_BLOCK_C = 1024  # classes per block: wider rows are walked in blocks (online max and sum)
 GPU_TILE = 4096  # elements per block of rows on a GPU: enough bytes in flight per program
@@ -34,8 +40,11 @@ _SRC, _DST, _KIND, _GATE, _SSLOT, _DSLOT, _TGT = (tl.constexpr(r) for r in range
 _INV_T, _DINV_T, _KL_SCALE, _WEIGHT, _INV_GAMMA = (tl.constexpr(r) for r in range(5))
 
 
-@triton.jit
-def _edge_loss_fwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15,
+@triton.jit(do_not_specialize=ENDPOINT_OFFSETS)
+def _edge_loss_fwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3: tl.int64, ep_off4: tl.int64,
+                   ep_off5: tl.int64, ep_off6: tl.int64, ep_off7: tl.int64, ep_off8: tl.int64, ep_off9: tl.int64,
+                   ep_off10: tl.int64, ep_off11: tl.int64, ep_off12: tl.int64, ep_off13: tl.int64, ep_off14: tl.int64,
+                   ep_off15: tl.int64,
                    y_ptr, factor, factor_ptr, ints, floats, slot_node, slot_inv_t, part_ptr, count_ptr, out_ptr,
                    aux_ptr, lse_ptr, B, C, E, M, S, NT, inv_b,
                    STACKED: tl.constexpr, FACTOR_FROM_PTR: tl.constexpr, ROWS: tl.constexpr,
@@ -58,14 +67,16 @@ def _edge_loss_fwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
     args = tl.zeros([M_P2, ROWS], tl.int32)
     lses = tl.zeros([S_P2, ROWS], tl.float32)
     for n in range(M):
-        ptr = z + offset(n, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, STACKED)
+        ptr = z + offset(n, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
+                         ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
         mx, arg, lse = row_stats(ptr, row_off, rmask, C, ROWS, BLOCK_C)
         maxes = tl.where(node_ids[:, None] == n, mx[None, :], maxes)
         args = tl.where(node_ids[:, None] == n, arg[None, :], args)
         lses = tl.where(slot_ids[:, None] == n, lse[None, :], lses)
     for k in range(M, S):
         n = tl.load(slot_node + k)
-        ptr = z + offset(n, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, STACKED)
+        ptr = z + offset(n, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
+                         ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
         lse = tempered_lse(ptr, row_off, rmask, pick(maxes, node_ids, n), tl.load(slot_inv_t + k), C, ROWS, BLOCK_C)
         lses = tl.where(slot_ids[:, None] == k, lse[None, :], lses)
     tl.store(lse_ptr + slot_ids[:, None] * B + rows[None, :], lses, mask=(slot_ids[:, None] < S) & rmask[None, :])
@@ -79,9 +90,10 @@ def _edge_loss_fwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
         gate_kind = tl.load(ints + _GATE * E + e)
         inv_t = tl.load(floats + _INV_T * E + e)
         inv_tt = tl.load(floats + _DINV_T * E + e)
-        sp = z + offset(tl.maximum(src, 0), node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13,
-                         o14, o15, STACKED)
-        tp = z + offset(dst, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, STACKED)
+        sp = z + offset(tl.maximum(src, 0), node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6,
+                        ep_off7, ep_off8, ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
+        tp = z + offset(dst, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
+                        ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
         lse_s1 = pick(lses, slot_ids, src)
         lse_t1 = pick(lses, slot_ids, dst)
         lse_st = pick(lses, slot_ids, tl.load(ints + _SSLOT * E + e))
@@ -158,8 +170,11 @@ def _reduce_programs(part, part_ptr, count_ptr, out_ptr, target_ids, NT, NT_P2: 
             tl.atomic_xchg(count_ptr, 0)
 
 
-@triton.jit
-def _edge_loss_bwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15,
+@triton.jit(do_not_specialize=ENDPOINT_OFFSETS)
+def _edge_loss_bwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3: tl.int64, ep_off4: tl.int64,
+                   ep_off5: tl.int64, ep_off6: tl.int64, ep_off7: tl.int64, ep_off8: tl.int64, ep_off9: tl.int64,
+                   ep_off10: tl.int64, ep_off11: tl.int64, ep_off12: tl.int64, ep_off13: tl.int64, ep_off14: tl.int64,
+                   ep_off15: tl.int64,
                    y_ptr, grad_l, grad_total, ints, floats, grads, aux_ptr, lse_ptr, out_ptr, B, C, E, G, inv_b,
                    STACKED: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
                    HAS_GRAD_L: tl.constexpr, HAS_GRAD_TOTAL: tl.constexpr):
@@ -175,7 +190,8 @@ def _edge_loss_bwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
     n = tl.load(grads + g)
     first = tl.load(grads + G + g)
     last = tl.load(grads + 2 * G + g)
-    tp = z + offset(n, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, STACKED)
+    tp = z + offset(n, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8, ep_off9,
+                    ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
     out = out_ptr + g.to(tl.int64) * B * C
     lse_t1 = tl.load(lse_ptr + n * B + rows, mask=rmask, other=0.0)
     for c0 in range(0, C, BLOCK_C):
@@ -199,8 +215,8 @@ def _edge_loss_bwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
             if (kind & _CE) != 0:
                 acc += scale[:, None] * (pt - tl.where(cc[None, :] == y[:, None], 1.0, 0.0))
             if (kind & (_KL | _COS | _MSE)) != 0:
-                sp = z + offset(src, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14,
-                                 o15, STACKED)
+                sp = z + offset(src, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7,
+                                ep_off8, ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
                 zs = load_rows(sp, row_off, rmask, cc, C)
                 if (kind & _KL) != 0:  # scale · KL has gradient scale / T_t · (p_t - p_s), p_t at T_t
                     inv_tt = tl.load(floats + _DINV_T * E + e)

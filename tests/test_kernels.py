@@ -468,7 +468,7 @@ class LaunchSpy:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launches.append(args)
+            self.launches.append((args, kwargs))
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -483,7 +483,7 @@ def scratch_graph():
 def scratch_args(spy) -> list[tuple[int, int]]:
     """(partial rows, counter) addresses of each recorded forward launch."""
     part = spy.kernel.arg_names.index("part_ptr")
-    return [(args[part].data_ptr(), args[part + 1].data_ptr()) for args in spy.launches]
+    return [(args[part].data_ptr(), args[part + 1].data_ptr()) for args, _ in spy.launches]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -544,3 +544,30 @@ def test_scratch_under_a_real_capture():
     with pytest.raises(RuntimeError, match="run the step once before capturing it"):
         with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=side):
             fused_loss_vector(g, {k: v[:64] for k, v in z.items()}, y[:64], 3, 8, scratch=scratch)
+
+
+@pytest.mark.parametrize("kernel", ["_edge_loss_fwd", "_edge_loss_bwd"])
+def test_endpoint_offsets_do_not_select_the_compiled_kernel(kernel, monkeypatch):
+    """The endpoints' offsets change whenever the logits' buffers move (every eager step). Which
+    compiled variant a launch runs (compiling it first if new) is the specialisation Triton's launcher
+    binds from the arguments: it must not depend on the offsets, or a new pattern mid-run compiles a
+    variant, inside a CUDA-graph capture too. Bound here for sm_90, as on a GPU, from a real launch."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    spy = LaunchSpy(getattr(edge_losses, kernel))
+    monkeypatch.setattr(edge_losses, kernel, spy)
+    z, _, y = inputs("abc", 8, 10)
+    _, total = fused_loss_vector(scratch_graph(), {k: v.requires_grad_() for k, v in z.items()}, y, 3, 8)
+    total.backward()
+    (args, kwargs), = spy.launches
+    fn = spy.kernel if isinstance(spy.kernel, JITFunction) else JITFunction(spy.kernel.fn, **spy.kernel.kwargs)
+    bind = create_function_from_signature(fn.signature, fn.params, make_backend(GPUTarget("cuda", 90, 32)))
+    first, n = fn.arg_names.index("node_stride") + 1, edge_losses.OFFSET_ARGS
+    patterns = [[0] * n, [16 * k for k in range(n)], [1, 17, -3, 2**31 + 5, -(2**40)] + [4096 * k + 7 for k in range(n - 5)]]
+    keys = []
+    for offsets in patterns:
+        _, specialization, _ = bind(*args[:first], *offsets, *args[first + n:], **kwargs)
+        keys.append(specialization)
+    assert keys[0] == keys[1] == keys[2]
