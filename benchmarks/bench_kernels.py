@@ -70,8 +70,8 @@ def wall_time(fn, cuda: bool) -> float:
 
 
 def captured(fn) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of one call of fn, warmed up and captured on the same side stream (the fused
-    kernels keep their scratch per stream: the graph then replays with the warm-up's)."""
+    """A CUDA graph of one call of fn, warmed up and captured on the same side stream (a fused call
+    without a Scratch makes its own, inside the capture: from the graph's pool, zeroed by each replay)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from . import edge_table as et
+from . import plans
 
 _EPS = tl.constexpr(1e-12)  # as torch.nn.functional.normalize
 _ATT_MSE, _ATT_COS = tl.constexpr(et.ATT_MSE), tl.constexpr(et.ATT_COS)
@@ -108,9 +109,10 @@ class AttentionLossFn(torch.autograd.Function):
         N, B, H, W = stacked.shape
         A = table.n_crops.numel()
         part = torch.empty(B, n_targets, device=stacked.device, dtype=torch.float32)
-        block = triton.next_power_of_2(H * W)
+        block, warps = plans.attention_plan(H, W)
         _att_fwd[(B,)](stacked, table.ints, table.crops, table.n_crops, gates, weights, part, A, B, H, W, n_targets,
-                       1.0 / B, MAX_CROPS=table.crops.shape[1], NT_P2=triton.next_power_of_2(n_targets), BLOCK=block)
+                       1.0 / B, MAX_CROPS=table.crops.shape[1], NT_P2=triton.next_power_of_2(n_targets), BLOCK=block,
+                       num_warps=warps)
         ctx.save_for_backward(stacked, weights, gates)
         ctx.table = table
         return part.sum(0)
@@ -122,9 +124,10 @@ class AttentionLossFn(torch.autograd.Function):
         N, B, H, W = stacked.shape
         G = table.grads.shape[1]
         out = torch.empty(G, B, H, W, device=stacked.device, dtype=stacked.dtype)
+        block, warps = plans.attention_plan(H, W)
         _att_bwd[(B, G)](stacked, table.ints, table.crops, table.n_crops, gates, weights, grad_l.float().contiguous(),
                          table.grads, out, table.n_crops.numel(), B, H, W, G, 1.0 / B,
-                         MAX_CROPS=table.crops.shape[1], BLOCK=triton.next_power_of_2(H * W))
+                         MAX_CROPS=table.crops.shape[1], BLOCK=block, num_warps=warps)
         grads = [None] * N
         for g, node in enumerate(table.grad_nodes):
             grads[node] = out[g]

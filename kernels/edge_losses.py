@@ -16,16 +16,21 @@ exp and log are libdevice's and sqrt the correctly rounded one (see `rows`).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from . import edge_table as et
+from . import plans
 from .rows import exp, gate_weight, load_rows, offset, pick, row_stats, tempered_lse
 
-OFFSET_ARGS = 15  # o1 … o15 below
+OFFSET_ARGS = 15  # ep_off1 … ep_off15 below: endpoint n's element offset from endpoint 0's logits
+# The offsets move whenever the logits' buffers do: at every eager step (a captured graph keeps its
+# capture's). Plain ints, Triton would specialise the kernels on their values (i32 or i64, divisible
+# by 16 or not) and compile a new variant whenever the pattern changes, inside a CUDA-graph capture
+# too. Typed int64 and not specialised, one compiled kernel takes them all. (A device table of them
+# would need an upload at every eager step, a host-to-device copy that a capture cannot hold.)
+ENDPOINT_OFFSETS = [f"ep_off{n}" for n in range(1, OFFSET_ARGS + 1)]
 MAX_LINKED = OFFSET_ARGS + 1  # endpoints read in place, through the offsets
 MAX_BLOCK_C = 1024  # classes per block: wider rows are walked in blocks (online max and sum)
 GPU_TILE = 4096  # elements per block of rows on a GPU: enough bytes in flight per program
@@ -35,8 +40,11 @@ _SRC, _DST, _KIND, _GATE, _SSLOT, _DSLOT, _TGT = (tl.constexpr(r) for r in range
 _INV_T, _DINV_T, _KL_SCALE, _WEIGHT, _INV_GAMMA = (tl.constexpr(r) for r in range(5))
 
 
-@triton.jit
-def _edge_loss_fwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15,
+@triton.jit(do_not_specialize=ENDPOINT_OFFSETS)
+def _edge_loss_fwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3: tl.int64, ep_off4: tl.int64,
+                   ep_off5: tl.int64, ep_off6: tl.int64, ep_off7: tl.int64, ep_off8: tl.int64, ep_off9: tl.int64,
+                   ep_off10: tl.int64, ep_off11: tl.int64, ep_off12: tl.int64, ep_off13: tl.int64, ep_off14: tl.int64,
+                   ep_off15: tl.int64,
                    y_ptr, factor, factor_ptr, ints, floats, slot_node, slot_inv_t, part_ptr, count_ptr, out_ptr,
                    aux_ptr, lse_ptr, B, C, E, M, S, NT, inv_b,
                    STACKED: tl.constexpr, FACTOR_FROM_PTR: tl.constexpr, ROWS: tl.constexpr,
@@ -59,14 +67,16 @@ def _edge_loss_fwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
     args = tl.zeros([M_P2, ROWS], tl.int32)
     lses = tl.zeros([S_P2, ROWS], tl.float32)
     for n in range(M):
-        ptr = z + offset(n, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, STACKED)
+        ptr = z + offset(n, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
+                         ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
         mx, arg, lse = row_stats(ptr, row_off, rmask, C, ROWS, BLOCK_C)
         maxes = tl.where(node_ids[:, None] == n, mx[None, :], maxes)
         args = tl.where(node_ids[:, None] == n, arg[None, :], args)
         lses = tl.where(slot_ids[:, None] == n, lse[None, :], lses)
     for k in range(M, S):
         n = tl.load(slot_node + k)
-        ptr = z + offset(n, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, STACKED)
+        ptr = z + offset(n, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
+                         ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
         lse = tempered_lse(ptr, row_off, rmask, pick(maxes, node_ids, n), tl.load(slot_inv_t + k), C, ROWS, BLOCK_C)
         lses = tl.where(slot_ids[:, None] == k, lse[None, :], lses)
     tl.store(lse_ptr + slot_ids[:, None] * B + rows[None, :], lses, mask=(slot_ids[:, None] < S) & rmask[None, :])
@@ -80,9 +90,10 @@ def _edge_loss_fwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
         gate_kind = tl.load(ints + _GATE * E + e)
         inv_t = tl.load(floats + _INV_T * E + e)
         inv_tt = tl.load(floats + _DINV_T * E + e)
-        sp = z + offset(tl.maximum(src, 0), node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13,
-                         o14, o15, STACKED)
-        tp = z + offset(dst, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, STACKED)
+        sp = z + offset(tl.maximum(src, 0), node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6,
+                        ep_off7, ep_off8, ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
+        tp = z + offset(dst, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
+                        ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
         lse_s1 = pick(lses, slot_ids, src)
         lse_t1 = pick(lses, slot_ids, dst)
         lse_st = pick(lses, slot_ids, tl.load(ints + _SSLOT * E + e))
@@ -159,8 +170,11 @@ def _reduce_programs(part, part_ptr, count_ptr, out_ptr, target_ids, NT, NT_P2: 
             tl.atomic_xchg(count_ptr, 0)
 
 
-@triton.jit
-def _edge_loss_bwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15,
+@triton.jit(do_not_specialize=ENDPOINT_OFFSETS)
+def _edge_loss_bwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3: tl.int64, ep_off4: tl.int64,
+                   ep_off5: tl.int64, ep_off6: tl.int64, ep_off7: tl.int64, ep_off8: tl.int64, ep_off9: tl.int64,
+                   ep_off10: tl.int64, ep_off11: tl.int64, ep_off12: tl.int64, ep_off13: tl.int64, ep_off14: tl.int64,
+                   ep_off15: tl.int64,
                    y_ptr, grad_l, grad_total, ints, floats, grads, aux_ptr, lse_ptr, out_ptr, B, C, E, G, inv_b,
                    STACKED: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
                    HAS_GRAD_L: tl.constexpr, HAS_GRAD_TOTAL: tl.constexpr):
@@ -176,7 +190,8 @@ def _edge_loss_bwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
     n = tl.load(grads + g)
     first = tl.load(grads + G + g)
     last = tl.load(grads + 2 * G + g)
-    tp = z + offset(n, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, STACKED)
+    tp = z + offset(n, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8, ep_off9,
+                    ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
     out = out_ptr + g.to(tl.int64) * B * C
     lse_t1 = tl.load(lse_ptr + n * B + rows, mask=rmask, other=0.0)
     for c0 in range(0, C, BLOCK_C):
@@ -200,8 +215,8 @@ def _edge_loss_bwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
             if (kind & _CE) != 0:
                 acc += scale[:, None] * (pt - tl.where(cc[None, :] == y[:, None], 1.0, 0.0))
             if (kind & (_KL | _COS | _MSE)) != 0:
-                sp = z + offset(src, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14,
-                                 o15, STACKED)
+                sp = z + offset(src, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7,
+                                ep_off8, ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
                 zs = load_rows(sp, row_off, rmask, cc, C)
                 if (kind & _KL) != 0:  # scale · KL has gradient scale / T_t · (p_t - p_s), p_t at T_t
                     inv_tt = tl.load(floats + _DINV_T * E + e)
@@ -225,40 +240,43 @@ def _edge_loss_bwd(z, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11,
 
 
 def _blocks(B: int, C: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(rows per program, classes per block, warps, programs). On a GPU: enough programs to fill it
-    at small B, enough bytes per program at large B. In the interpreter every program costs host time."""
-    return _block_plan(B, C, device, MAX_BLOCK_C, GPU_TILE)
+    """(rows per program, classes per block, warps, programs): `plans.edge_plan` on this device."""
+    return plans.edge_plan(B, C, plans.multiprocessors(device), MAX_BLOCK_C, GPU_TILE)
 
 
-@functools.lru_cache(maxsize=None)
-def _block_plan(B: int, C: int, device: torch.device, max_block_c: int, tile: int) -> tuple[int, int, int, int]:
-    cuda = device.type == "cuda"
-    block_c = min(triton.next_power_of_2(C), max_block_c)
-    rows = max(1, tile // block_c) if cuda else max(1, 4 * max_block_c // block_c)
-    if cuda:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        rows = min(rows, max(1, triton.next_power_of_2(triton.cdiv(B, 2 * sms))))
-    rows = min(rows, triton.next_power_of_2(B))
-    return rows, block_c, max(1, min(8, rows * block_c // 256)), triton.cdiv(B, rows)
+def _new_scratch(device: torch.device, programs: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's partial-sum rows [programs, width] and its finish counter, at 0."""
+    return (torch.empty(programs, width, device=device, dtype=torch.float32),
+            torch.zeros(1, device=device, dtype=torch.int32))
 
 
-_SCRATCH: dict = {}
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _scratch(device: torch.device, programs: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward's partial-sum rows [programs, width] and its finish counter, made once per
-    (device, stream, size) and reused by every launch on that stream: launches on one stream run one
-    after another, and the last program of each leaves the counter at 0 again. A CUDA graph must
-    be captured on a stream that already ran the kernel eagerly (its warm-up), so that it replays
-    with this memory rather than memory of its own pool."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream, programs, width)
-    if key not in _SCRATCH:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("edge losses: capture a CUDA graph on the stream its warm-up ran on")
-        _SCRATCH[key] = (torch.empty(programs, width, device=device, dtype=torch.float32),
-                         torch.zeros(1, device=device, dtype=torch.int32))
-    return _SCRATCH[key]
+class Scratch:
+    """The edge-loss forward's scratch memory, owned by one caller (a training step) and passed to
+    each call: per (device, programs, width), the programs' partial-sum rows and the counter that
+    finds the last program, which leaves it at 0 again for the next launch or graph replay.
+
+    Two launches using one Scratch at the same time would add into each other's rows and counter:
+    its owner's launches must run one after another (on one stream, or synchronised). So nothing is
+    shared behind the caller's back: without a Scratch a call makes its own.
+
+    Made on first use, which must not be inside a CUDA-graph capture: memory allocated there
+    belongs to the graph's pool. Run the step once before capturing it (its warm-up does)."""
+
+    def __init__(self):
+        self._buffers: dict = {}
+
+    def buffers(self, device: torch.device, programs: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (device, programs, width)
+        if key not in self._buffers:
+            if _capturing(device):
+                raise RuntimeError(f"edge losses: the Scratch has no {programs}x{width} buffers on {device} yet, "
+                                   "and a CUDA graph is being captured: run the step once before capturing it")
+            self._buffers[key] = _new_scratch(device, programs, width)
+        return self._buffers[key]
 
 
 def _link(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], int, bool]:
@@ -272,21 +290,23 @@ def _link(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], int, bool]
 
 
 class EdgeLossFn(torch.autograd.Function):
-    """(table, labels, k / k_end, *logits [B, C] per endpoint) -> (L [targets], their sum [], gates [E, B]).
+    """(table, labels, k / k_end, scratch, *logits [B, C] per endpoint) -> (L [targets], their sum [],
+    gates [E, B]).
 
     k / k_end is a float or a 0-d device tensor (read by the kernel, so that a captured CUDA graph
-    sees it change). L and the sum carry gradients: a step back-propagates the sum, and the
-    backward reads its gradient directly. The gates are for the attention kernel.
+    sees it change); scratch is the caller's `Scratch`, or None for memory of the call's own. L and
+    the sum carry gradients: a step back-propagates the sum, and the backward reads its gradient
+    directly. The gates are for the attention kernel.
     """
 
     @staticmethod
-    def forward(ctx, table: et.EdgeTable, labels, factor, *logits):
+    def forward(ctx, table: et.EdgeTable, labels, factor, scratch: Scratch | None, *logits):
         B, C = logits[0].shape
         E, S, M, NT = table.n_edges, table.n_slots, len(logits), len(table.targets)
         device = labels.device
         rows_per, block_c, warps, programs = _blocks(B, C, device)
         width = triton.next_power_of_2(NT)
-        part, count = _scratch(device, programs, width)
+        part, count = (scratch.buffers if scratch is not None else _new_scratch)(device, programs, width)
         base, offsets, node_stride, stacked = _link(list(logits))
         out = torch.empty(NT + 1, device=device, dtype=torch.float32)
         saved = torch.empty((3 * E + S) * B, device=device, dtype=torch.float32)  # for the backward
@@ -313,7 +333,7 @@ class EdgeLossFn(torch.autograd.Function):
         G = len(table.grad_nodes)
         grads = [None] * len(logits)
         if G == 0 or (grad_l is None and grad_total is None):
-            return None, None, None, *grads
+            return None, None, None, None, *grads
         rows_per, block_c, warps, programs = _blocks(B, C, labels.device)
         base, offsets, node_stride, stacked = _link(logits)
         out = torch.empty(G, B, C, device=labels.device, dtype=logits[0].dtype)
@@ -324,4 +344,4 @@ class EdgeLossFn(torch.autograd.Function):
             HAS_GRAD_L=grad_l is not None, HAS_GRAD_TOTAL=grad_total is not None, num_warps=warps)
         for g, n in enumerate(table.grad_nodes):
             grads[n] = out[g]
-        return None, None, None, *grads
+        return None, None, None, None, *grads

@@ -34,17 +34,16 @@ def log(x):
 
 
 @triton.jit
-def offset(n, node_stride, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15,
-            STACKED: tl.constexpr):
+def offset(n, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8, ep_off9, ep_off10,
+           ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED: tl.constexpr):
     """Element offset of endpoint n's logits from endpoint 0's."""
     if STACKED:
         return tl.cast(n, tl.int64) * node_stride
-    off = (tl.where(n == 1, o1, 0) + tl.where(n == 2, o2, 0) + tl.where(n == 3, o3, 0) + tl.where(n == 4, o4, 0)
-           + tl.where(n == 5, o5, 0) + tl.where(n == 6, o6, 0) + tl.where(n == 7, o7, 0) + tl.where(n == 8, o8, 0)
-           + tl.where(n == 9, o9, 0) + tl.where(n == 10, o10, 0) + tl.where(n == 11, o11, 0)
-           + tl.where(n == 12, o12, 0) + tl.where(n == 13, o13, 0) + tl.where(n == 14, o14, 0)
-           + tl.where(n == 15, o15, 0))
-    return off.to(tl.int64)
+    return (tl.where(n == 1, ep_off1, 0) + tl.where(n == 2, ep_off2, 0) + tl.where(n == 3, ep_off3, 0)
+            + tl.where(n == 4, ep_off4, 0) + tl.where(n == 5, ep_off5, 0) + tl.where(n == 6, ep_off6, 0)
+            + tl.where(n == 7, ep_off7, 0) + tl.where(n == 8, ep_off8, 0) + tl.where(n == 9, ep_off9, 0)
+            + tl.where(n == 10, ep_off10, 0) + tl.where(n == 11, ep_off11, 0) + tl.where(n == 12, ep_off12, 0)
+            + tl.where(n == 13, ep_off13, 0) + tl.where(n == 14, ep_off14, 0) + tl.where(n == 15, ep_off15, 0))
 
 
 @triton.jit

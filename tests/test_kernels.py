@@ -457,3 +457,117 @@ def test_steps_do_not_recompile():
         z = {k: v.detach().clone().requires_grad_() for k, v in z.items()}  # new addresses too
         sum(fused_graph_losses(g, z, y, step, 100).values()).backward()
     assert compiled() == before
+
+
+class LaunchSpy:
+    """Stands in for a kernel: records each launch's arguments (the tensors kept alive, so that no
+    two launches' memory can have the same address), then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def scratch_graph():
+    return Graph.from_dict(graph(models("a", "b", "c"),
+                                 [{"from": "label", "to": "a", "loss": "ce", "gate": "correct"},
+                                  {"from": "a", "to": "b", "loss": "kl+cos", "gate": "linear"},
+                                  {"from": "b", "to": "c", "loss": "mse", "gate": "through", "weight": 0.5}]))
+
+
+def scratch_args(spy) -> list[tuple[int, int]]:
+    """(partial rows, counter) addresses of each recorded forward launch."""
+    part = spy.kernel.arg_names.index("part_ptr")
+    return [(args[part].data_ptr(), args[part + 1].data_ptr()) for args, _ in spy.launches]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_caller_owns_its_scratch(device, monkeypatch):
+    """Two owners never share scratch memory, and a call without one makes its own: trials in threads
+    that share a stream (or not) can't add into each other's partial sums. One owner's scratch is
+    reused by every call, and computes what a fresh one does (the counter is left at 0)."""
+    monkeypatch.setattr(edge_losses, "GPU_TILE", 32)  # several programs: the scratch is used
+    monkeypatch.setattr(edge_losses, "MAX_BLOCK_C", 16)
+    spy = LaunchSpy(edge_losses._edge_loss_fwd)
+    monkeypatch.setattr(edge_losses, "_edge_loss_fwd", spy)
+    g = scratch_graph()
+    z, _, y = inputs("abc", 40, 20, device=device)
+    mine, theirs = edge_losses.Scratch(), edge_losses.Scratch()
+    results = []
+    for scratch in (mine, theirs, None, None, mine, mine):
+        zz = {k: v.clone().requires_grad_() for k, v in z.items()}
+        losses, total = fused_loss_vector(g, zz, y, 3, 8, scratch=scratch)
+        results.append((losses, total, torch.autograd.grad(total, list(zz.values()))))
+    assert edge_losses._blocks(40, 20, torch.device(device))[3] > 1
+    mine_1, theirs_1, own_1, own_2, mine_2, mine_3 = scratch_args(spy)
+    assert mine_1 == mine_2 == mine_3  # reused by its owner
+    addresses = [a for pair in (mine_1, theirs_1, own_1, own_2) for a in pair]
+    assert len(set(addresses)) == len(addresses)  # never shared with another owner, nor between calls of none
+    for losses, total, grads in results[1:]:
+        assert torch.equal(losses, results[0][0]) and torch.equal(total, results[0][1])
+        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][2]))
+    assert torch.equal(torch.stack(list(fused_graph_losses(g, z, y, 3, 8, scratch=mine).values())), results[0][0])
+
+
+def test_scratch_is_not_made_inside_a_capture(monkeypatch):
+    """Memory allocated while a CUDA graph is captured belongs to the graph's pool: a Scratch made
+    then would be a different one at every capture. It must exist before (the step's warm-up)."""
+    scratch = edge_losses.Scratch()
+    part, count = scratch.buffers(torch.device("cpu"), 4, 8)
+    assert part.shape == (4, 8) and count.item() == 0
+    monkeypatch.setattr(edge_losses, "_capturing", lambda device: True)
+    assert scratch.buffers(torch.device("cpu"), 4, 8)[0] is part  # made before: fine
+    with pytest.raises(RuntimeError, match="run the step once before capturing it"):
+        scratch.buffers(torch.device("cpu"), 2, 8)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_scratch_under_a_real_capture():
+    g = scratch_graph()
+    z, _, y = inputs("abc", 512, 100, device="cuda")
+    scratch, side = edge_losses.Scratch(), torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        want, _ = fused_loss_vector(g, z, y, 3, 8, scratch=scratch)  # warm-up: makes the scratch
+    torch.cuda.current_stream().wait_stream(side)
+    graph_ = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph_, stream=side):
+        got, _ = fused_loss_vector(g, z, y, 3, 8, scratch=scratch)
+    graph_.replay()
+    graph_.replay()
+    torch.testing.assert_close(got, want)
+    with pytest.raises(RuntimeError, match="run the step once before capturing it"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=side):
+            fused_loss_vector(g, {k: v[:64] for k, v in z.items()}, y[:64], 3, 8, scratch=scratch)
+
+
+@pytest.mark.parametrize("kernel", ["_edge_loss_fwd", "_edge_loss_bwd"])
+def test_endpoint_offsets_do_not_select_the_compiled_kernel(kernel, monkeypatch):
+    """The endpoints' offsets change whenever the logits' buffers move (every eager step). Which
+    compiled variant a launch runs (compiling it first if new) is the specialisation Triton's launcher
+    binds from the arguments: it must not depend on the offsets, or a new pattern mid-run compiles a
+    variant, inside a CUDA-graph capture too. Bound here for sm_90, as on a GPU, from a real launch."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    spy = LaunchSpy(getattr(edge_losses, kernel))
+    monkeypatch.setattr(edge_losses, kernel, spy)
+    z, _, y = inputs("abc", 8, 10)
+    _, total = fused_loss_vector(scratch_graph(), {k: v.requires_grad_() for k, v in z.items()}, y, 3, 8)
+    total.backward()
+    (args, kwargs), = spy.launches
+    fn = spy.kernel if isinstance(spy.kernel, JITFunction) else JITFunction(spy.kernel.fn, **spy.kernel.kwargs)
+    bind = create_function_from_signature(fn.signature, fn.params, make_backend(GPUTarget("cuda", 90, 32)))
+    first, n = fn.arg_names.index("node_stride") + 1, edge_losses.OFFSET_ARGS
+    patterns = [[0] * n, [16 * k for k in range(n)], [1, 17, -3, 2**31 + 5, -(2**40)] + [4096 * k + 7 for k in range(n - 5)]]
+    keys = []
+    for offsets in patterns:
+        _, specialization, _ = bind(*args[:first], *offsets, *args[first + n:], **kwargs)
+        keys.append(specialization)
+    assert keys[0] == keys[1] == keys[2]
