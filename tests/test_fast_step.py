@@ -114,14 +114,18 @@ def test_the_step_joins_exactly_the_streams_it_forked(fuse):
     assert trainer.fast.streams.count == len(units) + 1 and trainer.fast.streams.side.cuda_stream not in forked
 
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
-def test_the_fast_step_computes_what_the_trainer_step_computes(fuse):
-    """Same units, same batches: the step with its streams and the Trainer's own step agree to the
-    last bit but for the time gates' factor (k / k_end computed once on the device, once in Python:
-    one rounding of a number ≤ 1, 6e-8 relative, times the loss)."""
+@pytest.mark.parametrize("fuse,kernels", [(True, "0"), (False, "0"), (True, "1")],
+                         ids=["fused", "unfused", "fused+kernels"])
+def test_the_fast_step_computes_what_the_trainer_step_computes(fuse, kernels, monkeypatch):
+    """Same units, same batches: the step with its streams (and its own kernel scratch) and the
+    Trainer's own step agree to the last bit but for the time gates' factor (k / k_end computed
+    once on the device, once in Python: one rounding of a number ≤ 1, 6e-8 relative, times the
+    loss)."""
+    monkeypatch.setenv("KTFAST_KERNELS", kernels)
     torch.manual_seed(0)
     fast, _ = fast_trainer(fuse=fuse)
     plain = Trainer(Graph.from_dict(GRAPH), cfg(fuse=fuse), out=None, progress=False)
+    assert (fast.fast.scratch is not None) == (kernels == "1")
     got, want = steps(fast, 3), steps(plain, 3)
     assert len(got) == len(want) == 3 and all(bool(w.abs().min() > 0) for w in want)
     for g, w in zip(got, want):
