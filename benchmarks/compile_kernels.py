@@ -5,13 +5,14 @@ the logits and attention maps, at the kernel benchmark's sizes and the examples'
 The launches are the code's own: the entry points (`fused_graph_losses` as the kernel benchmark
 calls it, `fused_loss_vector` as the training step does), forward and backward, run on CPU tensors
 with the GPU's SM count given to the launch plans, and each kernel launch is recorded instead of run.
-Triton's launcher binds the recorded arguments (the specialisation a launch on that GPU gets), and
-`triton.compile` compiles each distinct one for GPUTarget("cuda", 80 or 90, 32), running the ptxas
-bundled with Triton; `cuobjdump -res-usage` on the cubin gives registers, stack and shared memory,
-ptxas's own log the spill bytes.
+Triton's launcher binds the recorded arguments (the specialisation a launch on that GPU gets:
+`create_function_from_signature` and `JITFunction._pack_args`, the launcher's own, alike in
+Triton 3.6 and 3.8), and `triton.compile` compiles each distinct one for GPUTarget("cuda", 80 or
+90, 32), running the ptxas bundled with Triton; `cuobjdump -res-usage` on the cubin gives
+registers, stack and shared memory, ptxas's own log the spill bytes.
 
-    python benchmarks/compile_kernels.py                 # everything: ~15 min on 2 cores
-    python benchmarks/compile_kernels.py --quick --arch 90 --out /tmp/c.json   # one case per kernel (CI)
+    python benchmarks/compile_kernels.py                 # everything: ~460 compiles, 9-12 min on 2 cores
+    python benchmarks/compile_kernels.py --quick --arch 90 --out /tmp/c.json   # each kernel's worst case (CI)
 
 Prints a table, writes JSON (default benchmarks/results/compile-kernels.json) and exits non-zero if a
 compile fails.
@@ -90,8 +91,8 @@ def example_cases() -> list[Case]:
 
 
 def quick_cases() -> list[Case]:
-    """One launch of each kernel: ABN graph at the step's size with the largest maps, and the
-    edge-loss kernels' widest rows (1000 classes, the most rows per program)."""
+    """Each kernel at its largest block: an ABN graph at the step's size with the largest maps, and
+    the edge-loss kernels' widest rows (1000 classes at B = 1024)."""
     from bench_kernels import make_graph
 
     abn = Graph.from_dict(json.loads((ROOT / "examples" / "abn2.json").read_text()))
@@ -192,7 +193,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="80,90", help="compute capabilities, of " + ",".join(map(str, ARCHS)))
     ap.add_argument("--dtype", default=",".join(DTYPES), help="dtypes of the logits and maps")
-    ap.add_argument("--quick", action="store_true", help="one case per kernel (what CI compiles)")
+    ap.add_argument("--quick", action="store_true", help="each kernel's largest case only (what CI compiles)")
     ap.add_argument("--out", default=str(RESULTS / "compile-kernels.json"), help="the JSON written")
     args = ap.parse_args()
     from tqdm import tqdm
