@@ -21,8 +21,8 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-# Elements of a block per thread: each costs the edge-loss backward ~15-25 registers (what the
-# compile report of benchmarks/compile_kernels.py measures), and 4 keep it under ~100 with no spill.
+# Elements of a block per thread: registers grow with them (benchmarks/compile_kernels.py measures
+# them). 16 took the edge-loss backward to 214-228 registers; 4 keep every plan at 128 or fewer, no spill.
 THREAD_ELEMENTS = 4
 
 
@@ -45,6 +45,6 @@ def edge_plan(B: int, C: int, sms: int | None, max_block_c: int, tile: int) -> t
 def attention_plan(H: int, W: int) -> tuple[int, int]:
     """(pixels per block, warps) of the attention kernels: one block holds a whole map, THREAD_ELEMENTS
     pixels per thread up to 16 warps (a 45×45 map), 8 up to 64×64. (Fewer warps spill: at 56×56 the
-    backward needs 255 registers and 176-248 bytes of stack with 4 warps, 120 and none with 16.)"""
+    backward needs 255 registers and 176-280 bytes of stack with 4 warps, 120 and none with 16.)"""
     block = triton.next_power_of_2(H * W)
     return block, max(1, min(16, block // (32 * THREAD_ELEMENTS)))
