@@ -69,7 +69,9 @@ class Case:
     B: int
     C: int
     hw: int | None  # attention maps hw × hw, where the graph has attention edges
-    path: str  # "bench": fused_graph_losses, a float step, Σ L_t; "step": fused_loss_vector, a device factor, the total
+    # "bench": fused_graph_losses, a float step, Σ L_t back-propagated; "step": fused_loss_vector, a
+    # device tensor's factor, the total back-propagated
+    path: str
 
 
 def bench_cases() -> list[Case]:

@@ -33,8 +33,8 @@ def ptxas_missing() -> str | None:
 def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     # The script unsets TRITON_INTERPRET and compiles into a fresh TRITON_CACHE_DIR of its own.
     out = tmp_path / "compile.json"
-    run = subprocess.run([sys.executable, "benchmarks/compile_kernels.py", "--quick", "--arch", "90", "--out", str(out)],
-                         cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+    command = [sys.executable, "benchmarks/compile_kernels.py", "--quick", "--arch", "90", "--out", str(out)]
+    run = subprocess.run(command, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())

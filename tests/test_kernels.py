@@ -565,7 +565,8 @@ def test_endpoint_offsets_do_not_select_the_compiled_kernel(kernel, monkeypatch)
     fn = spy.kernel if isinstance(spy.kernel, JITFunction) else JITFunction(spy.kernel.fn, **spy.kernel.kwargs)
     bind = create_function_from_signature(fn.signature, fn.params, make_backend(GPUTarget("cuda", 90, 32)))
     first, n = fn.arg_names.index("node_stride") + 1, edge_losses.OFFSET_ARGS
-    patterns = [[0] * n, [16 * k for k in range(n)], [1, 17, -3, 2**31 + 5, -(2**40)] + [4096 * k + 7 for k in range(n - 5)]]
+    patterns = [[0] * n, [16 * k for k in range(n)],
+                [1, 17, -3, 2**31 + 5, -(2**40)] + [4096 * k + 7 for k in range(n - 5)]]
     keys = []
     for offsets in patterns:
         _, specialization, _ = bind(*args[:first], *offsets, *args[first + n:], **kwargs)
