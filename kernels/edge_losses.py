@@ -33,7 +33,7 @@ OFFSET_ARGS = 15  # ep_off1 … ep_off15 below: endpoint n's element offset from
 ENDPOINT_OFFSETS = [f"ep_off{n}" for n in range(1, OFFSET_ARGS + 1)]
 MAX_LINKED = OFFSET_ARGS + 1  # endpoints read in place, through the offsets
 MAX_BLOCK_C = 1024  # classes per block: wider rows are walked in blocks (online max and sum)
-GPU_TILE = 4096  # elements per block of rows on a GPU: enough bytes in flight per program
+GPU_TILE = 1024  # elements per block of rows on a GPU (see plans.edge_plan)
 
 _CE, _KL, _COS, _MSE = (tl.constexpr(b) for b in (et.CE, et.KL, et.COS, et.MSE))
 _SRC, _DST, _KIND, _GATE, _SSLOT, _DSLOT, _TGT = (tl.constexpr(r) for r in range(7))

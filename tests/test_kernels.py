@@ -565,9 +565,31 @@ def test_endpoint_offsets_do_not_select_the_compiled_kernel(kernel, monkeypatch)
     fn = spy.kernel if isinstance(spy.kernel, JITFunction) else JITFunction(spy.kernel.fn, **spy.kernel.kwargs)
     bind = create_function_from_signature(fn.signature, fn.params, make_backend(GPUTarget("cuda", 90, 32)))
     first, n = fn.arg_names.index("node_stride") + 1, edge_losses.OFFSET_ARGS
-    patterns = [[0] * n, [16 * k for k in range(n)], [1, 17, -3, 2**31 + 5, -(2**40)] + [4096 * k + 7 for k in range(n - 5)]]
+    patterns = [[0] * n, [16 * k for k in range(n)],
+                [1, 17, -3, 2**31 + 5, -(2**40)] + [4096 * k + 7 for k in range(n - 5)]]
     keys = []
     for offsets in patterns:
         _, specialization, _ = bind(*args[:first], *offsets, *args[first + n:], **kwargs)
         keys.append(specialization)
     assert keys[0] == keys[1] == keys[2]
+
+
+@pytest.mark.parametrize("sms", [108, 132])  # A100, H100: the plans a GPU gets, computed without one
+def test_launch_plans_keep_few_elements_per_thread_and_fill_the_gpu(sms):
+    """At most THREAD_ELEMENTS elements of a block per thread: registers grow with them (16 took the
+    edge-loss backward to 214-228 registers at B=1024, C=1000, the attention backward at 56×56 to 255
+    and a spill; benchmarks/compile_kernels.py measures them, tests/test_compile_kernels.py holds them).
+    And a program per SM at least, wherever the batch has that many rows."""
+    from ktfast.kernels import plans
+
+    per_thread = plans.THREAD_ELEMENTS
+    for batch in (1, 7, 64, 100, 256, 1000, 1024, 4097, 8192, 65536):
+        for classes in (2, 10, 100, 1000, 4000):
+            rows, block_c, warps, programs = plans.edge_plan(batch, classes, sms, edge_losses.MAX_BLOCK_C,
+                                                             edge_losses.GPU_TILE)
+            assert block_c >= min(classes, edge_losses.MAX_BLOCK_C) and (programs - 1) * rows < batch <= programs * rows
+            assert rows * block_c <= 32 * warps * per_thread
+            assert programs >= min(batch, sms)
+    for side in range(1, 65):
+        block, warps = plans.attention_plan(side, side)
+        assert side * side <= block <= 32 * warps * 2 * per_thread and warps <= 16
