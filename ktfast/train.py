@@ -25,6 +25,7 @@ from ktfast.fast import FastStep, loss_function
 from ktfast.fuse import Unit, forward_unit, make_units
 from ktfast.losses import loss_targets, node_logits
 from ktfast.nodes import attention_nodes, branch_nodes, build_models, check_attention_sizes
+from ktfast.paths import amp_dtype
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -79,13 +80,6 @@ def autocast(cfg: TrainConfig):
         return nullcontext()
     device_type = torch.device(cfg.device).type
     return torch.autocast(device_type, dtype=amp_dtype(cfg))
-
-
-def amp_dtype(cfg: TrainConfig) -> torch.dtype:
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
 
 
 @torch.no_grad()
