@@ -11,6 +11,7 @@ from ktfast.commands import pictures, search, train
 from ktfast.data import DatasetError
 from ktfast.distributed import PeerLost
 from ktfast.graph import GraphError
+from ktfast.paths import FallbackError
 from ktfast.train import NonFiniteLoss
 
 COMMANDS = (train, search, pictures)  # train, pretrain | search, export | show, attention, report
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     except (GraphError, DatasetError, UsageError, CheckpointError) as e:
         print(f"ktfast: error: {e}", file=sys.stderr)
         return 2
-    except RunWriteError as e:
+    except (RunWriteError, FallbackError) as e:
         print(f"ktfast: error: {e}", file=sys.stderr)
         return 1
     except NonFiniteLoss as e:  # DESIGN §2: numerical health has an exit code of its own

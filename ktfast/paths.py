@@ -21,6 +21,7 @@ import functools
 import os
 
 import torch
+from torch import nn
 
 SWITCHES = ("kernels", "compile", "cuda_graph", "fuse", "loader", "amp")
 REASON_CHARS = 240  # an error's text can run to pages (torch.compile's); the line keeps its head
@@ -132,3 +133,29 @@ def resolve_paths(cfg, data) -> dict[str, dict]:
         "amp": _amp(cfg),
     }.items()}
 
+
+# ---- compile, or run eagerly ---------------------------------------------------------------------
+class Compiled(nn.Module):
+    """`torch.compile(module)` that falls back to the module itself. Compile errors surface at a
+    call (the first, or one that recompiles for a new shape or mode): that call runs eagerly and
+    `on_failure(error)` falls back, which sets `paths["compile"]` off; every Compiled of the run
+    then runs eagerly, so a run says it once. `_orig_mod` is the module, as in torch.compile's
+    wrapper: callers unwrap both alike, and the state dict's keys are the same."""
+
+    def __init__(self, module: nn.Module, paths: dict, on_failure):
+        super().__init__()
+        self._orig_mod = module
+        # Not a submodule: it holds `module` too, whose tensors would appear twice in the state dict.
+        self.__dict__["compiled"] = torch.compile(module)
+        self.paths = paths
+        self.on_failure = on_failure
+
+    def forward(self, *args, **kwargs):
+        if self.paths.get("compile") == "on":
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise  # a capture's failure is the capture's fallback (cuda_graph)
+                self.on_failure(e)
+        return self._orig_mod(*args, **kwargs)
