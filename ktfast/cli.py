@@ -7,14 +7,14 @@ import sys
 
 from ktfast.args import Parser, UsageError
 from ktfast.checkpoint import CheckpointError, RunWriteError
-from ktfast.commands import pictures, search, train
+from ktfast.commands import info, pictures, search, train
 from ktfast.data import DatasetError
 from ktfast.distributed import PeerLost
 from ktfast.graph import GraphError
 from ktfast.paths import FallbackError
 from ktfast.train import NonFiniteLoss
 
-COMMANDS = (train, search, pictures)  # train, pretrain | search, export | show, attention, report
+COMMANDS = (train, search, pictures, info)  # train, pretrain | search, export | show, attention, report | info
 
 
 def build_parser() -> Parser:
