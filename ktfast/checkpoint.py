@@ -29,16 +29,25 @@ def save_atomic(state: dict, path: Path) -> None:
     process, a full disk) leaves the previous checkpoint as it was."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
+    _replace(path, buffer.getbuffer(), "the previous checkpoint is kept")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`path` holds `text`, or (on a failure) what it held before."""
+    _replace(path, text.encode(), "its previous content is kept")
+
+
+def _replace(path: Path, data, kept: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise _failed(path, e, "the previous checkpoint is kept") from None
+        raise _failed(path, e, kept) from None
 
 
 def append_line(path: Path, line: str) -> int:

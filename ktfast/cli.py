@@ -7,13 +7,14 @@ import sys
 
 from ktfast.args import Parser, UsageError
 from ktfast.checkpoint import CheckpointError, RunWriteError
-from ktfast.commands import pictures, search, train
+from ktfast.commands import info, pictures, search, train
 from ktfast.data import DatasetError
 from ktfast.distributed import PeerLost
 from ktfast.graph import GraphError
+from ktfast.paths import FallbackError
 from ktfast.train import NonFiniteLoss
 
-COMMANDS = (train, search, pictures)  # train, pretrain | search, export | show, attention, report
+COMMANDS = (train, search, pictures, info)  # train, pretrain | search, export | show, attention, report | info
 
 
 def build_parser() -> Parser:
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     except (GraphError, DatasetError, UsageError, CheckpointError) as e:
         print(f"ktfast: error: {e}", file=sys.stderr)
         return 2
-    except RunWriteError as e:
+    except (RunWriteError, FallbackError) as e:
         print(f"ktfast: error: {e}", file=sys.stderr)
         return 1
     except NonFiniteLoss as e:  # DESIGN §2: numerical health has an exit code of its own

@@ -49,11 +49,18 @@ class TrainConfig:
         return sorted({max(1, round(f * self.epochs)) for f in self.lr_decay_at})
 
     def fused(self) -> bool:
-        if self.sync_bn:  # the global BatchNorm's all-reduce does not run under vmap
-            return False
+        return not self.unfused_reason()
+
+    def unfused_reason(self) -> str:
+        """Why model nodes of one model do not run fused ("" where they do): by default they do on
+        the CUDA fast path."""
+        if self.sync_bn:
+            return "--sync-bn (the global BatchNorm's all-reduce does not run under vmap)"
         if self.fuse is not None:
-            return self.fuse
-        return self.device.startswith("cuda") and not self.reference
+            return "" if self.fuse else "--no-fuse"
+        if self.reference:
+            return "--reference"
+        return "" if self.device.startswith("cuda") else "CPU (--fuse to turn it on)"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -50,16 +50,16 @@ def fusion_groups(graph: Graph, want_attention: set[str], want_branches: set[str
 
 
 def make_units(graph: Graph, models, want_attention: set[str], want_branches: set[str], fuse: bool,
-               compile: bool = False, runs=lambda name: True) -> list[Unit]:
+               compile=None, runs=lambda name: True) -> list[Unit]:
     """The units of one step, of the nodes this process `runs` (all but with place nodes). With
-    `fuse`, each group of two or more nodes becomes a FusedGroup (compiled when asked; single nodes
-    are run by the module `models` holds, compiled or not)."""
+    `fuse`, each group of two or more nodes becomes a FusedGroup, wrapped by `compile` (module ->
+    compiled module) when given; single nodes are run by the module `models` holds, compiled or not."""
     units = []
     for group in fusion_groups(graph, want_attention, want_branches):
         nodes = [n for n in group if runs(n.name)]
         if fuse and len(nodes) > 1:
             group = FusedGroup([getattr(models[n.name], "_orig_mod", models[n.name]) for n in nodes])
-            units.append(Unit(nodes, torch.compile(group) if compile else group, nodes[0].name in want_branches))
+            units.append(Unit(nodes, compile(group) if compile else group, nodes[0].name in want_branches))
         else:
             units += [Unit([n], models[n.name], n.name in want_branches) for n in nodes]
     return units

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import weakref
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -16,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ktfast.checkpoint import CheckpointError, append_line, load_models, read_checkpoint, save_atomic, truncate
+from ktfast.checkpoint import (CheckpointError, append_line, load_models, read_checkpoint, save_atomic, truncate,
+                               write_text_atomic)
 from ktfast.config import TrainConfig
-from ktfast.data import dataset_info, make_loader
+from ktfast.data import dataset_info, load_arrays, make_loader
 from ktfast.distributed import Placement, global_batchnorm
 from ktfast.graph import Graph
 from ktfast.fast import FastStep, loss_function
@@ -26,6 +28,7 @@ from ktfast.fuse import Unit, forward_unit, fusion_fault, make_units, unfuse
 from ktfast.losses import loss_targets, node_logits, reference_graph_losses
 from ktfast.optim import load_keeping_lr_tensors, make_optimizer, param_groups, plain_lrs, plain_schedule
 from ktfast.nodes import attention_nodes, branch_nodes, build_models, check_attention_sizes
+from ktfast.paths import Compiled, amp_dtype, fall_back, resolve_paths
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -56,13 +59,6 @@ def autocast(cfg: TrainConfig):
         return nullcontext()
     device_type = torch.device(cfg.device).type
     return torch.autocast(device_type, dtype=amp_dtype(cfg))
-
-
-def amp_dtype(cfg: TrainConfig) -> torch.dtype:
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
 
 
 @torch.no_grad()
@@ -103,13 +99,17 @@ class Trainer:
         out = out if placement.rank == 0 else None
         self.graph, self.cfg, self.out, self.log, self.progress = graph, cfg, out, log, progress
         info = dataset_info(cfg.dataset, cfg.data_dir)
+        # The path each switch takes (config.json's "paths"); a fallback changes it during the run.
+        self.paths = {k: v["path"] for k, v in resolve_paths(cfg, load_arrays(cfg.dataset, cfg.data_dir)).items()}
+        self.recording = False  # config.json follows the paths once `fit` runs
         train_split, eval_split = splits(cfg)
         shard = (placement.rank, placement.world) if not placement.nodes else (0, 1)
         self.train_loader = make_loader(cfg.dataset, train_split, cfg.batch_size, cfg.device, cfg.seed,
                                         data_dir=cfg.data_dir, loader=cfg.loader,
-                                        train_fraction=cfg.train_fraction, shard=shard)
+                                        train_fraction=cfg.train_fraction, shard=shard, paths=self.paths)
+        # The kind the training loader took (after a fallback, if any): the fallback is said once.
         self.eval_loader = make_loader(cfg.dataset, eval_split, max(cfg.batch_size, 256), cfg.device,
-                                       cfg.seed, data_dir=cfg.data_dir, loader=cfg.loader, shard=shard)
+                                       cfg.seed, data_dir=cfg.data_dir, loader=self.paths["loader"], shard=shard)
         self.models = build_models(graph, cfg, info.num_classes, info.image_size, pretrained)
         if placement.sync_bn:
             for name in list(self.models):
@@ -138,15 +138,21 @@ class Trainer:
         self.loss_sums = torch.zeros(len(graph.nodes), device=cfg.device)
         self.correct = torch.zeros(len(graph.nodes), device=cfg.device)
         self.skipped = torch.zeros((), device=cfg.device)  # steps the fp16 grad scaler skipped
+        compile = None
         if cfg.compile:
+            this = weakref.proxy(self)  # what the models hold must not keep their trainer alive
+
+            def compile(module):
+                return Compiled(module, this.paths, lambda e: this.fall_back("compile", "off", e))
+
             for name in list(self.models):
-                self.models[name] = torch.compile(self.models[name])
+                self.models[name] = compile(self.models[name])
         fast = torch.device(cfg.device).type == "cuda" and not cfg.reference
         if fast:  # before fusion: the fused stacks keep the layout of the nodes' tensors
             for model in self.models.values():
                 model.to(memory_format=torch.channels_last)
         self.units = make_units(graph, self.models, self.want_attention, self.want_branches,
-                                fuse=cfg.fused(), compile=cfg.compile, runs=placement.owns)
+                                fuse=cfg.fused(), compile=compile, runs=placement.owns)
         self.check_fusion(info.image_size)
         self.fast = FastStep(self) if fast else None
 
@@ -196,11 +202,9 @@ class Trainer:
             return self.losses(logits, y, step, attention)
 
     def fall_back(self, switch: str, path: str, error: BaseException) -> None:
-        """A fast component that cannot run here: the run goes on with `path`, one line says so,
-        config.json records it (KTFAST_STRICT=1: an error instead)."""
-        from ktfast.paths import fall_back  # TODO(merge wt-info): module import
-
-        fall_back(self.paths, switch, path, f"{type(error).__name__}: {error}", self.log)
+        """A fast component that cannot run here: the run goes on with `path`, one line says so
+        (also with --quiet), config.json records it (KTFAST_STRICT=1: an error instead)."""
+        fall_back(self.paths, switch, path, f"{type(error).__name__}: {error}")
         self.record_paths()
 
     def exchange(self, logits: dict, attention: dict):
@@ -269,6 +273,8 @@ class Trainer:
     def fit(self, on_epoch: Callable[[int, dict], None] | None = None) -> list[dict]:
         """Train the remaining epochs. `on_epoch(epoch, row)` may stop the run by raising."""
         rows = []
+        self.recording = True  # from here on: a resume that failed before left its directory as it was
+        self.record_paths()
         while self.epoch < self.cfg.epochs:
             start = time.perf_counter()
             train, images_per_s, skipped = self.train_epoch()
@@ -314,6 +320,17 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         save_atomic(self.state_dict(), self.out / CHECKPOINT)
+
+    def record_paths(self) -> None:
+        """config.json's `"paths"`: the path each switch took, rewritten atomically when it changes
+        (a fallback, a resume elsewhere). The rest of config.json is the command's (the config the run
+        was started with)."""
+        if self.out is None or not self.recording:
+            return
+        path = self.out / "config.json"
+        config = json.loads(path.read_text()) if path.exists() else self.cfg.to_dict()
+        if config.get("paths") != self.paths:
+            write_text_atomic(path, json.dumps({**config, "paths": dict(self.paths)}, indent=2) + "\n")
 
     def load_checkpoint(self, path) -> None:
         """Raises CheckpointError for a checkpoint that is not this run's (nothing on disk changes)."""

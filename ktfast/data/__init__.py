@@ -11,15 +11,13 @@ Bottom to top, each module importing only those above it in this list:
 """
 from __future__ import annotations
 
-import torch
-
-from ktfast.data import decode
 from ktfast.data.dali import DaliLoader
 from ktfast.data.datasets import DATASETS, data_root, dataset_info, load_arrays
 from ktfast.data.plan import SPLITS, Loader, class_balanced_subset, split_indices
 from ktfast.data.resident import TensorLoader
 from ktfast.data.torchvision import TorchLoader
 from ktfast.data.types import PAD, Arrays, DatasetError, DatasetInfo
+from ktfast.paths import fall_back, loader_path
 
 LOADERS = ("auto", "dali", "gpu", "torch")
 __all__ = ["DATASETS", "LOADERS", "PAD", "SPLITS", "Arrays", "DaliLoader", "DatasetError", "DatasetInfo", "Loader",
@@ -29,10 +27,12 @@ __all__ = ["DATASETS", "LOADERS", "PAD", "SPLITS", "Arrays", "DaliLoader", "Data
 
 def make_loader(dataset: str, split: str, batch_size: int, device, seed: int, *, data_dir=None,
                 loader: str = "auto", train_fraction: float | None = None, num_workers: int = 0,
-                shard: tuple[int, int] = (0, 1)):
+                shard: tuple[int, int] = (0, 1), paths: dict | None = None):
     """Batches `(x, y)` of a split on `device`: x float32 [B, 3, H, W] normalised, y int64 [B].
     `train_fraction` keeps that class-balanced fraction (drawn with `seed`) of a training split;
-    `shard` (rank, world size) keeps rank's share of every batch (`Loader._shard`)."""
+    `shard` (rank, world size) keeps rank's share of every batch (`Loader._shard`). `auto` takes
+    `ktfast.paths.loader_path`'s kind; where that is DALI and DALI is missing or fails, it falls
+    back to torchvision (`ktfast.paths.fall_back`, recorded in `paths["loader"]`)."""
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
     if loader not in LOADERS:
@@ -43,23 +43,20 @@ def make_loader(dataset: str, split: str, batch_size: int, device, seed: int, *,
         raise DatasetError(f"train fraction must be in (0, 1], got {train_fraction}")
     arrays = load_arrays(dataset, data_dir)
     args = (arrays, split, batch_size, device, seed, train_fraction, shard)
+    paths = {} if paths is None else paths
+    kind = loader
     if loader == "auto":
-        loader = _fastest_loader(arrays, torch.device(device))
-    if loader == "torch":
+        kind, missing = loader_path(loader, device, arrays)
+        if missing:
+            fall_back(paths, "loader", kind, missing)
+    if kind == "dali":
+        try:
+            return DaliLoader(*args)
+        except Exception as e:
+            if loader != "auto":
+                raise  # asked for by name: its error says what is missing
+            fall_back(paths, "loader", "torch", f"DALI: {type(e).__name__}: {e}")
+            kind = "torch"
+    if kind == "torch":
         return TorchLoader(*args, num_workers=num_workers)
-    if loader == "dali":
-        return DaliLoader(*args)
     return TensorLoader(*args)
-
-
-def _fastest_loader(arrays: Arrays, device: torch.device) -> str:
-    """The device-resident loader when the set fits (the fastest, benchmarks/bench_loader.py), else
-    DALI when installed, else torchvision."""
-    if device.type != "cuda":
-        # Resident in host memory, pad-crop sets are one gather per batch (6x torchvision's images/s);
-        # resized crops are 3x faster by torchvision than by the CPU's roi_align (or DALI's CPU mode).
-        return "torch" if arrays.info.resized_crops else "gpu"
-    free, _ = torch.cuda.mem_get_info(device)
-    if arrays.train_x.numel() + arrays.test_x.numel() < free // 4:
-        return "gpu"
-    return "dali" if decode.available() else "torch"
