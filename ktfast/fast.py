@@ -18,12 +18,12 @@ trials packed as threads run one step each): streams are leased from a `StreamBa
 owns its scratch. The stream bookkeeping is plain Python (`StreamBank`, `Streams`), so a CPU test
 runs the whole step with stand-in streams.
 
-`loss_function` is where the step chooses between the fused kernels and the reference losses; a
-kernel, capture or compile that fails falls back to the next path (`ktfast.paths.fall_back`).
+The paths the step takes are the trainer's `paths` (`ktfast.paths`): the fused kernels or the
+reference losses, the CUDA graph or the eager step; a kernel or a capture that fails here falls
+back to the next one (`Trainer.fall_back`), which changes them.
 """
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from contextlib import nullcontext
@@ -39,19 +39,10 @@ CAPTURE_LOCK = threading.Lock()
 POOL = 32  # streams per device and priority in torch's round-robin pool (c10/cuda/CUDAStream.cpp)
 
 
-def uses_kernels(cfg) -> bool:
-    """Whether the fused Triton kernels compute the losses: on CUDA, unless `--reference`.
-    KTFAST_KERNELS=1 forces them (on a CPU, through Triton's interpreter: see ktfast/__init__.py),
-    KTFAST_KERNELS=0 forces the reference."""
-    choice = os.environ.get("KTFAST_KERNELS")
-    fused = choice == "1" if choice is not None else torch.device(cfg.device).type == "cuda"
-    return fused and not cfg.reference
-
-
-def loss_function(cfg):
-    """The graph-loss function of a run: the fused kernels where `uses_kernels`, else the reference
-    losses of `ktfast.losses`."""
-    if not uses_kernels(cfg):
+def loss_function(paths: dict):
+    """The graph-loss function of a run: the fused kernels where its `kernels` path is "triton"
+    (`ktfast.paths` decides), else the reference losses of `ktfast.losses`."""
+    if paths["kernels"] != "triton":
         return reference_graph_losses
     from ktfast.kernels import fused_graph_losses  # imports Triton: only for runs that use it
 
@@ -174,16 +165,21 @@ class FastStep:
         self.streams = Streams([u.name for u in trainer.units], bank or stream_bank(self.device))
         self.units = {u.name: u for u in trainer.units}
         self.factor = torch.zeros((), device=self.device)  # step / total_steps, for the time gates
-        self.kernels = uses_kernels(cfg)
         self.scratch = None
         if self.kernels:
             from ktfast.kernels import Scratch
 
             self.scratch = Scratch()
-        # Over several ranks the step holds collectives: it runs eagerly.
-        self.use_graph = cfg.cuda_graph and trainer.placement.world == 1 and self.device.type == "cuda"
         self.graphs: dict[tuple, tuple] = {}  # input shape -> (CUDA graph, static x, static y)
         self.captures = 0
+
+    @property
+    def kernels(self) -> bool:
+        return self.t.paths["kernels"] == "triton"
+
+    @property
+    def use_graph(self) -> bool:
+        return self.t.paths["cuda_graph"] == "on"
 
     def _losses(self, logits, y, attention):
         """({target: L_t}, Σ_t L_t) of the step: the fused kernels, or the reference after a fallback."""
@@ -195,7 +191,6 @@ class FastStep:
                 if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                     raise
                 t.fall_back("kernels", "reference", e)
-                self.kernels = False
         losses = reference_graph_losses(t.graph, logits, y, step=self.factor, total_steps=1, attention=attention)
         return losses, sum(losses.values())
 
@@ -226,7 +221,7 @@ class FastStep:
             key = (tuple(x.shape), tuple(y.shape))
             if key not in self.graphs:
                 self._capture(key, x, y)
-            if self.use_graph:
+            if key in self.graphs:
                 graph, static_x, static_y = self.graphs[key]
                 static_x.copy_(x)
                 static_y.copy_(y)
@@ -270,7 +265,6 @@ class FastStep:
                     graph.capture_end()
         except Exception as e:
             _restore(t, saved)
-            self.use_graph = False
             t.fall_back("cuda_graph", "off", e)
             return
         self.graphs[key] = (graph, *static)

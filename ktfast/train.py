@@ -124,7 +124,7 @@ class Trainer:
                 self.models[node.name].eval()  # a teacher's BatchNorm statistics never move
         self.want_attention = attention_nodes(graph)
         self.want_branches = branch_nodes(graph)
-        self.loss_fn = loss_function(cfg)
+        self.loss_fn = loss_function(self.paths)
         groups = param_groups(graph, self.models, cfg.lr)
         self.optimizer = make_optimizer(cfg, groups) if groups else None
         self.scheduler = (torch.optim.lr_scheduler.MultiStepLR(self.optimizer, cfg.milestones(), cfg.lr_decay)

@@ -253,3 +253,33 @@ def test_on_a_gpu_a_fused_group_runs_batchnorm_as_its_nodes(model):
     assert isinstance(getattr(unit.module, "_orig_mod", unit.module), FusedGroup)
     x = torch.randn(8, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
     assert fusion_fault(unit, x, False) is None
+
+
+def test_a_capture_that_fails_falls_back_to_the_eager_step_and_computes_what_it_computes(monkeypatch, capsys):
+    """The capture's warm-up takes two real optimizer steps, then the capture fails (as where a
+    CUDA graph cannot be captured): the state is put back, the run goes on eagerly, one line says
+    so, and every step computes what the eager step computes."""
+    monkeypatch.delenv("KTFAST_STRICT", raising=False)
+
+    class Graph_:
+        def capture_begin(self, **kw):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        def capture_end(self):
+            pass
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph_)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    torch.manual_seed(0)
+    fast, _ = fast_trainer(fuse=True)
+    fast.paths["cuda_graph"] = "on"  # as on a GPU
+    plain = Trainer(Graph.from_dict(GRAPH), cfg(fuse=True), out=None, progress=False)
+    got, want = steps(fast, 3), steps(plain, 3)
+    assert fast.paths["cuda_graph"] == "off" and fast.fast.captures == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if "falls back" in line] == [
+        "ktfast: cuda_graph falls back to off: RuntimeError: operation not permitted when stream is capturing"]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=0)  # the bound of the test above
+    for name, model in plain.models.items():
+        theirs = fast.models[name].state_dict()
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(theirs[k], v, rtol=1e-5, atol=1e-6, msg=f"{name}.{k}")

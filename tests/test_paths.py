@@ -276,3 +276,44 @@ def test_a_fallback_before_the_run_trains_is_written_when_it_trains(tmp_path, ca
     assert capsys.readouterr().out == "ktfast: fuse falls back to off: RuntimeError: cuDNN: batch norm under vmap\n"
     trainer.fit()
     assert json.loads((out / "config.json").read_text()) == {**cfg.to_dict(), "paths": {**CPU_PATHS, "fuse": "off"}}
+
+
+def test_a_run_whose_kernels_fail_finishes_on_the_reference_losses_says_it_once_and_records_it(train, monkeypatch):
+    """KTFAST_KERNELS=1 on this CPU: the kernels through Triton's interpreter, made to fail as a
+    kernel that cannot compile would."""
+    from ktfast.kernels import EdgeLossFn
+
+    def broken(*args):
+        raise RuntimeError("PTX .version 9.9 does not support .target sm_120")
+    monkeypatch.setenv("KTFAST_KERNELS", "1")
+    monkeypatch.setattr(EdgeLossFn, "apply", broken)
+    code, out, err, path = train()
+    assert code == 0, err
+    assert fallback_lines(out) == ["ktfast: kernels falls back to reference: RuntimeError: PTX .version 9.9 does "
+                                   "not support .target sm_120"]
+    assert json.loads((path / "config.json").read_text())["paths"] == {**CPU_PATHS, "kernels": "reference"}
+    assert len((path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_fused_group_that_does_not_run_as_its_nodes_is_unfused_says_it_and_records_it(train, monkeypatch):
+    """A backend where vmap's BatchNorm fails (a fused group raising) or computes something else:
+    the nodes run one by one."""
+    from ktfast.fuse import FusedGroup
+
+    def broken(self, x, **options):
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")
+    computes = FusedGroup.forward
+
+    def shifted(self, x, **options):  # a wrong computation: every logit off by 1
+        out = computes(self, x, **options)
+        return out + 1 if torch.is_tensor(out) else (out[0] + 1, *out[1:])
+    monkeypatch.setattr(FusedGroup, "forward", broken)
+    code, out, err, path = train("--fuse")
+    assert code == 0, err
+    assert fallback_lines(out) == ["ktfast: fuse falls back to off: RuntimeError: a, b: RuntimeError: cuDNN error: "
+                                   "CUDNN_STATUS_NOT_SUPPORTED"]
+    assert json.loads((path / "config.json").read_text())["paths"] == {**CPU_PATHS, "fuse": "off"}
+    monkeypatch.setattr(FusedGroup, "forward", shifted)
+    code, out, err, path = train("--fuse", out="run2")
+    assert code == 0 and fallback_lines(out) == ["ktfast: fuse falls back to off: RuntimeError: a, b: node a's "
+                                                 "fused output differs from its own"]
