@@ -59,11 +59,12 @@ def single_process_steps(graph_file, place):
 
 # Both sides run in float64 (tests/dist_steps.py), where three steps' rounding parts them by ~1e-16
 # (measured: losses 4e-16 and weights 1.5e-16 with sync-bn; place nodes are bit-identical), while a
-# fault (a gradient lost, doubled or paired with another node's; a statistic over the wrong batch)
-# moves the weights by about lr·|g|/|w|, 1e-3 or more, within three steps. 1e-9 lies six orders
-# from either. Not float32: there a pre-activation within rounding of 0 takes the ReLU's other
-# branch on one side only, and that node's gradients part by O(|g|) at once (dml2 with sync-bn on
-# an AVX2 oneDNN: weights 2.4e-4 apart, all in the node that holds that pre-activation).
+# fault (a gradient lost, doubled or paired with another node's; a statistic off by a term) moves
+# the weights by some lr·|g|/|w| within three steps: 1e-4 or more (measured: a variance over n - 1
+# for n, 2e-4; one node's gradients not averaged, 1e-2). 1e-9 lies five orders from either.
+# Not float32: there a pre-activation within rounding of 0 takes the ReLU's other branch on one
+# side only, and that node's gradients part by O(|g|) at once (dml2 with sync-bn on an AVX2
+# oneDNN: weights 2.4e-4 apart, all in the node that holds that pre-activation).
 BOUND = 1e-9
 
 
