@@ -16,6 +16,7 @@ Rank 0 alone writes the run directory; a rank whose peer is gone ends the run wi
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from contextlib import contextmanager
@@ -206,8 +207,11 @@ class Placement:
             self._layouts[key] = layouts
         layouts = self._layouts[key]
         device = next(iter(logits.values())).device if logits else torch.device("cpu")
-        parts = [t.reshape(-1).float() for _, _, t in own]
-        flat = torch.cat(parts) if parts else torch.zeros(0, device=device)
+        # One buffer of the widest dtype any rank sends: fp32 for AMP's bf16 logits beside fp32
+        # maps, float64 for float64 models (the same on every rank: it is read from the layouts).
+        dtype = functools.reduce(torch.promote_types, (d for layout in layouts for *_, d in layout), torch.float32)
+        parts = [t.reshape(-1).to(dtype) for _, _, t in own]
+        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
         longest = max(sum(_numel(shape) for _, _, shape, _ in layout) for layout in layouts)
         flat = torch.cat([flat, flat.new_zeros(longest - flat.numel())])
         if grad:

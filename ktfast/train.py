@@ -74,8 +74,8 @@ def evaluate(graph: Graph, models, units: list[Unit], loader, cfg: TrainConfig,
         with autocast(cfg):
             logits, _ = placement.exchange(*forward(units, x, set()), grad=False, phase="eval")
         z = node_logits(graph, logits)
-        per_node = [torch.stack([F.cross_entropy(z[name].float(), y, reduction="sum"),
-                                 (z[name].argmax(1) == y).sum().float()]) for name in graph.nodes]
+        per_node = [torch.stack([F.cross_entropy(z[name].to(sums.dtype), y, reduction="sum"),
+                                 (z[name].argmax(1) == y).sum().to(sums.dtype)]) for name in graph.nodes]
         sums[:-1] += torch.cat(per_node)
         sums[-1] += y.shape[0]
     sums = placement.reduce_sums(sums).tolist()
@@ -231,7 +231,8 @@ class Trainer:
         """Add a step's per-node loss (L_t; the cross-entropy for nodes nothing trains) and
         correct count to the epoch sums, without reading anything back to the host."""
         z = node_logits(self.graph, {k: v.detach() for k, v in logits.items()})
-        per_node = [losses[name].detach().float() if name in losses else F.cross_entropy(z[name].float(), y)
+        dtype = self.loss_sums.dtype  # fp32 (AMP's half-precision logits too), float64 for float64 models
+        per_node = [losses[name].detach().to(dtype) if name in losses else F.cross_entropy(z[name].to(dtype), y)
                     for name in self.graph.nodes]
         self.loss_sums += torch.stack(per_node) * self.metric_mask
         self.correct += torch.stack([(z[name].argmax(1) == y).sum() for name in self.graph.nodes]).float() \

@@ -1,7 +1,7 @@
 """Work for tests/test_distributed.py, run by one process or by each rank of a torchrun launch:
 
     torchrun --nproc-per-node 2 tests/dist_steps.py steps GRAPH PLACE SYNC_BN OUT
-        a few training steps of a graph; rank 0 saves the per-step losses and the final weights.
+        a few training steps of a graph in float64; rank 0 saves the per-step losses and the final weights.
     torchrun --nproc-per-node 2 tests/dist_steps.py batchnorm OUT
         GlobalBatchNorm in float64 on each rank's half of a batch; rank 0 saves its gradients.
 """
@@ -12,9 +12,9 @@ import torch
 
 from ktfast import distributed
 from ktfast.config import TrainConfig
-from ktfast.distributed import GlobalBatchNorm, Placement
+from ktfast.distributed import GlobalBatchNorm, Placement, rank_zero_first
 from ktfast.graph import Graph
-from ktfast.run import make_trainer
+from ktfast.run import make_trainer, pretrained_paths
 
 STEPS = 3
 # Random images: digits' blank borders make BatchNorm ill-conditioned, and there 1 or 2 CPU threads
@@ -25,22 +25,29 @@ CONFIG = dict(dataset="synthetic:classes=10,size=16,train=256,test=64", epochs=1
 
 def steps(graph: Graph, place: str, sync_bn: bool, rank: int = 0, world: int = 1) -> dict:
     """{"losses": [per node L_t (or CE) and correct count, per step], "start" and "models": {node: state
-    dict} before and after the steps}."""
+    dict} before and after the steps}, computed in float64: the models are built in it, the images
+    cast to it (pretrained teachers are trained first, in float32, as a run trains them)."""
     cfg = TrainConfig(**CONFIG, place=place, world_size=world, sync_bn=sync_bn)
-    placement = Placement(graph, place, rank, world, sync_bn)
-    trainer = make_trainer(graph, cfg, out=None, progress=False, placement=placement)
-    start = {k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in trainer.models.items()}
-    losses = []
-    for step, (x, y) in enumerate(trainer.train_loader, 1):
-        trainer.loss_sums.zero_()
-        trainer.correct.zero_()
-        trainer.train_step(x, y, step)
-        loss, correct, _, _ = placement.reduce_epoch(trainer.loss_sums.clone(), trainer.correct.clone(),
-                                                     trainer.skipped.clone(), 0)
-        losses.append(torch.cat([loss, correct]).tolist())
-        if step == STEPS:
-            break
-    placement.collect_state(dict(trainer.models), trainer.optimizer)
+    rank_zero_first(lambda: pretrained_paths(graph, cfg, progress=False))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        placement = Placement(graph, place, rank, world, sync_bn)
+        trainer = make_trainer(graph, cfg, out=None, progress=False, placement=placement)
+        start = {k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in trainer.models.items()}
+        losses = []
+        for step, (x, y) in enumerate(trainer.train_loader, 1):
+            trainer.loss_sums.zero_()
+            trainer.correct.zero_()
+            trainer.train_step(x.double(), y, step)
+            loss, correct, _, _ = placement.reduce_epoch(trainer.loss_sums.clone(), trainer.correct.clone(),
+                                                         trainer.skipped.clone(), 0)
+            losses.append(torch.cat([loss, correct]).tolist())
+            if step == STEPS:
+                break
+        placement.collect_state(dict(trainer.models), trainer.optimizer)
+    finally:
+        torch.set_default_dtype(default)
     return {"losses": losses, "start": start, "models": {k: m.state_dict() for k, m in trainer.models.items()}}
 
 

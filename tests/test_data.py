@@ -203,6 +203,14 @@ def test_datasets_are_deterministic_and_synthetic_takes_any_size():
     datasets._load_arrays.cache_clear()
     b = load_arrays("synthetic:size=20,train=30,test=10")
     assert a is not b and torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    datasets._load_arrays.cache_clear()
+    torch.set_default_dtype(torch.float64)  # as the float64 comparisons of training steps build their runs
+    try:
+        c = load_arrays("synthetic:size=20,train=30,test=10")
+    finally:
+        torch.set_default_dtype(torch.float32)
+        datasets._load_arrays.cache_clear()
+    assert torch.equal(a.train_x, c.train_x)
     digits = load_arrays("digits")
     assert digits.train_x.shape[1:] == (3, 32, 32) and digits.train_x.max() == 255 and digits.train_x.min() == 0
     assert torch.equal(digits.train_x[:, 0], digits.train_x[:, 2])  # grey replicated to RGB

@@ -50,15 +50,16 @@ def _synthetic_info(name: str, options: dict, root: Path) -> DatasetInfo:
 
 def _read_synthetic(info: DatasetInfo, options: dict, root: Path):
     """A random low-frequency colour pattern per class plus per-image noise: learnable in a couple
-    of epochs, any number of classes and any image size, and always the same (a constant seed)."""
+    of epochs, any number of classes and any image size, and always the same (a constant seed, and
+    float32 draws whatever torch's default dtype: float64 draws other numbers)."""
     gen = torch.Generator().manual_seed(12345)
     size, classes = options["size"], options["classes"]
-    protos = F.interpolate(torch.rand(classes, 3, 4, 4, generator=gen), size=(size, size),
+    protos = F.interpolate(torch.rand(classes, 3, 4, 4, generator=gen, dtype=torch.float32), size=(size, size),
                            mode="bilinear", align_corners=False)
 
     def sample(n):
         y = (torch.arange(n) % classes)[torch.randperm(n, generator=gen)]  # balanced classes
-        x = 0.6 * protos[y] + 0.4 * torch.rand(n, 3, size, size, generator=gen)
+        x = 0.6 * protos[y] + 0.4 * torch.rand(n, 3, size, size, generator=gen, dtype=torch.float32)
         return to_uint8(x), y
 
     return *sample(options["train"]), *sample(options["test"])
