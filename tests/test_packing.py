@@ -26,7 +26,8 @@ from ktfast.packing import MPS_CONTROL, MPSDaemon, Slots
 from ktfast.search import COUNTED, worker_study
 from ktfast.study import open_storage, requeue
 from ktfast.nodes import build_models
-from test_search import SEARCH, counted, load, queue, storage_url, wait_for
+from test_search import (EXIT_TIMEOUT_S, HOLD_TIMEOUT_S, SEARCH, SEARCH_TIMEOUT_S, counted, load, queue, storage_url,
+                         wait_for)
 
 RUNNING, FAIL = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL
 
@@ -83,29 +84,31 @@ def test_trials_packed_as_threads_score_as_they_do_one_by_one(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal", "postgres"])
-def test_a_killed_packed_worker_has_its_trials_retried_and_none_lost(kind, tmp_path):
+def test_a_killed_packed_worker_has_its_trials_retried_and_none_lost(kind, tmp_path, hold):
     url, name, epochs = storage_url(kind, tmp_path), f"packkill-{uuid.uuid4().hex[:8]}", 6
     cmd = [sys.executable, "-m", "ktfast", *SEARCH, "--epochs", str(epochs), "--trials", "4", "--workers", "2",
            "--pack", "threads", "--pruner", "none", "--storage", url, "--study", name,
            "--heartbeat-interval", "1", "--grace-period", "3"]
-    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **hold.env})
     try:
-        def both_training():  # the worker's two slots each past a first epoch, and at most half-way
-            running = [t for t in load(url, name).get_trials(states=(RUNNING,)) if t.intermediate_values]
-            midway = all(len(t.intermediate_values) <= epochs // 2 for t in running)
-            return running if len(running) == 2 and midway else None
-
-        running = wait_for(both_training, 180, "two packed trials in training")
-        [worker] = {t.user_attrs["worker"] for t in running}
-        os.kill(int(worker.rpartition(":")[2]), signal.SIGKILL)
-        out, err = launcher.communicate(timeout=120)
+        # Both slots of the one worker stop in their trial's second epoch and stay there: the kill
+        # finds two trials in flight, however the two threads shared the CPU until then.
+        held = hold.wait(2, HOLD_TIMEOUT_S, [launcher])
+        [pid] = {pid for pid, _ in held}
+        assert sorted(slot for _, slot in held) == ["trial slot 0", "trial slot 1"]
+        os.kill(pid, signal.SIGKILL)
+        out, err = launcher.communicate(timeout=EXIT_TIMEOUT_S)
     finally:
         launcher.kill()
     assert launcher.returncode == 1 and "killed by signal 9" in err and "run the same command again" in err
-    victims = [t for t in load(url, name).get_trials() if t.user_attrs.get("worker") == worker and t.state == RUNNING]
-    assert len(victims) == 2  # both slots' trials, left running by the dead worker
+    worker = next(t.user_attrs["worker"] for t in load(url, name).get_trials() if "worker" in t.user_attrs)
+    assert worker.endswith(f":{pid}")
+    victims = [t for t in load(url, name).get_trials() if t.state == RUNNING]
+    assert len(victims) == 2 and all(t.user_attrs["worker"] == worker for t in victims)
+    assert all(sorted(t.intermediate_values) == [1] for t in victims)  # both stopped in their second epoch
 
-    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=SEARCH_TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stderr
     trials = load(url, name).get_trials()
     for victim in victims:

@@ -19,6 +19,10 @@ from ktfast.study import open_storage
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
 SEARCH = ["search", "--nodes", "3", "--target-model", "resnet8", "--models", "resnet8,resnet14", "--dataset", TINY,
           "--batch-size", "32", "--lr", "0.05", "--device", "cpu", "--quiet"]
+# Bounds on hangs, never the point where a slow run fails: about 8 times what each step takes on one
+# CPU core shared with a busy process (measured: workers started and at the test hold in 21 s, a
+# search of 4 trials of 6 epochs in 45 s, a launcher's exit within seconds of its worker's).
+HOLD_TIMEOUT_S, SEARCH_TIMEOUT_S, EXIT_TIMEOUT_S = 180, 360, 60
 
 
 pytestmark = pytest.mark.usefixtures("private_cache", "in_tmp")
