@@ -33,6 +33,12 @@ class Hold:
         self.file = folder / "hold-release"
         self.env = {ENV: str(self.file)}
 
+    def set_in(self, monkeypatch) -> None:
+        """In this process's environment, for the tests that run a command in-process (the workers
+        it starts inherit it)."""
+        for var, value in self.env.items():
+            monkeypatch.setenv(var, value)
+
     def held(self) -> list[tuple[int, str]]:
         """(pid, thread name) of every loop that has stopped at the hold, in the order they came."""
         path = self.file.with_name(self.file.name + ".held")

@@ -60,7 +60,7 @@ def key(params: dict) -> str:
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
-def test_trials_packed_as_threads_score_as_they_do_one_by_one(kind, tmp_path):
+def test_trials_packed_as_threads_score_as_they_do_one_by_one(kind, tmp_path, hold, monkeypatch):
     url, params = storage_url(kind, tmp_path), fixed_params(4)
     scores = {}
     for pack, workers in (("processes", 1), ("threads", 3)):
@@ -69,18 +69,33 @@ def test_trials_packed_as_threads_score_as_they_do_one_by_one(kind, tmp_path):
                "--pack", pack, "--storage", url, "--study", name]
         for p in params:
             queue(cli, p)
+        if pack == "threads":  # the 3 slots are held in their first trials until all 3 are there
+            hold.set_in(monkeypatch)
+            releaser = threading.Thread(target=release_when_held, args=(hold, 3))
+            releaser.start()
         assert main(cli) == 0
         trials = counted(load(url, name))
         assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
         others = [t for t in load(url, name).get_trials() if t.state not in COUNTED]  # slots that asked at once
         assert all(t.user_attrs["fail_reason"].startswith("surplus") for t in others)
         scores[pack] = {key(t.params): (t.intermediate_values, t.value) for t in trials}
-        if pack == "threads":  # one worker process, and its trials ran at the same time
+        if pack == "threads":  # one worker process, whose 3 slots each had a trial in training at once
+            releaser.join()
             assert len({t.user_attrs["worker"] for t in trials}) == 1
-            assert any(a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
-                       for a in trials for b in trials if a.number < b.number)
+            held = hold.held()
+            assert {pid for pid, _ in held} == {int(trials[0].user_attrs["worker"].rpartition(":")[2])}
+            assert sorted(slot for _, slot in held) == [f"trial slot {i}" for i in range(3)]
     assert sorted(scores["threads"]) == sorted(map(key, params))
     assert scores["threads"] == scores["processes"]
+
+
+def release_when_held(hold, count: int) -> None:
+    """Release the hold once `count` loops are there (or the wait gave up: the test then fails on what
+    `hold.held()` shows, and the search still ends)."""
+    try:
+        hold.wait(count, HOLD_TIMEOUT_S)
+    finally:
+        hold.release()
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal", "postgres"])
@@ -203,22 +218,24 @@ def test_models_built_in_threads_are_the_ones_built_alone():
 
 
 def test_an_error_in_one_slot_ends_the_others_after_their_trial_and_is_raised():
-    slots, done = Slots(3, cuda=False), []
+    slots, done, stopped = Slots(3, cuda=False), [], []
 
     def loop(stop):
         name = threading.current_thread().name
-        for _ in range(500):  # without the stop, the other slots would go on well past slot 1's end
-            if stop.is_set():
-                return
+        while not stop.is_set():
             with slots.trial():
                 done.append(name)
-                time.sleep(0.002)
-                if name == "trial slot 1" and done.count(name) == 2:
-                    raise RuntimeError("slot 1 broke")
+                if name == "trial slot 1":
+                    if done.count(name) == 2:
+                        raise RuntimeError("slot 1 broke")
+                else:  # a trial that lasts until slot 1's error stops the slots (the wait bounds a hang)
+                    stopped.append(stop.wait(60))
 
     with pytest.raises(RuntimeError, match="slot 1 broke"):
         slots.run(loop)
-    assert done.count("trial slot 1") == 2 and len(done) < 100
+    # The other slots ended after the trial they were in (a slot that had not begun yet ran none).
+    assert done.count("trial slot 1") == 2 and all(done.count(f"trial slot {i}") <= 1 for i in (0, 2))
+    assert all(stopped)
 
 
 # ---- MPS ----------------------------------------------------------------------------------------------
@@ -314,7 +331,7 @@ def test_the_launcher_packs_as_asked_and_a_kill_stops_workers_then_daemon(pack, 
 
     def watch(*_):
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)
+        time.sleep(5)  # the launcher's handler raises as soon as the signal arrives; 5 s bounds a hang
 
     def outside(*_):  # the test's own handler: were it reached, the launcher would not have taken the signal
         pass
