@@ -26,8 +26,8 @@ from ktfast.packing import MPS_CONTROL, MPSDaemon, Slots
 from ktfast.search import COUNTED, worker_study
 from ktfast.study import open_storage, requeue
 from ktfast.nodes import build_models
-from test_search import (EXIT_TIMEOUT_S, HOLD_TIMEOUT_S, SEARCH, SEARCH_TIMEOUT_S, counted, load, queue, storage_url,
-                         wait_for)
+from test_search import (EXIT_TIMEOUT_S, HOLD_TIMEOUT_S, SEARCH, SEARCH_TIMEOUT_S, counted, load, queue,
+                         storage_url)
 
 RUNNING, FAIL = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL
 

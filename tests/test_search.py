@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import optuna
@@ -90,19 +89,6 @@ def test_search_prunes_at_rungs_counts_exactly_and_exports_a_trainable_graph(kin
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            found = condition()
-        except KeyError:  # the study does not exist yet
-            found = None
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_min_resource_moves_the_first_pruning_decision(tmp_path, capsys):
     url, name = f"sqlite:///{tmp_path}/search.db", "late"
     gates = "through,cutoff,linear,correct,negative_linear,gamma,negative_gamma"
@@ -124,33 +110,31 @@ def test_min_resource_moves_the_first_pruning_decision(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal", "postgres"])
-def test_a_killed_worker_trial_is_failed_then_retried_with_the_same_graph(kind, tmp_path):
-    url, name = storage_url(kind, tmp_path), f"kill-{uuid.uuid4().hex[:8]}"
-    cmd = [sys.executable, "-m", "ktfast", *SEARCH, "--epochs", "8", "--trials", "4", "--workers", "2",
+def test_a_killed_worker_trial_is_failed_then_retried_with_the_same_graph(kind, tmp_path, hold):
+    url, name, epochs = storage_url(kind, tmp_path), f"kill-{uuid.uuid4().hex[:8]}", 4
+    cmd = [sys.executable, "-m", "ktfast", *SEARCH, "--epochs", str(epochs), "--trials", "4", "--workers", "2",
            "--pruner", "none", "--storage", url, "--study", name, "--heartbeat-interval", "1", "--grace-period", "3"]
-    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **hold.env})
     try:
-        def training():  # a trial past its first epoch, with epochs still to go
-            running = load(url, name).get_trials(states=(optuna.trial.TrialState.RUNNING,))
-            return next((t for t in running if t.intermediate_values and "worker" in t.user_attrs), None)
-
-        worker = wait_for(training, 120, "a trial in training").user_attrs["worker"]
-        os.kill(int(worker.rpartition(":")[2]), signal.SIGKILL)
-        out, err = launcher.communicate(timeout=180)
+        # Each worker stops in the second epoch of its trial: the kill lands on a trial in training.
+        [(pid, _), _] = hold.wait(2, HOLD_TIMEOUT_S, [launcher])
+        os.kill(pid, signal.SIGKILL)
+        hold.release()  # the other worker goes on, and retries the dead one's trial
+        out, err = launcher.communicate(timeout=SEARCH_TIMEOUT_S)
     finally:
         launcher.kill()
     assert launcher.returncode == 0, err
     assert "killed by signal 9" in err
     study = load(url, name)
     trials = study.get_trials()
-    # The trial it was running (that one, or its next if it finished in the meantime) failed; trials
-    # the worker gave up with a reason (a graph whose loss diverged) are not the one it died in.
-    [victim] = [t for t in trials if t.user_attrs.get("worker") == worker and t.state not in COUNTED
+    # The trial it was killed in; trials it gave up with a reason (a frozen target) are not that one.
+    [victim] = [t for t in trials if t.user_attrs.get("worker", "").endswith(f":{pid}")
                 and "fail_reason" not in t.user_attrs]
-    assert victim.state == optuna.trial.TrialState.FAIL
+    assert victim.state == optuna.trial.TrialState.FAIL and sorted(victim.intermediate_values) == [1]
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].params == victim.params and retries[0].state in COUNTED
-    assert sorted(retries[0].intermediate_values) == list(range(1, 9))  # trained again from epoch 1
+    assert sorted(retries[0].intermediate_values) == list(range(1, epochs + 1))  # trained again from epoch 1
     assert len(counted(study)) == 4
 
 
