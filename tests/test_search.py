@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -181,6 +182,21 @@ def queue(cli: list[str], params: dict) -> None:
     study_of(cli).enqueue_trial(params)
 
 
+def test_a_trial_trains_on_the_search_train_part_and_reports_its_search_val_accuracy(tmp_path):
+    # 4 classes of 24 training images: a class-balanced fifth (5 of each) is search_val, 76 images are
+    # search_train. 39 test images: an accuracy on the test set (k/39) is a count of 20 only at 0 and 1.
+    url, dataset = f"sqlite:///{tmp_path}/s.db", "synthetic:classes=4,size=16,train=96,test=39"
+    cli = [*SEARCH, "--dataset", dataset, "--epochs", "2", "--trials", "1", "--pruner", "none", "--storage", url,
+           "--study", "split"]
+    assert main(cli) == 0
+    [trial] = counted(load(url, "split"))
+    assert trial.user_attrs["data"] == {"train": "search_train", "train_images": 76,
+                                        "scored_on": "search_val", "scored_images": 20}
+    assert sorted(trial.intermediate_values) == [1, 2] and trial.value == trial.intermediate_values[2]
+    for acc in trial.intermediate_values.values():  # a count of the 20 search_val images
+        assert acc * 20 == pytest.approx(round(acc * 20), abs=1e-9)
+
+
 def test_a_frozen_target_is_rejected_and_not_counted(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     cli = [*SEARCH[:2], "1", *SEARCH[3:], "--gates", "cutoff,through", "--epochs", "1", "--trials", "2",
@@ -262,6 +278,7 @@ def test_asha_first_decides_at_epoch_1(monkeypatch):
     class Scripted:
         def __init__(self, graph, cfg, out, log, progress):
             self.graph, self.script = graph, next(accuracies)
+            self.train_loader = self.eval_loader = SimpleNamespace(split="scripted", num_samples=0)
 
         def fit(self, on_epoch):
             rows = []
