@@ -6,7 +6,8 @@ one after another (or K at a time, in threads: `ktfast.packing`), so workers on 
 join a search by running the same command.
 A trial samples a graph — the model of every node but the target, the gate of every edge (label edges
 included), optionally the loss of every model-to-model edge — trains it on `search_train` and reports
-its `search_val` accuracy after every epoch to the pruner (ASHA by default).
+its `search_val` accuracy after every epoch to the pruner (ASHA by default); its user attr `data`
+records both splits and their sizes.
 
 `--trials T` counts the trials that ran their graph (complete or pruned); a trial that fails — its
 worker died, or its graph was rejected — is not counted, so re-running the command resumes the
@@ -170,7 +171,12 @@ def objective(trial: optuna.Trial, space: Space, cfg: TrainConfig, trials: int) 
 
     # Pre-trained teachers are trained once on search_train, then cached for every trial.
     try:
-        rows = make_trainer(graph, cfg, out=None, log=quiet, progress=False).fit(on_epoch=report)
+        trainer = make_trainer(graph, cfg, out=None, log=quiet, progress=False)
+        # What the trial trains on and is scored on, as its loaders hold them (the test set is never one).
+        train, scored = trainer.train_loader, trainer.eval_loader
+        trial.set_user_attr("data", {"train": train.split, "train_images": train.num_samples,
+                                     "scored_on": scored.split, "scored_images": scored.num_samples})
+        rows = trainer.fit(on_epoch=report)
     except NonFiniteLoss as e:  # a graph that diverges is a result of the search, not a worker's fault
         _skip(trial, "non-finite loss", str(e))
     return rows[-1]["test"][graph.target]["acc"]

@@ -26,7 +26,8 @@ from ktfast.packing import MPS_CONTROL, MPSDaemon, Slots
 from ktfast.search import COUNTED, worker_study
 from ktfast.study import open_storage, requeue
 from ktfast.nodes import build_models
-from test_search import SEARCH, counted, load, queue, storage_url, wait_for
+from test_search import (EXIT_TIMEOUT_S, HOLD_TIMEOUT_S, SEARCH, SEARCH_TIMEOUT_S, counted, load, queue,
+                         storage_url)
 
 RUNNING, FAIL = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL
 
@@ -59,7 +60,7 @@ def key(params: dict) -> str:
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
-def test_trials_packed_as_threads_score_as_they_do_one_by_one(kind, tmp_path):
+def test_trials_packed_as_threads_score_as_they_do_one_by_one(kind, tmp_path, hold, monkeypatch):
     url, params = storage_url(kind, tmp_path), fixed_params(4)
     scores = {}
     for pack, workers in (("processes", 1), ("threads", 3)):
@@ -68,44 +69,61 @@ def test_trials_packed_as_threads_score_as_they_do_one_by_one(kind, tmp_path):
                "--pack", pack, "--storage", url, "--study", name]
         for p in params:
             queue(cli, p)
+        if pack == "threads":  # the 3 slots are held in their first trials until all 3 are there
+            hold.set_in(monkeypatch)
+            releaser = threading.Thread(target=release_when_held, args=(hold, 3))
+            releaser.start()
         assert main(cli) == 0
         trials = counted(load(url, name))
         assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
         others = [t for t in load(url, name).get_trials() if t.state not in COUNTED]  # slots that asked at once
         assert all(t.user_attrs["fail_reason"].startswith("surplus") for t in others)
         scores[pack] = {key(t.params): (t.intermediate_values, t.value) for t in trials}
-        if pack == "threads":  # one worker process, and its trials ran at the same time
+        if pack == "threads":  # one worker process, whose 3 slots each had a trial in training at once
+            releaser.join()
             assert len({t.user_attrs["worker"] for t in trials}) == 1
-            assert any(a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
-                       for a in trials for b in trials if a.number < b.number)
+            held = hold.held()
+            assert {pid for pid, _ in held} == {int(trials[0].user_attrs["worker"].rpartition(":")[2])}
+            assert sorted(slot for _, slot in held) == [f"trial slot {i}" for i in range(3)]
     assert sorted(scores["threads"]) == sorted(map(key, params))
     assert scores["threads"] == scores["processes"]
 
 
+def release_when_held(hold, count: int) -> None:
+    """Release the hold once `count` loops are there (or the wait gave up: the test then fails on what
+    `hold.held()` shows, and the search still ends)."""
+    try:
+        hold.wait(count, HOLD_TIMEOUT_S)
+    finally:
+        hold.release()
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "journal", "postgres"])
-def test_a_killed_packed_worker_has_its_trials_retried_and_none_lost(kind, tmp_path):
+def test_a_killed_packed_worker_has_its_trials_retried_and_none_lost(kind, tmp_path, hold):
     url, name, epochs = storage_url(kind, tmp_path), f"packkill-{uuid.uuid4().hex[:8]}", 6
     cmd = [sys.executable, "-m", "ktfast", *SEARCH, "--epochs", str(epochs), "--trials", "4", "--workers", "2",
            "--pack", "threads", "--pruner", "none", "--storage", url, "--study", name,
            "--heartbeat-interval", "1", "--grace-period", "3"]
-    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **hold.env})
     try:
-        def both_training():  # the worker's two slots each past a first epoch, and at most half-way
-            running = [t for t in load(url, name).get_trials(states=(RUNNING,)) if t.intermediate_values]
-            midway = all(len(t.intermediate_values) <= epochs // 2 for t in running)
-            return running if len(running) == 2 and midway else None
-
-        running = wait_for(both_training, 180, "two packed trials in training")
-        [worker] = {t.user_attrs["worker"] for t in running}
-        os.kill(int(worker.rpartition(":")[2]), signal.SIGKILL)
-        out, err = launcher.communicate(timeout=120)
+        # Both slots of the one worker stop in their trial's second epoch and stay there: the kill
+        # finds two trials in flight, however the two threads shared the CPU until then.
+        held = hold.wait(2, HOLD_TIMEOUT_S, [launcher])
+        [pid] = {pid for pid, _ in held}
+        assert sorted(slot for _, slot in held) == ["trial slot 0", "trial slot 1"]
+        os.kill(pid, signal.SIGKILL)
+        out, err = launcher.communicate(timeout=EXIT_TIMEOUT_S)
     finally:
         launcher.kill()
     assert launcher.returncode == 1 and "killed by signal 9" in err and "run the same command again" in err
-    victims = [t for t in load(url, name).get_trials() if t.user_attrs.get("worker") == worker and t.state == RUNNING]
-    assert len(victims) == 2  # both slots' trials, left running by the dead worker
+    worker = next(t.user_attrs["worker"] for t in load(url, name).get_trials() if "worker" in t.user_attrs)
+    assert worker.endswith(f":{pid}")
+    victims = [t for t in load(url, name).get_trials() if t.state == RUNNING]
+    assert len(victims) == 2 and all(t.user_attrs["worker"] == worker for t in victims)
+    assert all(sorted(t.intermediate_values) == [1] for t in victims)  # both stopped in their second epoch
 
-    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=SEARCH_TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stderr
     trials = load(url, name).get_trials()
     for victim in victims:
@@ -200,22 +218,24 @@ def test_models_built_in_threads_are_the_ones_built_alone():
 
 
 def test_an_error_in_one_slot_ends_the_others_after_their_trial_and_is_raised():
-    slots, done = Slots(3, cuda=False), []
+    slots, done, stopped = Slots(3, cuda=False), [], []
 
     def loop(stop):
         name = threading.current_thread().name
-        for _ in range(500):  # without the stop, the other slots would go on well past slot 1's end
-            if stop.is_set():
-                return
+        while not stop.is_set():
             with slots.trial():
                 done.append(name)
-                time.sleep(0.002)
-                if name == "trial slot 1" and done.count(name) == 2:
-                    raise RuntimeError("slot 1 broke")
+                if name == "trial slot 1":
+                    if done.count(name) == 2:
+                        raise RuntimeError("slot 1 broke")
+                else:  # a trial that lasts until slot 1's error stops the slots (the wait bounds a hang)
+                    stopped.append(stop.wait(60))
 
     with pytest.raises(RuntimeError, match="slot 1 broke"):
         slots.run(loop)
-    assert done.count("trial slot 1") == 2 and len(done) < 100
+    # The other slots ended after the trial they were in (a slot that had not begun yet ran none).
+    assert done.count("trial slot 1") == 2 and all(done.count(f"trial slot {i}") <= 1 for i in (0, 2))
+    assert all(stopped)
 
 
 # ---- MPS ----------------------------------------------------------------------------------------------
@@ -311,7 +331,7 @@ def test_the_launcher_packs_as_asked_and_a_kill_stops_workers_then_daemon(pack, 
 
     def watch(*_):
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)
+        time.sleep(5)  # the launcher's handler raises as soon as the signal arrives; 5 s bounds a hang
 
     def outside(*_):  # the test's own handler: were it reached, the launcher would not have taken the signal
         pass

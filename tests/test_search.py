@@ -6,8 +6,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -19,6 +19,10 @@ from ktfast.study import open_storage
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
 SEARCH = ["search", "--nodes", "3", "--target-model", "resnet8", "--models", "resnet8,resnet14", "--dataset", TINY,
           "--batch-size", "32", "--lr", "0.05", "--device", "cpu", "--quiet"]
+# Bounds on hangs, never the point where a slow run fails: about 8 times what each step takes on one
+# CPU core shared with a busy process (measured: workers started and at the test hold in 21 s, a
+# search of 4 trials of 6 epochs in 45 s, a launcher's exit within seconds of its worker's).
+HOLD_TIMEOUT_S, SEARCH_TIMEOUT_S, EXIT_TIMEOUT_S = 180, 360, 60
 
 
 pytestmark = pytest.mark.usefixtures("private_cache", "in_tmp")
@@ -86,19 +90,6 @@ def test_search_prunes_at_rungs_counts_exactly_and_exports_a_trainable_graph(kin
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            found = condition()
-        except KeyError:  # the study does not exist yet
-            found = None
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_min_resource_moves_the_first_pruning_decision(tmp_path, capsys):
     url, name = f"sqlite:///{tmp_path}/search.db", "late"
     gates = "through,cutoff,linear,correct,negative_linear,gamma,negative_gamma"
@@ -120,33 +111,31 @@ def test_min_resource_moves_the_first_pruning_decision(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal", "postgres"])
-def test_a_killed_worker_trial_is_failed_then_retried_with_the_same_graph(kind, tmp_path):
-    url, name = storage_url(kind, tmp_path), f"kill-{uuid.uuid4().hex[:8]}"
-    cmd = [sys.executable, "-m", "ktfast", *SEARCH, "--epochs", "8", "--trials", "4", "--workers", "2",
+def test_a_killed_worker_trial_is_failed_then_retried_with_the_same_graph(kind, tmp_path, hold):
+    url, name, epochs = storage_url(kind, tmp_path), f"kill-{uuid.uuid4().hex[:8]}", 4
+    cmd = [sys.executable, "-m", "ktfast", *SEARCH, "--epochs", str(epochs), "--trials", "4", "--workers", "2",
            "--pruner", "none", "--storage", url, "--study", name, "--heartbeat-interval", "1", "--grace-period", "3"]
-    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **hold.env})
     try:
-        def training():  # a trial past its first epoch, with epochs still to go
-            running = load(url, name).get_trials(states=(optuna.trial.TrialState.RUNNING,))
-            return next((t for t in running if t.intermediate_values and "worker" in t.user_attrs), None)
-
-        worker = wait_for(training, 120, "a trial in training").user_attrs["worker"]
-        os.kill(int(worker.rpartition(":")[2]), signal.SIGKILL)
-        out, err = launcher.communicate(timeout=180)
+        # Each worker stops in the second epoch of its trial: the kill lands on a trial in training.
+        [(pid, _), _] = hold.wait(2, HOLD_TIMEOUT_S, [launcher])
+        os.kill(pid, signal.SIGKILL)
+        hold.release()  # the other worker goes on, and retries the dead one's trial
+        out, err = launcher.communicate(timeout=SEARCH_TIMEOUT_S)
     finally:
         launcher.kill()
     assert launcher.returncode == 0, err
     assert "killed by signal 9" in err
     study = load(url, name)
     trials = study.get_trials()
-    # The trial it was running (that one, or its next if it finished in the meantime) failed; trials
-    # the worker gave up with a reason (a graph whose loss diverged) are not the one it died in.
-    [victim] = [t for t in trials if t.user_attrs.get("worker") == worker and t.state not in COUNTED
+    # The trial it was killed in; trials it gave up with a reason (a frozen target) are not that one.
+    [victim] = [t for t in trials if t.user_attrs.get("worker", "").endswith(f":{pid}")
                 and "fail_reason" not in t.user_attrs]
-    assert victim.state == optuna.trial.TrialState.FAIL
+    assert victim.state == optuna.trial.TrialState.FAIL and sorted(victim.intermediate_values) == [1]
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].params == victim.params and retries[0].state in COUNTED
-    assert sorted(retries[0].intermediate_values) == list(range(1, 9))  # trained again from epoch 1
+    assert sorted(retries[0].intermediate_values) == list(range(1, epochs + 1))  # trained again from epoch 1
     assert len(counted(study)) == 4
 
 
@@ -191,6 +180,21 @@ def study_of(cli: list[str]) -> optuna.Study:
 def queue(cli: list[str], params: dict) -> None:
     """Create the study `cli` would, with one trial of fixed parameters queued first."""
     study_of(cli).enqueue_trial(params)
+
+
+def test_a_trial_trains_on_the_search_train_part_and_reports_its_search_val_accuracy(tmp_path):
+    # 4 classes of 24 training images: a class-balanced fifth (5 of each) is search_val, 76 images are
+    # search_train. 39 test images: an accuracy on the test set (k/39) is a count of 20 only at 0 and 1.
+    url, dataset = f"sqlite:///{tmp_path}/s.db", "synthetic:classes=4,size=16,train=96,test=39"
+    cli = [*SEARCH, "--dataset", dataset, "--epochs", "2", "--trials", "1", "--pruner", "none", "--storage", url,
+           "--study", "split"]
+    assert main(cli) == 0
+    [trial] = counted(load(url, "split"))
+    assert trial.user_attrs["data"] == {"train": "search_train", "train_images": 76,
+                                        "scored_on": "search_val", "scored_images": 20}
+    assert sorted(trial.intermediate_values) == [1, 2] and trial.value == trial.intermediate_values[2]
+    for acc in trial.intermediate_values.values():  # a count of the 20 search_val images
+        assert acc * 20 == pytest.approx(round(acc * 20), abs=1e-9)
 
 
 def test_a_frozen_target_is_rejected_and_not_counted(tmp_path):
@@ -274,6 +278,7 @@ def test_asha_first_decides_at_epoch_1(monkeypatch):
     class Scripted:
         def __init__(self, graph, cfg, out, log, progress):
             self.graph, self.script = graph, next(accuracies)
+            self.train_loader = self.eval_loader = SimpleNamespace(split="scripted", num_samples=0)
 
         def fit(self, on_epoch):
             rows = []

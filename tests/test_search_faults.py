@@ -13,6 +13,7 @@ import uuid
 
 import optuna
 import pytest
+from test_search import HOLD_TIMEOUT_S, SEARCH_TIMEOUT_S
 
 from ktfast.storage_retry import RetryingRDBStorage
 from ktfast.study import open_storage
@@ -22,6 +23,9 @@ SEARCH = ["search", "--nodes", "2", "--target-model", "resnet8", "--models", "re
           "--batch-size", "32", "--lr", "0.05", "--device", "cpu", "--quiet", "--pruner", "none",
           "--gates", "through,correct"]  # no cutoff: no graph is refused (a frozen target), every trial trains
 EPOCHS, TRIALS = 4, 4
+# Bounds the wait for a worker's first retry once the fault is there (it comes within seconds: the
+# end of the held epoch, or the launcher's next poll); within the ~76 s the workers wait at least.
+RETRY_TIMEOUT_S = 60
 
 
 pytestmark = pytest.mark.usefixtures("private_cache", "in_tmp")
@@ -46,25 +50,21 @@ def pg_ctl(action: str) -> None:
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
 
 
-def wait_for_training(url: str, name: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            running = optuna.load_study(study_name=name, storage=open_storage(url)).get_trials(
-                states=(optuna.trial.TrialState.RUNNING,))
-            if any(t.intermediate_values for t in running):
-                return
-        except KeyError:  # the study does not exist yet
-            pass
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting for a trial in training")
-
-
-def search(url: str, name: str, workers: int, env=None) -> subprocess.Popen:
+def search(url: str, name: str, workers: int, errors, env: dict) -> subprocess.Popen:
+    """The search, its workers' stderr in the file `errors` (read while they run)."""
     cmd = [sys.executable, "-m", "ktfast", *SEARCH, "--epochs", str(EPOCHS), "--trials", str(TRIALS),
            "--workers", str(workers), "--storage", url, "--study", name]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    with open(errors, "w") as err:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, **env})
+
+
+def wait_for_text(path, text: str, proc: subprocess.Popen) -> None:
+    """Until `text` is in the file; RETRY_TIMEOUT_S bounds a hang, a process that ends first fails it."""
+    deadline = time.monotonic() + RETRY_TIMEOUT_S
+    while text not in path.read_text():
+        assert proc.poll() is None, f"the search ended before it said {text!r}"
+        assert time.monotonic() < deadline, f"no {text!r} in {RETRY_TIMEOUT_S} s"
+        time.sleep(0.05)
 
 
 def assert_every_trial_complete_once(url: str, name: str) -> None:
@@ -81,44 +81,48 @@ def assert_every_trial_complete_once(url: str, name: str) -> None:
         others
 
 
-def test_postgres_restarted_mid_search_the_workers_reconnect_and_lose_no_trial():
+def test_postgres_restarted_mid_search_the_workers_reconnect_and_lose_no_trial(tmp_path, hold):
     [url] = required(["KTFAST_TEST_POSTGRES"])
     required(["KTFAST_TEST_PG_CTL", "KTFAST_TEST_PGDATA"])
-    name = f"restart-{uuid.uuid4().hex[:8]}"
-    launcher = search(url, name, workers=2)
+    name, errors = f"restart-{uuid.uuid4().hex[:8]}", tmp_path / "stderr"
+    launcher = search(url, name, 2, errors, hold.env)
     try:
-        wait_for_training(url, name)
+        hold.wait(2, HOLD_TIMEOUT_S, [launcher])  # both workers in a trial, with epochs still to report
         pg_ctl("stop")
         try:
-            time.sleep(5)  # the workers' epochs end meanwhile: their reports meet a closed server
+            hold.release()
+            wait_for_text(errors, "retry 1 of", launcher)  # a call met the stopped server, and waits
         finally:
             pg_ctl("start")
-        out, err = launcher.communicate(timeout=400)
+        out, _ = launcher.communicate(timeout=SEARCH_TIMEOUT_S)
     finally:
         launcher.kill()
+    err = errors.read_text()
     assert launcher.returncode == 0, err[-3000:]
-    assert "ktfast: storage:" in err and "retry 1 of" in err  # the server was away, and was waited for
+    assert "ktfast: storage:" in err  # the server was away, and was waited for
     assert f"{TRIALS} of {TRIALS} trials finished: {TRIALS} complete" in out
     assert_every_trial_complete_once(url, name)
 
 
-def test_sqlite_locked_past_the_timeout_under_4_workers_loses_no_trial(tmp_path):
-    db = tmp_path / "search.db"
+def test_sqlite_locked_past_the_timeout_under_4_workers_loses_no_trial(tmp_path, hold):
+    db, errors = tmp_path / "search.db", tmp_path / "stderr"
     url, name = f"sqlite:///{db}", "locked"
     # Writers give up on the lock after 0.2 s instead of 120 s: the test need not hold it for minutes.
-    launcher = search(url, name, workers=4, env={"KTFAST_SQLITE_TIMEOUT_S": "0.2"})
+    launcher = search(url, name, 4, errors, {"KTFAST_SQLITE_TIMEOUT_S": "0.2", **hold.env})
     try:
-        wait_for_training(url, name)
+        hold.wait(4, HOLD_TIMEOUT_S, [launcher])  # every worker in a trial, with epochs still to report
         holder = sqlite3.connect(db, timeout=60, isolation_level=None)
         holder.execute("BEGIN EXCLUSIVE")  # no worker reads or writes while this is held
-        time.sleep(4)
-        holder.execute("ROLLBACK")
-        holder.close()
-        out, err = launcher.communicate(timeout=400)
+        try:
+            hold.release()
+            wait_for_text(errors, "database is locked; retry 1 of", launcher)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        out, _ = launcher.communicate(timeout=SEARCH_TIMEOUT_S)
     finally:
         launcher.kill()
-    assert launcher.returncode == 0, err[-3000:]
-    assert "database is locked; retry 1 of" in err
+    assert launcher.returncode == 0, errors.read_text()[-3000:]
     assert_every_trial_complete_once(url, name)
 
 
