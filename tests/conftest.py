@@ -1,4 +1,6 @@
+import getpass
 import os
+import tempfile
 import time
 
 import pytest
@@ -8,6 +10,13 @@ import torch
 # kernel is defined, so here, before the test modules import ktfast.kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# torch.compile's on-disk cache is not keyed by the vector width ATEN_CPU_CAPABILITY selects: C++
+# compiled for this CPU (AVX-512, say) would be reused under =avx2 and give NaN, or fail to build
+# under =default. One cache per capability.
+if os.environ.get("ATEN_CPU_CAPABILITY"):
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}"))
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from ktfast.graph import Graph
 from ktfast.run import make_trainer, pretrained_paths
 
 STEPS = 3
-# Random images: digits' blank borders make BatchNorm ill-conditioned, and there 1 or 2 CPU threads
-# alone (a different summation order) part the weights by 7e-5 within three steps.
+# Random images: digits' blank borders make BatchNorm ill-conditioned, and there, in float32, 1 or 2
+# CPU threads alone (a different summation order) part the weights by 7e-5 within three steps.
 CONFIG = dict(dataset="synthetic:classes=10,size=16,train=256,test=64", epochs=1, batch_size=32, lr=0.05,
               device="cpu", loader="gpu")
 

@@ -2,9 +2,9 @@
 
 place nodes computes what one process computes (dcl3, and EKD whose ensemble trains teachers on
 other ranks); place data with --sync-bn computes it up to reduction order, and without it does
-not (both in float64, against a derived bound); torchrun trains both places to the accuracy of one process; a killed rank ends the other
-with one line and the run resumes to the uninterrupted run's metrics; launch mistakes end every
-rank with exit 2 and one line."""
+not (in float64, to a derived bound); torchrun trains both places to the accuracy of one process;
+a killed rank ends the other with one line and the run resumes to the uninterrupted run's metrics;
+launch mistakes end every rank with exit 2 and one line."""
 import json
 import os
 import signal
