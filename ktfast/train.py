@@ -159,7 +159,9 @@ class Trainer:
 
     def check_fusion(self, image_size: int) -> None:
         """Each fused group runs as its nodes would, or falls back to its nodes run one by one."""
-        x = torch.randn(2, 3, image_size, image_size, device=self.cfg.device)
+        # A generator of its own: the global one belongs to the seeded initialisation, which trials
+        # packed as threads take in turn while this runs.
+        x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(self.cfg.device)
         if self.cfg.device.startswith("cuda"):
             x = x.contiguous(memory_format=torch.channels_last)
         units = []
