@@ -3,7 +3,7 @@
 The tests that kill a worker, a rank or a run, stop a database server or hold an SQLite lock need
 the run at a known point, whatever the relative speed of the processes and threads sharing the
 machine. With KTFAST_TEST_HOLD=FILE in its environment, every training loop (a run, each rank of a
-distributed run, each trial of a search, each slot of a packed worker) stops after the first
+distributed run, each trial of a search and each teacher pre-trained for it) stops after the first
 optimizer step of its second epoch — its first epoch reported, and checkpointed where it keeps a
 run directory — appends the line "PID THREAD-NAME" to FILE.held, and waits until FILE exists. A
 loop that gets there after FILE exists goes straight on.

@@ -107,8 +107,9 @@ def test_a_killed_packed_worker_has_its_trials_retried_and_none_lost(kind, tmp_p
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, **hold.env})
     try:
-        # Both slots of the one worker stop in their trial's second epoch and stay there: the kill
-        # finds two trials in flight, however the two threads shared the CPU until then.
+        # Both slots of the one worker stop in their trial's second epoch (or its teacher's, being
+        # pre-trained) and stay there: the kill finds two trials in flight, however the two threads
+        # shared the CPU until then.
         held = hold.wait(2, HOLD_TIMEOUT_S, [launcher])
         [pid] = {pid for pid, _ in held}
         assert sorted(slot for _, slot in held) == ["trial slot 0", "trial slot 1"]
@@ -119,7 +120,6 @@ def test_a_killed_packed_worker_has_its_trials_retried_and_none_lost(kind, tmp_p
     assert launcher.returncode == 1 and "killed by signal 9" in err and "run the same command again" in err
     victims = [t for t in load(url, name).get_trials() if t.state == RUNNING]
     assert len(victims) == 2 and all(t.user_attrs["worker"].endswith(f":{pid}") for t in victims)
-    assert all(sorted(t.intermediate_values) == [1] for t in victims)  # both stopped in their second epoch
 
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=SEARCH_TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stderr

@@ -118,7 +118,8 @@ def test_a_killed_worker_trial_is_failed_then_retried_with_the_same_graph(kind, 
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, **hold.env})
     try:
-        # Each worker stops in the second epoch of its trial: the kill lands on a trial in training.
+        # Each worker stops in the second epoch of its trial (or of its teacher, being pre-trained):
+        # the kill lands on a trial in training.
         [(pid, _), _] = hold.wait(2, HOLD_TIMEOUT_S, [launcher])
         os.kill(pid, signal.SIGKILL)
         hold.release()  # the other worker goes on, and retries the dead one's trial
@@ -132,7 +133,7 @@ def test_a_killed_worker_trial_is_failed_then_retried_with_the_same_graph(kind, 
     # The trial it was killed in; trials it gave up with a reason (a frozen target) are not that one.
     [victim] = [t for t in trials if t.user_attrs.get("worker", "").endswith(f":{pid}")
                 and "fail_reason" not in t.user_attrs]
-    assert victim.state == optuna.trial.TrialState.FAIL and sorted(victim.intermediate_values) == [1]
+    assert victim.state == optuna.trial.TrialState.FAIL
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].params == victim.params and retries[0].state in COUNTED
     assert sorted(retries[0].intermediate_values) == list(range(1, epochs + 1))  # trained again from epoch 1
