@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LABEL = "label"
-LOSS_TERMS = ("ce", "kl", "cos", "mse", "att_mse", "att_cos")
+LOSS_TERMS = ("ce", "kl", "cos", "mse", "att_mse", "att_cos", "dkd", "dist")
 ATTENTION_TERMS = ("att_mse", "att_cos")
-GATES = ("through", "cutoff", "linear", "correct", "negative_linear", "gamma", "negative_gamma")
+TEMPERED_TERMS = ("kl", "dkd", "dist")  # the terms that read `temperature`, and that `standardize` changes
+GATES = ("through", "cutoff", "linear", "correct", "negative_linear", "gamma", "negative_gamma", "warmup")
 GAMMA_GATES = ("gamma", "negative_gamma")  # the gates that read the edge's `gamma`
 SOFTEN = ("both", "source")
 REDUCES = ("mean", "sum")
@@ -25,7 +26,8 @@ _BRANCH_ADDRESS = re.compile(r"^(.+)\.b(\d+)$")
 _GRAPH_KEYS = {"version", "name", "target", "nodes", "edges", "description"}
 _MODEL_KEYS = {"name", "model", "init", "lr_scale"}
 _ENSEMBLE_KEYS = {"name", "ensemble", "reduce", "detach"}
-_EDGE_KEYS = {"from", "to", "loss", "gate", "temperature", "weight", "crops", "soften", "gamma"}
+_EDGE_KEYS = {"from", "to", "loss", "gate", "temperature", "weight", "crops", "soften", "gamma", "alpha", "beta",
+              "standardize", "warmup"}
 
 
 class GraphError(ValueError):
@@ -64,6 +66,10 @@ class Edge:
     crops: tuple[int, ...] = DEFAULT_CROPS
     soften: str = "both"  # "source": only the source's logits are divided by T, no T² (EKD's Eq. 8)
     gamma: float = 1.0  # the exponent 1/γ of the gamma gates
+    alpha: float = 1.0  # dkd: the weight of TCKD
+    beta: float = 8.0  # dkd: the weight of NCKD
+    standardize: bool = False  # the kl, dkd and dist terms see standardized logits (Sun et al., 2024)
+    warmup: float | None = None  # the warmup gate's fraction w of the run
 
     @property
     def terms(self) -> tuple[str, ...]:
@@ -85,6 +91,12 @@ class Edge:
             d["soften"] = self.soften
         if self.gamma != 1.0:
             d["gamma"] = self.gamma
+        if "dkd" in self.terms:
+            d["alpha"], d["beta"] = self.alpha, self.beta
+        if self.standardize:
+            d["standardize"] = True
+        if self.warmup is not None:
+            d["warmup"] = self.warmup
         return d
 
 
@@ -322,6 +334,8 @@ def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
             raise GraphError(f"{where}.loss: unknown loss {term!r}")
     if len(set(terms)) != len(terms):
         raise GraphError(f"{where}.loss: {loss!r} repeats a term")
+    if source == LABEL and "dkd" in terms:
+        raise GraphError(f"{where}.loss: 'dkd' decouples a teacher's logits around the label, and 'label' has none")
     if ("ce" in terms) != (source == LABEL) or (source == LABEL and terms != ["ce"]):
         raise GraphError(f"{where}.loss: 'ce' is the loss of edges from 'label', and only it")
     gate = _typed(raw, "gate", str, where)
@@ -350,7 +364,29 @@ def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
         raise GraphError(f"{where}.gamma: only the gamma and negative_gamma gates take it, not gate {gate!r}")
     if not math.isfinite(gamma) or gamma <= 0:
         raise GraphError(f"{where}.gamma: must be > 0, got {gamma}")
-    return Edge(source, target, loss, gate, float(temperature), float(weight), tuple(crops), soften, float(gamma))
+    dkd = {}
+    for key, default in (("alpha", 1.0), ("beta", 8.0)):
+        value = _typed(raw, key, float, where, default=default)
+        if key in raw and "dkd" not in terms:
+            raise GraphError(f"{where}.{key}: only edges with a 'dkd' term take it, not loss {loss!r}")
+        if not math.isfinite(value) or value < 0:
+            raise GraphError(f"{where}.{key}: must be >= 0, got {value}")
+        dkd[key] = float(value)
+    standardize = _typed(raw, "standardize", bool, where, default=False)
+    if standardize and not any(t in TEMPERED_TERMS for t in terms):
+        raise GraphError(f"{where}.standardize: only a kl, dkd or dist term sees standardized logits, "
+                         f"and loss {loss!r} has none")
+    warmup = _typed(raw, "warmup", float, where, default=None)
+    if gate == "warmup":
+        if warmup is None:
+            raise GraphError(f"{where}.warmup: the warmup gate needs the fraction of the run it warms up over (0 < w <= 1)")
+        if not math.isfinite(warmup) or not 0 < warmup <= 1:
+            raise GraphError(f"{where}.warmup: must be in (0, 1], got {warmup}")
+        warmup = float(warmup)
+    elif warmup is not None:
+        raise GraphError(f"{where}.warmup: only the warmup gate takes it, not gate {gate!r}")
+    return Edge(source, target, loss, gate, float(temperature), float(weight), tuple(crops), soften, float(gamma),
+                dkd["alpha"], dkd["beta"], standardize, warmup)
 
 
 def _owner(endpoint: str) -> str:

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from ktfast.graph import LABEL, Edge, Graph, GraphError
 
 NORMALIZE_EPS = 1e-12  # as torch.nn.functional.normalize
+STANDARDIZE_EPS = 1e-7  # as the logit standardization paper's code
+DIST_EPS = 1e-8  # as DIST's code
 
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
@@ -32,6 +34,48 @@ def kl(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 1.0, soften: s
         return F.kl_div(F.log_softmax(_acc(z_t), dim=1), log_p_s, reduction="none", log_target=True).sum(1)
     log_p_t = F.log_softmax(_acc(z_t) / temperature, dim=1)
     return F.kl_div(log_p_t, log_p_s, reduction="none", log_target=True).sum(1) * temperature**2
+
+
+def standardize(z: torch.Tensor) -> torch.Tensor:
+    """(z − mean) / (1e-7 + std) over the classes, std unbiased (Sun et al., CVPR 2024). Constant
+    logits give zeros: the std's own gradient, 0/0 there, is taken as 0 rather than NaN."""
+    z = _acc(z)
+    centred = z - z.mean(1, keepdim=True)
+    var = centred.pow(2).sum(1, keepdim=True) / (z.shape[1] - 1)
+    std = torch.where(var > 0, var, torch.ones_like(var)).sqrt() * (var > 0)
+    return centred / (STANDARDIZE_EPS + std)
+
+
+def dkd(z_s: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+        alpha: float = 1.0, beta: float = 8.0) -> torch.Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022): α·TCKD + β·NCKD at temperature T, × T².
+
+    TCKD is the KL of the binary distributions (p_y, 1 − p_y); NCKD the KL of the softmax over the
+    classes other than y. Everything comes from log-sum-exps: 1 − p_y is exp(lse_{j≠y} − lse), which
+    stays exact where p_y rounds to 1, and NCKD's masked class never enters a product with −inf."""
+    y = torch.nn.functional.one_hot(labels, z_t.shape[1]).bool()
+    parts = {}
+    for name, z in (("s", _acc(z_s.detach()) / temperature), ("t", _acc(z_t) / temperature)):
+        lse = torch.logsumexp(z, 1)
+        lse_other = torch.logsumexp(z.masked_fill(y, -float("inf")), 1)
+        log_bin = torch.stack([(z * y).sum(1) - lse, lse_other - lse], 1)  # log p_y, log(1 − p_y)
+        log_other = z.masked_fill(y, 0.0) - lse_other[:, None]  # log of the softmax over j ≠ y
+        parts[name] = log_bin, log_other
+    (bin_s, other_s), (bin_t, other_t) = parts["s"], parts["t"]
+    tckd = (bin_s.exp() * (bin_s - bin_t)).sum(1)
+    nckd = (other_s.exp() * (other_s - other_t)).masked_fill(y, 0.0).sum(1)
+    return (alpha * tckd + beta * nckd) * temperature**2
+
+
+def dist(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """DIST's inter-class relation (Huang et al., NeurIPS 2022): 1 − the Pearson correlation of the
+    two softmax(z / T) over the classes, × T²; a cosine of the centred vectors, ε added to the
+    product of the norms as DIST's code does."""
+    p_s = F.softmax(_acc(z_s.detach()) / temperature, dim=1)
+    p_t = F.softmax(_acc(z_t) / temperature, dim=1)
+    a, b = p_s - p_s.mean(1, keepdim=True), p_t - p_t.mean(1, keepdim=True)
+    corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + DIST_EPS)
+    return (1 - corr) * temperature**2
 
 
 def cos(z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
@@ -87,6 +131,8 @@ def gate(edge: Edge, z_s: torch.Tensor | None, labels: torch.Tensor, step: int, 
         return (step / total_steps) ** (1 / edge.gamma)
     if edge.gate == "negative_gamma":
         return (1 - step / total_steps) ** (1 / edge.gamma)
+    if edge.gate == "warmup":
+        return min(1.0, step / (edge.warmup * total_steps))
     if edge.gate == "correct":
         if z_s is None:  # the label is always right about itself
             return 1.0
@@ -97,11 +143,16 @@ def gate(edge: Edge, z_s: torch.Tensor | None, labels: torch.Tensor, step: int, 
 def edge_loss(edge: Edge, z_s, z_t, labels, att_s=None, att_t=None) -> torch.Tensor:
     """The ungated per-sample loss of one edge: the sum of its terms ([B])."""
     total = 0.0
+    std_s, std_t = (standardize(z_s), standardize(z_t)) if edge.standardize else (z_s, z_t)
     for term in edge.terms:
         if term == "ce":
             total = total + ce(z_t, labels)
         elif term == "kl":
-            total = total + kl(z_s, z_t, edge.temperature, edge.soften)
+            total = total + kl(std_s, std_t, edge.temperature, edge.soften)
+        elif term == "dkd":
+            total = total + dkd(std_s, std_t, labels, edge.temperature, edge.alpha, edge.beta)
+        elif term == "dist":
+            total = total + dist(std_s, std_t, edge.temperature)
         elif term == "cos":
             total = total + cos(z_s, z_t)
         elif term == "mse":
