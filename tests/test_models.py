@@ -5,8 +5,10 @@ from ktfast.models import MODEL_NAMES, build_model, is_model_name
 
 # The stem conv and the module whose output is the last stage's feature map, per family. A WRN's
 # last map is the one after its final BN + ReLU, so the hook sits on that BN and the test adds the ReLU.
-STEM = {"resnet8": lambda m: m.stem[0], "wrn16_1": lambda m: m.stem, "resnet18": lambda m: m.conv1}
-LAST = {"resnet8": lambda m: m.stages[-1], "wrn16_1": lambda m: m.bn, "resnet18": lambda m: m.layer4}
+STEM = {"resnet8": lambda m: m.stem[0], "resnet8x4": lambda m: m.stem[0], "wrn16_1": lambda m: m.stem,
+        "resnet18": lambda m: m.conv1}
+LAST = {"resnet8": lambda m: m.stages[-1], "resnet8x4": lambda m: m.stages[-1], "wrn16_1": lambda m: m.bn,
+        "resnet18": lambda m: m.layer4}
 
 
 def n_params(model):
@@ -50,6 +52,36 @@ def test_parameter_counts_match_the_papers(name, exact, published):
     assert abs(n - published) / published < 0.02
 
 
+# The sizes the CRD (Tian et al., 2020) and DKD (Zhao et al., 2022) tables print for CIFAR-100, in millions
+# and rounded to two decimals; the exact counts are RepDistiller's networks at 100 classes (its ResNets
+# project the shortcut by a 1x1 convolution + BN where the shape changes, as ours do).
+LITERATURE_100 = {"resnet8x4": (1_233_540, 1.23), "resnet32x4": (7_433_860, 7.43), "wrn40_2": (2_255_156, 2.26),
+                  "wrn16_2": (703_284, 0.70), "resnet56": (861_620, 0.86), "resnet20": (278_324, 0.28),
+                  "resnet110": (1_736_564, 1.74), "resnet32": (472_756, 0.47)}
+
+
+@pytest.mark.parametrize("name", sorted(LITERATURE_100))
+def test_parameter_counts_of_the_distillation_literature_at_100_classes(name):
+    exact, published_m = LITERATURE_100[name]
+    n = n_params(build_model(name, 100))
+    assert n == exact
+    assert round(n / 1e6, 2) == published_m
+
+
+@pytest.mark.parametrize("name", ["resnet8x4", "resnet32x4"])
+def test_wide_cifar_resnets_as_repdistiller_defines_them(name):
+    """A 32-channel stem, then (depth − 2) / 6 basic blocks at each of 64, 128, 256 channels; the
+    first block of every stage projects its shortcut (the stem's 32 channels differ from 64 too)."""
+    model = build_model(name, 100)
+    n = (int(name[len("resnet"):-len("x4")]) - 2) // 6
+    assert model.stem[0].out_channels == 32
+    assert [len(stage) for stage in model.stages] == [n, n, n]
+    assert [stage[0].conv1.out_channels for stage in model.stages] == [64, 128, 256]
+    assert [stage[0].conv1.stride for stage in model.stages] == [(1, 1), (2, 2), (2, 2)]
+    assert all(not isinstance(stage[0].shortcut, torch.nn.Identity) for stage in model.stages)
+    assert model.fc.in_features == 256
+
+
 @pytest.mark.parametrize("name,size,side", [
     ("resnet20", 64, 8), ("wrn16_2", 64, 8), ("resnet8", 16, 4), ("wrn10_1", 8, 2)])
 def test_stem_strides_only_above_32px(name, size, side):
@@ -59,9 +91,10 @@ def test_stem_strides_only_above_32px(name, size, side):
 
 
 def test_registry_names():
-    for ok in ("resnet8", "resnet110", "resnet18", "wrn28_2", "wrn16_4", "wrn40_1", "wrn10_8"):
+    for ok in ("resnet8", "resnet8x4", "resnet32x4", "resnet110", "resnet18", "wrn28_2", "wrn16_4", "wrn40_1", "wrn10_8"):
         assert is_model_name(ok), ok
-    for bad in ("wrn27_2", "wrn28_0", "wrn4_1", "wrn028_2", "wrn28-2", "wrn28_2x", "resnet9", "resnet", "foo", ""):
+    for bad in ("wrn27_2", "wrn28_0", "wrn4_1", "wrn028_2", "wrn28-2", "wrn28_2x", "resnet9", "resnet", "foo", "",
+                "resnet20x4", "resnet8x2"):
         assert not is_model_name(bad), bad
     assert all(is_model_name(n) for n in MODEL_NAMES)
     assert n_params(build_model("wrn16_4", 10)) > n_params(build_model("wrn16_2", 10))

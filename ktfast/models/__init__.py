@@ -26,6 +26,7 @@ from ktfast.models import zoo
 Constructor = Callable[[int, int], nn.Module]
 
 _FIXED: dict[str, Constructor] = {f"resnet{d}": partial(CifarResNet, d) for d in (8, 14, 20, 26, 32, 44, 56, 110)}
+_FIXED.update({f"resnet{d}x4": partial(CifarResNet, d, stem=32, widths=(64, 128, 256)) for d in (8, 32)})
 _FIXED["resnet18"] = ResNet18
 _FIXED["abn18"] = ABN18
 
