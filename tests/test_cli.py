@@ -54,6 +54,12 @@ BAD_RUNS = {
     "lr_scale zero": (bad(lambda g: g["nodes"][0].update(lr_scale=0)), [], "lr_scale"),
     "gamma on a correct gate": (bad(lambda g: g["edges"][2].update(gamma=2.0)), [], "gamma"),
     "gamma zero": (bad(lambda g: g["edges"][3].update(gate="gamma", gamma=0.0)), [], "gamma"),
+    "beta negative": (bad(lambda g: g["edges"][2].update(loss="dkd", beta=-1)), [], "edges[b->a].beta"),
+    "standardize on an mse edge": (bad(lambda g: g["edges"][3].update(loss="mse", standardize=True)), [],
+                                   "edges[a->b].standardize"),
+    "dkd from label": (bad(lambda g: g["edges"][0].update(loss="dkd")), [], "edges[label->a].loss: 'dkd'"),
+    "warmup above one": (bad(lambda g: g["edges"][3].update(gate="warmup", warmup=2)), [], "edges[a->b].warmup"),
+    "warmup on a correct gate": (bad(lambda g: g["edges"][2].update(warmup=0.5)), [], "edges[b->a].warmup"),
 }
 
 

@@ -83,6 +83,31 @@ def test_soften_lr_scale_and_gamma_parse_and_round_trip():
     assert Graph.from_dict(again).to_dict() == again
 
 
+def test_dkd_dist_standardize_and_warmup_parse_and_round_trip():
+    d = base()
+    d["edges"][1].update(loss="dkd+att_mse", alpha=0.0, beta=2.5, standardize=True, gate="warmup", warmup=1 / 12)
+    d["edges"][2].update(loss="dist", temperature=4.0)
+    d["edges"].append({"from": "n3", "to": "n2", "loss": "kl", "gate": "warmup", "warmup": 1, "standardize": False})
+    d["edges"].append({"from": "n2", "to": "n3", "loss": "dkd", "gate": "through"})
+    g = Graph.from_dict(d)
+    e1, e2, e3, e4 = g.edges[1], g.edges[2], g.edges[5], g.edges[6]
+    assert (e1.terms, e1.alpha, e1.beta, e1.standardize, e1.gate, e1.warmup) == (
+        ("dkd", "att_mse"), 0.0, 2.5, True, "warmup", 1 / 12)
+    assert (e2.terms, e2.standardize, e2.warmup) == (("dist",), False, None)
+    assert (e3.warmup, e3.standardize) == (1.0, False)
+    assert (e4.alpha, e4.beta) == (1.0, 8.0)  # DKD's defaults
+    again = g.to_dict()
+    assert again["edges"][1]["alpha"] == 0.0 and again["edges"][1]["beta"] == 2.5
+    assert again["edges"][1]["standardize"] is True and again["edges"][1]["warmup"] == 1 / 12
+    assert again["edges"][6]["alpha"] == 1.0 and again["edges"][6]["beta"] == 8.0
+    # Fields at their defaults are left out where they do not apply.
+    assert not {"alpha", "beta", "standardize", "warmup"} & set(again["edges"][2])
+    assert "standardize" not in again["edges"][5]
+    g2 = Graph.from_dict(again)
+    assert g2.edges == g.edges and g2.to_dict() == again
+    assert Graph.from_dict(json.loads(json.dumps(again))).edges == g.edges  # through the file's JSON too
+
+
 def mutate(fn):
     d = base()
     fn(d)
@@ -133,6 +158,30 @@ BAD = {
     "gamma negative": (lambda d: d["edges"][1].update(gate="negative_gamma", gamma=-2.0), "gamma"),
     "gamma on a linear gate": (lambda d: d["edges"][1].update(gamma=2.0), "gamma"),
     "gamma on a negative_linear gate": (lambda d: d["edges"][1].update(gate="negative_linear", gamma=2.0), "gamma"),
+    # The fields of the modern logit distillation: each error names the edge and the field.
+    "alpha negative": (lambda d: d["edges"][1].update(loss="dkd", alpha=-0.5), "edges[n2->n1].alpha: must be >= 0"),
+    "beta negative": (lambda d: d["edges"][1].update(loss="dkd+mse", beta=-8), "edges[n2->n1].beta: must be >= 0"),
+    "beta infinite": (lambda d: d["edges"][1].update(loss="dkd", beta=float("inf")), "edges[n2->n1].beta"),
+    "alpha not a number": (lambda d: d["edges"][1].update(loss="dkd", alpha="1"), "edges[n2->n1].alpha"),
+    "alpha on a kl edge": (lambda d: d["edges"][1].update(alpha=1.0), "edges[n2->n1].alpha: only edges with a 'dkd'"),
+    "beta on a dist edge": (lambda d: d["edges"][1].update(loss="dist", beta=8.0), "edges[n2->n1].beta"),
+    "standardize on an mse edge": (lambda d: d["edges"].append({"from": "n3", "to": "n2", "loss": "mse",
+                                                                "gate": "through", "standardize": True}),
+                                   "edges[n3->n2].standardize"),
+    "standardize on cos+att_cos": (lambda d: d["edges"][4].update(loss="cos+att_cos", standardize=True),
+                                   "edges[n1->n2].standardize"),
+    "standardize on a ce edge": (lambda d: d["edges"][0].update(standardize=True), "edges[label->n1].standardize"),
+    "standardize not a bool": (lambda d: d["edges"][1].update(standardize=1), "edges[n2->n1].standardize"),
+    "dkd from label": (lambda d: d["edges"][0].update(loss="dkd"), "edges[label->n1].loss: 'dkd'"),
+    "ce+dkd from label": (lambda d: d["edges"][0].update(loss="ce+dkd"), "edges[label->n1].loss"),
+    "warmup gate without warmup": (lambda d: d["edges"][1].update(gate="warmup"), "edges[n2->n1].warmup"),
+    "warmup zero": (lambda d: d["edges"][1].update(gate="warmup", warmup=0), "edges[n2->n1].warmup: must be in (0, 1]"),
+    "warmup negative": (lambda d: d["edges"][1].update(gate="warmup", warmup=-0.1), "edges[n2->n1].warmup"),
+    "warmup above one": (lambda d: d["edges"][1].update(gate="warmup", warmup=1.01), "edges[n2->n1].warmup"),
+    "warmup nan": (lambda d: d["edges"][1].update(gate="warmup", warmup=float("nan")), "edges[n2->n1].warmup"),
+    "warmup not a number": (lambda d: d["edges"][1].update(gate="warmup", warmup="0.1"), "edges[n2->n1].warmup"),
+    "warmup on a linear gate": (lambda d: d["edges"][1].update(warmup=0.5), "edges[n2->n1].warmup: only the warmup"),
+    "warmup on a through ce edge": (lambda d: d["edges"][0].update(warmup=0.5), "edges[label->n1].warmup"),
 }
 
 
