@@ -36,11 +36,24 @@ def kl(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 1.0, soften: s
     return F.kl_div(log_p_t, log_p_s, reduction="none", log_target=True).sum(1) * temperature**2
 
 
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    """x − mean(x) over the classes, the mean taken of x − x_0 (x_0 the first class's) and added
+    back: the same values, but a constant row centres to exact zeros, where fl(mean(x)) may be an
+    ulp off x, which a following 1e-7 or 1e-8 in a denominator would blow up to O(1)."""
+    shifted = x - x[:, :1]
+    return shifted - shifted.mean(1, keepdim=True)
+
+
 def standardize(z: torch.Tensor) -> torch.Tensor:
     """(z − mean) / (1e-7 + std) over the classes, std unbiased (Sun et al., CVPR 2024). Constant
-    logits give zeros: the std's own gradient, 0/0 there, is taken as 0 rather than NaN."""
+    logits give exact zeros (`_centre`; a plain z − mean(z) gave 0.67 for a row of 3.7 at 7 classes
+    in fp32): the std's own gradient, 0/0 there, is taken as 0 rather than NaN.
+
+    fp32 against float64 (tests/test_losses_logit.py): the centred values carry ≤ (log2 C + 2)·u·max|z|,
+    the std a relative (log2 C + 4)·u, so z' is off by ≤ (2·log2 C + 6)·u·(max|z| / (1e-7 + std) + √C),
+    u = 2⁻²⁴: ill-conditioned as std → 0, which is the formula's, not the rounding's."""
     z = _acc(z)
-    centred = z - z.mean(1, keepdim=True)
+    centred = _centre(z)
     var = centred.pow(2).sum(1, keepdim=True) / (z.shape[1] - 1)
     std = torch.where(var > 0, var, torch.ones_like(var)).sqrt() * (var > 0)
     return centred / (STANDARDIZE_EPS + std)
@@ -51,15 +64,24 @@ def dkd(z_s: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, temperature:
     """Decoupled KD (Zhao et al., CVPR 2022): α·TCKD + β·NCKD at temperature T, × T².
 
     TCKD is the KL of the binary distributions (p_y, 1 − p_y); NCKD the KL of the softmax over the
-    classes other than y. Everything comes from log-sum-exps: 1 − p_y is exp(lse_{j≠y} − lse), which
-    stays exact where p_y rounds to 1, and NCKD's masked class never enters a product with −inf."""
+    classes other than y. Everything comes from log-sum-exps: with d = lse_{j≠y} − z_y = log((1 − p_y)
+    / p_y), log p_y = −log(1 + e^d) and log(1 − p_y) = −log(1 + e^−d), both to a relative u where p_y
+    rounds to 1 (a plain z_y − lse would round to 0 there and TCKD lose its −(1−p_y^s) + (1−p_y^t)).
+
+    fp32 against float64 (tests/test_losses_logit.py), M = max|z| / T over both rows, u = 2⁻²⁴: the
+    log-probabilities carry e = (log2 C + 5)·u·(M + log C + 1); the loss then ≤ T²·(α + β)·e·(3 + 4M
+    + 2·log C) (a KL is Σ p (ℓ_s − ℓ_t), |ℓ_s − ℓ_t| ≤ 4M + 2 log C) and each gradient element
+    ≤ 4·T·(α + β)·e (it is T times differences of probabilities, each to a relative 2e)."""
     y = torch.nn.functional.one_hot(labels, z_t.shape[1]).bool()
     parts = {}
     for name, z in (("s", _acc(z_s.detach()) / temperature), ("t", _acc(z_t) / temperature)):
-        lse = torch.logsumexp(z, 1)
         lse_other = torch.logsumexp(z.masked_fill(y, -float("inf")), 1)
-        log_bin = torch.stack([(z * y).sum(1) - lse, lse_other - lse], 1)  # log p_y, log(1 − p_y)
-        log_other = z.masked_fill(y, 0.0) - lse_other[:, None]  # log of the softmax over j ≠ y
+        d = lse_other - (z * y).sum(1)
+        zero = torch.zeros_like(d)
+        log_bin = -torch.stack([torch.logaddexp(zero, d), torch.logaddexp(zero, -d)], 1)  # log p_y, log(1 − p_y)
+        # log of the softmax over j ≠ y; 0 at y, not −lse_other, whose exp overflows (lse_other ≪ 0
+        # at logits of ±1e4) and would make the masked product's gradient 0 · inf = NaN.
+        log_other = (z - lse_other[:, None]).masked_fill(y, 0.0)
         parts[name] = log_bin, log_other
     (bin_s, other_s), (bin_t, other_t) = parts["s"], parts["t"]
     tckd = (bin_s.exp() * (bin_s - bin_t)).sum(1)
@@ -70,10 +92,14 @@ def dkd(z_s: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, temperature:
 def dist(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """DIST's inter-class relation (Huang et al., NeurIPS 2022): 1 − the Pearson correlation of the
     two softmax(z / T) over the classes, × T²; a cosine of the centred vectors, ε added to the
-    product of the norms as DIST's code does."""
+    product of the norms as DIST's code does. Constant logits centre to exact zeros (`_centre`).
+
+    fp32 against float64 (tests/test_losses_logit.py): p carries a relative e (as in `dkd`), the
+    centred a, b ≤ 3e·‖p‖, so the loss ≤ T²·(6e·(‖p_s‖‖b‖ + ‖a‖‖p_t‖) / (‖a‖‖b‖ + ε) + 3(log2 C + 4)·u):
+    the correlation of near-uniform distributions is ill-conditioned, as 1 / ‖a‖ and 1 / ‖b‖."""
     p_s = F.softmax(_acc(z_s.detach()) / temperature, dim=1)
     p_t = F.softmax(_acc(z_t) / temperature, dim=1)
-    a, b = p_s - p_s.mean(1, keepdim=True), p_t - p_t.mean(1, keepdim=True)
+    a, b = _centre(p_s), _centre(p_t)
     corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + DIST_EPS)
     return (1 - corr) * temperature**2
 

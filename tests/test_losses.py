@@ -2,6 +2,7 @@
 formulas of DESIGN §1), and its gradients to where they may and may not go."""
 import math
 
+import logit_reference as paper
 import numpy as np
 import pytest
 import torch
@@ -9,8 +10,10 @@ import torch
 from ktfast import Graph, GraphError
 from ktfast.losses import graph_losses, reference_graph_losses
 
-LOSSES = ["kl", "cos", "mse", "att_mse", "att_cos", "kl+att_mse", "cos+att_cos", "kl+mse"]
-GATES = ["through", "linear", "correct", "negative_linear", "gamma", "negative_gamma"]
+LOSSES = ["kl", "cos", "mse", "att_mse", "att_cos", "kl+att_mse", "cos+att_cos", "kl+mse", "dkd", "dist",
+          "dkd+att_mse", "dist+mse", "dkd+dist"]
+GATES = ["through", "linear", "correct", "negative_linear", "gamma", "negative_gamma", "warmup"]
+TEMPERED = ("kl", "dkd", "dist")  # the terms that see standardized logits under `standardize`
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +36,12 @@ def crop(a, i, j, k):
 
 
 def term_loss(term, edge, zs, zt, y, att_s, att_t):
+    if term in TEMPERED and edge.get("standardize"):
+        zs, zt = paper.standardize(zs), paper.standardize(zt)
+    if term == "dkd":
+        return paper.dkd(zs, zt, y, edge.get("temperature", 1.0), edge.get("alpha", 1.0), edge.get("beta", 8.0))
+    if term == "dist":
+        return paper.dist(zs, zt, edge.get("temperature", 1.0))
     if term == "ce":
         return -math.log(softmax(zt)[y])
     if term == "kl":
@@ -55,10 +64,10 @@ def term_loss(term, edge, zs, zt, y, att_s, att_t):
     return sum(values) / len(values)
 
 
-def time_gate(gate, x, gamma=1.0):
+def time_gate(gate, x, gamma=1.0, warmup=None):
     """The gates of DESIGN §1 that depend only on x = k / k_end."""
     return {"through": 1.0, "linear": x, "negative_linear": 1 - x, "gamma": x ** (1 / gamma),
-            "negative_gamma": (1 - x) ** (1 / gamma)}[gate]
+            "negative_gamma": (1 - x) ** (1 / gamma), "warmup": warmup and min(1.0, x / warmup)}[gate]
 
 
 def expected_losses(d, logits, labels, step, total, attention):
@@ -78,7 +87,7 @@ def expected_losses(d, logits, labels, step, total, attention):
         for b in range(batch):
             zs = None if e["from"] == "label" else z[e["from"]][b]
             if e["gate"] != "correct":
-                g = time_gate(e["gate"], step / total, e.get("gamma", 1.0))
+                g = time_gate(e["gate"], step / total, e.get("gamma", 1.0), e.get("warmup"))
             else:
                 g = 1.0 if zs is None or int(np.argmax(zs)) == y[b] else 0.0
             loss = sum(term_loss(t, e, zs, z[e["to"]][b], y[b],
@@ -119,7 +128,7 @@ def models(*names):
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_every_loss_and_gate_against_independent_computation(loss, gate):
-    gamma = {"gamma": 2.5} if gate in ("gamma", "negative_gamma") else {}
+    gamma = {"gamma": 2.5} if gate in ("gamma", "negative_gamma") else {"warmup": 0.4} if gate == "warmup" else {}
     edges = [{"from": "label", "to": "n1", "loss": "ce", "gate": gate, **gamma},
              {"from": "n2", "to": "n1", "loss": loss, "gate": gate, "crops": [3, 5], **gamma},
              {"from": "label", "to": "n2", "loss": "ce", "gate": "through"}]
@@ -148,6 +157,37 @@ def test_soften_source_against_independent_computation():
              {"from": "n1", "to": "n2", "loss": "kl", "gate": "correct", "temperature": 3.0, "soften": "source"}]
     logits, labels, _ = make_inputs(["n1", "n2", "n3"], seed=11, scale=4.0)
     check(graph(models("n1", "n2", "n3"), edges), logits, labels, step=4, total=9)
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+@pytest.mark.parametrize("loss", ["kl", "dkd", "dist", "dkd+mse", "dist+cos", "kl+att_cos"])
+def test_modern_terms_temperature_alpha_beta_and_standardize(loss, standardize):
+    # standardize changes the kl, dkd and dist terms and leaves mse, cos and att_* as they were.
+    extra = {"alpha": 0.0, "beta": 2.0} if "dkd" in loss else {}
+    edges = [{"from": "n2", "to": "n1", "loss": loss, "gate": "warmup", "warmup": 0.5, "temperature": 4.0,
+              "standardize": standardize, "weight": 0.7, **extra},
+             {"from": "n1", "to": "n2", "loss": loss.split("+")[0], "gate": "correct", "temperature": 0.5,
+              "standardize": standardize},
+             {"from": "label", "to": "n1", "loss": "ce", "gate": "through"}]
+    logits, labels, attention = make_inputs(["n1", "n2"], seed=13, scale=5.0)
+    check(graph(models("n1", "n2"), edges), logits, labels, attention, step=2, total=10)
+
+
+# k / k_end = 0.1, 0.5 at w = 0.4: 0.25 and 1 (the gate holds at 1 after the warm-up); the first step of
+# DKD's 1/12 over 240 steps is 1/20.
+@pytest.mark.parametrize("warmup,steps,weights", [(0.4, (1, 2, 4, 5, 10), (0.25, 0.5, 1.0, 1.0, 1.0)),
+                                                  (1 / 12, (1, 10, 20, 21, 240), (0.05, 0.5, 1.0, 1.0, 1.0)),
+                                                  (1.0, (1, 5, 10), (0.1, 0.5, 1.0))])
+def test_warmup_gate_rises_linearly_to_one_and_stays(warmup, steps, weights):
+    total = 240 if warmup == 1 / 12 else 10
+    edges = [{"from": "n2", "to": "n1", "loss": "dkd", "gate": "warmup", "warmup": warmup, "temperature": 4.0}]
+    plain = [{"from": "n2", "to": "n1", "loss": "dkd", "gate": "through", "temperature": 4.0}]
+    gated, through = Graph.from_dict(graph(models("n1", "n2"), edges)), Graph.from_dict(graph(models("n1", "n2"), plain))
+    logits, labels, _ = make_inputs(["n1", "n2"], seed=8)
+    for step, weight in zip(steps, weights):
+        got = graph_losses(gated, logits, labels, step, total)["n1"]
+        want = graph_losses(through, logits, labels, step, total)["n1"]
+        assert got.item() == pytest.approx(weight * want.item(), rel=1e-6), step
 
 
 def test_soften_source_gradient_is_the_difference_of_the_two_softmaxes():
