@@ -39,8 +39,10 @@ def kl(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 1.0, soften: s
 def _centre(x: torch.Tensor) -> torch.Tensor:
     """x − mean(x) over the classes, the mean taken of x − x_0 (x_0 the first class's) and added
     back: the same values, but a constant row centres to exact zeros, where fl(mean(x)) may be an
-    ulp off x, which a following 1e-7 or 1e-8 in a denominator would blow up to O(1)."""
-    shifted = x - x[:, :1]
+    ulp off x, which a following 1e-7 or 1e-8 in a denominator would blow up to O(1). The shift cancels
+    in exact arithmetic, so it is detached: its backward would add the rounded Σ of the centred
+    gradient (0 exactly, ~C·u·max otherwise) to the first class."""
+    shifted = x - x[:, :1].detach()
     return shifted - shifted.mean(1, keepdim=True)
 
 
