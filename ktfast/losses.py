@@ -97,7 +97,8 @@ def dist(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float = 1.0) -> torc
     product of the norms as DIST's code does. Constant logits centre to exact zeros (`_centre`).
 
     fp32 against float64 (tests/test_losses_logit.py): p carries a relative e (as in `dkd`), the
-    centred a, b ≤ 3e·‖p‖, so the loss ≤ T²·(6e·(‖p_s‖‖b‖ + ‖a‖‖p_t‖) / (‖a‖‖b‖ + ε) + 3(log2 C + 4)·u):
+    centred a, b ≤ 3e·‖p‖, so the loss ≤ T²·(6e·(‖p_s‖‖b‖ + ‖a‖‖p_t‖) / (‖a‖‖b‖ + ε)
+    + 3(log2 C + 4)·u):
     the correlation of near-uniform distributions is ill-conditioned, as 1 / ‖a‖ and 1 / ‖b‖."""
     p_s = F.softmax(_acc(z_s.detach()) / temperature, dim=1)
     p_t = F.softmax(_acc(z_t) / temperature, dim=1)

@@ -204,3 +204,20 @@ def test_malformed_json_and_missing_file(tmp_path):
     bad.write_text(json.dumps([1, 2]))
     with pytest.raises(GraphError, match="one JSON object"):
         Graph.load(bad)
+
+
+def test_literature_recipes_are_what_the_readme_says():
+    dkd = Graph.load(EXAMPLES / "dkd.json")
+    e = dkd.edges[1]
+    assert (dkd.nodes["student"].model, dkd.nodes["teacher"].model, dkd.nodes["teacher"].frozen) == (
+        "resnet8x4", "resnet32x4", True)
+    assert (e.terms, e.alpha, e.beta, e.temperature, e.gate) == (("dkd",), 1.0, 8.0, 4.0, "warmup")
+    assert round(e.warmup * 240) == 20  # mdistiller's 20 of 240 epochs
+    ls = Graph.load(EXAMPLES / "kd_ls.json")
+    assert [(x.terms, x.weight, x.standardize) for x in ls.edges] == [(("ce",), 0.1, False), (("kl",), 9.0, True)]
+    assert ls.edges[1].temperature == 2.0
+    # The README's command line decays the lr at mdistiller's epochs 150, 180 and 210 of 240.
+    from ktfast.config import TrainConfig
+    readme = (EXAMPLES.parent / "README.md").read_text().split("## Distillation recipes of the literature")[1]
+    at = readme.split("--lr-decay-at ", 1)[1].split()[0]
+    assert TrainConfig(epochs=240, lr_decay_at=tuple(map(float, at.split(",")))).milestones() == [150, 180, 210]

@@ -182,7 +182,7 @@ def test_warmup_gate_rises_linearly_to_one_and_stays(warmup, steps, weights):
     total = 240 if warmup == 1 / 12 else 10
     edges = [{"from": "n2", "to": "n1", "loss": "dkd", "gate": "warmup", "warmup": warmup, "temperature": 4.0}]
     plain = [{"from": "n2", "to": "n1", "loss": "dkd", "gate": "through", "temperature": 4.0}]
-    gated, through = Graph.from_dict(graph(models("n1", "n2"), edges)), Graph.from_dict(graph(models("n1", "n2"), plain))
+    gated, through = (Graph.from_dict(graph(models("n1", "n2"), e)) for e in (edges, plain))
     logits, labels, _ = make_inputs(["n1", "n2"], seed=8)
     for step, weight in zip(steps, weights):
         got = graph_losses(gated, logits, labels, step, total)["n1"]

@@ -91,7 +91,8 @@ def test_stem_strides_only_above_32px(name, size, side):
 
 
 def test_registry_names():
-    for ok in ("resnet8", "resnet8x4", "resnet32x4", "resnet110", "resnet18", "wrn28_2", "wrn16_4", "wrn40_1", "wrn10_8"):
+    for ok in ("resnet8", "resnet8x4", "resnet32x4", "resnet110", "resnet18", "wrn28_2", "wrn16_4", "wrn40_1",
+               "wrn10_8"):
         assert is_model_name(ok), ok
     for bad in ("wrn27_2", "wrn28_0", "wrn4_1", "wrn028_2", "wrn28-2", "wrn28_2x", "resnet9", "resnet", "foo", "",
                 "resnet20x4", "resnet8x2"):
