@@ -5,7 +5,8 @@ One Optuna study in a shared storage. Each worker is a process that loads the st
 one after another (or K at a time, in threads: `ktfast.packing`), so workers on any number of machines
 join a search by running the same command.
 A trial samples a graph — the model of every node but the target, the gate of every edge (label edges
-included), optionally the loss of every model-to-model edge — trains it on `search_train` and reports
+included), optionally the loss of every model-to-model edge with the parameters that loss reads (DKD's β,
+logit standardization) — trains it on `search_train` and reports
 its `search_val` accuracy after every epoch to the pruner (ASHA by default); its user attr `data`
 records both splits and their sizes.
 
@@ -35,7 +36,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from ktfast.config import TrainConfig
-from ktfast.graph import GAMMA_GATES, LABEL, Graph
+from ktfast.graph import GAMMA_GATES, LABEL, TEMPERED_TERMS, Graph
 from ktfast.packing import MPSDaemon, Slots
 from ktfast.run import make_trainer
 from ktfast.study import is_journal, make_pruner, make_sampler, open_storage, requeue, shown
@@ -52,6 +53,10 @@ COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that --trials c
 # γ of an edge whose sampled gate is gamma or negative_gamma: (k/k_end)^(1/γ) opens late for γ < 1 and
 # early for γ > 1; γ = 1 is left out, since it is the linear gates.
 GAMMAS = (0.25, 0.5, 2.0, 4.0)
+# β of an edge whose sampled loss has a dkd term: DKD's weight of the non-target classes (its paper uses
+# 1 to 8 by dataset); α, the weight of the target class, stays 1.
+BETAS = (1.0, 2.0, 4.0, 8.0)
+STANDARDIZE = ("off", "on", "search")  # `standardize` on the edges whose loss has a tempered term
 POLL_S = 1.0
 
 
@@ -64,15 +69,19 @@ class Space:
     gates: tuple[str, ...]
     losses: tuple[str, ...] | None  # the choices for model-to-model edges; None: always kl
     objective: str  # "target" | "ensemble"
+    standardize: str = "off"  # "off" | "on" (fixed) | "search" (a choice per edge whose loss allows it)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Space":
         losses = d["losses"]
         return cls(d["nodes"], d["target_model"], tuple(d["models"]), tuple(d["gates"]),
-                   tuple(losses) if losses is not None else None, d["objective"])
+                   tuple(losses) if losses is not None else None, d["objective"], d.get("standardize", "off"))
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
+        d = json.loads(json.dumps(asdict(self)))
+        if self.standardize == "off":  # as studies made before the flag recorded it: they can still be joined
+            del d["standardize"]
+        return d
 
     @property
     def names(self) -> list[str]:
@@ -95,12 +104,31 @@ class Space:
             edge = {"from": s, "to": t, "loss": loss, "gate": gate}
             if gate in GAMMA_GATES:
                 edge["gamma"] = trial.suggest_categorical(f"gamma {s}->{t}", GAMMAS)
+            if gate != "cutoff":  # a cut-off edge computes no loss: nothing of it to choose
+                edge.update(self.loss_fields(trial, s, t, loss.split("+")))
             edges.append(edge)
         target = TARGET
         if self.objective == "ensemble":
             nodes.append({"name": ENSEMBLE, "ensemble": self.names, "reduce": "mean", "detach": True})
             target = ENSEMBLE
         return {"version": 1, "name": name, "target": target, "nodes": nodes, "edges": edges}
+
+    def loss_fields(self, trial: optuna.Trial, s: str, t: str, terms: list[str]) -> dict:
+        """The fields the loss of edge s->t reads beyond its name, all written out (sampled or fixed by the
+        search), so that the exported graph trains this edge even if a default of the graph file changes."""
+        fields = {}
+        if "dkd" in terms:
+            fields["alpha"] = 1.0
+            fields["beta"] = trial.suggest_categorical(f"beta {s}->{t}", BETAS)
+        if any(term in TEMPERED_TERMS for term in terms):
+            fields["standardize"] = (trial.suggest_categorical(f"standardize {s}->{t}", (False, True))
+                                     if self.standardize == "search" else self.standardize == "on")
+        return fields
+
+    def allows_standardize(self) -> bool:
+        """Whether any edge of the space may have a loss that `standardize` changes (label edges never do)."""
+        return self.nodes > 1 and any(term in TEMPERED_TERMS for loss in self.losses or ("kl",)
+                                      for term in loss.split("+"))
 
 
 # ---- trials of dead workers ----------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """A search drawn (`ktfast report --storage URL --study NAME -o study.png`): every finished trial's
 objective by epoch, pruned trials ending at their rung; the objective of each trial in the order they
-were started, with the best so far; and the parameters that mattered most, by Optuna's importance
-evaluator (fANOVA, seeded: the same study gives the same picture). matplotlib is imported inside the
-function that draws."""
+were started, with the best so far; the parameters that mattered most, by Optuna's importance
+evaluator (fANOVA, seeded: the same study gives the same picture); and, when the search chose the loss
+design of its edges (`--losses`, `--standardize`), how each loss, standardization and DKD β fared.
+matplotlib is imported inside the function that draws."""
 from __future__ import annotations
 
 import optuna
@@ -11,6 +12,9 @@ from optuna.trial import TrialState
 MIN_IMPORTANCE_TRIALS = 8  # complete trials: below that, fANOVA's forest ranks noise
 TOP_PARAMS = 12
 COMPLETE, PRUNED = "C0", "0.55"  # colours
+# The trial parameters of an edge's loss design (ktfast.search.Space): prefix -> row label of a value.
+CHOICE_PARAMS = {"loss ": lambda v: f"loss {v}", "standardize ": lambda v: f"standardize {'on' if v else 'off'}",
+                 "beta ": lambda v: f"dkd β {v:g}"}
 
 
 def importances(study: optuna.Study) -> dict[str, float] | None:
@@ -22,14 +26,53 @@ def importances(study: optuna.Study) -> dict[str, float] | None:
     return optuna.importance.get_param_importances(study, evaluator=evaluator)
 
 
+def loss_choices(study: optuna.Study) -> dict[str, list[float]]:
+    """{row: the objective of every complete trial, once per edge that chose it}: losses in the order
+    the search listed them, then standardize off/on, then β ascending. An edge is one draw of a choice:
+    a trial whose three edges chose dkd counts three times for dkd."""
+    listed = study.user_attrs.get("ktfast", {}).get("losses") or ()
+    rows: dict[str, list[float]] = {}
+    keys = {}  # row -> (kind of parameter, place in --losses, value): the order of the rows
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        for name, value in t.params.items():
+            kind = next((i for i, p in enumerate(CHOICE_PARAMS) if name.startswith(p)), None)
+            if kind is not None:
+                label = list(CHOICE_PARAMS.values())[kind](value)
+                rows.setdefault(label, []).append(t.value)
+                keys[label] = (kind, listed.index(value) if value in listed else len(listed), value)
+    return {label: rows[label] for label in sorted(rows, key=keys.get)}
+
+
+def _draw_choices(ax, study: optuna.Study) -> None:
+    rows = loss_choices(study)
+    if not rows:
+        ax.text(0.5, 0.5, "no complete trial chose a loss yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    labels = list(rows)[::-1]  # the first row on top
+    for y, label in enumerate(labels):
+        values = [100 * v for v in rows[label]]
+        ax.scatter(values, [y] * len(values), color=COMPLETE, alpha=0.25, s=12)
+        ax.plot([sum(values) / len(values)], [y], "D", color="C3", gid=f"choice {label}")
+    ax.set_yticks(range(len(labels)), [f"{label} ({len(rows[label])})" for label in labels], fontsize=8)
+    ax.set(xlabel="objective (%) of complete trials", title="loss choices, each edge that drew one: ◆ mean")
+
+
 def study_figure(study: optuna.Study, title: str = ""):
     """Three panels: objective (%) by epoch, objective (%) by trial with the best so far, parameter
-    importances. Lines carry `gid`s ("trial N", "best so far") so that what is drawn can be checked."""
+    importances; a fourth, the loss choices, when the search chose them. Lines carry `gid`s ("trial N",
+    "best so far", "choice ROW") so that what is drawn can be checked."""
     from matplotlib.figure import Figure
 
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    fig = Figure(figsize=(16, 5), layout="constrained")
-    by_epoch, by_trial, params = fig.subplots(1, 3, width_ratios=(1, 1, 1.1))
+    space = study.user_attrs.get("ktfast", {})
+    chose = bool(space.get("losses")) or space.get("standardize") == "search" or any(
+        name.startswith(tuple(CHOICE_PARAMS)) for t in trials for name in t.params)
+    fig = Figure(figsize=(21 if chose else 16, 5), layout="constrained")
+    axes = fig.subplots(1, 4 if chose else 3, width_ratios=(1, 1, 1.1, 1.1)[:4 if chose else 3])
+    by_epoch, by_trial, params = axes[:3]
+    if chose:
+        _draw_choices(axes[3], study)
 
     for t in trials:
         epochs = sorted(t.intermediate_values)
@@ -68,5 +111,7 @@ def study_figure(study: optuna.Study, title: str = ""):
                if found is None else "no parameter is shared by every complete trial")
         params.text(0.5, 0.5, why, ha="center", va="center", transform=params.transAxes)
         params.set_axis_off()
+    if space.get("standardize") == "on":  # fixed, so no panel shows it
+        title = f"{title} (standardize on: every kl, dkd or dist edge)".lstrip()
     fig.suptitle(title, fontsize=11)
     return fig

@@ -156,7 +156,8 @@ def test_a_study_is_joined_only_by_the_same_search(tmp_path):
     for extra, needle in ((["--pruner", "median"], "pruner='asha', not 'median'"),
                           (["--min-resource", "2"], "min_resource=1, not 2"),
                           (["--lr", "0.1"], "lr=0.05, not 0.1"),
-                          (["--gates", "through,cutoff"], "gates")):
+                          (["--gates", "through,cutoff"], "gates"),
+                          (["--standardize", "search"], "standardize=None, not 'search'")):
         with pytest.raises(UsageError, match=needle):
             join(*extra)
     optuna.create_study(storage=open_storage(url), study_name="foreign").enqueue_trial({})
@@ -229,6 +230,73 @@ def test_ensemble_objective_scores_an_ensemble_node_whose_members_may_all_be_fro
     assert not any(k.startswith("loss") for k in trials[0].params)
 
 
+@pytest.mark.parametrize("mode", ["off", "on", "search"])
+def test_sampling_draws_standardize_only_where_the_loss_allows_it_and_beta_only_with_dkd(mode):
+    """120 sampled graphs of 3 nodes (1080 edges): the loss design of each edge follows its loss."""
+    from ktfast.graph import TEMPERED_TERMS, Graph
+    from ktfast.search import Space
+
+    losses = ("kl", "dkd", "dist", "dkd+att_mse", "cos", "att_mse+mse")
+    space = Space(3, "resnet8", ("resnet8",), ("through", "cutoff", "gamma"), losses, "target", mode)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    standardized, betas = [], []
+    for i in range(120):
+        trial = study.ask()
+        spec = space.sample(trial, f"t{i}")
+        graph = {(e.source, e.target): e for e in Graph.from_dict(spec).edges}  # every sampled graph is valid
+        for e in spec["edges"]:
+            s, t, terms, on = e["from"], e["to"], e["loss"].split("+"), e["gate"] != "cutoff"
+            tempered = on and any(term in TEMPERED_TERMS for term in terms)  # never a label edge (ce)
+            assert ("standardize" in e) == tempered
+            assert (f"standardize {s}->{t}" in trial.params) == (tempered and mode == "search")
+            if tempered:
+                standardized.append(e["standardize"])
+                assert trial.params.get(f"standardize {s}->{t}", e["standardize"]) == e["standardize"]
+                assert graph[s, t].standardize == e["standardize"]
+            dkd = on and "dkd" in terms
+            assert ("beta" in e) == ("alpha" in e) == (f"beta {s}->{t}" in trial.params) == dkd
+            if dkd:
+                assert e["alpha"] == 1.0 and e["beta"] == trial.params[f"beta {s}->{t}"]
+                assert (graph[s, t].alpha, graph[s, t].beta) == (e["alpha"], e["beta"])
+                betas.append(e["beta"])
+        study.tell(trial, 0.0)
+    assert set(standardized) == {"off": {False}, "on": {True}, "search": {False, True}}[mode]
+    assert set(betas) == {1.0, 2.0, 4.0, 8.0}  # the issue's β choices, every one drawn
+
+
+def test_a_search_of_modern_losses_on_digits_exports_every_field_and_the_export_trains(tmp_path, capsys):
+    """The acceptance of issue 31 item 3, small: the first trial is queued with a dkd+att_mse edge
+    (β 2, standardized) into the target and a dist edge back, so that the export has each field."""
+    from ktfast.graph import Graph
+
+    url, name = f"sqlite:///{tmp_path}/s.db", "modern"
+    recipe = ["--dataset", "digits", "--train-fraction", "0.05", "--batch-size", "32", "--device", "cpu", "--quiet"]
+    cli = [*SEARCH[:2], "2", *SEARCH[3:7], "--losses", "kl,dkd,dist,dkd+att_mse", "--standardize", "search",
+           "--gates", "through,cutoff", "--epochs", "1", "--trials", "3", "--storage", url, "--study", name,
+           *recipe]
+    first = {"model n2": "resnet8", "gate label->n1": "through", "gate n2->n1": "through",
+             "loss n2->n1": "dkd+att_mse", "beta n2->n1": 2.0, "standardize n2->n1": True,
+             "gate label->n2": "through", "gate n1->n2": "through", "loss n1->n2": "dist",
+             "standardize n1->n2": False}
+    queue(cli, first)
+    assert main(cli) == 0
+    assert "3 of 3 trials finished" in capsys.readouterr().out
+    study = load(url, name)
+    [trial0] = [t for t in study.get_trials() if t.number == 0]
+    assert trial0.state == optuna.trial.TrialState.COMPLETE and trial0.params == first
+
+    assert main(["export", "--storage", url, "--study", name, "--trial", "0", "-o", "g.json"]) == 0
+    exported = json.loads((tmp_path / "g.json").read_text())
+    assert {k: v for k, v in exported.items() if k != "description"} == trial0.user_attrs["graph"]
+    edges = {(e["from"], e["to"]): e for e in exported["edges"]}
+    assert edges["n2", "n1"] == {"from": "n2", "to": "n1", "loss": "dkd+att_mse", "gate": "through", "alpha": 1.0,
+                                 "beta": 2.0, "standardize": True}
+    assert edges["n1", "n2"] == {"from": "n1", "to": "n2", "loss": "dist", "gate": "through", "standardize": False}
+    assert main(["train", "--graph", "g.json", "--epochs", "1", "--out", "run", *recipe]) == 0
+    assert Graph.load(tmp_path / "run" / "graph.json").edges == Graph.from_dict(exported).edges  # what it trained
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 BAD = {
     "unknown model": (["--models", "resnet8,resnet9"], "resnet9"),
     "unknown target model": (["--target-model", "vgg"], "vgg"),
@@ -244,6 +312,11 @@ BAD = {
     "unknown dataset": (["--dataset", "mnist"], "mnist"),
     "min resource zero": (["--min-resource", "0"], "--min-resource"),
     "min resource past the epochs": (["--epochs", "3", "--min-resource", "4"], "--min-resource"),
+    "standardize with losses that allow it nowhere": (["--losses", "cos,mse", "--standardize", "on"],
+                                                      "--standardize on"),
+    "standardize search with one node": (["--nodes", "1", "--standardize", "search"], "1-node"),
+    "unknown standardize": (["--standardize", "maybe"], "--standardize"),
+    "warmup gate": (["--gates", "through,warmup"], "warmup"),
 }
 
 

@@ -110,3 +110,64 @@ def test_bad_study_report_exits_2_with_one_line_and_writes_nothing(case, tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.db"]  # no picture, no new storage file
+
+
+CHOICES = {"gate n2->n1": CategoricalDistribution(["through", "cutoff"]),
+           "loss n2->n1": CategoricalDistribution(["dkd", "kl", "cos"]),
+           "loss n1->n2": CategoricalDistribution(["dkd", "kl", "cos"]),
+           "beta n2->n1": CategoricalDistribution([1.0, 2.0, 4.0, 8.0]),
+           "beta n1->n2": CategoricalDistribution([1.0, 2.0, 4.0, 8.0]),
+           "standardize n2->n1": CategoricalDistribution([False, True]),
+           "standardize n1->n2": CategoricalDistribution([False, True])}
+
+
+def test_the_loss_choices_are_drawn_with_the_mean_objective_of_the_edges_that_drew_each(tmp_path):
+    """A search of `--losses dkd,kl,cos --standardize search` (parameters as ktfast.search draws them:
+    β only with dkd, standardize only with dkd or kl): a fourth panel, one row per value, its ◆ at the
+    mean objective over the edges that drew it, counted once per edge."""
+    rng = random.Random(0)
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/s.db"), study_name="s",
+                                direction="maximize")
+    study.set_user_attr("ktfast", {"losses": ["dkd", "kl", "cos"], "standardize": "search"})
+    for i in range(10):
+        params = {"gate n2->n1": rng.choice(["through", "cutoff"])}
+        for edge in ("n2->n1", "n1->n2"):
+            loss = params[f"loss {edge}"] = rng.choice(["dkd", "kl", "cos"])
+            if loss == "dkd":
+                params[f"beta {edge}"] = rng.choice([1.0, 2.0, 4.0, 8.0])
+            if loss != "cos":
+                params[f"standardize {edge}"] = rng.choice([False, True])
+        value = rng.uniform(0.5, 0.9)
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions={k: CHOICES[k] for k in params}, intermediate_values={1: value},
+            state=TrialState.COMPLETE if i % 4 else TrialState.PRUNED, value=value if i % 4 else None))
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    expected = {}
+    for t in complete:  # the rows, from the parameters as written
+        for name, v in t.params.items():
+            kind = name.split()[0]
+            row = (f"loss {v}" if kind == "loss" else f"dkd β {v:g}" if kind == "beta"
+                   else f"standardize {'on' if v else 'off'}" if kind == "standardize" else None)
+            if row:
+                expected.setdefault(row, []).append(100 * t.value)
+    assert {"loss dkd", "loss kl", "standardize off", "standardize on"} <= set(expected)
+    assert any(r.startswith("dkd β") for r in expected)
+    choices = study_figure(study).axes[3]
+    marks = {line.get_gid(): line for line in choices.get_lines()}
+    assert sorted(marks) == sorted(f"choice {row}" for row in expected)
+    for row, values in expected.items():
+        assert marks[f"choice {row}"].get_xdata()[0] == pytest.approx(sum(values) / len(values), rel=1e-12)
+    labels = [label.get_text() for label in choices.get_yticklabels()][::-1]  # top row first
+    listed = [r for r in ("loss dkd", "loss kl", "loss cos") if r in expected]  # in the order of --losses
+    steps = sorted(r for r in expected if r.startswith("dkd β"))
+    order = [*listed, *[r for r in ("standardize off", "standardize on") if r in expected],
+             *sorted(steps, key=lambda r: float(r.split()[-1]))]
+    assert labels == [f"{row} ({len(expected[row])})" for row in order]
+
+
+def test_a_search_without_loss_choices_keeps_three_panels_and_says_a_fixed_standardize(tmp_path):
+    study = make_study(f"sqlite:///{tmp_path}/s.db", "s", seed=0)
+    assert len(study_figure(study).axes) == 3
+    study.set_user_attr("ktfast", {"losses": None, "standardize": "on"})
+    fig = study_figure(study, "study s")
+    assert len(fig.axes) == 3 and "standardize on" in fig.get_suptitle()

@@ -14,8 +14,8 @@ from ktfast.data import dataset_info
 from ktfast.config import TrainConfig
 from ktfast.graph import ATTENTION_TERMS, DEFAULT_CROPS, GATES, LOSS_TERMS, Graph
 from ktfast.packing import PACKS
-from ktfast.search import (COUNTED, DEFAULT_GATES, DEFAULT_MODELS, GAMMAS, OBJECTIVES, PRUNERS, SAMPLERS, Space, run_workers,
-                           summary)
+from ktfast.search import (BETAS, COUNTED, DEFAULT_GATES, DEFAULT_MODELS, GAMMAS, OBJECTIVES, PRUNERS, SAMPLERS,
+                           STANDARDIZE, Space, run_workers, summary)
 from ktfast.study import DEFAULT_STORAGE, find_study, open_storage, open_study
 
 
@@ -26,10 +26,15 @@ def register(sub) -> None:
     p.add_argument("--target-model", required=True, help="model of node 1, the target (the papers: resnet32)")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="choices for the other nodes")
     p.add_argument("--gates", default=",".join(DEFAULT_GATES),
-                   help=f"choices for every edge, label edges included, of {', '.join(GATES)} (default: "
-                        f"%(default)s); an edge given gamma or negative_gamma also draws γ from {GAMMAS}")
-    p.add_argument("--losses", default=None, help="choices for every model-to-model edge, e.g. "
-                   "kl,cos,att_mse,att_cos,kl+att_mse,cos+att_cos (default: kl only)")
+                   help=f"choices for every edge, label edges included, of "
+                        f"{', '.join(g for g in GATES if g != 'warmup')} (default: %(default)s); an edge given gamma or "
+                        f"negative_gamma also draws γ from {GAMMAS}")
+    p.add_argument("--losses", default=None, help="choices for every model-to-model edge, any loss "
+                   "expressions, e.g. kl,cos,att_mse,att_cos,kl+att_mse,cos+att_cos or kl,dkd,dist,dkd+att_mse "
+                   f"(default: kl only); an edge given a dkd term also draws β from {BETAS} (α = 1)")
+    p.add_argument("--standardize", choices=STANDARDIZE, default="off",
+                   help="logit standardization of the edges whose loss has a kl, dkd or dist term: never, always, "
+                        "or one more choice per such edge (default: %(default)s)")
     p.add_argument("--objective", choices=OBJECTIVES, default="target",
                    help="the accuracy of node 1, or of an ensemble node (mean of all nodes' logits)")
     p.add_argument("--trials", type=positive_int, required=True,
@@ -90,11 +95,18 @@ def space_from_args(args) -> Space:
         nodes=args.nodes, target_model=args.target_model,
         models=_listed("--models", args.models, is_model_name, "model", f"one of {models}"),
         gates=_listed("--gates", args.gates, GATES.__contains__, "gate", ", ".join(GATES)),
-        losses=_listed("--losses", args.losses, _pair_loss, "loss", "kl, cos, mse, att_mse, att_cos or a sum such as "
-                       "kl+att_mse") if args.losses is not None else None,
-        objective=args.objective)
+        losses=_listed("--losses", args.losses, _pair_loss, "loss", "kl, cos, mse, att_mse, att_cos, dkd, dist or "
+                       "a sum such as kl+att_mse") if args.losses is not None else None,
+        objective=args.objective, standardize=args.standardize)
+    if "warmup" in space.gates:  # every trial's graph would be refused, and its worker stopped
+        raise UsageError("--gates: the warmup gate needs its fraction of the run, which the search does not draw; "
+                         "use linear or gamma")
     if space.objective == "target" and space.gates == ("cutoff",):
         raise UsageError("--gates: with cutoff alone every edge into the target is cut off, and the target frozen")
+    if space.standardize != "off" and not space.allows_standardize():
+        where = f"--losses {args.losses}" if space.nodes > 1 else "a 1-node search (label edges only)"
+        raise UsageError(f"--standardize {space.standardize}: only edges with a kl, dkd or dist term are "
+                         f"standardized, and {where} has none")
     return space
 
 
