@@ -204,7 +204,8 @@ def main():
         path = write_result("kernels", result, cuda, args.out)  # after every row: a cut-off run keeps its rows
         times = " ".join(f"{k[:-3]} {v:.0f}" for k, v in row.items() if k.endswith("_us"))
         print(f"{kind} M={m} B={b} C={c}: {times}", flush=True)
-    print(f"\n{'kind':<12} {'M':>2} {'B':>5} {'C':>5} | {'wall us: fused':>14} {'eager':>8} {'compiled':>8} {'x eager':>8} "
+    print(f"\n{'kind':<12} {'M':>2} {'B':>5} {'C':>5} | {'wall us: fused':>14} {'eager':>8} {'compiled':>8} "
+          f"{'x eager':>8} "
           f"| {'gpu us: fused':>13} {'eager':>8} {'compiled':>8} | {'GB/s':>6} {'% bw':>5}")
     for r in rows:
         print(f"{r['kind']:<12} {r['M']:>2} {r['B']:>5} {r['C']:>5} | {r['fused_us']:>14.1f} {r['eager_us']:>8.1f} "

@@ -5,12 +5,15 @@ The logits are read in place: the kernels get the first endpoint's pointer and e
 endpoint's element offset from it (up to MAX_LINKED endpoints; more are stacked into one buffer
 first), so no copy of the logits is made on the way in or out.
 
-Forward, per block of rows: each endpoint's max, first arg-max and log-sum-exp (online over blocks
-of classes), then the log-sum-exp of z/T for every (endpoint, T != 1) pair the KL edges need: each
-softmax is computed once per row and shared by all edges. Then each edge reads its two rows again
-(from cache) and sums its terms. The log-sum-exps, gates and cosine factors are saved, so the
-backward is a single pass: one program per (block of rows, trained endpoint), summing the
-gradients of the edges into it in registers and storing them once.
+Forward, per block of rows: each endpoint's first arg-max, log-sum-exp, and the log-sum-exp over the
+classes other than the label (DKD's), plus mean and std where a standardized edge reads it (online
+over blocks of classes); then both log-sum-exps of every other softmax slot the tempered edges (kl,
+dkd, dist) need, a slot being (endpoint, T, standardized): each softmax is computed once per row and
+shared by all edges. Then each edge reads its two rows again (from cache) and sums its terms in one
+pass over the classes. The log-sum-exps, moments, gates and the terms' per-row factors (cos's norms,
+dist's coefficients, the standardize chain's ρ) are saved, so the backward is a single pass: one
+program per (block of rows, trained endpoint), summing the gradients of the edges into it in
+registers and storing them once.
 
 exp and log are libdevice's and sqrt the correctly rounded one (see `rows`).
 """
@@ -479,7 +482,8 @@ class EdgeLossFn(torch.autograd.Function):
         _edge_loss_bwd[(programs, G)](
             base, node_stride, *offsets, labels, aux if grad_l is None else grad_l.contiguous(),
             aux if grad_total is None else grad_total, table.ints, table.floats, table.grads,
-            aux, lse, mom, out, B, C, table.n_edges, G, len(logits), table.n_slots, 1.0 / B, STACKED=stacked, ROWS=rows_per, BLOCK_C=block_c,
+            aux, lse, mom, out, B, C, table.n_edges, G, len(logits), table.n_slots, 1.0 / B, STACKED=stacked,
+            ROWS=rows_per, BLOCK_C=block_c,
             HAS_GRAD_L=grad_l is not None, HAS_GRAD_TOTAL=grad_total is not None, num_warps=warps)
         for g, n in enumerate(table.grad_nodes):
             grads[n] = out[g]

@@ -558,7 +558,8 @@ def test_time_gates_at_the_first_middle_and_last_step(gate, device):
              {"from": "label", "to": "a", "loss": "ce", "gate": gate, "weight": 0.5, **fields}]
     plain = [{k: v for k, v in e.items() if k not in fields} | {"gate": "through"} for e in edges]
     z, a, y = inputs("abc", 6, 9, device=device)
-    through, through_grads = run(fused_graph_losses, Graph.from_dict(graph(models("a", "b", "c"), plain)), z, a, y, 1, 10)
+    plain_graph = Graph.from_dict(graph(models("a", "b", "c"), plain))
+    through, through_grads = run(fused_graph_losses, plain_graph, z, a, y, 1, 10)
     for step, weight in zip((1, 5, 10), TIME_GATE_WEIGHTS[gate]):
         fused, grads = compare(graph(models("a", "b", "c"), edges), z, a, y, step=step, total=10)
         assert fused["a"].item() == pytest.approx(weight * through["a"].item(), rel=1e-5, abs=1e-6)
