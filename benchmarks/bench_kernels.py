@@ -217,7 +217,8 @@ def main():
     for r in rows:
         if "step_entry" in r:
             e = r["step_entry"]
-            print(f"M={r['M']} B={r['B']} C={r['C']}: host {e['host_us']:.1f} us, GPU {e.get('gpu_us', float('nan')):.1f} "
+            print(f"{r['kind']} M={r['M']} B={r['B']} C={r['C']}: host {e['host_us']:.1f} us, "
+                  f"GPU {e.get('gpu_us', float('nan')):.1f} "
                   f"us, x{e.get('host_over_gpu', float('nan')):.1f}")
     print(f"wrote {path}")
 
