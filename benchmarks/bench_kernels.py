@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import statistics
 import time
@@ -30,17 +31,26 @@ from common import environment, write_result
 FIRST = [(3, 64, 100), (4, 64, 100), (7, 64, 100), (2, 8192, 1000), (4, 8192, 1000), (7, 8192, 1000)]
 FULL = FIRST + [s for s in itertools.product([2, 3, 4, 7], [64, 256, 1024], [10, 100, 1000]) if s not in FIRST]
 SMOKE = [(2, 8, 10), (3, 4, 100)]
+# The modern logit distillation's edges (DESIGN §1): rows of their own, after the KL rows.
+KINDS = {"kl": {"loss": "kl", "temperature": 2.0},
+         "dkd": {"loss": "dkd", "temperature": 4.0, "alpha": 1.0, "beta": 8.0},
+         "dist": {"loss": "dist", "temperature": 4.0},
+         "kl std": {"loss": "kl", "temperature": 2.0, "standardize": True},
+         "dkd+dist std": {"loss": "dkd+dist", "temperature": 4.0, "standardize": True}}
+NEW_KINDS = [k for k in KINDS if k != "kl"]
+KIND_SIZES = [(3, 64, 100), (3, 1024, 1000), (3, 8192, 1000)]
+KIND_SMOKE = [(2, 8, 10)]
 
 
-def make_graph(m: int):
-    """m model nodes, a label edge into each and KL edges (T = 2) between all pairs, gates mixed."""
+def make_graph(m: int, kind: str = "kl"):
+    """m model nodes, a label edge into each and `kind` edges (KINDS: KL at T = 2 by default) between
+    all pairs, gates mixed."""
     from ktfast import Graph
 
     names = [f"n{i}" for i in range(m)]
     gates = itertools.cycle(["through", "linear", "correct"])
     edges = [{"from": "label", "to": n, "loss": "ce", "gate": next(gates)} for n in names]
-    edges += [{"from": s, "to": t, "loss": "kl", "gate": next(gates), "temperature": 2.0}
-              for s, t in itertools.permutations(names, 2)]
+    edges += [{"from": s, "to": t, "gate": next(gates), **KINDS[kind]} for s, t in itertools.permutations(names, 2)]
     return Graph.from_dict({"version": 1, "target": "n0", "nodes": [{"name": n, "model": "resnet8"} for n in names],
                             "edges": edges})
 
@@ -155,10 +165,13 @@ def main():
     result = {"benchmark": "kernels", **environment(cuda),
               "copy_bandwidth_GBps": bandwidth / 1e9 if bandwidth else None,
               "bytes_counted": "3*M*B*C*4 (fp32 logits read fwd, read bwd, grad written) + 8*B (labels)",
-              "graph": "M model nodes; label->each: ce; every ordered pair: kl T=2; gates cycle through/linear/correct",
+              "graph": "M model nodes; label->each: ce; every ordered pair: the row's kind (kl T=2 unless said; "
+                       "kinds: " + json.dumps(KINDS) + "); gates cycle through/linear/correct",
               "rows": rows}
-    for m, b, c in (FIRST if args.first else FULL) if cuda else SMOKE:
-        g = make_graph(m)
+    sizes = (FIRST if args.first else FULL) if cuda else SMOKE
+    kind_sizes = ([] if args.first else KIND_SIZES) if cuda else KIND_SMOKE
+    for kind, m, b, c in [("kl", *s) for s in sizes] + [(k, *s) for k in NEW_KINDS for s in kind_sizes]:
+        g = make_graph(m, kind)
         gen = torch.Generator(device=device).manual_seed(0)
         z = {n.name: (3 * torch.randn(b, c, device=device, generator=gen)).requires_grad_() for n in g.model_nodes}
         y = torch.randint(0, c, (b,), device=device, generator=gen)
@@ -169,7 +182,7 @@ def main():
                 torch.autograd.grad(sum(losses.values()), list(z.values()))
             return call
 
-        row = {"M": m, "B": b, "C": c, "edges": len(g.active_edges)}
+        row = {"kind": kind, "M": m, "B": b, "C": c, "edges": len(g.active_edges)}
         for name, fn in impls.items():
             row[f"{name}_us"] = 1e6 * wall_time(step(fn), cuda)
             if cuda:
@@ -189,12 +202,13 @@ def main():
                     row[f"gpu_speedup_vs_{name}"] = row[f"{name}_gpu_us"] / row["fused_gpu_us"]
         rows.append(row)
         path = write_result("kernels", result, cuda, args.out)  # after every row: a cut-off run keeps its rows
-        print(f"M={m} B={b} C={c}: " + " ".join(f"{k[:-3]} {v:.0f}" for k, v in row.items() if k.endswith("_us")),
-              flush=True)
-    print(f"\n{'M':>2} {'B':>5} {'C':>5} | {'wall us: fused':>14} {'eager':>8} {'compiled':>8} {'x eager':>8} "
+        times = " ".join(f"{k[:-3]} {v:.0f}" for k, v in row.items() if k.endswith("_us"))
+        print(f"{kind} M={m} B={b} C={c}: {times}", flush=True)
+    print(f"\n{'kind':<12} {'M':>2} {'B':>5} {'C':>5} | {'wall us: fused':>14} {'eager':>8} {'compiled':>8} "
+          f"{'x eager':>8} "
           f"| {'gpu us: fused':>13} {'eager':>8} {'compiled':>8} | {'GB/s':>6} {'% bw':>5}")
     for r in rows:
-        print(f"{r['M']:>2} {r['B']:>5} {r['C']:>5} | {r['fused_us']:>14.1f} {r['eager_us']:>8.1f} "
+        print(f"{r['kind']:<12} {r['M']:>2} {r['B']:>5} {r['C']:>5} | {r['fused_us']:>14.1f} {r['eager_us']:>8.1f} "
               f"{r.get('compiled_us', float('nan')):>8.1f} {r['speedup_vs_eager']:>8.1f} | "
               f"{r.get('fused_gpu_us', float('nan')):>13.1f} {r.get('eager_gpu_us', float('nan')):>8.1f} "
               f"{r.get('compiled_gpu_us', float('nan')):>8.1f} | {r['fused_GBps']:>6.0f} "
@@ -203,7 +217,8 @@ def main():
     for r in rows:
         if "step_entry" in r:
             e = r["step_entry"]
-            print(f"M={r['M']} B={r['B']} C={r['C']}: host {e['host_us']:.1f} us, GPU {e.get('gpu_us', float('nan')):.1f} "
+            print(f"{r['kind']} M={r['M']} B={r['B']} C={r['C']}: host {e['host_us']:.1f} us, "
+                  f"GPU {e.get('gpu_us', float('nan')):.1f} "
                   f"us, x{e.get('host_over_gpu', float('nan')):.1f}")
     print(f"wrote {path}")
 

@@ -75,9 +75,13 @@ class Case:
 
 
 def bench_cases() -> list[Case]:
-    from bench_kernels import FULL, make_graph
+    """The kernel benchmark's KL graphs at its sizes, and its graphs of the other kinds (dkd, dist,
+    standardize) at B = 64…1024, C = 10…1000."""
+    from bench_kernels import FULL, NEW_KINDS, make_graph
 
-    return [Case(f"bench M={m}", make_graph(m), b, c, None, "bench") for m, b, c in FULL]
+    kl = [Case(f"bench M={m}", make_graph(m), b, c, None, "bench") for m, b, c in FULL]
+    return kl + [Case(f"bench M={m} {kind}", make_graph(m, kind), b, c, None, "bench")
+                 for kind in NEW_KINDS for m in (3, 7) for b in (64, 256, 1024) for c in (10, 100, 1000)]
 
 
 def example_cases() -> list[Case]:
@@ -98,7 +102,8 @@ def quick_cases() -> list[Case]:
     from bench_kernels import make_graph
 
     abn = Graph.from_dict(json.loads((ROOT / "examples" / "abn2.json").read_text()))
-    return [Case("abn2", abn, STEP_BATCH, 100, 56, "step"), Case("bench M=3", make_graph(3), 1024, 1000, None, "bench")]
+    return [Case("abn2", abn, STEP_BATCH, 100, 56, "step"), Case("bench M=3", make_graph(3), 1024, 1000, None, "bench"),
+            Case("bench M=3 dkd+dist std", make_graph(3, "dkd+dist std"), 1024, 1000, None, "bench")]
 
 
 def entry_points() -> set[str]:

@@ -5,12 +5,15 @@ The logits are read in place: the kernels get the first endpoint's pointer and e
 endpoint's element offset from it (up to MAX_LINKED endpoints; more are stacked into one buffer
 first), so no copy of the logits is made on the way in or out.
 
-Forward, per block of rows: each endpoint's max, first arg-max and log-sum-exp (online over blocks
-of classes), then the log-sum-exp of z/T for every (endpoint, T != 1) pair the KL edges need: each
-softmax is computed once per row and shared by all edges. Then each edge reads its two rows again
-(from cache) and sums its terms. The log-sum-exps, gates and cosine factors are saved, so the
-backward is a single pass: one program per (block of rows, trained endpoint), summing the
-gradients of the edges into it in registers and storing them once.
+Forward, per block of rows: each endpoint's first arg-max, log-sum-exp, and the log-sum-exp over the
+classes other than the label (DKD's), plus mean and std where a standardized edge reads it (online
+over blocks of classes); then both log-sum-exps of every other softmax slot the tempered edges (kl,
+dkd, dist) need, a slot being (endpoint, T, standardized): each softmax is computed once per row and
+shared by all edges. Then each edge reads its two rows again (from cache) and sums its terms in one
+pass over the classes. The log-sum-exps, moments, gates and the terms' per-row factors (cos's norms,
+dist's coefficients, the standardize chain's ρ) are saved, so the backward is a single pass: one
+program per (block of rows, trained endpoint), summing the gradients of the edges into it in
+registers and storing them once.
 
 exp and log are libdevice's and sqrt the correctly rounded one (see `rows`).
 """
@@ -22,7 +25,8 @@ import triton.language as tl
 
 from . import edge_table as et
 from . import plans
-from .rows import exp, gate_weight, load_rows, offset, pick, row_stats, tempered_lse
+from .rows import (dist_block, dist_coefficients, dkd_block, exp, gate_weight, kl_block, load_rows, offset, pick,
+                   row_stats, slot_lse, tckd)
 
 OFFSET_ARGS = 15  # ep_off1 … ep_off15 below: endpoint n's element offset from endpoint 0's logits
 # The offsets move whenever the logits' buffers do: at every eager step (a captured graph keeps its
@@ -35,9 +39,34 @@ MAX_LINKED = OFFSET_ARGS + 1  # endpoints read in place, through the offsets
 MAX_BLOCK_C = 1024  # classes per block: wider rows are walked in blocks (online max and sum)
 GPU_TILE = 1024  # elements per block of rows on a GPU (see plans.edge_plan)
 
-_CE, _KL, _COS, _MSE = (tl.constexpr(b) for b in (et.CE, et.KL, et.COS, et.MSE))
-_SRC, _DST, _KIND, _GATE, _SSLOT, _DSLOT, _TGT = (tl.constexpr(r) for r in range(7))
-_INV_T, _DINV_T, _KL_SCALE, _WEIGHT, _INV_GAMMA = (tl.constexpr(r) for r in range(5))
+_CE, _KL, _COS, _MSE, _DKD, _DIST, _STD = (tl.constexpr(b) for b in (et.CE, et.KL, et.COS, et.MSE, et.DKD, et.DIST,
+                                                                     et.STD))
+_TEMPERED = tl.constexpr(et.TEMPERED)
+_SRC, _DST, _KIND, _GATE, _SSLOT, _DSLOT, _TSLOT, _TGT = (tl.constexpr(r) for r in range(8))
+_INV_T, _DINV_T, _KL_SCALE, _WEIGHT, _GATE_ARG, _ALPHA, _BETA, _TEMP = (tl.constexpr(r) for r in range(8))
+# Rows of the saved per-edge values [AUX, E, B]: gate, cos's 1/(|p_s||p_t|) and cos/|p_t|², the std
+# chain's ρ, dist's 1/D, φ and Σ p_t g (see `rows.dist_coefficients`).
+_GATE_W, _COS_A, _COS_B, _RHO, _DIST_1, _DIST_PHI, _DIST_3 = (tl.constexpr(r) for r in range(7))
+AUX = 7
+STANDARDIZE_EPS = tl.constexpr(1e-7)  # ktfast.losses.STANDARDIZE_EPS
+
+
+@triton.jit
+def _row_scalars(ints, E, e, lse_tiles, lse_o_tiles, slot_ids, means, inv_ss, node_ids):
+    """An edge's slots' log-sum-exps per row [ROWS], and the (shift, scale) that give the logits its
+    tempered terms see, w = (z - shift) · scale: (mean, 1/(ε + std)) where standardized, else (0, 1)."""
+    src = tl.maximum(tl.load(ints + _SRC * E + e), 0)
+    dst = tl.load(ints + _DST * E + e)
+    sslot = tl.load(ints + _SSLOT * E + e)
+    tslot = tl.load(ints + _TSLOT * E + e)
+    std = (tl.load(ints + _KIND * E + e) & _STD) != 0
+    sb = tl.where(std, pick(means, node_ids, src), 0.0)
+    sc = tl.where(std, pick(inv_ss, node_ids, src), 1.0)
+    tb = tl.where(std, pick(means, node_ids, dst), 0.0)
+    tc = tl.where(std, pick(inv_ss, node_ids, dst), 1.0)
+    return (pick(lse_tiles, slot_ids, sslot), pick(lse_tiles, slot_ids, tl.load(ints + _DSLOT * E + e)),
+            pick(lse_tiles, slot_ids, tslot), pick(lse_o_tiles, slot_ids, sslot), pick(lse_o_tiles, slot_ids, tslot),
+            sb, sc, tb, tc)
 
 
 @triton.jit(do_not_specialize=ENDPOINT_OFFSETS)
@@ -45,8 +74,8 @@ def _edge_loss_fwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
                    ep_off5: tl.int64, ep_off6: tl.int64, ep_off7: tl.int64, ep_off8: tl.int64, ep_off9: tl.int64,
                    ep_off10: tl.int64, ep_off11: tl.int64, ep_off12: tl.int64, ep_off13: tl.int64, ep_off14: tl.int64,
                    ep_off15: tl.int64,
-                   y_ptr, factor, factor_ptr, ints, floats, slot_node, slot_inv_t, part_ptr, count_ptr, out_ptr,
-                   aux_ptr, lse_ptr, B, C, E, M, S, NT, inv_b,
+                   y_ptr, factor, factor_ptr, ints, floats, slot_node, slot_inv_t, slot_std, node_std, part_ptr,
+                   count_ptr, out_ptr, aux_ptr, lse_ptr, mom_ptr, B, C, E, M, S, NT, inv_b,
                    STACKED: tl.constexpr, FACTOR_FROM_PTR: tl.constexpr, ROWS: tl.constexpr,
                    BLOCK_C: tl.constexpr, M_P2: tl.constexpr, S_P2: tl.constexpr, NT_P2: tl.constexpr,
                    P_BLOCK: tl.constexpr):
@@ -60,26 +89,47 @@ def _edge_loss_fwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
     if FACTOR_FROM_PTR:
         factor = tl.load(factor_ptr).to(tl.float32)
 
-    # Every endpoint's statistics, then the tempered log-sum-exps: [endpoint or slot, row] tiles.
+    # Every endpoint's statistics, then the slots' log-sum-exps: [endpoint or slot, row] tiles.
     node_ids = tl.arange(0, M_P2)
     slot_ids = tl.arange(0, S_P2)
-    maxes = tl.zeros([M_P2, ROWS], tl.float32)
     args = tl.zeros([M_P2, ROWS], tl.int32)
+    mos = tl.zeros([M_P2, ROWS], tl.float32)  # the max over the classes other than the label
+    means = tl.zeros([M_P2, ROWS], tl.float32)
+    inv_ss = tl.zeros([M_P2, ROWS], tl.float32)  # 1 / (ε + std)
+    rho_ss = tl.zeros([M_P2, ROWS], tl.float32)  # (ε + std) / ((C - 1) std), 0 where std = 0
     lses = tl.zeros([S_P2, ROWS], tl.float32)
+    lse_os = tl.zeros([S_P2, ROWS], tl.float32)  # over the classes other than the label
     for n in range(M):
         ptr = z + offset(n, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
                          ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
-        mx, arg, lse = row_stats(ptr, row_off, rmask, C, ROWS, BLOCK_C)
-        maxes = tl.where(node_ids[:, None] == n, mx[None, :], maxes)
-        args = tl.where(node_ids[:, None] == n, arg[None, :], args)
+        arg, mo, lse, lse_o, mean, m2 = row_stats(ptr, row_off, rmask, y, C, tl.load(node_std + n), ROWS, BLOCK_C)
+        var = m2 / (C - 1)
+        sd = tl.where(var > 0.0, tl.sqrt_rn(tl.where(var > 0.0, var, 1.0)), 0.0)
+        s = STANDARDIZE_EPS + sd
+        here = node_ids[:, None] == n
+        args = tl.where(here, arg[None, :], args)
+        mos = tl.where(here, mo[None, :], mos)
+        means = tl.where(here, mean[None, :], means)
+        inv_ss = tl.where(here, (1.0 / s)[None, :], inv_ss)
+        rho_ss = tl.where(here, tl.where(sd > 0.0, s / ((C - 1) * tl.where(sd > 0.0, sd, 1.0)), 0.0)[None, :], rho_ss)
         lses = tl.where(slot_ids[:, None] == n, lse[None, :], lses)
+        lse_os = tl.where(slot_ids[:, None] == n, lse_o[None, :], lse_os)
     for k in range(M, S):
         n = tl.load(slot_node + k)
         ptr = z + offset(n, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
                          ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
-        lse = tempered_lse(ptr, row_off, rmask, pick(maxes, node_ids, n), tl.load(slot_inv_t + k), C, ROWS, BLOCK_C)
+        standardized = tl.load(slot_std + k) != 0
+        shift = tl.where(standardized, pick(means, node_ids, n), 0.0)
+        scale = tl.load(slot_inv_t + k) * tl.where(standardized, pick(inv_ss, node_ids, n), 1.0)
+        lse, lse_o = slot_lse(ptr, row_off, rmask, y, pick(mos, node_ids, n), shift, scale, C, ROWS, BLOCK_C)
         lses = tl.where(slot_ids[:, None] == k, lse[None, :], lses)
-    tl.store(lse_ptr + slot_ids[:, None] * B + rows[None, :], lses, mask=(slot_ids[:, None] < S) & rmask[None, :])
+        lse_os = tl.where(slot_ids[:, None] == k, lse_o[None, :], lse_os)
+    smask = (slot_ids[:, None] < S) & rmask[None, :]
+    tl.store(lse_ptr + slot_ids[:, None] * B + rows[None, :], lses, mask=smask)
+    tl.store(lse_ptr + (S + slot_ids[:, None]) * B + rows[None, :], lse_os, mask=smask)
+    nmask = (node_ids[:, None] < M) & rmask[None, :]
+    tl.store(mom_ptr + node_ids[:, None] * B + rows[None, :], means, mask=nmask)
+    tl.store(mom_ptr + (M + node_ids[:, None]) * B + rows[None, :], inv_ss, mask=nmask)
 
     target_ids = tl.arange(0, NT_P2)
     part = tl.zeros([NT_P2], tl.float32)
@@ -87,35 +137,56 @@ def _edge_loss_fwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
         src = tl.load(ints + _SRC * E + e)
         dst = tl.load(ints + _DST * E + e)
         kind = tl.load(ints + _KIND * E + e)
-        gate_kind = tl.load(ints + _GATE * E + e)
+        std = kind & _STD
         inv_t = tl.load(floats + _INV_T * E + e)
         inv_tt = tl.load(floats + _DINV_T * E + e)
+        temp = tl.load(floats + _TEMP * E + e)
         sp = z + offset(tl.maximum(src, 0), node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6,
                         ep_off7, ep_off8, ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
         tp = z + offset(dst, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
                         ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
         lse_s1 = pick(lses, slot_ids, src)
         lse_t1 = pick(lses, slot_ids, dst)
-        lse_st = pick(lses, slot_ids, tl.load(ints + _SSLOT * E + e))
-        lse_tt = pick(lses, slot_ids, tl.load(ints + _DSLOT * E + e))
+        lse_st, lse_tt, lse_t2, lse_o_s, lse_o_t, sb, sc, tb, tc = _row_scalars(
+            ints, E, e, lses, lse_os, slot_ids, means, inv_ss, node_ids)
 
         loss = tl.zeros([ROWS], tl.float32)
         if (kind & _CE) != 0:  # -log p_t[y]
             loss += lse_t1 - tl.load(tp + row_off + y, mask=rmask, other=0.0).to(tl.float32)
         kl = tl.zeros([ROWS], tl.float32)
+        hw = tl.zeros([ROWS], tl.float32)  # Σ_j h_j wt_j of the standardized terms
+        nckd = tl.zeros([ROWS], tl.float32)
+        ab = tl.zeros([ROWS], tl.float32)
+        aa = tl.zeros([ROWS], tl.float32)
+        bb = tl.zeros([ROWS], tl.float32)
+        paw = tl.zeros([ROWS], tl.float32)
+        pbw = tl.zeros([ROWS], tl.float32)
+        pw = tl.zeros([ROWS], tl.float32)
         dot = tl.zeros([ROWS], tl.float32)
         ss = tl.zeros([ROWS], tl.float32)
         tt = tl.zeros([ROWS], tl.float32)
         sq = tl.zeros([ROWS], tl.float32)
-        if (kind & (_KL | _COS | _MSE)) != 0:
+        ks = tl.load(floats + _KL_SCALE * E + e)
+        tckd_h = tl.zeros([ROWS], tl.float32)
+        if (kind & _DKD) != 0:  # the factor of q_t in DKD's h, from b = 1 - p_y = exp(lse_other - lse)
+            tckd_h = temp * tl.load(floats + _ALPHA * E + e) * (exp(lse_o_t - lse_t2) - exp(lse_o_s - lse_st))
+        if (kind & (_TEMPERED | _COS | _MSE)) != 0:
             for c0 in range(0, C, BLOCK_C):
                 cc = c0 + cols
                 valid = rmask[:, None] & (cc < C)[None, :]
                 zs = load_rows(sp, row_off, rmask, cc, C)
                 zt = load_rows(tp, row_off, rmask, cc, C)
-                if (kind & _KL) != 0:  # Σ p_s (log p_s - log p_t), p_s at T, p_t at T or 1
-                    ps = tl.where(valid, exp(zs * inv_t - lse_st[:, None]), 0.0)
-                    kl += tl.sum(ps * (zs * inv_t - zt * inv_tt + (lse_tt - lse_st)[:, None]), axis=1)
+                ws = (zs - sb[:, None]) * sc[:, None]
+                wt = (zt - tb[:, None]) * tc[:, None]
+                if (kind & _KL) != 0:
+                    kl, hw = kl_block(ws, wt, valid, inv_t, inv_tt, lse_st, lse_tt, ks * inv_tt, kl, hw, std)
+                if (kind & _DKD) != 0:
+                    is_y = (cc[None, :] == y[:, None]).to(tl.int32)
+                    nckd, hw = dkd_block(ws, wt, valid, is_y, inv_t, lse_o_s, lse_o_t, tckd_h,
+                                         temp * tl.load(floats + _BETA * E + e), nckd, hw, std)
+                if (kind & _DIST) != 0:
+                    ab, aa, bb, paw, pbw, pw = dist_block(ws, wt, valid, inv_t, lse_st, lse_t2, 1.0 / C, ab, aa, bb,
+                                                          paw, pbw, pw, std)
                 if (kind & _COS) != 0:
                     ps = tl.where(valid, exp(zs - lse_s1[:, None]), 0.0)
                     pt = tl.where(valid, exp(zt - lse_t1[:, None]), 0.0)
@@ -125,18 +196,33 @@ def _edge_loss_fwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
                 if (kind & _MSE) != 0:
                     d = zt - zs
                     sq += tl.sum(d * d, axis=1)
-        loss += kl * tl.load(floats + _KL_SCALE * E + e) + sq / C
+        loss += kl * ks + sq / C
+        t2 = temp * temp
+        if (kind & _DKD) != 0:
+            xsy = (tl.load(sp + row_off + y, mask=rmask, other=0.0).to(tl.float32) - sb) * sc * inv_t
+            xty = (tl.load(tp + row_off + y, mask=rmask, other=0.0).to(tl.float32) - tb) * tc * inv_t
+            loss += t2 * (tl.load(floats + _ALPHA * E + e) * tckd(xsy, xty, lse_st, lse_o_s, lse_t2, lse_o_t)
+                          + tl.load(floats + _BETA * E + e) * nckd)
+        if (kind & _DIST) != 0:
+            corr, c1, phi, c3 = dist_coefficients(ab, aa, bb)
+            loss += t2 * (1.0 - corr)
+            hw -= temp * (c1 * paw - phi * pbw - c3 * pw)
+            tl.store(aux_ptr + (_DIST_1 * E + e) * B + rows, c1, mask=rmask)
+            tl.store(aux_ptr + (_DIST_PHI * E + e) * B + rows, phi, mask=rmask)
+            tl.store(aux_ptr + (_DIST_3 * E + e) * B + rows, c3, mask=rmask)
+        if std != 0:
+            tl.store(aux_ptr + (_RHO * E + e) * B + rows, hw * pick(rho_ss, node_ids, dst), mask=rmask)
         if (kind & _COS) != 0:
             norms = tl.where(rmask, tl.sqrt_rn(ss) * tl.sqrt_rn(tt), 1.0)  # rows past B: no 0 / 0
             tt = tl.where(rmask, tt, 1.0)
             cos = dot / norms
             loss += cos
             # The backward's d cos / d p_t = p_s / (|p_s||p_t|) - cos · p_t / |p_t|²
-            tl.store(aux_ptr + (E + e) * B + rows, 1.0 / norms, mask=rmask)
-            tl.store(aux_ptr + (2 * E + e) * B + rows, cos / tt, mask=rmask)
+            tl.store(aux_ptr + (_COS_A * E + e) * B + rows, 1.0 / norms, mask=rmask)
+            tl.store(aux_ptr + (_COS_B * E + e) * B + rows, cos / tt, mask=rmask)
 
         correct = (pick(args, node_ids, src) == y) | (src < 0)  # the label is always right
-        gate = gate_weight(gate_kind, factor, tl.load(floats + _INV_GAMMA * E + e), correct)
+        gate = gate_weight(tl.load(ints + _GATE * E + e), factor, tl.load(floats + _GATE_ARG * E + e), correct)
         tl.store(aux_ptr + e * B + rows, gate, mask=rmask)
         total = tl.sum(tl.where(rmask, gate * loss, 0.0), axis=0) * tl.load(floats + _WEIGHT * E + e) * inv_b
         part += tl.where(target_ids == tl.load(ints + _TGT * E + e), total, 0.0)
@@ -170,16 +256,61 @@ def _reduce_programs(part, part_ptr, count_ptr, out_ptr, target_ids, NT, NT_P2: 
             tl.atomic_xchg(count_ptr, 0)
 
 
+@triton.jit
+def _tempered_grad(zs, wt, cc, y, valid, lse_ptr, aux_ptr, ints, floats, E, e, B, S, C, rows, rmask, kind, sb, sc,
+                   pt_tempered, slot):
+    """h = d (the edge's tempered terms) / d wt for a block of classes, wt the target's logits as those
+    terms see them; and the target's softmax at the KL's slot, cached across edges (those into a
+    node mostly share one T)."""
+    inv_t = tl.load(floats + _INV_T * E + e)
+    temp = tl.load(floats + _TEMP * E + e)
+    sslot = tl.load(ints + _SSLOT * E + e)
+    tslot = tl.load(ints + _TSLOT * E + e)
+    lse_st = tl.load(lse_ptr + sslot * B + rows, mask=rmask, other=0.0)
+    lse_t2 = tl.load(lse_ptr + tslot * B + rows, mask=rmask, other=0.0)
+    xs = (zs - sb[:, None]) * (sc * inv_t)[:, None]
+    h = tl.zeros_like(wt)
+    if (kind & _KL) != 0:  # scale · KL has gradient scale / T_t · (p_t - p_s), p_t at T_t
+        inv_tt = tl.load(floats + _DINV_T * E + e)
+        dslot = tl.load(ints + _DSLOT * E + e)
+        if dslot != slot:
+            lse_tt = tl.load(lse_ptr + dslot * B + rows, mask=rmask, other=0.0)
+            pt_tempered = exp(wt * inv_tt - lse_tt[:, None])
+            slot = dslot
+        h += (tl.load(floats + _KL_SCALE * E + e) * inv_tt) * (pt_tempered - exp(xs - lse_st[:, None]))
+    if (kind & _DKD) != 0:  # T·α·(b_t - b_s)·q_t + T·β·(q_t - q_s) off y, T·α·(b_s - b_t) at y
+        lse_os = tl.load(lse_ptr + (S + sslot) * B + rows, mask=rmask, other=0.0)
+        lse_ot = tl.load(lse_ptr + (S + tslot) * B + rows, mask=rmask, other=0.0)
+        tc = temp * tl.load(floats + _ALPHA * E + e) * (exp(lse_ot - lse_t2) - exp(lse_os - lse_st))
+        is_y = cc[None, :] == y[:, None]
+        qs = tl.where(is_y, 0.0, exp(xs - lse_os[:, None]))
+        qt = tl.where(is_y, 0.0, exp(wt * inv_t - lse_ot[:, None]))
+        h += tc[:, None] * qt + (temp * tl.load(floats + _BETA * E + e)) * (qt - qs) - tl.where(is_y, tc[:, None], 0.0)
+    if (kind & _DIST) != 0:  # -T p_t (a / D - φ b - Σ p_t g), a = p_s - 1/C, b = p_t - 1/C
+        pt = exp(wt * inv_t - lse_t2[:, None])
+        c1 = tl.load(aux_ptr + (_DIST_1 * E + e) * B + rows, mask=rmask, other=0.0)
+        phi = tl.load(aux_ptr + (_DIST_PHI * E + e) * B + rows, mask=rmask, other=0.0)
+        c3 = tl.load(aux_ptr + (_DIST_3 * E + e) * B + rows, mask=rmask, other=0.0)
+        g = c1[:, None] * (exp(xs - lse_st[:, None]) - 1.0 / C) - phi[:, None] * (pt - 1.0 / C) - c3[:, None]
+        h -= temp * pt * g
+    return tl.where(valid, h, 0.0), pt_tempered, slot
+
+
 @triton.jit(do_not_specialize=ENDPOINT_OFFSETS)
 def _edge_loss_bwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3: tl.int64, ep_off4: tl.int64,
                    ep_off5: tl.int64, ep_off6: tl.int64, ep_off7: tl.int64, ep_off8: tl.int64, ep_off9: tl.int64,
                    ep_off10: tl.int64, ep_off11: tl.int64, ep_off12: tl.int64, ep_off13: tl.int64, ep_off14: tl.int64,
                    ep_off15: tl.int64,
-                   y_ptr, grad_l, grad_total, ints, floats, grads, aux_ptr, lse_ptr, out_ptr, B, C, E, G, inv_b,
-                   STACKED: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                   y_ptr, grad_l, grad_total, ints, floats, grads, aux_ptr, lse_ptr, mom_ptr, out_ptr, B, C, E, G, M,
+                   S, inv_b, STACKED: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
                    HAS_GRAD_L: tl.constexpr, HAS_GRAD_TOTAL: tl.constexpr):
     """out[g] = Σ_{edges e into node g} dL/dL_t · weight / B · gate · d loss_e / d z_g, where
-    dL/dL_t = grad_l[t] + grad_total (either may be absent: the step back-propagates the total)."""
+    dL/dL_t = grad_l[t] + grad_total (either may be absent: the step back-propagates the total).
+
+    A standardized edge's tempered terms see w = (z - mean) / s, s = ε + std; with h = d loss / d w,
+    d loss / d z = (h - mean(h) - ρ w) / s, ρ = Σ h w · s / ((C - 1) std) (the forward's, 0 where
+    std = 0: the std's own gradient is taken as 0 there, as the reference does). mean(h) is 0: the
+    terms are functions of softmax(w / T), which a shift of w leaves alone."""
     pid = tl.program_id(0)
     g = tl.program_id(1)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -194,17 +325,22 @@ def _edge_loss_bwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
                     ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
     out = out_ptr + g.to(tl.int64) * B * C
     lse_t1 = tl.load(lse_ptr + n * B + rows, mask=rmask, other=0.0)
+    mean_t = tl.load(mom_ptr + n * B + rows, mask=rmask, other=0.0)
+    inv_s_t = tl.load(mom_ptr + (M + n) * B + rows, mask=rmask, other=0.0)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + cols
+        valid = rmask[:, None] & (cc < C)[None, :]
         zt = load_rows(tp, row_off, rmask, cc, C)
         pt = exp(zt - lse_t1[:, None])
+        std_t = (zt - mean_t[:, None]) * inv_s_t[:, None]
         acc = tl.zeros([ROWS, BLOCK_C], tl.float32)
-        pt_tempered = pt  # p_t at the slot below: the KL edges into a node mostly share one T
+        pt_tempered = pt  # the target's softmax at the slot below, for the KL edges
         slot = n
+        pt_tempered_std = pt
+        slot_std = -1
         for e in range(first, last):
             src = tl.load(ints + _SRC * E + e)
             kind = tl.load(ints + _KIND * E + e)
-            inv_t = tl.load(floats + _INV_T * E + e)
             d_target = 0.0
             if HAS_GRAD_L:
                 d_target += tl.load(grad_l + tl.load(ints + _TGT * E + e)).to(tl.float32)
@@ -214,29 +350,31 @@ def _edge_loss_bwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
                      * tl.load(aux_ptr + e * B + rows, mask=rmask, other=0.0))
             if (kind & _CE) != 0:
                 acc += scale[:, None] * (pt - tl.where(cc[None, :] == y[:, None], 1.0, 0.0))
-            if (kind & (_KL | _COS | _MSE)) != 0:
+            if (kind & (_TEMPERED | _COS | _MSE)) != 0:
                 sp = z + offset(src, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7,
                                 ep_off8, ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
                 zs = load_rows(sp, row_off, rmask, cc, C)
-                if (kind & _KL) != 0:  # scale · KL has gradient scale / T_t · (p_t - p_s), p_t at T_t
-                    inv_tt = tl.load(floats + _DINV_T * E + e)
-                    dslot = tl.load(ints + _DSLOT * E + e)
-                    if dslot != slot:
-                        lse_tt = tl.load(lse_ptr + dslot * B + rows, mask=rmask, other=0.0)
-                        pt_tempered = exp(zt * inv_tt - lse_tt[:, None])
-                        slot = dslot
-                    lse_st = tl.load(lse_ptr + tl.load(ints + _SSLOT * E + e) * B + rows, mask=rmask, other=0.0)
-                    ps = exp(zs * inv_t - lse_st[:, None])
-                    acc += (scale * (tl.load(floats + _KL_SCALE * E + e) * inv_tt))[:, None] * (pt_tempered - ps)
+                if (kind & _TEMPERED) != 0:
+                    if (kind & _STD) != 0:
+                        h, pt_tempered_std, slot_std = _tempered_grad(
+                            zs, std_t, cc, y, valid, lse_ptr, aux_ptr, ints, floats, E, e, B, S, C, rows, rmask, kind,
+                            tl.load(mom_ptr + src * B + rows, mask=rmask, other=0.0),
+                            tl.load(mom_ptr + (M + src) * B + rows, mask=rmask, other=0.0), pt_tempered_std, slot_std)
+                        rho = tl.load(aux_ptr + (_RHO * E + e) * B + rows, mask=rmask, other=0.0)
+                        acc += (scale * inv_s_t)[:, None] * (h - rho[:, None] * std_t)
+                    else:
+                        h, pt_tempered, slot = _tempered_grad(
+                            zs, zt, cc, y, valid, lse_ptr, aux_ptr, ints, floats, E, e, B, S, C, rows, rmask, kind,
+                            tl.zeros([ROWS], tl.float32), tl.full([ROWS], 1.0, tl.float32), pt_tempered, slot)
+                        acc += scale[:, None] * h
                 if (kind & _COS) != 0:
                     ps = exp(zs - tl.load(lse_ptr + src * B + rows, mask=rmask, other=0.0)[:, None])
-                    a = tl.load(aux_ptr + (E + e) * B + rows, mask=rmask, other=0.0)
-                    b = tl.load(aux_ptr + (2 * E + e) * B + rows, mask=rmask, other=0.0)
+                    a = tl.load(aux_ptr + (_COS_A * E + e) * B + rows, mask=rmask, other=0.0)
+                    b = tl.load(aux_ptr + (_COS_B * E + e) * B + rows, mask=rmask, other=0.0)
                     acc += scale[:, None] * pt * (ps * a[:, None] - pt * b[:, None])
                 if (kind & _MSE) != 0:
                     acc += (scale * (2.0 / C))[:, None] * (zt - zs)
-        mask = rmask[:, None] & (cc < C)[None, :]
-        tl.store(out + row_off[:, None] + cc[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out + row_off[:, None] + cc[None, :], acc.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def _blocks(B: int, C: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -309,16 +447,20 @@ class EdgeLossFn(torch.autograd.Function):
         part, count = (scratch.buffers if scratch is not None else _new_scratch)(device, programs, width)
         base, offsets, node_stride, stacked = _link(list(logits))
         out = torch.empty(NT + 1, device=device, dtype=torch.float32)
-        saved = torch.empty((3 * E + S) * B, device=device, dtype=torch.float32)  # for the backward
-        aux, lse = saved[:3 * E * B].view(3, E, B), saved[3 * E * B:].view(S, B)
+        # For the backward: per edge, per slot (log-sum-exp, and over the classes other than the label),
+        # per endpoint (mean, 1 / (ε + std)).
+        saved = torch.empty((AUX * E + 2 * S + 2 * M) * B, device=device, dtype=torch.float32)
+        aux = saved[:AUX * E * B].view(AUX, E, B)
+        lse = saved[AUX * E * B:(AUX * E + 2 * S) * B].view(2, S, B)
+        mom = saved[(AUX * E + 2 * S) * B:].view(2, M, B)
         from_ptr = torch.is_tensor(factor)
         _edge_loss_fwd[(programs,)](
             base, node_stride, *offsets, labels, 0.0 if from_ptr else float(factor), factor if from_ptr else out,
-            table.ints, table.floats, table.slot_node, table.slot_inv_t, part, count, out, aux, lse,
-            B, C, E, M, S, NT, 1.0 / B, STACKED=stacked, FACTOR_FROM_PTR=from_ptr, ROWS=rows_per,
+            table.ints, table.floats, table.slot_node, table.slot_inv_t, table.slot_std, table.node_std, part, count,
+            out, aux, lse, mom, B, C, E, M, S, NT, 1.0 / B, STACKED=stacked, FACTOR_FROM_PTR=from_ptr, ROWS=rows_per,
             BLOCK_C=block_c, M_P2=triton.next_power_of_2(M), S_P2=triton.next_power_of_2(S),
             NT_P2=width, P_BLOCK=min(64, triton.next_power_of_2(programs)), num_warps=warps)
-        ctx.save_for_backward(labels, aux, lse, *logits)
+        ctx.save_for_backward(labels, aux, lse, mom, *logits)
         ctx.table = table
         ctx.set_materialize_grads(False)
         gates = aux[0]
@@ -327,7 +469,7 @@ class EdgeLossFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_l, grad_total, _grad_gates):
-        labels, aux, lse, *logits = ctx.saved_tensors
+        labels, aux, lse, mom, *logits = ctx.saved_tensors
         table = ctx.table
         B, C = logits[0].shape
         G = len(table.grad_nodes)
@@ -340,7 +482,8 @@ class EdgeLossFn(torch.autograd.Function):
         _edge_loss_bwd[(programs, G)](
             base, node_stride, *offsets, labels, aux if grad_l is None else grad_l.contiguous(),
             aux if grad_total is None else grad_total, table.ints, table.floats, table.grads,
-            aux, lse, out, B, C, table.n_edges, G, 1.0 / B, STACKED=stacked, ROWS=rows_per, BLOCK_C=block_c,
+            aux, lse, mom, out, B, C, table.n_edges, G, len(logits), table.n_slots, 1.0 / B, STACKED=stacked,
+            ROWS=rows_per, BLOCK_C=block_c,
             HAS_GRAD_L=grad_l is not None, HAS_GRAD_TOTAL=grad_total is not None, num_warps=warps)
         for g, n in enumerate(table.grad_nodes):
             grads[n] = out[g]

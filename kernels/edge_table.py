@@ -14,20 +14,25 @@ import torch
 from ktfast.graph import LABEL, EnsembleNode, Graph
 from ktfast.losses import loss_targets, owner
 
-# Loss-term bits over logits, and over attention maps.
-CE, KL, COS, MSE = 1, 2, 4, 8
-LOGIT_TERMS = {"ce": CE, "kl": KL, "cos": COS, "mse": MSE}
+# Loss-term bits over logits (STD: the edge's kl, dkd and dist terms see standardized logits), and
+# over attention maps.
+CE, KL, COS, MSE, DKD, DIST, STD = 1, 2, 4, 8, 16, 32, 64
+LOGIT_TERMS = {"ce": CE, "kl": KL, "cos": COS, "mse": MSE, "dkd": DKD, "dist": DIST}
+TEMPERED = KL | DKD | DIST  # the terms that read softmax slots at the edge's temperature
 ATT_MSE, ATT_COS = 1, 2
 ATTENTION_TERMS = {"att_mse": ATT_MSE, "att_cos": ATT_COS}
-GATES = {"through": 0, "linear": 1, "correct": 2, "negative_linear": 3, "gamma": 4, "negative_gamma": 5}
+GATES = {"through": 0, "linear": 1, "correct": 2, "negative_linear": 3, "gamma": 4, "negative_gamma": 5,
+         "warmup": 6}
 
-# Rows of `EdgeTable.ints` [7, E]: source endpoint (-1: the label), target endpoint, loss bits, gate
-# code, the source's and the target's softmax slot (the source's at the edge's temperature, the
-# target's at it too, or at 1 where the edge softens only its source), index in `targets`.
-SRC, DST, KIND, GATE, SSLOT, DSLOT, TGT = range(7)
-# Rows of `EdgeTable.floats` [5, E]: 1/T of the source's and of the target's softmax, the KL's
-# factor (T², or 1 where only the source is softened), weight, the gamma gates' exponent 1/γ.
-INV_T, DINV_T, KL_SCALE, WEIGHT, INV_GAMMA = range(5)
+# Rows of `EdgeTable.ints` [8, E]: source endpoint (-1: the label), target endpoint, loss bits, gate
+# code, softmax slots: the source's at the edge's temperature, the target's of the KL term (at it
+# too, or at 1 where the edge softens only its source) and the target's at the edge's temperature
+# (dkd, dist), index in `targets`.
+SRC, DST, KIND, GATE, SSLOT, DSLOT, TSLOT, TGT = range(8)
+# Rows of `EdgeTable.floats` [8, E]: 1/T of the source's and of the KL target's softmax, the KL's
+# factor (T², or 1 where only the source is softened), weight, the gate's parameter (1/γ of the
+# gamma gates, 1/w of the warmup gate), dkd's α and β, T.
+INV_T, DINV_T, KL_SCALE, WEIGHT, GATE_ARG, ALPHA, BETA, TEMP = range(8)
 
 
 @dataclass(frozen=True)
@@ -45,11 +50,14 @@ class AttentionTable:
 class EdgeTable:
     endpoints: tuple[str, ...]  # the logits the kernels read: graph nodes, then branch addresses
     targets: tuple[str, ...]  # loss_targets(graph): the rows of the output (a branch's edges add to its node's)
-    ints: torch.Tensor  # [7, E] int32, rows as above
-    floats: torch.Tensor  # [3, E] float32
-    # Softmax slots: slot n < M is endpoint n at T = 1; the rest are (endpoint, T != 1) pairs.
+    ints: torch.Tensor  # [8, E] int32, rows as above
+    floats: torch.Tensor  # [8, E] float32
+    # Softmax slots: slot n < M is endpoint n's raw logits at T = 1; the rest are (endpoint, T,
+    # standardized) triples other than those.
     slot_node: torch.Tensor  # [S] int32
     slot_inv_t: torch.Tensor  # [S] float32
+    slot_std: torch.Tensor  # [S] int32: 1 where the slot is of standardized logits
+    node_std: torch.Tensor  # [M] int32: 1 where some slot standardizes the endpoint (its mean and std are needed)
     # Endpoints whose gradient the backward writes (targets of logit losses, detached ensembles
     # excepted): endpoint index, first edge into it, one past the last: [3, G] int32.
     grads: torch.Tensor
@@ -95,24 +103,26 @@ def _build(graph: Graph, device) -> EdgeTable:
     targets = loss_targets(graph)
     edges = sorted(graph.active_edges, key=lambda e: index[e.target])
 
-    slots = {(i, 1.0): i for i in range(len(endpoints))}
+    slots = {(i, 1.0, False): i for i in range(len(endpoints))}
     rows = []
     for e in edges:
         src = -1 if e.source == LABEL else index[e.source]
         dst = index[e.target]
-        kind = sum(LOGIT_TERMS[t] for t in e.terms if t in LOGIT_TERMS)
-        pair = []
-        for node, temperature in ((max(src, 0), e.temperature), (dst, _target_temperature(e))):
-            if kind & KL:
-                pair.append(slots.setdefault((node, temperature), len(slots)))
+        kind = sum(LOGIT_TERMS[t] for t in e.terms if t in LOGIT_TERMS) | (STD if e.standardize else 0)
+        trio = []
+        for node, temperature, used in ((max(src, 0), e.temperature, TEMPERED), (dst, _target_temperature(e), KL),
+                                        (dst, e.temperature, DKD | DIST)):
+            if kind & used:
+                trio.append(slots.setdefault((node, temperature, e.standardize), len(slots)))
             else:
-                pair.append(node)
-        rows.append([src, dst, kind, GATES[e.gate], pair[0], pair[1], targets.index(owner(e.target))])
+                trio.append(node)
+        rows.append([src, dst, kind, GATES[e.gate], *trio, targets.index(owner(e.target))])
     ints = torch.tensor(rows, dtype=torch.int32).T
     floats = torch.tensor([[1 / e.temperature, 1 / _target_temperature(e),
-                            e.temperature ** 2 if e.soften == "both" else 1.0, e.weight, 1 / e.gamma]
-                           for e in edges], dtype=torch.float32).T
+                            e.temperature ** 2 if e.soften == "both" else 1.0, e.weight, _gate_arg(e),
+                            e.alpha, e.beta, e.temperature] for e in edges], dtype=torch.float32).T
     slot_list = sorted(slots, key=slots.get)
+    standardized = {n for n, _, std in slot_list if std}
 
     dsts = [r[DST] for r in rows]
     trained = [index[n] for n in dict.fromkeys(e.target for e in edges if _trains(graph, e))]
@@ -122,8 +132,15 @@ def _build(graph: Graph, device) -> EdgeTable:
         return torch.as_tensor(x, dtype=dtype).contiguous().to(device)
 
     return EdgeTable(tuple(endpoints), tuple(targets), put(ints), put(floats, torch.float32),
-                     put([n for n, _ in slot_list]), put([1 / t for _, t in slot_list], torch.float32),
+                     put([n for n, _, _ in slot_list]), put([1 / t for _, t, _ in slot_list], torch.float32),
+                     put([int(std) for _, _, std in slot_list]),
+                     put([int(n in standardized) for n in range(len(endpoints))]),
                      put(grads).reshape(3, -1), tuple(trained), _attention_table(graph, edges, targets, put))
+
+
+def _gate_arg(edge) -> float:
+    """The gate's parameter as the kernel reads it: 1/w of the warmup gate, else 1/γ."""
+    return 1 / edge.warmup if edge.gate == "warmup" else 1 / edge.gamma
 
 
 def _target_temperature(edge) -> float:

@@ -1,6 +1,7 @@
 """Per-row building blocks of the edge-loss kernels (`edge_losses`), as Triton device functions:
-exp and log, the address of an endpoint's logits, a block of logits, each row's max, arg-max and
-log-sum-exp (online over blocks of classes), the tempered log-sum-exp, and a gate's weight.
+exp and log, the address of an endpoint's logits, a block of logits, each row's arg-max, log-sum-exps
+and moments (online over blocks of classes), a slot's log-sum-exps, a gate's weight, and each
+tempered loss term's share of a block of classes.
 
 exp and log are libdevice's (within 2 ulp), not `tl.exp`/`tl.log`'s ex2/lg2.approx: T² · KL at
 T = 10 magnifies their error past 1e-5 of the reference's value.
@@ -15,6 +16,7 @@ from triton.language.extra import libdevice
 
 # The interpreter has no libdevice (and its numpy exp and log are exact anyway).
 _LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+DIST_EPS = tl.constexpr(1e-8)  # ktfast.losses.DIST_EPS
 
 
 @triton.jit
@@ -54,34 +56,67 @@ def load_rows(ptr, row_off, rmask, cc, C):
 
 
 @triton.jit
-def row_stats(ptr, row_off, rmask, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per row: max, first arg-max (as torch.argmax) and log-sum-exp, online over class blocks."""
-    cols = tl.arange(0, BLOCK_C)
-    mx = tl.full([ROWS], -float("inf"), tl.float32)
-    total = tl.zeros([ROWS], tl.float32)
-    arg = tl.zeros([ROWS], tl.int32)
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + cols
-        z = tl.where((cc < C)[None, :], load_rows(ptr, row_off, rmask, cc, C), -float("inf"))
-        block_max = tl.max(z, axis=1)
-        block_arg = tl.min(tl.where(z == block_max[:, None], cc[None, :], C), axis=1)
-        new = tl.maximum(mx, block_max)
-        total = total * exp(mx - new) + tl.sum(exp(z - new[:, None]), axis=1)
-        arg = tl.where(block_max > mx, block_arg, arg)  # an earlier block keeps ties
-        mx = new
-    return mx, arg, mx + log(total)
+def logaddexp(a, b):
+    """log(exp(a) + exp(b)) per row; a may be -inf (no class other than the label)."""
+    hi = tl.maximum(a, b)
+    return hi + log(1.0 + exp(tl.minimum(a, b) - hi))
 
 
 @triton.jit
-def tempered_lse(ptr, row_off, rmask, mx, inv_t, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """log Σ exp(z / T) per row, given max(z): max(z / T) = max(z) / T."""
+def row_stats(ptr, row_off, rmask, y, C, moments, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per row, online over class blocks: first arg-max (as torch.argmax); the max over the classes
+    other than the label and their log-sum-exp; the log-sum-exp of all, that one's log-sum-exp with
+    the label's logit; where `moments` (a runtime flag), the mean and the sum of squared deviations
+    (blocks merged as Chan et al. do, which keeps the deviations' precision). Splitting off the label
+    costs no exp and gives DKD's 1 - p_y = exp(lse_other - lse) to full precision where p_y is 1."""
+    cols = tl.arange(0, BLOCK_C)
+    mx = tl.full([ROWS], -float("inf"), tl.float32)
+    arg = tl.zeros([ROWS], tl.int32)
+    mo = tl.full([ROWS], -float("inf"), tl.float32)
+    total = tl.zeros([ROWS], tl.float32)
+    mean = tl.zeros([ROWS], tl.float32)
+    m2 = tl.zeros([ROWS], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + cols
+        inside = (cc < C)[None, :]
+        z = load_rows(ptr, row_off, rmask, cc, C)
+        zm = tl.where(inside, z, -float("inf"))
+        block_max = tl.max(zm, axis=1)
+        block_arg = tl.min(tl.where(zm == block_max[:, None], cc[None, :], C), axis=1)
+        arg = tl.where(block_max > mx, block_arg, arg)  # an earlier block keeps ties
+        mx = tl.maximum(mx, block_max)
+        other = inside & (cc[None, :] != y[:, None])
+        new = tl.maximum(mo, tl.max(tl.where(other, z, -float("inf")), axis=1))
+        total = total * tl.where(new == mo, 1.0, exp(mo - new)) + tl.sum(
+            tl.where(other, exp(z - new[:, None]), 0.0), axis=1)
+        mo = new
+        if moments != 0:
+            n_b = tl.minimum(C - c0, BLOCK_C).to(tl.float32)
+            block_mean = tl.sum(tl.where(inside, z, 0.0), axis=1) / n_b
+            d = tl.where(inside, z - block_mean[:, None], 0.0)
+            delta = block_mean - mean
+            share = n_b / (c0 + n_b)
+            mean += delta * share
+            m2 += tl.sum(d * d, axis=1) + delta * delta * (c0 * share)
+    lse_o = mo + log(total)
+    zy = tl.load(ptr + row_off + y, mask=rmask, other=0.0).to(tl.float32)
+    return arg, mo, logaddexp(lse_o, zy), lse_o, mean, m2
+
+
+@triton.jit
+def slot_lse(ptr, row_off, rmask, y, mo, shift, scale, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(log-sum-exp, the same over the classes other than the label) of x = (z - shift) * scale per
+    row (scale > 0), given mo, the max of z over those classes: max x there is (mo - shift) * scale."""
     cols = tl.arange(0, BLOCK_C)
     total = tl.zeros([ROWS], tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + cols
         z = load_rows(ptr, row_off, rmask, cc, C)
-        total += tl.sum(tl.where((cc < C)[None, :], exp((z - mx[:, None]) * inv_t), 0.0), axis=1)
-    return mx * inv_t + log(total)
+        other = (cc < C)[None, :] & (cc[None, :] != y[:, None])
+        total += tl.sum(tl.where(other, exp((z - mo[:, None]) * scale[:, None]), 0.0), axis=1)
+    lse_o = (mo - shift) * scale + log(total)
+    zy = tl.load(ptr + row_off + y, mask=rmask, other=0.0).to(tl.float32)
+    return logaddexp(lse_o, (zy - shift) * scale), lse_o
 
 
 @triton.jit
@@ -91,11 +126,87 @@ def pick(tile, ids, k):
 
 
 @triton.jit
-def gate_weight(gate_kind, factor, inv_gamma, correct):
-    """Per row: the gate's weight (DESIGN §1, Gates), factor = k / k_end. The gamma gates' power
-    x^(1/γ) is exp(log(x) / γ), and 0 at x = 0."""
+def gate_weight(gate_kind, factor, gate_arg, correct):
+    """Per row: the gate's weight (DESIGN §1, Gates), factor = k / k_end, gate_arg = 1/γ of the gamma
+    gates and 1/w of the warmup gate. The gamma gates' power x^(1/γ) is exp(log(x) / γ), and 0 at x = 0."""
     fading = 1.0 - factor
     base = tl.where(gate_kind == 4, factor, fading)
-    power = tl.where(base > 0.0, exp(log(tl.maximum(base, 1e-30)) * inv_gamma), 0.0)
+    power = tl.where(base > 0.0, exp(log(tl.maximum(base, 1e-30)) * gate_arg), 0.0)
+    power = tl.where(gate_kind == 6, tl.minimum(1.0, factor * gate_arg), power)
     weight = tl.where(gate_kind == 1, factor, tl.where(gate_kind == 3, fading, power))
     return tl.where(gate_kind == 0, 1.0, tl.where(gate_kind == 2, tl.where(correct, 1.0, 0.0), weight))
+
+
+# ---- each loss term's share of a block of classes (the forward's single pass over an edge's rows) ----
+# ws, wt: the source's and the target's logits as the edge's tempered terms see them (standardized or
+# raw); x = w / T. h = d loss / d wt, accumulated as Σ h · wt where the edge standardizes: the
+# backward's chain through the std needs it (see `edge_losses`).
+@triton.jit
+def kl_block(ws, wt, valid, inv_t, inv_tt, lse_st, lse_tt, h_scale, kl, hw, std):
+    """Σ p_s (log p_s - log p_t), p_s at T, p_t at T or 1; h = h_scale · (p_t - p_s)."""
+    xs = ws * inv_t
+    ps = tl.where(valid, exp(xs - lse_st[:, None]), 0.0)
+    kl += tl.sum(ps * (xs - wt * inv_tt + (lse_tt - lse_st)[:, None]), axis=1)
+    if std != 0:
+        pt = tl.where(valid, exp(wt * inv_tt - lse_tt[:, None]), 0.0)
+        hw += tl.sum((pt - ps) * wt, axis=1) * h_scale
+    return kl, hw
+
+
+@triton.jit
+def dkd_block(ws, wt, valid, is_y, inv_t, lse_os, lse_ot, tc, beta_t, nckd, hw, std):
+    """NCKD: Σ_{j≠y} q_s (log q_s - log q_t), q the softmax over the classes other than y, from their
+    own log-sum-exp (no product with p_y's complement). With tc = T·α·(b_t - b_s), b = 1 - p_y, and
+    beta_t = T·β: h = tc·q_t + beta_t·(q_t - q_s) off y, -tc at y."""
+    other = valid & (is_y == 0)
+    xs = ws * inv_t
+    xt = wt * inv_t
+    qs = tl.where(other, exp(xs - lse_os[:, None]), 0.0)
+    nckd += tl.sum(qs * (xs - xt + (lse_ot - lse_os)[:, None]), axis=1)
+    if std != 0:
+        qt = tl.where(other, exp(xt - lse_ot[:, None]), 0.0)
+        h = tc[:, None] * qt + beta_t * (qt - qs) - tl.where(is_y != 0, tc[:, None], 0.0)
+        hw += tl.sum(h * wt, axis=1)
+    return nckd, hw
+
+
+@triton.jit
+def dist_block(ws, wt, valid, inv_t, lse_s, lse_t, inv_c, ab, aa, bb, paw, pbw, pw, std):
+    """The sums of the Pearson correlation of p_s and p_t (at T): a = p_s - 1/C, b = p_t - 1/C,
+    Σ ab, Σ a², Σ b²; where standardized also Σ p_t a wt, Σ p_t b wt, Σ p_t wt (the Σ h · wt of
+    h = -T p_t (c1 a - c2 b - c3), whose coefficients need the row's totals)."""
+    ps = tl.where(valid, exp(ws * inv_t - lse_s[:, None]), 0.0)
+    pt = tl.where(valid, exp(wt * inv_t - lse_t[:, None]), 0.0)
+    a = tl.where(valid, ps - inv_c, 0.0)
+    b = tl.where(valid, pt - inv_c, 0.0)
+    ab += tl.sum(a * b, axis=1)
+    aa += tl.sum(a * a, axis=1)
+    bb += tl.sum(b * b, axis=1)
+    if std != 0:
+        ptw = pt * wt
+        paw += tl.sum(ptw * a, axis=1)
+        pbw += tl.sum(ptw * b, axis=1)
+        pw += tl.sum(ptw, axis=1)
+    return ab, aa, bb, paw, pbw, pw
+
+
+@triton.jit
+def tckd(xsy, xty, lse_s, lse_os, lse_t, lse_ot):
+    """KL of the binary distributions (p_y, 1 - p_y) of source and target; log(1 - p_y) is
+    lse_other - lse, exact where p_y rounds to 1."""
+    ls1 = xsy - lse_s
+    ls2 = lse_os - lse_s
+    return exp(ls1) * (ls1 - (xty - lse_t)) + exp(ls2) * (ls2 - (lse_ot - lse_t))
+
+
+@triton.jit
+def dist_coefficients(ab, aa, bb):
+    """(1/D, φ, Σ p_t g) of corr = Σab / D, D = |a||b| + ε: d corr / d b = a / D - φ b with
+    φ = Σab |a| / (|b| D²) (0 where |b| = 0, as torch's norm gradient there), and Σ p_t g =
+    Σab / D - φ |b|² since Σ a = Σ b = 0. Returned with corr."""
+    na = tl.sqrt_rn(aa)
+    nb = tl.sqrt_rn(bb)
+    d = na * nb + DIST_EPS
+    corr = ab / d
+    phi = tl.where(nb > 0.0, corr * na / (tl.where(nb > 0.0, nb, 1.0) * d), 0.0)
+    return corr, 1.0 / d, phi, corr - phi * bb

@@ -54,10 +54,12 @@ def test_unpack_writes_the_benchmark_jsons(suite, tmp_path):
 
 def test_kernels_rows_count_the_graph_and_the_bytes(suite):
     rows = result(suite, "kernels")["rows"]
-    assert [(r["M"], r["B"], r["C"]) for r in rows] == [(2, 8, 10), (3, 4, 100)]
+    new_kinds = ["dkd", "dist", "kl std", "dkd+dist std"]  # the modern logit distillation's rows follow KL's
+    assert [(r["kind"], r["M"], r["B"], r["C"]) for r in rows] == [("kl", 2, 8, 10), ("kl", 3, 4, 100)] + [
+        (k, 2, 8, 10) for k in new_kinds]
     for r in rows:
         m, b, c = r["M"], r["B"], r["C"]
-        assert r["edges"] == m + m * (m - 1)  # a label edge into each node, a KL edge per ordered pair
+        assert r["edges"] == m + m * (m - 1)  # a label edge into each node, an edge of the kind per ordered pair
         # Logits read twice, their gradient written once (fp32), the labels (int64) read once.
         assert r["fused_GBps"] == pytest.approx((3 * m * b * c * 4 + 8 * b) / (r["fused_us"] * 1e-6) / 1e9)
         assert r["step_entry"]["host_us"] > 0

@@ -16,9 +16,10 @@ import random  # noqa: E402
 import pytest  # noqa: E402
 
 from ktfast import Graph, GraphError  # noqa: E402
-from ktfast.graph import EnsembleNode  # noqa: E402
+from ktfast.graph import TEMPERED_TERMS, EnsembleNode  # noqa: E402
 from ktfast.kernels import edge_losses, fused_graph_losses, fused_loss_vector  # noqa: E402
-from ktfast.losses import NORMALIZE_EPS, loss_targets, node_logits, owner, reference_graph_losses  # noqa: E402
+from ktfast.losses import (NORMALIZE_EPS, STANDARDIZE_EPS, loss_targets, node_logits, owner,  # noqa: E402
+                           reference_graph_losses, standardize)
 from ktfast.models import is_model_name  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -66,10 +67,20 @@ def bounds(g, z, a, y):
     κ = 8 + log2(B·C) roundings of relative size eps32: a chain of at most 8 fp32 operations (exp
     and log within 2 ulp each), plus one rounding per level of the tree sums over classes and batch.
     Each rounding is relative to the size of what it combines, which gives each term's bound:
-    * log-softmax at temperature T: at most 2Z/T + log C in size (Z = the largest |logit|), so ce's
-      loss and gradient p - onehot are off by κ·eps·(2Z + log C); T²·KL's loss by
-      κ·eps·2T²(2Z/T + log C) and its gradient T·(p_t - p_s) by κ·eps·2(2Z + T log C): T is KL's
-      condition factor;
+    * log-softmax at temperature T: at most r = 2Z/T + log C in size (Z = the largest |logit|), so
+      ce's loss and gradient p - onehot are off by κ·eps·(2Z + log C); T²·KL's loss by κ·eps·2T²r
+      and its gradient T·(p_t - p_s) by κ·eps·2Tr: T is KL's condition factor;
+    * dkd: TCKD and NCKD are KLs of distributions made of the same log-sum-exps (1 - p_y from the
+      non-label one), so each obeys KL's bound: loss (α + β)·2T²r; its gradient
+      T·(α(b_t - b_s)q_t + β(q_t - q_s)) sums three and two products of such probabilities: T(3α + 2β)r;
+    * dist: the centred vectors a = p_s - 1/C, b = p_t - 1/C carry the probabilities' error r times
+      the conditioning c = |p_s|/|a| + |p_t|/|b| (largest over the rows, in float64); the correlation
+      moves by at most twice their relative errors: loss 2T²rc; its gradient
+      -T p_t (a/D - φb - Σp_t g) is at most T(2/|b| + 2) in size, and each of its factors carries
+      error rc: 4T(2/|b| + 2)rc;
+    * standardize: the tempered terms see z' = (z - mean)/s, so Z becomes max|z'|; the gradient
+      (h - ρz')/s is at most (1 + √C)|h|/s (Cauchy-Schwarz on ρ), so h's bound and its size times
+      the two roundings of z' and s are magnified by (1 + √C)/s (smallest s of the target);
     * cos: the loss and each of the gradient's two terms are at most 1 and carry the probabilities'
       relative error (2Z + log C)·κ·eps, four times (two norms, a product, a division);
     * mse: (z_t - z_s)² ≤ 4Z², gradient 2(z_t - z_s)/C ≤ 4Z/C;
@@ -82,6 +93,7 @@ def bounds(g, z, a, y):
     z64 = node_logits(g, {k: v.double() for k, v in z.items()})
     batch, classes = y.shape[0], next(iter(z.values())).shape[1]
     big = max(v.abs().max().item() for v in z64.values())
+    big_std = max(standardize(v).abs().max().item() for v in z64.values())
     log_c = math.log(classes)
     ulp = EPS32 * (8 + math.log2(batch * classes))
     loss_bound = {t: 0.0 for t in loss_targets(g)}
@@ -96,13 +108,41 @@ def bounds(g, z, a, y):
         else:
             grad_bound[end] += amount
 
+    def tempered(e):
+        """(loss bound, gradient bound) of the edge's kl, dkd and dist terms, in units of κ·eps."""
+        t = e.temperature
+        z_s, z_t = z64[e.source], z64[e.target]
+        if e.standardize:
+            z_s, z_t = standardize(z_s), standardize(z_t)
+        r = 2 * (big_std if e.standardize else big) / t + log_c
+        loss = grad = size = 0.0
+        if "kl" in e.terms:
+            loss, grad, size = loss + 2 * t * t * r, grad + 2 * t * r, size + max(t, 1.0)
+        if "dkd" in e.terms:
+            loss += (e.alpha + e.beta) * 2 * t * t * r
+            grad += t * (3 * e.alpha + 2 * e.beta) * r
+            size += t * (e.alpha + e.beta)
+        if "dist" in e.terms:
+            p_s, p_t = torch.softmax(z_s / t, 1), torch.softmax(z_t / t, 1)
+            a_, b_ = p_s - p_s.mean(1, keepdim=True), p_t - p_t.mean(1, keepdim=True)
+            cond = (p_s.norm(dim=1) / a_.norm(dim=1) + p_t.norm(dim=1) / b_.norm(dim=1)).max().item()
+            grad_size = t * (2 / b_.norm(dim=1).min().item() + 2)
+            loss, grad, size = loss + 2 * t * t * r * cond, grad + 4 * grad_size * r * cond, size + grad_size
+        if e.standardize:
+            s = STANDARDIZE_EPS + z64[e.target].std(1).min().item()
+            grad = (1 + math.sqrt(classes)) / s * (grad + 2 * size)
+        return loss, grad
+
     for e in g.active_edges:
         t, w = e.temperature, abs(e.weight) * ulp
         terms = {"ce": (2 * big + log_c, 2 * big + log_c),
-                 "kl": (2 * t * t * (2 * big / t + log_c), 2 * (2 * big + t * log_c)),
                  "cos": (4 * (2 * big + log_c), 8 * (2 * big + log_c)),
                  "mse": (4 * big * big, 4 * big / classes)}
+        if any(term in TEMPERED_TERMS for term in e.terms):
+            terms["tempered"] = tempered(e)
         for term in e.terms:
+            if term in TEMPERED_TERMS:
+                continue
             if term in terms:
                 loss_bound[owner(e.target)] += w * terms[term][0]
                 give(e.target, w * terms[term][1] / batch)
@@ -111,6 +151,9 @@ def bounds(g, z, a, y):
                                for k in e.crops)
                 loss_bound[owner(e.target)] += w * 4
                 grad_bound[f"att:{e.target}"] += w * 4 / max(smallest, NORMALIZE_EPS) / batch
+        if "tempered" in terms:
+            loss_bound[owner(e.target)] += w * terms["tempered"][0]
+            give(e.target, w * terms["tempered"][1] / batch)
     return loss_bound, [grad_bound[k] for k in z] + [grad_bound[f"att:{k}"] for k in a]
 
 
@@ -194,6 +237,109 @@ def test_random_graphs(seed, device):
     z, a, y = inputs(names, batch, classes, size=4, seed=seed, device=device)
     some_correct(z[names[1]], y, n=batch // 2)
     compare(graph(nodes, edges, names[0]), z, a, y, step=rng.randint(1, 9), total=9)
+
+
+NEW_KINDS = ["dkd", "dist", "kl+dkd", "dkd+dist+mse", "dist+cos+att_mse"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind,gate,std", list(itertools.product(NEW_KINDS, ["through", "correct", "warmup"],
+                                                                 [False, True])))
+def test_new_kinds_gates_and_standardize(kind, gate, std, device):
+    d = graph(models("a", "b"),
+              [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+               {"from": "b", "to": "a", "loss": kind, "gate": gate, "temperature": 2.5, "weight": 0.8, "crops": [2, 3],
+                "standardize": std, **({"alpha": 0.5, "beta": 4.0} if "dkd" in kind else {}),
+                **({"warmup": 0.6} if gate == "warmup" else {})}])
+    z, a, y = inputs("ab", 6, 9, seed=len(kind) + 7 * len(gate) + std, device=device)
+    some_correct(z["b"], y)
+    compare(d, z, a, y, step=2, total=7)
+
+
+def random_edge(rng, s, t, attention: bool) -> dict:
+    """An edge of any logit kind, old or new, and sometimes standardized, with random T (0.5 to 10),
+    α (0 included), β, weight and gate (the warmup gate included)."""
+    kinds = ["kl", "cos", "mse", "kl+mse", "dkd", "dist", "kl+dkd", "dkd+mse", "dist+cos", "kl+dist", "dkd+dist"]
+    kind = rng.choice(kinds + (["att_mse", "dkd+att_mse", "dist+att_cos"] if attention else []))
+    edge = {"from": s, "to": t, "loss": kind, "gate": rng.choice(GATES + ["cutoff", "warmup"]),
+            "temperature": rng.choice([0.5, 1.0, 2.0, 4.0, 10.0]), "weight": rng.uniform(0.2, 2),
+            "crops": rng.sample([1, 2, 3], rng.randint(1, 2))}
+    if edge["gate"] == "warmup":
+        edge["warmup"] = rng.choice([0.1, 0.5, 1.0])
+    if "dkd" in kind:
+        edge["alpha"], edge["beta"] = rng.choice([0.0, 1.0, 2.5]), rng.choice([0.0, 1.0, 8.0])
+    if any(term in TEMPERED_TERMS for term in kind.split("+")):
+        edge["standardize"] = rng.random() < 0.5
+    if "kl" in kind.split("+") and rng.random() < 0.3:
+        edge["soften"] = "source"
+    return edge
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(6))
+def test_random_graphs_mixing_old_and_new_kinds(seed, device):
+    """Random graphs of every logit kind, old and new, standardize, α (0 too), β, T from 0.5 to 10 and
+    the warmup gate: values and gradients against float64 within `bounds`."""
+    rng = random.Random(100 + seed)
+    names = [f"n{i}" for i in range(rng.randint(2, 4))]
+    nodes = models(*names)
+    if rng.random() < 0.5:
+        nodes.append({"name": "ens", "ensemble": rng.sample(names, 2), "reduce": rng.choice(["mean", "sum"]),
+                      "detach": rng.random() < 0.5})
+    endpoints = [n["name"] for n in nodes]
+    edges = [{"from": "label", "to": n, "loss": "ce", "gate": rng.choice(GATES)} for n in endpoints]
+    edges += [random_edge(rng, s, t, s in names and t in names) for s, t in itertools.permutations(endpoints, 2)]
+    batch, classes = rng.choice([(1, 10), (7, 13), (16, 100)])
+    z, a, y = inputs(names, batch, classes, size=4, seed=seed, device=device)
+    some_correct(z[names[1]], y, n=batch // 2)
+    compare(graph(nodes, edges, names[0]), z, a, y, step=rng.randint(1, 9), total=9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_standardize_at_constant_logits_is_finite(device, monkeypatch):
+    """Rows of constant logits (var = 0, mean exact for 1.5 and 0): z' = 0, and the reference takes the
+    std's own gradient as 0 there; the kernels' gradient is finite and within the bound, whose 1/s =
+    1e7 is the true conditioning of (h - mean h) / ε. Also across class blocks (Chan's merge).
+    dist at a constant target has |b| ≈ 0 (its gradient a/ε ~ 1e8, rounding-dominated in fp32): only
+    its finiteness is asserted."""
+    monkeypatch.setattr(edge_losses, "MAX_BLOCK_C", 8)
+    d = graph(models("a", "b"), [{"from": "b", "to": "a", "loss": "kl+dkd", "gate": "through", "standardize": True,
+                                  "temperature": 2.0},
+                                 {"from": "a", "to": "b", "loss": "dkd+mse", "gate": "through", "standardize": True}])
+    z, a, y = inputs("ab", 6, 20, device=device)
+    with torch.no_grad():
+        z["a"][:2] = 1.5
+        z["b"][1:3] = 0.0
+    losses, grads = compare(d, z, a, y)
+    d["edges"][0]["loss"] = "dist"
+    losses, grads = run(fused_graph_losses, Graph.from_dict(d), z, a, y, 1, 1)
+    assert all(torch.isfinite(v).all() for v in losses.values()) and all(torch.isfinite(g_).all() for g_ in grads[:2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dkd_where_p_y_rounds_to_one(device):
+    """Label logits 20 and 40 above the rest: p_y is 1 in fp32 for both, and 1 - p_y, from the
+    non-label log-sum-exp, keeps full precision. With β = 0 the gradient off the label is
+    T·α·(b_t - b_s)·q_t, b = 1 - p_y, no cancellation (b_t ≪ b_s): each element within 3 rounding
+    bounds of the probabilities, relative, 3·κ·eps·(2Z/T + log C). 1 - exp(log p_y) would give 0."""
+    d = graph(models("a", "b"), [{"from": "b", "to": "a", "loss": "dkd", "gate": "through", "alpha": 2.0,
+                                  "beta": 0.0}])
+    z, a, y = inputs("ab", 5, 10, device=device)
+    with torch.no_grad():
+        z["a"].clamp_(-3, 3)
+        z["b"].clamp_(-3, 3)
+        rows = torch.arange(5)
+        z["b"][rows, y] = 23.0
+        z["a"][rows, y] = 43.0
+    g = Graph.from_dict(d)
+    _, grads = run(fused_graph_losses, g, z, a, y, 1, 1)
+    _, exact = run(reference_graph_losses, g, {k: v.double() for k, v in z.items()}, {}, y, 1, 1)
+    off = torch.ones_like(z["a"], dtype=torch.bool)
+    off[rows, y] = False
+    assert (exact[0][off].abs() > 0).all()
+    ulp = EPS32 * (8 + math.log2(5 * 10))
+    rel = ((grads[0].double() - exact[0]) / exact[0])[off].abs().max().item()
+    assert rel <= 3 * ulp * (2 * 43 + math.log(10)), rel
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -395,22 +541,27 @@ def test_soften_source_against_a_direct_computation(device):
 
 
 # k / k_end = 0.1, 0.5, 1 at steps 1, k_end / 2, k_end of k_end = 10, and γ = 2.5: 1/γ = 0.4.
+# warmup, w = 0.25: k / (w k_end) = 0.4, then capped at 1.
 TIME_GATE_WEIGHTS = {"negative_linear": [0.9, 0.5, 0.0], "gamma": [0.1 ** 0.4, 0.5 ** 0.4, 1.0],
-                     "negative_gamma": [0.9 ** 0.4, 0.5 ** 0.4, 0.0]}
+                     "negative_gamma": [0.9 ** 0.4, 0.5 ** 0.4, 0.0], "warmup": [0.4, 1.0, 1.0]}
+GATE_FIELDS = {"gamma": {"gamma": 2.5}, "negative_gamma": {"gamma": 2.5}, "warmup": {"warmup": 0.25}}
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("gate", sorted(TIME_GATE_WEIGHTS))
 def test_time_gates_at_the_first_middle_and_last_step(gate, device):
-    gamma = {"gamma": 2.5} if "gamma" in gate else {}
+    fields = GATE_FIELDS.get(gate, {})
     edges = [{"from": "b", "to": "a", "loss": "kl+cos+att_mse", "gate": gate, "temperature": 2.0, "crops": [2],
-              **gamma},
-             {"from": "label", "to": "a", "loss": "ce", "gate": gate, "weight": 0.5, **gamma}]
-    plain = [{k: v for k, v in e.items() if k != "gamma"} | {"gate": "through"} for e in edges]
-    z, a, y = inputs("ab", 6, 9, device=device)
-    through, through_grads = run(fused_graph_losses, Graph.from_dict(graph(models("a", "b"), plain)), z, a, y, 1, 10)
+              **fields},
+             {"from": "c", "to": "a", "loss": "dkd+dist", "gate": gate, "standardize": True, "temperature": 3.0,
+              **fields},
+             {"from": "label", "to": "a", "loss": "ce", "gate": gate, "weight": 0.5, **fields}]
+    plain = [{k: v for k, v in e.items() if k not in fields} | {"gate": "through"} for e in edges]
+    z, a, y = inputs("abc", 6, 9, device=device)
+    plain_graph = Graph.from_dict(graph(models("a", "b", "c"), plain))
+    through, through_grads = run(fused_graph_losses, plain_graph, z, a, y, 1, 10)
     for step, weight in zip((1, 5, 10), TIME_GATE_WEIGHTS[gate]):
-        fused, grads = compare(graph(models("a", "b"), edges), z, a, y, step=step, total=10)
+        fused, grads = compare(graph(models("a", "b", "c"), edges), z, a, y, step=step, total=10)
         assert fused["a"].item() == pytest.approx(weight * through["a"].item(), rel=1e-5, abs=1e-6)
         for got, want in zip(grads, through_grads):
             if want is not None:
@@ -418,9 +569,10 @@ def test_time_gates_at_the_first_middle_and_last_step(gate, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("gate", ["linear", "negative_linear", "gamma", "negative_gamma"])
+@pytest.mark.parametrize("gate", ["linear", "negative_linear", "gamma", "negative_gamma", "warmup"])
 def test_time_gate_factor_from_a_device_tensor(gate, device):
-    edge = {"from": "b", "to": "a", "loss": "kl", "gate": gate} | ({"gamma": 0.7} if "gamma" in gate else {})
+    edge = {"from": "b", "to": "a", "loss": "kl", "gate": gate} | {"gamma": {"gamma": 0.7}, "negative_gamma": {
+        "gamma": 0.7}, "warmup": {"warmup": 0.5}}.get(gate, {})
     g = Graph.from_dict(graph(models("a", "b"), [edge]))
     z, a, y = inputs("ab", 4, 10, device=device)
     as_int = fused_graph_losses(g, z, y, 3, 12)["a"]
