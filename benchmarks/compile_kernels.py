@@ -80,8 +80,22 @@ def bench_cases() -> list[Case]:
     from bench_kernels import FULL, NEW_KINDS, make_graph
 
     kl = [Case(f"bench M={m}", make_graph(m), b, c, None, "bench") for m, b, c in FULL]
-    return kl + [Case(f"bench M={m} {kind}", make_graph(m, kind), b, c, None, "bench")
-                 for kind in NEW_KINDS for m in (3, 7) for b in (64, 256, 1024) for c in (10, 100, 1000)]
+    sizes = [(b, c) for b in (64, 256, 1024) for c in (10, 100, 1000)]
+    return (kl + [Case(f"bench M={m} {kind}", make_graph(m, kind), b, c, None, "bench")
+                  for kind in NEW_KINDS for m in (3, 7) for b, c in sizes]
+            + [Case("every kind", every_kind_graph(), b, c, None, path) for b, c in sizes for path in ("bench", "step")])
+
+
+def every_kind_graph() -> Graph:
+    """One graph with every logit term, standardized edges and every kind of gate: the kernels compile
+    the code of the terms a graph has (`EdgeTable.kinds`), so this is the largest variant."""
+    edges = [("label", "a", "ce", "through", {}), ("b", "a", "kl", "linear", {"temperature": 2}),
+             ("c", "a", "dkd+dist", "warmup", {"warmup": 0.5, "standardize": True, "temperature": 4}),
+             ("a", "b", "cos", "correct", {}), ("d", "b", "mse+kl", "gamma", {"standardize": True, "gamma": 2}),
+             ("a", "c", "dkd", "negative_linear", {}), ("b", "d", "kl", "negative_gamma", {"soften": "source"})]
+    return Graph.from_dict({"target": "a", "nodes": [{"name": n, "model": "resnet8"} for n in "abcd"],
+                            "edges": [{"from": s, "to": t, "loss": loss, "gate": gate, **extra}
+                                      for s, t, loss, gate, extra in edges]})
 
 
 def example_cases() -> list[Case]:
@@ -98,12 +112,15 @@ def example_cases() -> list[Case]:
 
 def quick_cases() -> list[Case]:
     """Each kernel at its largest block: an ABN graph at the step's size with the largest maps, and
-    the edge-loss kernels' widest rows (1000 classes at B = 1024)."""
+    the edge-loss kernels' widest rows (1000 classes at B = 1024); and the graph of every kind at the
+    plan of one row of 128 classes, where its backward spilled with one warp."""
     from bench_kernels import make_graph
 
     abn = Graph.from_dict(json.loads((ROOT / "examples" / "abn2.json").read_text()))
     return [Case("abn2", abn, STEP_BATCH, 100, 56, "step"), Case("bench M=3", make_graph(3), 1024, 1000, None, "bench"),
-            Case("bench M=3 dkd+dist std", make_graph(3, "dkd+dist std"), 1024, 1000, None, "bench")]
+            Case("bench M=3 dkd+dist std", make_graph(3, "dkd+dist std"), 1024, 1000, None, "bench"),
+            Case("every kind", every_kind_graph(), 1024, 1000, None, "step"),
+            Case("every kind", every_kind_graph(), 64, 100, None, "bench")]  # spilled once: one warp
 
 
 def entry_points() -> set[str]:

@@ -52,14 +52,14 @@ STANDARDIZE_EPS = tl.constexpr(1e-7)  # ktfast.losses.STANDARDIZE_EPS
 
 
 @triton.jit
-def _row_scalars(ints, E, e, lse_tiles, lse_o_tiles, slot_ids, means, inv_ss, node_ids):
+def _row_scalars(ints, E, e, lse_tiles, lse_o_tiles, slot_ids, means, inv_ss, node_ids, KINDS: tl.constexpr):
     """An edge's slots' log-sum-exps per row [ROWS], and the (shift, scale) that give the logits its
     tempered terms see, w = (z - shift) · scale: (mean, 1/(ε + std)) where standardized, else (0, 1)."""
     src = tl.maximum(tl.load(ints + _SRC * E + e), 0)
     dst = tl.load(ints + _DST * E + e)
     sslot = tl.load(ints + _SSLOT * E + e)
     tslot = tl.load(ints + _TSLOT * E + e)
-    std = (tl.load(ints + _KIND * E + e) & _STD) != 0
+    std = (tl.load(ints + _KIND * E + e) & (_STD & KINDS)) != 0
     sb = tl.where(std, pick(means, node_ids, src), 0.0)
     sc = tl.where(std, pick(inv_ss, node_ids, src), 1.0)
     tb = tl.where(std, pick(means, node_ids, dst), 0.0)
@@ -78,7 +78,7 @@ def _edge_loss_fwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
                    count_ptr, out_ptr, aux_ptr, lse_ptr, mom_ptr, B, C, E, M, S, NT, inv_b,
                    STACKED: tl.constexpr, FACTOR_FROM_PTR: tl.constexpr, ROWS: tl.constexpr,
                    BLOCK_C: tl.constexpr, M_P2: tl.constexpr, S_P2: tl.constexpr, NT_P2: tl.constexpr,
-                   P_BLOCK: tl.constexpr):
+                   P_BLOCK: tl.constexpr, KINDS: tl.constexpr):
     """out[:NT] = every target's L_t, out[NT] = their sum."""
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -102,7 +102,8 @@ def _edge_loss_fwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
     for n in range(M):
         ptr = z + offset(n, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
                          ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
-        arg, mo, lse, lse_o, mean, m2 = row_stats(ptr, row_off, rmask, y, C, tl.load(node_std + n), ROWS, BLOCK_C)
+        moments = tl.load(node_std + n) & ((_STD & KINDS) // _STD)  # a constant 0 where no edge standardizes
+        arg, mo, lse, lse_o, mean, m2 = row_stats(ptr, row_off, rmask, y, C, moments, ROWS, BLOCK_C)
         var = m2 / (C - 1)
         sd = tl.where(var > 0.0, tl.sqrt_rn(tl.where(var > 0.0, var, 1.0)), 0.0)
         s = STANDARDIZE_EPS + sd
@@ -118,7 +119,7 @@ def _edge_loss_fwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
         n = tl.load(slot_node + k)
         ptr = z + offset(n, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
                          ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
-        standardized = tl.load(slot_std + k) != 0
+        standardized = (tl.load(slot_std + k) & ((_STD & KINDS) // _STD)) != 0
         shift = tl.where(standardized, pick(means, node_ids, n), 0.0)
         scale = tl.load(slot_inv_t + k) * tl.where(standardized, pick(inv_ss, node_ids, n), 1.0)
         lse, lse_o = slot_lse(ptr, row_off, rmask, y, pick(mos, node_ids, n), shift, scale, C, ROWS, BLOCK_C)
@@ -136,7 +137,7 @@ def _edge_loss_fwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
     for e in range(E):
         src = tl.load(ints + _SRC * E + e)
         dst = tl.load(ints + _DST * E + e)
-        kind = tl.load(ints + _KIND * E + e)
+        kind = tl.load(ints + _KIND * E + e) & KINDS  # bits no edge has fold to 0: their code is dropped
         std = kind & _STD
         inv_t = tl.load(floats + _INV_T * E + e)
         inv_tt = tl.load(floats + _DINV_T * E + e)
@@ -148,7 +149,7 @@ def _edge_loss_fwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
         lse_s1 = pick(lses, slot_ids, src)
         lse_t1 = pick(lses, slot_ids, dst)
         lse_st, lse_tt, lse_t2, lse_o_s, lse_o_t, sb, sc, tb, tc = _row_scalars(
-            ints, E, e, lses, lse_os, slot_ids, means, inv_ss, node_ids)
+            ints, E, e, lses, lse_os, slot_ids, means, inv_ss, node_ids, KINDS)
 
         loss = tl.zeros([ROWS], tl.float32)
         if (kind & _CE) != 0:  # -log p_t[y]
@@ -303,7 +304,7 @@ def _edge_loss_bwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
                    ep_off15: tl.int64,
                    y_ptr, grad_l, grad_total, ints, floats, grads, aux_ptr, lse_ptr, mom_ptr, out_ptr, B, C, E, G, M,
                    S, inv_b, STACKED: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                   HAS_GRAD_L: tl.constexpr, HAS_GRAD_TOTAL: tl.constexpr):
+                   HAS_GRAD_L: tl.constexpr, HAS_GRAD_TOTAL: tl.constexpr, KINDS: tl.constexpr):
     """out[g] = Σ_{edges e into node g} dL/dL_t · weight / B · gate · d loss_e / d z_g, where
     dL/dL_t = grad_l[t] + grad_total (either may be absent: the step back-propagates the total).
 
@@ -340,7 +341,7 @@ def _edge_loss_bwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
         slot_std = -1
         for e in range(first, last):
             src = tl.load(ints + _SRC * E + e)
-            kind = tl.load(ints + _KIND * E + e)
+            kind = tl.load(ints + _KIND * E + e) & KINDS  # bits no edge has fold to 0: their code is dropped
             d_target = 0.0
             if HAS_GRAD_L:
                 d_target += tl.load(grad_l + tl.load(ints + _TGT * E + e)).to(tl.float32)
@@ -459,7 +460,7 @@ class EdgeLossFn(torch.autograd.Function):
             table.ints, table.floats, table.slot_node, table.slot_inv_t, table.slot_std, table.node_std, part, count,
             out, aux, lse, mom, B, C, E, M, S, NT, 1.0 / B, STACKED=stacked, FACTOR_FROM_PTR=from_ptr, ROWS=rows_per,
             BLOCK_C=block_c, M_P2=triton.next_power_of_2(M), S_P2=triton.next_power_of_2(S),
-            NT_P2=width, P_BLOCK=min(64, triton.next_power_of_2(programs)), num_warps=warps)
+            NT_P2=width, P_BLOCK=min(64, triton.next_power_of_2(programs)), KINDS=table.kinds, num_warps=warps)
         ctx.save_for_backward(labels, aux, lse, mom, *logits)
         ctx.table = table
         ctx.set_materialize_grads(False)
@@ -477,6 +478,10 @@ class EdgeLossFn(torch.autograd.Function):
         if G == 0 or (grad_l is None and grad_total is None):
             return None, None, None, None, *grads
         rows_per, block_c, warps, programs = _blocks(B, C, labels.device)
+        if table.kinds & (et.DKD | et.DIST | et.STD):
+            # Their gradient keeps more values live per element: with one warp (4 elements a thread)
+            # ptxas spilled at B = 64, C = 100 (benchmarks/compile_kernels.py); two warps don't.
+            warps = max(warps, 2)
         base, offsets, node_stride, stacked = _link(logits)
         out = torch.empty(G, B, C, device=labels.device, dtype=logits[0].dtype)
         _edge_loss_bwd[(programs, G)](
@@ -484,7 +489,8 @@ class EdgeLossFn(torch.autograd.Function):
             aux if grad_total is None else grad_total, table.ints, table.floats, table.grads,
             aux, lse, mom, out, B, C, table.n_edges, G, len(logits), table.n_slots, 1.0 / B, STACKED=stacked,
             ROWS=rows_per, BLOCK_C=block_c,
-            HAS_GRAD_L=grad_l is not None, HAS_GRAD_TOTAL=grad_total is not None, num_warps=warps)
+            HAS_GRAD_L=grad_l is not None, HAS_GRAD_TOTAL=grad_total is not None, KINDS=table.kinds,
+            num_warps=warps)
         for g, n in enumerate(table.grad_nodes):
             grads[n] = out[g]
         return None, None, None, None, *grads

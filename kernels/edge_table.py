@@ -6,6 +6,8 @@ contiguous range: the backward accumulates each target's gradient in registers a
 """
 from __future__ import annotations
 
+import functools
+import operator
 import weakref
 from dataclasses import dataclass
 
@@ -63,6 +65,9 @@ class EdgeTable:
     grads: torch.Tensor
     grad_nodes: tuple[int, ...]
     attention: AttentionTable | None
+    # Every edge's term bits OR-ed: the kernels take it as a constant, so the code of terms no edge
+    # has is compiled out (a graph of KL edges keeps the registers it had before dkd, dist and STD).
+    kinds: int
 
     @property
     def n_edges(self) -> int:
@@ -135,7 +140,8 @@ def _build(graph: Graph, device) -> EdgeTable:
                      put([n for n, _, _ in slot_list]), put([1 / t for _, t, _ in slot_list], torch.float32),
                      put([int(std) for _, _, std in slot_list]),
                      put([int(n in standardized) for n in range(len(endpoints))]),
-                     put(grads).reshape(3, -1), tuple(trained), _attention_table(graph, edges, targets, put))
+                     put(grads).reshape(3, -1), tuple(trained), _attention_table(graph, edges, targets, put),
+                     functools.reduce(operator.or_, (r[KIND] for r in rows), 0))
 
 
 def _gate_arg(edge) -> float:
