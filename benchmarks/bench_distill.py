@@ -130,7 +130,9 @@ def table(result: dict) -> str:
         delta = "" if name == "alone" else f"{m['mean'] - base:+.2f}"
         lines.append(f"| {name} | {m['mean']:.2f} ± {m['std']:.2f} | {delta} | "
                      + " | ".join(f"{a:.2f}" for a in m["acc"]) + f" | {m['wall_s']:.0f} |")
-    teacher = result["teacher_acc"]
+    teacher = result.get("teacher_acc")
+    if not teacher:
+        return "\n".join(lines)
     lines.append("")
     lines.append(f"Teacher ({TEACHER}, pre-trained on each seed's subset, frozen): "
                  f"{teacher['mean']:.2f} ± {teacher['std']:.2f} % (" + ", ".join(f"{a:.2f}" for a in teacher["acc"]) + ")")
@@ -154,7 +156,7 @@ def figure(result: dict):
     ax.set_title(f"digits, train fraction {r['train_fraction']}, {r['epochs']} epochs, {len(result['seeds'])} seeds; "
                  f"teacher {TEACHER}", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     return fig
 
 
@@ -176,7 +178,6 @@ def main() -> None:
               "torch_threads": torch.get_num_threads(), "dataset": "digits", "recipe": recipe, "seeds": seeds,
               "student": STUDENT, "teacher": TEACHER, "temperature": T, "methods": {}}
     start = time.perf_counter()
-    teacher: list[float] = []
     for name, g in methods.items():
         ran = run_method(out, name, recipe, seeds)
         accs = final_accuracies(out / "runs" / name, seeds)
@@ -184,16 +185,19 @@ def main() -> None:
         result["methods"][name] = {"description": g["description"], "graph": f"graphs/{name}.json", **ran,
                                    "acc": accs[g["target"]], "mean": mean, "std": std, "nodes": accs}
         if "teacher" in accs:  # a frozen teacher scores the same in every method that loads it
-            teacher = accs["teacher"]
-    mean, std = mean_std(teacher)
-    result["teacher_acc"] = {"acc": teacher, "mean": mean, "std": std}
-    result["total_wall_s"] = time.perf_counter() - start
-    (out / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = table(result)
-    (out / f"{NAME}.md").write_text(text + "\n")
-    save_figure(figure(result), out / f"{NAME}.png", flag="--out")
-    print(text)
+            mean, std = mean_std(accs["teacher"])
+            result["teacher_acc"] = {"acc": accs["teacher"], "mean": mean, "std": std}
+        result["complete"] = len(result["methods"]) == len(methods)
+        result["total_wall_s"] = time.perf_counter() - start
+        write_report(out, result)  # after every method: a cut-off run keeps the methods it finished
+    print(table(result))
     print(f"wrote {out / NAME}.{{json,md,png}} ({result['total_wall_s']:.0f} s)")
+
+
+def write_report(out: Path, result: dict) -> None:
+    (out / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{NAME}.md").write_text(table(result) + "\n")
+    save_figure(figure(result), out / f"{NAME}.png", flag="--out")
 
 
 if __name__ == "__main__":
