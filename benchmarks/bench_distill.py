@@ -47,7 +47,8 @@ def _label(node: str) -> dict:
 def _from_teacher(name: str, description: str, edge: dict) -> dict:
     """The student and a frozen pre-trained teacher: label CE plus one edge teacher → student."""
     return {"version": 1, "name": name, "description": description, "target": "student",
-            "nodes": [{"name": "student", "model": STUDENT}, {"name": "teacher", "model": TEACHER, "init": "pretrained"}],
+            "nodes": [{"name": "student", "model": STUDENT},
+                      {"name": "teacher", "model": TEACHER, "init": "pretrained"}],
             "edges": [_label("student"), {"from": "teacher", "to": "student", **edge}]}
 
 
@@ -134,8 +135,9 @@ def table(result: dict) -> str:
     if not teacher:
         return "\n".join(lines)
     lines.append("")
+    each = ", ".join(f"{a:.2f}" for a in teacher["acc"])
     lines.append(f"Teacher ({TEACHER}, pre-trained on each seed's subset, frozen): "
-                 f"{teacher['mean']:.2f} ± {teacher['std']:.2f} % (" + ", ".join(f"{a:.2f}" for a in teacher["acc"]) + ")")
+                 f"{teacher['mean']:.2f} ± {teacher['std']:.2f} % ({each})")
     return "\n".join(lines)
 
 

@@ -112,7 +112,7 @@ DISTILL_METHODS = ["alone", "kd", "kd_ls", "dkd", "dist", "dcl"]
 def distill(tmp_path_factory):
     out = tmp_path_factory.mktemp("distill")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    # The timeout bounds a hang: the smoke run takes about 3 minutes on 2 busy CPU cores.
+    # The timeout bounds a hang: the smoke run took 3 minutes on 2 busy CPU cores, 12 on 2 very busy ones.
     run = subprocess.run([sys.executable, str(BENCH / "bench_distill.py"), "--smoke", "--out", str(out)],
                          env=env, capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
