@@ -104,3 +104,76 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     for args in (["--unpack", str(tmp_path / "missing.json")], []):
         run = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), *args], capture_output=True, text=True)
         assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+
+
+# ---- bench_distill.py: the logit distillation comparison on digits ----------------------------
+DISTILL_METHODS = ["alone", "kd", "kd_ls", "dkd", "dist", "dcl"]
+
+
+@pytest.fixture(scope="module")
+def distill(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    # The timeout bounds a hang: the smoke run took 3 minutes on 2 busy CPU cores, 12 on 2 very busy ones.
+    run = subprocess.run([sys.executable, str(BENCH / "bench_distill.py"), "--smoke", "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return out, json.loads((out / "distill-digits.json").read_text())
+
+
+def test_distill_graphs_differ_in_the_method_alone(distill):
+    from ktfast.graph import Graph
+
+    out, result = distill
+    assert list(result["methods"]) == DISTILL_METHODS
+    graphs = {n: Graph.load(out / "graphs" / f"{n}.json") for n in DISTILL_METHODS}
+    assert {g.nodes[g.target].model for g in graphs.values()} == {"resnet8"}
+    edges = {n: [e for e in graphs[n].edges if e.source == "teacher"] for n in DISTILL_METHODS[1:5]}
+    assert all(len(e) == 1 and graphs[n].nodes["teacher"].init == "pretrained" for n, e in edges.items())
+    kd, kd_ls, dkd, dist = (edges[n][0] for n in DISTILL_METHODS[1:5])
+    assert (kd.loss, kd.standardize, kd.temperature) == ("kl", False, 4.0)
+    assert (kd_ls.loss, kd_ls.standardize, kd_ls.temperature) == ("kl", True, 4.0)
+    assert (dkd.loss, dkd.alpha, dkd.beta, dkd.gate, dkd.warmup, dkd.temperature) == ("dkd", 1, 8, "warmup", 1 / 12, 4)
+    assert (dist.loss, dist.gate, dist.temperature) == ("dist", "through", 4.0)
+    assert [e.source for e in graphs["alone"].edges] == ["label"]
+    assert len(graphs["dcl"].edges) == 9 and not any(getattr(n, "frozen", False) for n in graphs["dcl"].nodes.values())
+
+
+def test_distill_figures_are_the_runs_final_epochs(distill):
+    out, result = distill
+    # One teacher for the seed, pre-trained once and loaded by the four methods that have one.
+    assert len(list((out / "cache" / "pretrained").glob("*.pt"))) == 1
+    teacher = result["teacher_acc"]["acc"]
+    assert [result["methods"][n]["nodes"]["teacher"] for n in DISTILL_METHODS[1:5]] == [teacher] * 4
+    md = (out / "distill-digits.md").read_text()
+    for name in DISTILL_METHODS:
+        m, run = result["methods"][name], out / "runs" / name
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        target = json.loads((run / "graph.json").read_text())["target"]
+        config = json.loads((run / "config.json").read_text())
+        assert len(rows) == 1 and config["epochs"] == 1 and config["train_fraction"] == 0.1 and config["reference"]
+        assert m["acc"] == [100 * rows[-1]["test"][target]["acc"]] and (m["mean"], m["std"]) == (m["acc"][0], 0.0)
+        assert f"--graph graphs/{name}.json" in m["command"] and "--reference" in m["command"]
+        assert f"| {name} | {m['mean']:.2f} ± 0.00 |" in md
+    assert (out / "distill-digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_distill_mean_and_std_over_seeds(tmp_path, monkeypatch):
+    """Two seeds at 50 % and 70 %: mean 60, sample std sqrt(((−10)² + 10²) / 1) = 10·√2."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_distill
+
+    for seed, acc in ((0, 0.5), (1, 0.7)):
+        (tmp_path / f"seed{seed}").mkdir()
+        rows = [{"test": {"student": {"acc": 0.1}}}, {"test": {"student": {"acc": acc}}}]
+        (tmp_path / f"seed{seed}" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    accs = bench_distill.final_accuracies(tmp_path, [0, 1])["student"]
+    assert accs == pytest.approx([50, 70])
+    assert bench_distill.mean_std(accs) == pytest.approx((60, 10 * 2 ** 0.5))
+
+
+def test_distill_refuses_an_out_folder_with_runs(tmp_path):
+    (tmp_path / "runs").mkdir()
+    run = subprocess.run([sys.executable, str(BENCH / "bench_distill.py"), "--smoke", "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "--out" in run.stderr, run.stderr
