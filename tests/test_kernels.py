@@ -217,16 +217,22 @@ def test_every_kind_and_gate(kind, gate, device):
     compare(d, z, a, y)
 
 
+def random_nodes(rng, most, p_ensemble):
+    """2 to `most` model nodes, and with probability `p_ensemble` an ensemble of two of them: (model
+    names, node dicts, every endpoint's name)."""
+    names = [f"n{i}" for i in range(rng.randint(2, most))]
+    nodes = models(*names)
+    if rng.random() < p_ensemble:
+        nodes.append({"name": "ens", "ensemble": rng.sample(names, 2), "reduce": rng.choice(["mean", "sum"]),
+                      "detach": rng.random() < 0.5})
+    return names, nodes, [n["name"] for n in nodes]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", range(6))
 def test_random_graphs(seed, device):
     rng = random.Random(seed)
-    names = [f"n{i}" for i in range(rng.randint(2, 5))]
-    nodes = models(*names)
-    if rng.random() < 0.7:
-        nodes.append({"name": "ens", "ensemble": rng.sample(names, 2), "reduce": rng.choice(["mean", "sum"]),
-                      "detach": rng.random() < 0.5})
-    endpoints = [n["name"] for n in nodes]
+    names, nodes, endpoints = random_nodes(rng, 5, 0.7)
     edges = [{"from": "label", "to": n, "loss": "ce", "gate": rng.choice(GATES + ["cutoff"])} for n in endpoints]
     for s, t in itertools.permutations(endpoints, 2):
         kinds = KINDS if s in names and t in names else ["kl", "cos", "mse", "kl+mse"]
@@ -281,12 +287,7 @@ def test_random_graphs_mixing_old_and_new_kinds(seed, device):
     """Random graphs of every logit kind, old and new, standardize, α (0 too), β, T from 0.5 to 10 and
     the warmup gate: values and gradients against float64 within `bounds`."""
     rng = random.Random(100 + seed)
-    names = [f"n{i}" for i in range(rng.randint(2, 4))]
-    nodes = models(*names)
-    if rng.random() < 0.5:
-        nodes.append({"name": "ens", "ensemble": rng.sample(names, 2), "reduce": rng.choice(["mean", "sum"]),
-                      "detach": rng.random() < 0.5})
-    endpoints = [n["name"] for n in nodes]
+    names, nodes, endpoints = random_nodes(rng, 4, 0.5)
     edges = [{"from": "label", "to": n, "loss": "ce", "gate": rng.choice(GATES)} for n in endpoints]
     edges += [random_edge(rng, s, t, s in names and t in names) for s, t in itertools.permutations(endpoints, 2)]
     batch, classes = rng.choice([(1, 10), (7, 13), (16, 100)])
