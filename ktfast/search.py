@@ -77,10 +77,15 @@ class Space:
         return cls(d["nodes"], d["target_model"], tuple(d["models"]), tuple(d["gates"]),
                    tuple(losses) if losses is not None else None, d["objective"], d.get("standardize", "off"))
 
+    # Fields left out of to_dict at these values, as studies made before them recorded nothing: such a
+    # study can still be joined, and a mismatch is told with the value the field stands for.
+    UNRECORDED_DEFAULTS = {"standardize": "off"}
+
     def to_dict(self) -> dict:
         d = json.loads(json.dumps(asdict(self)))
-        if self.standardize == "off":  # as studies made before the flag recorded it: they can still be joined
-            del d["standardize"]
+        for key, default in self.UNRECORDED_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
         return d
 
     @property

@@ -112,8 +112,9 @@ def open_study(storage, name: str, space, cfg: TrainConfig, pruner: str, min_res
         study.set_user_attr("ktfast", mine)
     elif theirs != mine:
         key = next(k for k in {**theirs, **mine} if theirs.get(k) != mine.get(k))
-        raise UsageError(f"--study {name}: the study searches with {key}={theirs.get(key)!r}, not "
-                         f"{mine.get(key)!r}; re-run it as it was started, or choose another --study")
+        unrecorded = space.UNRECORDED_DEFAULTS.get(key)
+        raise UsageError(f"--study {name}: the study searches with {key}={theirs.get(key, unrecorded)!r}, not "
+                         f"{mine.get(key, unrecorded)!r}; re-run it as it was started, or choose another --study")
     return study
 
 

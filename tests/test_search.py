@@ -157,7 +157,7 @@ def test_a_study_is_joined_only_by_the_same_search(tmp_path):
                           (["--min-resource", "2"], "min_resource=1, not 2"),
                           (["--lr", "0.1"], "lr=0.05, not 0.1"),
                           (["--gates", "through,cutoff"], "gates"),
-                          (["--standardize", "search"], "standardize=None, not 'search'")):
+                          (["--standardize", "search"], "standardize='off', not 'search'")):
         with pytest.raises(UsageError, match=needle):
             join(*extra)
     optuna.create_study(storage=open_storage(url), study_name="foreign").enqueue_trial({})
