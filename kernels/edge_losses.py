@@ -180,7 +180,8 @@ def _edge_loss_fwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
                 ws = (zs - sb[:, None]) * sc[:, None]
                 wt = (zt - tb[:, None]) * tc[:, None]
                 if (kind & _KL) != 0:
-                    kl, hw = kl_block(ws, wt, valid, inv_t, inv_tt, lse_st, lse_tt, ks * inv_tt, kl, hw, std)
+                    kl, hw = kl_block(ws, wt, valid, inv_t, inv_tt, lse_st, lse_tt, ks * inv_tt, kl, hw, std,
+                                      (_STD & KINDS) != 0)
                 if (kind & _DKD) != 0:
                     is_y = (cc[None, :] == y[:, None]).to(tl.int32)
                     nckd, hw = dkd_block(ws, wt, valid, is_y, inv_t, lse_o_s, lse_o_t, tckd_h,
@@ -356,18 +357,22 @@ def _edge_loss_bwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
                                 ep_off8, ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
                 zs = load_rows(sp, row_off, rmask, cc, C)
                 if (kind & _TEMPERED) != 0:
-                    if (kind & _STD) != 0:
-                        h, pt_tempered_std, slot_std = _tempered_grad(
-                            zs, std_t, cc, y, valid, lse_ptr, aux_ptr, ints, floats, E, e, B, S, C, rows, rmask, kind,
-                            tl.load(mom_ptr + src * B + rows, mask=rmask, other=0.0),
-                            tl.load(mom_ptr + (M + src) * B + rows, mask=rmask, other=0.0), pt_tempered_std, slot_std)
-                        rho = tl.load(aux_ptr + (_RHO * E + e) * B + rows, mask=rmask, other=0.0)
-                        acc += (scale * inv_s_t)[:, None] * (h - rho[:, None] * std_t)
-                    else:
-                        h, pt_tempered, slot = _tempered_grad(
-                            zs, zt, cc, y, valid, lse_ptr, aux_ptr, ints, floats, E, e, B, S, C, rows, rmask, kind,
-                            tl.zeros([ROWS], tl.float32), tl.full([ROWS], 1.0, tl.float32), pt_tempered, slot)
-                        acc += scale[:, None] * h
+                    # One call for raw and standardized edges, the two chosen by selects: two inlined
+                    # copies in branches made ptxas spill (benchmarks/compile_kernels.py).
+                    is_std = (kind & _STD) != 0
+                    sb = tl.where(is_std, tl.load(mom_ptr + src * B + rows, mask=rmask, other=0.0), 0.0)
+                    sc = tl.where(is_std, tl.load(mom_ptr + (M + src) * B + rows, mask=rmask, other=0.0), 1.0)
+                    h, cached, cached_slot = _tempered_grad(
+                        zs, tl.where(is_std, std_t, zt), cc, y, valid, lse_ptr, aux_ptr, ints, floats, E, e, B, S, C,
+                        rows, rmask, kind, sb, sc, tl.where(is_std, pt_tempered_std, pt_tempered),
+                        tl.where(is_std, slot_std, slot))
+                    pt_tempered_std = tl.where(is_std, cached, pt_tempered_std)
+                    slot_std = tl.where(is_std, cached_slot, slot_std)
+                    pt_tempered = tl.where(is_std, pt_tempered, cached)
+                    slot = tl.where(is_std, slot, cached_slot)
+                    # d/dz of a standardized edge's terms: (h - ρ w) / s (see the docstring); of a raw one: h
+                    rho = tl.where(is_std, tl.load(aux_ptr + (_RHO * E + e) * B + rows, mask=rmask, other=0.0), 0.0)
+                    acc += (scale * tl.where(is_std, inv_s_t, 1.0))[:, None] * (h - rho[:, None] * std_t)
                 if (kind & _COS) != 0:
                     ps = exp(zs - tl.load(lse_ptr + src * B + rows, mask=rmask, other=0.0)[:, None])
                     a = tl.load(aux_ptr + (_COS_A * E + e) * B + rows, mask=rmask, other=0.0)

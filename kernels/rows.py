@@ -142,14 +142,17 @@ def gate_weight(gate_kind, factor, gate_arg, correct):
 # raw); x = w / T. h = d loss / d wt, accumulated as Σ h · wt where the edge standardizes: the
 # backward's chain through the std needs it (see `edge_losses`).
 @triton.jit
-def kl_block(ws, wt, valid, inv_t, inv_tt, lse_st, lse_tt, h_scale, kl, hw, std):
-    """Σ p_s (log p_s - log p_t), p_s at T, p_t at T or 1; h = h_scale · (p_t - p_s)."""
+def kl_block(ws, wt, valid, inv_t, inv_tt, lse_st, lse_tt, h_scale, kl, hw, std, ANY_STD: tl.constexpr):
+    """Σ p_s (log p_s - log p_t), p_s at T, p_t at T or 1; h = h_scale · (p_t - p_s), and where the
+    edge is standardized (`std`), hw += Σ h·w. ANY_STD: some edge of the graph is; without it the
+    exp that hw needs is not compiled. With it, hw is added under a select, not a branch: a branch
+    here made ptxas spill (benchmarks/compile_kernels.py)."""
     xs = ws * inv_t
     ps = tl.where(valid, exp(xs - lse_st[:, None]), 0.0)
     kl += tl.sum(ps * (xs - wt * inv_tt + (lse_tt - lse_st)[:, None]), axis=1)
-    if std != 0:
+    if ANY_STD:
         pt = tl.where(valid, exp(wt * inv_tt - lse_tt[:, None]), 0.0)
-        hw += tl.sum((pt - ps) * wt, axis=1) * h_scale
+        hw += tl.sum((pt - ps) * wt, axis=1) * tl.where(std != 0, h_scale, 0.0)
     return kl, hw
 
 
