@@ -12,7 +12,7 @@ from ktfast.graph import Graph, GraphError
 from ktfast.losses import node_logits
 
 from .attention import AttentionLossFn
-from .edge_losses import EdgeLossFn, Scratch
+from .edge_loss_fn import EdgeLossFn, Scratch
 from .edge_table import WEIGHT, edge_table
 
 __all__ = ["fused_graph_losses", "fused_loss_vector", "Scratch", "EdgeLossFn", "AttentionLossFn"]

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ktfast.graph_fields import GraphError, no_unknown_keys, typed
+
 LABEL = "label"
 LOSS_TERMS = ("ce", "kl", "cos", "mse", "att_mse", "att_cos", "dkd", "dist")
 ATTENTION_TERMS = ("att_mse", "att_cos")
@@ -28,10 +30,6 @@ _MODEL_KEYS = {"name", "model", "init", "lr_scale"}
 _ENSEMBLE_KEYS = {"name", "ensemble", "reduce", "detach"}
 _EDGE_KEYS = {"from", "to", "loss", "gate", "temperature", "weight", "crops", "soften", "gamma", "alpha", "beta",
               "standardize", "warmup"}
-
-
-class GraphError(ValueError):
-    """A graph file that breaks the contract; the message is one line naming the field."""
 
 
 @dataclass(frozen=True)
@@ -141,15 +139,15 @@ class Graph:
     def from_dict(cls, data, default_name: str = "graph") -> "Graph":
         if not isinstance(data, dict):
             raise GraphError("graph: the file must hold one JSON object")
-        _no_unknown_keys(data, _GRAPH_KEYS, "graph")
+        no_unknown_keys(data, _GRAPH_KEYS, "graph")
         version = data.get("version", 1)
         if version != 1:
             raise GraphError(f"version: unsupported graph file version {version!r} (expected 1)")
-        name = _typed(data, "name", str, "graph", default=default_name)
-        description = _typed(data, "description", str, "graph", default="")
-        raw_nodes = _typed(data, "nodes", list, "graph")
-        raw_edges = _typed(data, "edges", list, "graph", default=[])
-        target = _typed(data, "target", str, "graph")
+        name = typed(data, "name", str, "graph", default=default_name)
+        description = typed(data, "description", str, "graph", default="")
+        raw_nodes = typed(data, "nodes", list, "graph")
+        raw_edges = typed(data, "edges", list, "graph", default=[])
+        target = typed(data, "target", str, "graph")
 
         parsed = [_parse_node(n, i) for i, n in enumerate(raw_nodes)]
         if not parsed:
@@ -234,35 +232,12 @@ class Graph:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-# ---- parsing helpers ---------------------------------------------------------------------
-def _typed(obj: dict, key: str, kind, where: str, default=...):
-    if key not in obj:
-        if default is ...:
-            raise GraphError(f"{where}: missing field {key!r}")
-        return default
-    value = obj[key]
-    if kind in (int, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        names = {str: "a string", list: "a list", bool: "true or false", dict: "an object",
-                 float: "a number", int: "a number"}
-        raise GraphError(f"{where}.{key}: expected {names[kind]}, got {json.dumps(value)}")
-    return value
-
-
-def _no_unknown_keys(obj: dict, allowed: set, where: str) -> None:
-    for key in obj:
-        if key not in allowed:
-            raise GraphError(f"{where}: unknown field {key!r}")
-
-
+# ---- parsing ------------------------------------------------------------------------------
 def _parse_node(raw, index: int) -> dict:
     where = f"nodes[{index}]"
     if not isinstance(raw, dict):
         raise GraphError(f"{where}: expected an object, got {json.dumps(raw)}")
-    name = _typed(raw, "name", str, where)
+    name = typed(raw, "name", str, where)
     where = f"nodes[{name}]"
     if not name or name == LABEL:
         raise GraphError(f"{where}.name: {name!r} is reserved" if name else f"{where}.name: empty")
@@ -271,17 +246,17 @@ def _parse_node(raw, index: int) -> dict:
     if "model" in raw and "ensemble" in raw:
         raise GraphError(f"{where}: a node has either 'model' or 'ensemble', not both")
     if "ensemble" in raw:
-        _no_unknown_keys(raw, _ENSEMBLE_KEYS, where)
-        members = _typed(raw, "ensemble", list, where)
+        no_unknown_keys(raw, _ENSEMBLE_KEYS, where)
+        members = typed(raw, "ensemble", list, where)
         if not members or not all(isinstance(m, str) for m in members):
             raise GraphError(f"{where}.ensemble: expected a non-empty list of node names")
-        reduce = _typed(raw, "reduce", str, where, default="mean")
+        reduce = typed(raw, "reduce", str, where, default="mean")
         if reduce not in REDUCES:
             raise GraphError(f"{where}.reduce: unknown reduce {reduce!r} (expected mean or sum)")
-        detach = _typed(raw, "detach", bool, where, default=True)
+        detach = typed(raw, "detach", bool, where, default=True)
         return {"name": name, "ensemble": members, "reduce": reduce, "detach": detach}
-    _no_unknown_keys(raw, _MODEL_KEYS, where)
-    model = _typed(raw, "model", str, where)
+    no_unknown_keys(raw, _MODEL_KEYS, where)
+    model = typed(raw, "model", str, where)
     problem = _model_problem(model)
     if problem:
         raise GraphError(f"{where}.model: {problem}")
@@ -296,7 +271,7 @@ def _parse_node(raw, index: int) -> dict:
                              f"model, and {model!r} is not one")
     elif init not in ("scratch", "pretrained"):
         raise GraphError(f"{where}.init: unknown init {json.dumps(init)}")
-    lr_scale = _typed(raw, "lr_scale", float, where, default=1.0)
+    lr_scale = typed(raw, "lr_scale", float, where, default=1.0)
     if not math.isfinite(lr_scale) or lr_scale <= 0:
         raise GraphError(f"{where}.lr_scale: must be > 0, got {lr_scale}")
     return {"name": name, "model": model, "init": init, "lr_scale": float(lr_scale)}
@@ -314,9 +289,9 @@ def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
     where = f"edges[{index}]"
     if not isinstance(raw, dict):
         raise GraphError(f"{where}: expected an object, got {json.dumps(raw)}")
-    _no_unknown_keys(raw, _EDGE_KEYS, where)
-    source = _typed(raw, "from", str, where)
-    target = _typed(raw, "to", str, where)
+    no_unknown_keys(raw, _EDGE_KEYS, where)
+    source = typed(raw, "from", str, where)
+    target = typed(raw, "to", str, where)
     where = f"edges[{source}->{target}]"
     names = {n["name"] for n in nodes}
     if source != LABEL and source not in names and not _is_model_endpoint(source, models):
@@ -327,7 +302,7 @@ def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
         raise GraphError(f"{where}.to: unknown node {target!r}")
     if source == target:
         raise GraphError(f"{where}: an edge from a node to itself")
-    loss = _typed(raw, "loss", str, where)
+    loss = typed(raw, "loss", str, where)
     terms = loss.split("+")
     for term in terms:
         if term not in LOSS_TERMS:
@@ -338,45 +313,45 @@ def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
         raise GraphError(f"{where}.loss: 'dkd' decouples a teacher's logits around the label, and 'label' has none")
     if ("ce" in terms) != (source == LABEL) or (source == LABEL and terms != ["ce"]):
         raise GraphError(f"{where}.loss: 'ce' is the loss of edges from 'label', and only it")
-    gate = _typed(raw, "gate", str, where)
+    gate = typed(raw, "gate", str, where)
     if gate not in GATES:
         raise GraphError(f"{where}.gate: unknown gate {gate!r}")
-    temperature = _typed(raw, "temperature", float, where, default=1.0)
+    temperature = typed(raw, "temperature", float, where, default=1.0)
     if not math.isfinite(temperature) or temperature <= 0:
         raise GraphError(f"{where}.temperature: must be > 0, got {temperature}")
-    weight = _typed(raw, "weight", float, where, default=1.0)
+    weight = typed(raw, "weight", float, where, default=1.0)
     if not math.isfinite(weight):
         raise GraphError(f"{where}.weight: must be a finite number, got {weight}")
-    crops = _typed(raw, "crops", list, where, default=list(DEFAULT_CROPS))
+    crops = typed(raw, "crops", list, where, default=list(DEFAULT_CROPS))
     if not crops or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in crops):
         raise GraphError(f"{where}.crops: expected a non-empty list of positive integers")
     if any(t in ATTENTION_TERMS for t in terms):
         for end in (source, target):
             if end not in models:
                 raise GraphError(f"{where}.loss: attention losses need model nodes at both ends, not {end!r}")
-    soften = _typed(raw, "soften", str, where, default="both")
+    soften = typed(raw, "soften", str, where, default="both")
     if soften not in SOFTEN:
         raise GraphError(f"{where}.soften: unknown soften {soften!r} (expected both or source)")
     if "soften" in raw and "kl" not in terms:
         raise GraphError(f"{where}.soften: only edges with a 'kl' term soften, not loss {loss!r}")
-    gamma = _typed(raw, "gamma", float, where, default=1.0)
+    gamma = typed(raw, "gamma", float, where, default=1.0)
     if "gamma" in raw and gate not in GAMMA_GATES:
         raise GraphError(f"{where}.gamma: only the gamma and negative_gamma gates take it, not gate {gate!r}")
     if not math.isfinite(gamma) or gamma <= 0:
         raise GraphError(f"{where}.gamma: must be > 0, got {gamma}")
     dkd = {}
     for key, default in (("alpha", 1.0), ("beta", 8.0)):
-        value = _typed(raw, key, float, where, default=default)
+        value = typed(raw, key, float, where, default=default)
         if key in raw and "dkd" not in terms:
             raise GraphError(f"{where}.{key}: only edges with a 'dkd' term take it, not loss {loss!r}")
         if not math.isfinite(value) or value < 0:
             raise GraphError(f"{where}.{key}: must be >= 0, got {value}")
         dkd[key] = float(value)
-    standardize = _typed(raw, "standardize", bool, where, default=False)
+    standardize = typed(raw, "standardize", bool, where, default=False)
     if standardize and not any(t in TEMPERED_TERMS for t in terms):
         raise GraphError(f"{where}.standardize: only a kl, dkd or dist term sees standardized logits, "
                          f"and loss {loss!r} has none")
-    warmup = _typed(raw, "warmup", float, where, default=None)
+    warmup = typed(raw, "warmup", float, where, default=None)
     if gate == "warmup":
         if warmup is None:
             raise GraphError(f"{where}.warmup: the warmup gate needs the fraction of the run it warms up over (0 < w <= 1)")

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 
 from ktfast import Graph, GraphError  # noqa: E402
 from ktfast.graph import TEMPERED_TERMS, EnsembleNode  # noqa: E402
-from ktfast.kernels import edge_losses, fused_graph_losses, fused_loss_vector  # noqa: E402
+from ktfast.kernels import edge_loss_fn, edge_losses, fused_graph_losses, fused_loss_vector  # noqa: E402
 from ktfast.losses import (NORMALIZE_EPS, STANDARDIZE_EPS, loss_targets, node_logits, owner,  # noqa: E402
                            reference_graph_losses, standardize)
 from ktfast.models import is_model_name  # noqa: E402
@@ -650,13 +650,13 @@ def test_each_caller_owns_its_scratch(device, monkeypatch):
     monkeypatch.setattr(edge_losses, "_edge_loss_fwd", spy)
     g = scratch_graph()
     z, _, y = inputs("abc", 40, 20, device=device)
-    mine, theirs = edge_losses.Scratch(), edge_losses.Scratch()
+    mine, theirs = edge_loss_fn.Scratch(), edge_loss_fn.Scratch()
     results = []
     for scratch in (mine, theirs, None, None, mine, mine):
         zz = {k: v.clone().requires_grad_() for k, v in z.items()}
         losses, total = fused_loss_vector(g, zz, y, 3, 8, scratch=scratch)
         results.append((losses, total, torch.autograd.grad(total, list(zz.values()))))
-    assert edge_losses._blocks(40, 20, torch.device(device))[3] > 1
+    assert edge_loss_fn._blocks(40, 20, torch.device(device))[3] > 1
     mine_1, theirs_1, own_1, own_2, mine_2, mine_3 = scratch_args(spy)
     assert mine_1 == mine_2 == mine_3  # reused by its owner
     addresses = [a for pair in (mine_1, theirs_1, own_1, own_2) for a in pair]
@@ -670,10 +670,10 @@ def test_each_caller_owns_its_scratch(device, monkeypatch):
 def test_scratch_is_not_made_inside_a_capture(monkeypatch):
     """Memory allocated while a CUDA graph is captured belongs to the graph's pool: a Scratch made
     then would be a different one at every capture. It must exist before (the step's warm-up)."""
-    scratch = edge_losses.Scratch()
+    scratch = edge_loss_fn.Scratch()
     part, count = scratch.buffers(torch.device("cpu"), 4, 8)
     assert part.shape == (4, 8) and count.item() == 0
-    monkeypatch.setattr(edge_losses, "_capturing", lambda device: True)
+    monkeypatch.setattr(edge_loss_fn, "_capturing", lambda device: True)
     assert scratch.buffers(torch.device("cpu"), 4, 8)[0] is part  # made before: fine
     with pytest.raises(RuntimeError, match="run the step once before capturing it"):
         scratch.buffers(torch.device("cpu"), 2, 8)
@@ -683,7 +683,7 @@ def test_scratch_is_not_made_inside_a_capture(monkeypatch):
 def test_scratch_under_a_real_capture():
     g = scratch_graph()
     z, _, y = inputs("abc", 512, 100, device="cuda")
-    scratch, side = edge_losses.Scratch(), torch.cuda.Stream()
+    scratch, side = edge_loss_fn.Scratch(), torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         want, _ = fused_loss_vector(g, z, y, 3, 8, scratch=scratch)  # warm-up: makes the scratch
