@@ -40,25 +40,34 @@ class Unit:
 
 def fusion_groups(graph: Graph, want_attention: set[str], want_branches: set[str]) -> list[list[ModelNode]]:
     """The model nodes grouped by what must be equal to run as one module: the model, frozen or
-    trainable (eval mode under no-grad, or training), and whether the attention map and the branch
-    logits are needed. Groups in the order of their first node, nodes in graph order."""
+    trainable (eval mode under no-grad, or training), the attention layer, and whether the attention
+    map and the branch logits are needed. Groups in the order of their first node, nodes in graph order."""
     groups: dict[tuple, list[ModelNode]] = {}
     for node in graph.model_nodes:
-        key = (node.model, node.frozen, node.name in want_attention, node.name in want_branches)
+        key = (node.model, node.frozen, node.attention, node.name in want_attention, node.name in want_branches)
         groups.setdefault(key, []).append(node)
     return list(groups.values())
 
 
 def make_units(graph: Graph, models, want_attention: set[str], want_branches: set[str], fuse: bool,
-               compile=None, runs=lambda name: True) -> list[Unit]:
+               compile=None, runs=lambda name: True, on_fault=None) -> list[Unit]:
     """The units of one step, of the nodes this process `runs` (all but with place nodes). With
     `fuse`, each group of two or more nodes becomes a FusedGroup, wrapped by `compile` (module ->
-    compiled module) when given; single nodes are run by the module `models` holds, compiled or not."""
+    compiled module) when given; single nodes are run by the module `models` holds, compiled or not.
+    A group whose models cannot be stacked (a user's factory that builds another network each call)
+    runs unfused where `on_fault(nodes, reason)` is given, and raises where not."""
     units = []
     for group in fusion_groups(graph, want_attention, want_branches):
         nodes = [n for n in group if runs(n.name)]
         if fuse and len(nodes) > 1:
-            group = FusedGroup([getattr(models[n.name], "_orig_mod", models[n.name]) for n in nodes])
+            try:
+                group = FusedGroup([getattr(models[n.name], "_orig_mod", models[n.name]) for n in nodes])
+            except ValueError as e:
+                if on_fault is None:
+                    raise
+                on_fault(nodes, str(e))
+                units += [Unit([n], models[n.name], n.name in want_branches) for n in nodes]
+                continue
             units.append(Unit(nodes, compile(group) if compile else group, nodes[0].name in want_branches))
         else:
             units += [Unit([n], models[n.name], n.name in want_branches) for n in nodes]
@@ -137,7 +146,8 @@ class FusedGroup(nn.Module):
         self.members = list(members)  # a plain list: the nodes' modules stay registered elsewhere only
         shapes = [[(n, t.shape) for n, t in (*m.named_parameters(), *m.named_buffers())] for m in self.members]
         if any(s != shapes[0] for s in shapes):
-            raise ValueError("only models of one architecture can be fused")
+            raise ValueError("only models of one architecture can be fused, and theirs differ in the names or "
+                             "shapes of their tensors")
         self.param_names = [n for n, _ in self.members[0].named_parameters()]
         self.buffer_names = [n for n, _ in self.members[0].named_buffers()]
         self.params = nn.ParameterList()

@@ -12,45 +12,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ktfast.graph_fields import GraphError, no_unknown_keys, typed
+from ktfast.graph_nodes import LABEL, REDUCES, USER_CODE, EnsembleNode, ModelNode, branch_count, parse_node
 
-LABEL = "label"
+__all__ = ["ATTENTION_TERMS", "LABEL", "REDUCES", "USER_CODE", "Edge", "EnsembleNode", "Graph", "GraphError",
+           "ModelNode", "branch_count"]
+
 LOSS_TERMS = ("ce", "kl", "cos", "mse", "att_mse", "att_cos", "dkd", "dist")
 ATTENTION_TERMS = ("att_mse", "att_cos")
 TEMPERED_TERMS = ("kl", "dkd", "dist")  # the terms that read `temperature`, and that `standardize` changes
 GATES = ("through", "cutoff", "linear", "correct", "negative_linear", "gamma", "negative_gamma", "warmup")
 GAMMA_GATES = ("gamma", "negative_gamma")  # the gates that read the edge's `gamma`
 SOFTEN = ("both", "source")
-REDUCES = ("mean", "sum")
 DEFAULT_CROPS = (3, 5)
 
-_BRANCH_MODEL = re.compile(r"^branch(\d+)_resnet8$")
 _BRANCH_ADDRESS = re.compile(r"^(.+)\.b(\d+)$")
 _GRAPH_KEYS = {"version", "name", "target", "nodes", "edges", "description"}
-_MODEL_KEYS = {"name", "model", "init", "lr_scale"}
-_ENSEMBLE_KEYS = {"name", "ensemble", "reduce", "detach"}
 _EDGE_KEYS = {"from", "to", "loss", "gate", "temperature", "weight", "crops", "soften", "gamma", "alpha", "beta",
               "standardize", "warmup"}
-
-
-@dataclass(frozen=True)
-class ModelNode:
-    name: str
-    model: str
-    init: str | dict  # "scratch" | "pretrained" | "zoo" | {"checkpoint": path}, as resolved
-    frozen: bool
-    lr_scale: float = 1.0  # the node's learning rate is the run's times this
-
-    @property
-    def checkpoint(self) -> str | None:
-        return self.init["checkpoint"] if isinstance(self.init, dict) else None
-
-
-@dataclass(frozen=True)
-class EnsembleNode:
-    name: str
-    members: tuple[str, ...]
-    reduce: str
-    detach: bool
 
 
 @dataclass(frozen=True)
@@ -98,18 +76,6 @@ class Edge:
         return d
 
 
-def _model_problem(name: str) -> str | None:
-    from ktfast.models import model_problem
-
-    return model_problem(name)
-
-
-def branch_count(model: str) -> int:
-    """Branches a model exposes as `node.b{i}` (0 for single-branch models)."""
-    m = _BRANCH_MODEL.match(model)
-    return int(m.group(1)) if m else 0
-
-
 class Graph:
     def __init__(self, version, name, target, nodes, edges, description=""):
         self.version = version
@@ -133,10 +99,12 @@ class Graph:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise GraphError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        return cls.from_dict(data, default_name=path.stem)
+        return cls.from_dict(data, default_name=path.stem, base=path.resolve().parent)
 
     @classmethod
-    def from_dict(cls, data, default_name: str = "graph") -> "Graph":
+    def from_dict(cls, data, default_name: str = "graph", base: Path | None = None) -> "Graph":
+        """`base`: the folder that a `py:` model's relative `.py` file is relative to (the graph
+        file's; the working directory when None). The graph holds such files as absolute paths."""
         if not isinstance(data, dict):
             raise GraphError("graph: the file must hold one JSON object")
         no_unknown_keys(data, _GRAPH_KEYS, "graph")
@@ -149,7 +117,7 @@ class Graph:
         raw_edges = typed(data, "edges", list, "graph", default=[])
         target = typed(data, "target", str, "graph")
 
-        parsed = [_parse_node(n, i) for i, n in enumerate(raw_nodes)]
+        parsed = [parse_node(n, i, base) for i, n in enumerate(raw_nodes)]
         if not parsed:
             raise GraphError("nodes: the graph has no nodes")
         names = set()
@@ -179,7 +147,7 @@ class Graph:
                 init = n["init"]
                 if frozen and init == "scratch":
                     init = "pretrained"  # a frozen node is a teacher: it must have learnt something
-                nodes[n["name"]] = ModelNode(n["name"], n["model"], init, frozen, n["lr_scale"])
+                nodes[n["name"]] = ModelNode(n["name"], n["model"], init, frozen, n["lr_scale"], n["attention"])
             else:
                 nodes[n["name"]] = EnsembleNode(n["name"], tuple(n["ensemble"]), n["reduce"], n["detach"])
         return cls(version, name, target, nodes, edges, description)
@@ -212,6 +180,11 @@ class Graph:
     def uses_attention(self) -> bool:
         return any(e.uses_attention for e in self.active_edges)
 
+    @property
+    def user_code(self) -> list[str]:
+        """The `py:` models the graph names: building the run imports and runs that code."""
+        return sorted({n.model for n in self.model_nodes if n.model.startswith(USER_CODE)})
+
     def to_dict(self) -> dict:
         nodes = []
         for n in self.nodes.values():
@@ -219,6 +192,8 @@ class Graph:
                 nodes.append({"name": n.name, "model": n.model, "init": n.init})
                 if n.lr_scale != 1.0:
                     nodes[-1]["lr_scale"] = n.lr_scale
+                if n.attention is not None:
+                    nodes[-1]["attention"] = n.attention
             else:
                 nodes.append({"name": n.name, "ensemble": list(n.members), "reduce": n.reduce,
                               "detach": n.detach})
@@ -233,50 +208,6 @@ class Graph:
 
 
 # ---- parsing ------------------------------------------------------------------------------
-def _parse_node(raw, index: int) -> dict:
-    where = f"nodes[{index}]"
-    if not isinstance(raw, dict):
-        raise GraphError(f"{where}: expected an object, got {json.dumps(raw)}")
-    name = typed(raw, "name", str, where)
-    where = f"nodes[{name}]"
-    if not name or name == LABEL:
-        raise GraphError(f"{where}.name: {name!r} is reserved" if name else f"{where}.name: empty")
-    if "." in name:
-        raise GraphError(f"{where}.name: {name!r} may not contain '.' (it addresses branches)")
-    if "model" in raw and "ensemble" in raw:
-        raise GraphError(f"{where}: a node has either 'model' or 'ensemble', not both")
-    if "ensemble" in raw:
-        no_unknown_keys(raw, _ENSEMBLE_KEYS, where)
-        members = typed(raw, "ensemble", list, where)
-        if not members or not all(isinstance(m, str) for m in members):
-            raise GraphError(f"{where}.ensemble: expected a non-empty list of node names")
-        reduce = typed(raw, "reduce", str, where, default="mean")
-        if reduce not in REDUCES:
-            raise GraphError(f"{where}.reduce: unknown reduce {reduce!r} (expected mean or sum)")
-        detach = typed(raw, "detach", bool, where, default=True)
-        return {"name": name, "ensemble": members, "reduce": reduce, "detach": detach}
-    no_unknown_keys(raw, _MODEL_KEYS, where)
-    model = typed(raw, "model", str, where)
-    problem = _model_problem(model)
-    if problem:
-        raise GraphError(f"{where}.model: {problem}")
-    init = raw.get("init", "scratch")
-    if isinstance(init, dict):
-        if set(init) != {"checkpoint"} or not isinstance(init["checkpoint"], str):
-            raise GraphError(f"{where}.init: expected \"scratch\", \"pretrained\", \"zoo\" or "
-                             f"{{\"checkpoint\": path}}")
-    elif init == "zoo":
-        if ":" not in model:
-            raise GraphError(f"{where}.init: \"zoo\" loads the published weights of a timm: or torchvision: "
-                             f"model, and {model!r} is not one")
-    elif init not in ("scratch", "pretrained"):
-        raise GraphError(f"{where}.init: unknown init {json.dumps(init)}")
-    lr_scale = typed(raw, "lr_scale", float, where, default=1.0)
-    if not math.isfinite(lr_scale) or lr_scale <= 0:
-        raise GraphError(f"{where}.lr_scale: must be > 0, got {lr_scale}")
-    return {"name": name, "model": model, "init": init, "lr_scale": float(lr_scale)}
-
-
 def _is_model_endpoint(name: str, models: dict) -> bool:
     """A model node, or branch i of a multi-branch model node (`node.b{i}`)."""
     if name in models:

@@ -8,7 +8,7 @@ import torch
 
 from ktfast.config import TrainConfig
 from ktfast.graph import ATTENTION_TERMS, LABEL, Graph, GraphError, ModelNode
-from ktfast.models import build_model
+from ktfast.models import AttentionLayerError, UserModelError, build_model, is_user_model
 from ktfast.models.zoo import ZooError
 
 # Seeding and building draw from torch's one global generator: search trials packed as threads of
@@ -46,9 +46,14 @@ def load_state(node: ModelNode, path) -> dict:
 
 def _build(node: ModelNode, num_classes: int, image_size: int) -> torch.nn.Module:
     try:
-        return build_model(node.model, num_classes, image_size, zoo_weights=node.init == "zoo")
+        return build_model(node.model, num_classes, image_size, zoo_weights=node.init == "zoo",
+                           attention=node.attention)
     except ZooError as e:  # "init": "zoo" offline, say
         raise GraphError(f"nodes[{node.name}].init: {e}") from None
+    except UserModelError as e:  # the user's module, factory or what it returns
+        raise GraphError(f"nodes[{node.name}].model: {e}") from None
+    except AttentionLayerError as e:
+        raise GraphError(f"nodes[{node.name}].attention: {node.model}: {e}") from None
 
 
 def build_models(graph: Graph, cfg: TrainConfig, num_classes: int, image_size: int,
@@ -82,6 +87,31 @@ def build_models(graph: Graph, cfg: TrainConfig, num_classes: int, image_size: i
     return models
 
 
+def check_logits(graph: Graph, models, num_classes: int, image_size: int, device) -> None:
+    """A user's model must map [B, 3, S, S] to logits [B, C]: one batch of two images, in eval mode,
+    before anything is written (DESIGN §3). The registry's and the zoos' models do by construction."""
+    x = torch.zeros(2, 3, image_size, image_size, device=device)
+    for node in graph.model_nodes:
+        if not is_user_model(node.model):
+            continue
+        model = models[node.name]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(x)
+        except Exception as e:
+            text = str(e).strip().splitlines()
+            raise GraphError(f"nodes[{node.name}].model: {node.model}: its forward fails on a batch of "
+                             f"[2, 3, {image_size}, {image_size}]: {type(e).__name__}: {text[0] if text else ''}") from None
+        finally:
+            model.train(was_training)
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        if shape != (2, num_classes):
+            raise GraphError(f"nodes[{node.name}].model: {node.model} maps [2, 3, {image_size}, {image_size}] to "
+                             f"{shape}, not logits [2, {num_classes}]")
+
+
 def check_attention_sizes(graph: Graph, models, image_size: int, device) -> None:
     """A crop larger than the attention map is an error; find it before anything is written."""
     need = attention_nodes(graph)
@@ -101,6 +131,10 @@ def check_attention_sizes(graph: Graph, models, image_size: int, device) -> None
     for e in graph.active_edges:
         if e.uses_attention:
             h, w = sizes[e.source]
+            if sizes[e.target] != (h, w):  # the crop at the source's arg-max is taken from both maps
+                raise GraphError(f"edges[{e.source}->{e.target}].loss: the attention maps differ in size ({e.source} "
+                                 f"{h}x{w}, {e.target} {sizes[e.target][0]}x{sizes[e.target][1]}): name layers "
+                                 f"of one size (\"attention\": \"LAYER\")")
             if max(e.crops) > min(h, w):
                 raise GraphError(f"edges[{e.source}->{e.target}].crops: crop size {max(e.crops)} "
                                  f"is larger than the {h}x{w} attention map")

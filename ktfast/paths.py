@@ -75,6 +75,8 @@ def loader_path(loader: str, device, data) -> tuple[str, str]:
     else torchvision. A reason only where `auto` wanted DALI and it is not installed."""
     if loader != "auto":
         return loader, ""
+    if not isinstance(data.train_x, torch.Tensor):  # a user's set too large for memory, read on demand
+        return "torch", ""
     device = torch.device(device)
     if device.type != "cuda":
         # Resident in host memory, pad-crop sets are one gather per batch (6x torchvision's images/s);

@@ -28,7 +28,7 @@ from ktfast.fuse import Unit, forward_unit, fusion_fault, make_units, unfuse
 from ktfast.hold import hold
 from ktfast.losses import loss_targets, node_logits, reference_graph_losses
 from ktfast.optim import load_keeping_lr_tensors, make_optimizer, param_groups, plain_lrs, plain_schedule
-from ktfast.nodes import attention_nodes, branch_nodes, build_models, check_attention_sizes
+from ktfast.nodes import attention_nodes, branch_nodes, build_models, check_attention_sizes, check_logits
 from ktfast.paths import Compiled, amp_dtype, fall_back, resolve_paths
 
 CHECKPOINT = "checkpoint.pt"
@@ -119,6 +119,7 @@ class Trainer:
         # Whether remote losses train this rank's nodes: a non-detached ensemble's loss (place nodes).
         self.exchange_grad = any(not n.detach and n.name in loss_targets(graph) for n in graph.ensemble_nodes)
         self.metric_mask = placement.metric_mask(cfg.device)
+        check_logits(graph, self.models, info.num_classes, info.image_size, cfg.device)
         check_attention_sizes(graph, self.models, info.image_size, cfg.device)
         for node in graph.model_nodes:
             if node.frozen:
@@ -153,7 +154,9 @@ class Trainer:
             for model in self.models.values():
                 model.to(memory_format=torch.channels_last)
         self.units = make_units(graph, self.models, self.want_attention, self.want_branches,
-                                fuse=cfg.fused(), compile=compile, runs=placement.owns)
+                                fuse=cfg.fused(), compile=compile, runs=placement.owns,
+                                on_fault=lambda nodes, reason: self.fall_back(
+                                    "fuse", "off", RuntimeError(f"{', '.join(n.name for n in nodes)}: {reason}")))
         self.check_fusion(info.image_size)
         self.fast = FastStep(self) if fast else None
 

@@ -61,6 +61,8 @@ def cmd_show(args) -> int:
         check_nodes(graph, rows, "--run")
         accuracies = {name: rows[-1]["test"][name]["acc"] for name in graph.nodes}
         title = f"{graph.name}: test accuracy (%) after epoch {rows[-1]['epoch']}"
+    if graph.user_code:  # drawing runs none of it, training would: say so before anyone does
+        print(f"graph {graph.name} names user code, which training imports and runs: {', '.join(graph.user_code)}")
     save_figure(graph_figure(graph, accuracies, title), output)
     print(output)
     return 0

@@ -119,6 +119,8 @@ def _train(args, rank: int, world: int) -> int:
     configs = [config_from_args(args, seed).replace(world_size=world) for seed in args.seeds or [0]]
     distributed.check_same([graph.to_dict(), [c.to_dict() for c in configs]], "graph or recipe")
     _check_launch(graph, configs[0])
+    if rank == 0 and user_code(graph, configs[0]):  # the first line, before any of that code runs
+        print(f"graph {graph.name} runs user code: {', '.join(user_code(graph, configs[0]))}", flush=True)
     distributed.rank_zero_first(lambda: dataset_info(configs[0].dataset, configs[0].data_dir))
 
     def run_dir() -> Path:
@@ -151,6 +153,11 @@ def _train(args, rank: int, world: int) -> int:
         if multi:
             (root / "summary.json").write_text(json.dumps(summary(graph, finals), indent=2) + "\n")
     return 0
+
+
+def user_code(graph: Graph, cfg: TrainConfig) -> list[str]:
+    """The user's code a run imports and runs (DESIGN §3, §5): its `py:` models and data set."""
+    return graph.user_code + ([cfg.dataset] if cfg.dataset.startswith("py:") else [])
 
 
 def _launch(args) -> int:
@@ -222,6 +229,8 @@ def _resume(run: Path, args, rank: int = 0, world: int = 1) -> int:
         cfg = cfg.replace(fuse=args.fuse)
     cfg = cfg.replace(world_size=world)
     _check_launch(graph, cfg)
+    if rank == 0 and user_code(graph, cfg):
+        print(f"graph {graph.name} runs user code: {', '.join(user_code(graph, cfg))}", flush=True)
     quiet = args.quiet or rank != 0
     trainer = make_trainer(graph, cfg, out=run, log=logger(quiet), progress=not quiet,
                            placement=Placement(graph, cfg.place, rank, world, cfg.sync_bn))

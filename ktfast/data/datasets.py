@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ktfast.data import folders
+from ktfast.data import folders, user
+from ktfast.usercode import is_user_code
 from ktfast.data.types import PAD, Arrays, DatasetError, DatasetInfo, to_uint8
 
 # A dataset is an entry of DATASETS: how to describe it from its name alone, how to read it, and
@@ -119,7 +120,8 @@ def _resolve(dataset: str) -> tuple[_Dataset, dict]:
     base, _, params = dataset.partition(":")
     entry = DATASETS.get(base)
     if entry is None:
-        raise DatasetError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)})")
+        raise DatasetError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)}, "
+                           "or py:MODULE:FACTORY)")
     options = dict(entry.options)
     for item in filter(None, params.split(",")):
         key, _, value = (s.strip() for s in item.partition("="))
@@ -141,7 +143,10 @@ def data_root(data_dir=None) -> Path:
 
 
 def dataset_info(dataset: str, data_dir=None) -> DatasetInfo:
-    """What a dataset is (classes, image size), without loading it: for checks before a run."""
+    """What a dataset is (classes, image size), without loading it where its name says (a user's set
+    is read: only its items say)."""
+    if is_user_code(dataset):
+        return load_arrays(dataset, data_dir).info
     entry, options = _resolve(dataset)
     return entry.info(dataset, options, data_root(data_dir))
 
@@ -163,6 +168,10 @@ def load_arrays(dataset: str, data_dir=None) -> Arrays:
 
 @functools.lru_cache(maxsize=4)
 def _load_arrays(dataset: str, root: str) -> Arrays:
+    if is_user_code(dataset):  # statistics of a set left where it is from a sample of its images
+        info, train_x, train_y, test_x, test_y, resident = user.read(dataset)
+        stats = _channel_stats(train_x if resident else train_x.sample(user.STATS_SAMPLE))
+        return Arrays(info, train_x, train_y, test_x, test_y, *stats)
     entry, options = _resolve(dataset)
     info = entry.info(dataset, options, Path(root))
     train_x, train_y, test_x, test_y = entry.read(info, options, Path(root))

@@ -5,7 +5,9 @@ returns `(logits, attention)`, the attention map being the channel mean of the l
 feature map, `[B, H, W]` (`abn18`: its attention branch's map). Multi-branch models
 (`branch{N}_resnet8`) also take `return_branches=True`, which appends the tuple of the N branches'
 logits to what they return. Models of the timm and torchvision zoos are named `timm:NAME` and
-`torchvision:NAME` (`ktfast.models.zoo`).
+`torchvision:NAME` (`ktfast.models.zoo`); the user's own, `py:MODULE:FACTORY` and the names of the
+entry-point group `ktfast.models`, in `ktfast.models.user`. A node's `"attention": "LAYER"` takes its
+attention map at that submodule instead (`ktfast.models.layer_attention`).
 """
 from __future__ import annotations
 
@@ -20,7 +22,13 @@ from ktfast.models.branch_resnet import BranchResNet8
 from ktfast.models.cifar_resnet import CifarResNet
 from ktfast.models.imagenet_resnet import ResNet18
 from ktfast.models.wrn import WideResNet
-from ktfast.models import zoo
+from ktfast.models import user, zoo
+from ktfast.models.layer_attention import AttentionLayerError, LayerAttention
+from ktfast.models.user import UserModel, UserModelError
+from ktfast.usercode import is_user_code
+
+__all__ = ["MODEL_NAMES", "AttentionLayerError", "LayerAttention", "UserModel", "UserModelError", "build_model",
+           "is_model_name", "is_user_model", "model_problem"]
 
 # A constructor takes (num_classes, image_size).
 Constructor = Callable[[int, int], nn.Module]
@@ -62,18 +70,39 @@ def model_problem(name: str) -> Optional[str]:
     """Why `name` names no model (one line), or None when it does."""
     if zoo.split_name(name):
         return zoo.problem(name)
-    return None if _constructor(name) is not None else f"unknown model {name!r}"
+    if is_user_code(name):
+        return user.problem(name)
+    if _constructor(name) is not None or user.registered(name) is not None:
+        return None
+    return f"unknown model {name!r}"
+
+
+def is_user_model(name: str) -> bool:
+    """Whether `name` runs code from outside ktfast's registry and zoos (`py:`, entry points)."""
+    return not zoo.split_name(name) and _constructor(name) is None and user.is_user_model(name)
 
 
 def is_model_name(name: str) -> bool:
     return model_problem(name) is None
 
 
-def build_model(name: str, num_classes: int, image_size: int = 32, zoo_weights: bool = False) -> nn.Module:
-    """`zoo_weights`: a zoo model with its published weights (raises zoo.ZooError when out of reach)."""
+def build_model(name: str, num_classes: int, image_size: int = 32, zoo_weights: bool = False,
+                attention: str | None = None) -> nn.Module:
+    """`zoo_weights`: a zoo model with its published weights (raises zoo.ZooError when out of reach).
+    `attention`: the submodule whose output's channel mean is the attention map (raises
+    AttentionLayerError); the state dict stays the plain model's. A user's model that cannot be built
+    raises UserModelError."""
     if zoo.split_name(name):
-        return zoo.build(name, num_classes, weights=zoo_weights)
+        return zoo.build(name, num_classes, weights=zoo_weights, attention=attention)
     make = _constructor(name)
-    if make is None:
+    if make is not None:
+        model = make(num_classes, image_size)
+    elif is_user_code(name) or user.registered(name) is not None:
+        model = user.build(name, num_classes, image_size)
+    else:
         raise ValueError(f"unknown model {name!r}")
-    return make(num_classes, image_size)
+    if attention is None:
+        return model
+    if isinstance(model, UserModel):  # the layer is named as in the user's network
+        return UserModel(LayerAttention(model.net, attention))
+    return LayerAttention(model, attention)

@@ -15,6 +15,8 @@ import os
 import torch
 import torch.nn as nn
 
+from ktfast.models.layer_attention import AttentionLayerError, LayerAttention, check_layer
+
 ZOOS = ("timm", "torchvision")
 
 
@@ -47,7 +49,9 @@ def problem(name: str) -> str | None:
     return None if model in _torchvision_names() else f"unknown model {name!r}: not a torchvision classification model"
 
 
-def build(name: str, num_classes: int, weights: bool = False) -> nn.Module:
+def build(name: str, num_classes: int, weights: bool = False, attention: str | None = None) -> nn.Module:
+    """`attention`: the layer (a name of the zoo network's `named_modules()`) whose output's channel
+    mean is the attention map, instead of the last feature map."""
     reason = problem(name)
     if reason:
         raise ZooError(reason)
@@ -55,9 +59,11 @@ def build(name: str, num_classes: int, weights: bool = False) -> nn.Module:
     if weights and os.environ.get("KTFAST_OFFLINE"):
         raise ZooError(f"{name}: the zoo's weights need the network (KTFAST_OFFLINE is set)")
     try:
-        return TimmModel(model, num_classes, weights) if zoo == "timm" else TorchvisionModel(model, num_classes, weights)
+        if zoo == "timm":
+            return TimmModel(model, num_classes, weights, attention)
+        return TorchvisionModel(model, num_classes, weights, attention)
     except Exception as e:  # no network, a download cut short, a hub that is down: one line
-        if not weights:
+        if not weights or isinstance(e, AttentionLayerError):
             raise
         text = str(e).strip().splitlines()
         raise ZooError(f"{name}: cannot fetch the zoo's weights (offline?): {text[0] if text else type(e).__name__}") \
@@ -65,21 +71,26 @@ def build(name: str, num_classes: int, weights: bool = False) -> nn.Module:
 
 
 class TimmModel(nn.Module):
-    def __init__(self, model: str, num_classes: int, weights: bool):
+    def __init__(self, model: str, num_classes: int, weights: bool, attention: str | None = None):
         super().__init__()
         import timm
 
         # With weights, timm loads all of them but the classifier, which it sizes for num_classes.
         self.net = timm.create_model(model, pretrained=weights, num_classes=num_classes)
+        self.layer = attention
+        if attention is not None:
+            self.net = LayerAttention(self.net, attention)  # the same state dict, traced
 
     def forward(self, x, return_attention: bool = False):
+        if self.layer is not None:
+            return self.net(x, return_attention=return_attention)
         features = self.net.forward_features(x)
         logits = self.net.forward_head(features)
         return (logits, attention_map(features, "forward_features")) if return_attention else logits
 
 
 class TorchvisionModel(nn.Module):
-    def __init__(self, model: str, num_classes: int, weights: bool):
+    def __init__(self, model: str, num_classes: int, weights: bool, attention: str | None = None):
         super().__init__()
         import torchvision
         from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
@@ -89,6 +100,11 @@ class TorchvisionModel(nn.Module):
             _load_all_but_classifier(net, torchvision.models.get_model_weights(model).DEFAULT.get_state_dict(
                 progress=False))
         nodes, _ = get_graph_node_names(net)
+        if attention is not None:
+            check_layer(net, attention)
+            self.last_map = attention  # a module's name: the output of its last operation
+            self.net = create_feature_extractor(net, {attention: "features", nodes[-1]: "logits"})
+            return
         if "avgpool" not in nodes:
             self.net, self.last_map = net, None  # no pooling stage to take the attention map before
             return
