@@ -192,3 +192,11 @@ def test_show_and_the_run_say_the_graph_runs_user_code(tmp_path, capsys):
     assert set(row["test"]) == {"a", "b"}
     saved = json.loads((tmp_path / "run" / "graph.json").read_text())
     assert saved["nodes"][0] == {"name": "a", "model": TINY, "init": "scratch", "attention": "features.5"}
+
+
+def test_the_custom_example_names_a_layer_of_resnet8s_map_size():
+    g = Graph.load(Path(__file__).parents[1] / "examples" / "custom" / "graph.json")
+    assert g.user_code == [f"py:{Path(__file__).parents[1].resolve() / 'examples' / 'custom' / 'tiny_net.py'}:tiny_net"]
+    x = torch.zeros(2, 3, 32, 32)
+    maps = [build_model(n.model, 10, 32, attention=n.attention)(x, return_attention=True)[1].shape for n in g.model_nodes]
+    assert maps == [(2, 8, 8), (2, 8, 8)]
