@@ -102,6 +102,13 @@ def test_checkpoint_best_is_the_first_best_val_epoch_and_summary_follows_the_des
             if key == "best_val":
                 want["epochs"] = [2, 2]
             assert summary["nodes"][node][key] == want
+    from ktfast.graph import Graph
+    from ktfast.plots import curves_figure
+
+    val_acc = curves_figure(Graph.from_dict(PAIR), rows).axes[2]  # `ktfast report r`: a val column too
+    assert val_acc.get_title() == "val accuracy (%)"
+    [mean] = [line for line in val_acc.get_lines() if line.get_label() == "a (target)"]
+    assert list(mean.get_ydata()) == pytest.approx([50, 75, 75], rel=1e-12)
 
 
 def test_one_seed_without_val_writes_summary_with_std_0_and_no_best_val(tmp_path):
