@@ -93,6 +93,15 @@ def test_checkpoint_best_is_the_first_best_val_epoch_and_summary_follows_the_des
         assert any(not torch.equal(v, kept[s][2][k]) for k, v in best["models"]["a"].items())  # not the last's
         last = torch.load(tmp_path / "r" / f"seed{s}" / "checkpoint.pt", weights_only=True)
         assert last["epoch"] == 3 and last["best_val"] == {"epoch": 2, "acc": 0.75}  # what a resume goes on from
+    from ktfast.config import TrainConfig
+    from ktfast.graph import Graph
+    from ktfast.run import make_trainer
+
+    run = tmp_path / "r" / "seed1"
+    resumed = make_trainer(Graph.load(run / "graph.json"), TrainConfig.load(run / "config.json"), out=None,
+                           progress=False)
+    resumed.load_checkpoint(run / "checkpoint.pt")
+    assert resumed.best_val == {"epoch": 2, "acc": 0.75}  # a later epoch must beat 0.75 to replace it
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["target"] == "a" and summary["seeds"] == [0, 1] and set(summary["nodes"]) == {"a", "b"}
     for node in ("a", "b"):
@@ -102,7 +111,6 @@ def test_checkpoint_best_is_the_first_best_val_epoch_and_summary_follows_the_des
             if key == "best_val":
                 want["epochs"] = [2, 2]
             assert summary["nodes"][node][key] == want
-    from ktfast.graph import Graph
     from ktfast.plots import curves_figure
 
     val_acc = curves_figure(Graph.from_dict(PAIR), rows).axes[2]  # `ktfast report r`: a val column too
