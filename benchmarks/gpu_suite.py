@@ -295,10 +295,12 @@ def loader_lines(result: dict | None) -> list[str]:
 def search_lines(result: dict | None) -> list[str]:
     if not result:
         return []
-    lines = ["", f"search on {result['device']}: trials/hour"]
+    lines = ["", f"search on {result['device']}: trials/hour, best objective reached"]
     for r in result["rows"]:
+        per_gpu = f"  {r['trials_per_gpu_hour']:.1f}/GPU-h" if r.get("trials_per_gpu_hour") else ""
+        best = f"  best {r['best_objective']:.1%} after {r['best_after_s']:.0f} s" if "best_objective" in r else ""
         lines.append(f"K={r['trials_per_gpu']:<2} {r['pack']:<9} {r['trials_per_hour']:8.1f} "
-                     f"(steady {r['steady_trials_per_hour']:.1f})  x{r['speedup']:.2f}")
+                     f"(steady {r['steady_trials_per_hour']:.1f})  x{r['speedup']:.2f}{per_gpu}{best}")
     return lines
 
 

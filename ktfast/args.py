@@ -91,10 +91,15 @@ def config_from_args(args, seed: int = 0) -> TrainConfig:
         raise UsageError("--device cuda: no CUDA device is available")
     if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
         raise UsageError(f"--train-fraction: must be in (0, 1], got {args.train_fraction}")
+    val_fraction = getattr(args, "val_fraction", None)  # `ktfast train`'s flag alone
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise UsageError(f"--val-fraction: must be in (0, 1), got {val_fraction}")
+    if val_fraction is not None and getattr(args, "split", None) == "search":
+        raise UsageError("--val-fraction: not with --split search, which evaluates on its own held-out split")
     if recipe["lr"] <= 0:
         raise UsageError(f"--lr: must be > 0, got {recipe['lr']}")
     cfg = TrainConfig(**recipe, data_dir=args.data_dir, train_fraction=args.train_fraction,
-                      seed=seed, device=device, amp=args.amp, compile=args.compile,
+                      val_fraction=val_fraction, seed=seed, device=device, amp=args.amp, compile=args.compile,
                       cuda_graph=args.cuda_graph, reference=args.reference, loader=args.loader,
                       split=getattr(args, "split", None) or d.split, fuse=args.fuse,
                       place=getattr(args, "place", None) or "data", sync_bn=getattr(args, "sync_bn", False))

@@ -10,7 +10,7 @@ import torch
 
 # What a run's weights were trained on: a checkpoint whose config differs here is another run's. The
 # seed is one: it draws the fraction's subset, the order of the samples and their augmentation.
-DATA_KEYS = ("dataset", "split", "train_fraction", "seed")
+DATA_KEYS = ("dataset", "split", "train_fraction", "val_fraction", "seed")
 
 
 class CheckpointError(ValueError):

@@ -14,6 +14,8 @@ class TrainConfig:
     data_dir: str | None = None
     split: str = "train"  # "train": train/test; "search": search_train/search_val (DESIGN §5)
     train_fraction: float | None = None
+    # The class-balanced part of the training set held out as the run's val split (DESIGN §2); None: none.
+    val_fraction: float | None = None
     epochs: int = 200
     batch_size: int = 64
     optimizer: str = "sgd"  # sgd (Nesterov) | adam

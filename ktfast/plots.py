@@ -1,6 +1,6 @@
 """Pictures of runs: attention maps of every model node over sample test images, with the entropy of
 each node's prediction (Okamoto et al., Fig. 5); accuracy and loss curves of every node over the
-epochs of a run; the parameters and FLOPs of a model (the EKD paper's tables); and the writing
+epochs of a run (of each seed of a run of several, with the band of mean ± std); the parameters and FLOPs of a model (the EKD paper's tables); and the writing
 of any figure, never half-done.
 
 matplotlib is imported inside the functions that draw: the command line imports this module to
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,17 @@ def read_metrics(run: Path, flag: str = "RUN") -> list[dict]:
     if not rows:
         raise UsageError(f"{flag}: {path} holds no epoch yet")
     return rows
+
+
+def read_seed_runs(run: Path, flag: str = "RUN") -> dict[int | None, list[dict]]:
+    """{seed: metrics rows} of a run of several seeds (its seed{s} folders), or {None: rows} of a
+    run of one."""
+    if (run / METRICS).is_file() or not run.is_dir():
+        return {None: read_metrics(run, flag)}
+    seeds = sorted(int(m[1]) for d in run.iterdir() if (m := re.fullmatch(r"seed(\d+)", d.name)) and d.is_dir())
+    if not seeds:
+        read_metrics(run, flag)  # says what is missing
+    return {s: read_metrics(run / f"seed{s}", flag) for s in seeds}
 
 
 def check_nodes(graph: Graph, rows: list[dict], flag: str) -> None:
@@ -128,23 +141,38 @@ def attention_figure(samples: AttentionSamples, title: str = ""):
 
 
 # ---- curves --------------------------------------------------------------------------------
-def curves_figure(graph: Graph, rows: list[dict], title: str = ""):
-    """A 2x2 grid, accuracy and loss by train and test, one line per node (ensembles dashed). The
-    train loss is the node's L_t (its gated edge losses), the test loss the cross-entropy."""
+def curves_figure(graph: Graph, rows: list[dict] | dict[int, list[dict]], title: str = ""):
+    """A grid, accuracy and loss by train, test (and val, where the run held a val split out), one
+    line per node (ensembles dashed). The train loss is the node's L_t (its gated edge losses), the
+    test loss the cross-entropy. `rows` of several seeds ({seed: rows}): each seed's line thin (gid
+    "NODE seed S"), their mean labelled by the node, and the band mean ± sample std (gid "NODE band"),
+    over the epochs every seed finished."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 7), layout="constrained")
-    axes = fig.subplots(2, 2, sharex=True)
-    epochs = [r["epoch"] for r in rows]
-    panels = [("train", "acc", "train accuracy (%)"), ("test", "acc", "test accuracy (%)"),
-              ("train", "loss", "train loss (L_t)"), ("test", "loss", "test loss (cross-entropy)")]
+    runs = rows if isinstance(rows, dict) else {None: rows}
+    first = next(iter(runs.values()))
+    splits = ["train", "test"] + (["val"] if all("val" in r for rs in runs.values() for r in rs) else [])
+    fig = Figure(figsize=(5 * len(splits), 7), layout="constrained")
+    axes = fig.subplots(2, len(splits), sharex=True)
+    epochs = [r["epoch"] for r in first[:min(len(rs) for rs in runs.values())]]
+    losses = {"train": "train loss (L_t)", "test": "test loss (cross-entropy)", "val": "val loss (cross-entropy)"}
+    panels = [(s, "acc", f"{s} accuracy (%)") for s in splits] + [(s, "loss", losses[s]) for s in splits]
     for ax, (split, key, name) in zip(axes.flat, panels):
         for i, node in enumerate(graph.nodes):
-            values = [r[split][node][key] * (100 if key == "acc" else 1) for r in rows]
-            ensemble = isinstance(graph.nodes[node], EnsembleNode)
-            ax.plot(epochs, values, marker="o", markersize=3, color=f"C{i % 10}",
-                    linestyle="--" if ensemble else "-", linewidth=2.2 if node == graph.target else 1.3,
-                    label=node + (" (target)" if node == graph.target else ""))
+            per_seed = {s: [r[split][node][key] * (100 if key == "acc" else 1) for r in rs[:len(epochs)]]
+                        for s, rs in runs.items()}
+            style = dict(color=f"C{i % 10}", linestyle="--" if isinstance(graph.nodes[node], EnsembleNode) else "-")
+            if len(runs) > 1:
+                for s, values in per_seed.items():
+                    ax.plot(epochs, values, linewidth=0.7, alpha=0.35, gid=f"{node} seed {s}", **style)
+                mean = [statistics.fmean(v) for v in zip(*per_seed.values())]
+                std = [statistics.stdev(v) for v in zip(*per_seed.values())]
+                ax.fill_between(epochs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                                color=style["color"], alpha=0.18, linewidth=0, gid=f"{node} band")
+            else:
+                mean = next(iter(per_seed.values()))
+            ax.plot(epochs, mean, marker="o", markersize=3, linewidth=2.2 if node == graph.target else 1.3,
+                    label=node + (" (target)" if node == graph.target else ""), **style)
         # Losses span orders of magnitude early in a run; a log axis needs them positive (cosine
         # losses are similarities and can be negative).
         if key == "loss" and all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
@@ -154,7 +182,7 @@ def curves_figure(graph: Graph, rows: list[dict], title: str = ""):
     for ax in axes[1]:
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
-    axes[0, 1].legend(fontsize=8)
+    axes[0, -1].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     return fig
 

@@ -32,6 +32,8 @@ def cache_path(model: str, cfg: TrainConfig) -> Path:
                        "momentum", "weight_decay", "lr_decay_at", "lr_decay", "amp")}
     if cfg.train_fraction is not None:
         recipe["subset_seed"] = cfg.seed
+    if cfg.val_fraction is not None:  # the teacher never sees the run's val part (keys before it unchanged)
+        recipe["val_fraction"] = cfg.val_fraction
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.dataset)
     return cache_dir() / f"{model}-{dataset}-{cfg.split}-e{cfg.epochs}-{digest}.pt"

@@ -6,7 +6,8 @@ one after another (or K at a time, in threads: `ktfast.packing`), so workers on 
 join a search by running the same command.
 A trial samples a graph — the model of every node but the target, the gate of every edge (label edges
 included), optionally the loss of every model-to-model edge with the parameters that loss reads (DKD's β,
-logit standardization) — trains it on `search_train` and reports
+logit standardization, the temperature from `--temperatures`) and its weight, log-uniform in `--weights` —
+trains it on `search_train` and reports
 its `search_val` accuracy after every epoch to the pruner (ASHA by default); its user attr `data`
 records both splits and their sizes.
 
@@ -70,16 +71,22 @@ class Space:
     losses: tuple[str, ...] | None  # the choices for model-to-model edges; None: always kl
     objective: str  # "target" | "ensemble"
     standardize: str = "off"  # "off" | "on" (fixed) | "search" (a choice per edge whose loss allows it)
+    # The choices of T of every model-to-model edge whose loss reads it (None: T = 1), and the range
+    # (low, high) its weight is drawn from, log-uniformly (None: weight 1).
+    temperatures: tuple[float, ...] | None = None
+    weights: tuple[float, float] | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "Space":
-        losses = d["losses"]
+        losses, temperatures, weights = d["losses"], d.get("temperatures"), d.get("weights")
         return cls(d["nodes"], d["target_model"], tuple(d["models"]), tuple(d["gates"]),
-                   tuple(losses) if losses is not None else None, d["objective"], d.get("standardize", "off"))
+                   tuple(losses) if losses is not None else None, d["objective"], d.get("standardize", "off"),
+                   tuple(temperatures) if temperatures is not None else None,
+                   tuple(weights) if weights is not None else None)
 
     # Fields left out of to_dict at these values, as studies made before them recorded nothing: such a
     # study can still be joined, and a mismatch is told with the value the field stands for.
-    UNRECORDED_DEFAULTS = {"standardize": "off"}
+    UNRECORDED_DEFAULTS = {"standardize": "off", "temperatures": None, "weights": None}
 
     def to_dict(self) -> dict:
         d = json.loads(json.dumps(asdict(self)))
@@ -120,8 +127,13 @@ class Space:
 
     def loss_fields(self, trial: optuna.Trial, s: str, t: str, terms: list[str]) -> dict:
         """The fields the loss of edge s->t reads beyond its name, all written out (sampled or fixed by the
-        search), so that the exported graph trains this edge even if a default of the graph file changes."""
+        search), so that the exported graph trains this edge even if a default of the graph file changes.
+        The label edges (ce) keep weight 1: the transfer edges are weighed against them."""
         fields = {}
+        if self.weights and s != LABEL:
+            fields["weight"] = trial.suggest_float(f"weight {s}->{t}", *self.weights, log=True)
+        if self.temperatures and any(term in TEMPERED_TERMS for term in terms):
+            fields["temperature"] = trial.suggest_categorical(f"temperature {s}->{t}", self.temperatures)
         if "dkd" in terms:
             fields["alpha"] = 1.0
             fields["beta"] = trial.suggest_categorical(f"beta {s}->{t}", BETAS)

@@ -27,7 +27,8 @@ _REQUEUE_LOCK = threading.Lock()
 def recipe(cfg: TrainConfig) -> dict:
     """What must be the same for every worker of a study: everything but where and how fast it runs."""
     return {k: v for k, v in cfg.to_dict().items()
-            if k not in ("device", "data_dir", "loader", "compile", "cuda_graph", "reference")}
+            if k not in ("device", "data_dir", "loader", "compile", "cuda_graph", "reference",
+                         "val_fraction")}  # the search scores on its own split: never a val fraction
 
 
 def is_journal(url: str) -> bool:

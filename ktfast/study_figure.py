@@ -1,8 +1,9 @@
 """A search drawn (`ktfast report --storage URL --study NAME -o study.png`): every finished trial's
 objective by epoch, pruned trials ending at their rung; the objective of each trial in the order they
 were started, with the best so far; the parameters that mattered most, by Optuna's importance
-evaluator (fANOVA, seeded: the same study gives the same picture); and, when the search chose the loss
-design of its edges (`--losses`, `--standardize`), how each loss, standardization and DKD β fared.
+evaluator (fANOVA, seeded: the same study gives the same picture); when the search chose the loss
+design of its edges (`--losses`, `--standardize`, `--temperatures`), how each loss, standardization, DKD β
+and temperature fared; and when it drew edge weights (`--weights`), each weight against the objective.
 matplotlib is imported inside the function that draws."""
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ TOP_PARAMS = 12
 COMPLETE, PRUNED = "C0", "0.55"  # colours
 # The trial parameters of an edge's loss design (ktfast.search.Space): prefix -> row label of a value.
 CHOICE_PARAMS = {"loss ": lambda v: f"loss {v}", "standardize ": lambda v: f"standardize {'on' if v else 'off'}",
-                 "beta ": lambda v: f"dkd β {v:g}"}
+                 "beta ": lambda v: f"dkd β {v:g}", "temperature ": lambda v: f"T {v:g}"}
+WEIGHT = "weight "  # the parameter of an edge's weight, drawn log-uniformly
 
 
 def importances(study: optuna.Study) -> dict[str, float] | None:
@@ -28,7 +30,7 @@ def importances(study: optuna.Study) -> dict[str, float] | None:
 
 def loss_choices(study: optuna.Study) -> dict[str, list[float]]:
     """{row: the objective of every complete trial, once per edge that chose it}: losses in the order
-    the search listed them, then standardize off/on, then β ascending. An edge is one draw of a choice:
+    the search listed them, then standardize off/on, then β ascending, then T ascending. An edge is one draw of a choice:
     a trial whose three edges chose dkd counts three times for dkd."""
     listed = study.user_attrs.get("ktfast", {}).get("losses") or ()
     rows: dict[str, list[float]] = {}
@@ -58,21 +60,37 @@ def _draw_choices(ax, study: optuna.Study) -> None:
     ax.set(xlabel="objective (%) of complete trials", title="loss choices, each edge that drew one: ◆ mean")
 
 
+def _draw_weights(ax, study: optuna.Study) -> None:
+    """Each edge weight a complete trial drew against the trial's objective, on a log axis."""
+    points = [(value, 100 * t.value) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              for name, value in t.params.items() if name.startswith(WEIGHT)]
+    if points:
+        ax.scatter(*zip(*points), color=COMPLETE, alpha=0.5, s=14, gid="weights")
+    ax.set_xscale("log")
+    ax.set(xlabel="edge weight (log)", ylabel="objective (%) of complete trials",
+           title=f"edge weights, each edge that drew one ({len(points)})")
+
+
 def study_figure(study: optuna.Study, title: str = ""):
     """Three panels: objective (%) by epoch, objective (%) by trial with the best so far, parameter
-    importances; a fourth, the loss choices, when the search chose them. Lines carry `gid`s ("trial N",
-    "best so far", "choice ROW") so that what is drawn can be checked."""
+    importances; one more, the loss choices, when the search chose them, and one more, the edge weights,
+    when it drew them. Lines carry `gid`s ("trial N", "best so far", "choice ROW", "weights") so that
+    what is drawn can be checked."""
     from matplotlib.figure import Figure
 
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     space = study.user_attrs.get("ktfast", {})
-    chose = bool(space.get("losses")) or space.get("standardize") == "search" or any(
-        name.startswith(tuple(CHOICE_PARAMS)) for t in trials for name in t.params)
-    fig = Figure(figsize=(21 if chose else 16, 5), layout="constrained")
-    axes = fig.subplots(1, 4 if chose else 3, width_ratios=(1, 1, 1.1, 1.1)[:4 if chose else 3])
+    chose = bool(space.get("losses")) or space.get("standardize") == "search" or bool(space.get("temperatures")) \
+        or any(name.startswith(tuple(CHOICE_PARAMS)) for t in trials for name in t.params)
+    weighed = bool(space.get("weights")) or any(name.startswith(WEIGHT) for t in trials for name in t.params)
+    panels = 3 + chose + weighed
+    fig = Figure(figsize=(16 + 5 * (panels - 3), 5), layout="constrained")
+    axes = fig.subplots(1, panels, width_ratios=(1, 1, 1.1, 1.1, 1.1)[:panels])
     by_epoch, by_trial, params = axes[:3]
     if chose:
         _draw_choices(axes[3], study)
+    if weighed:
+        _draw_weights(axes[-1], study)
 
     for t in trials:
         epochs = sorted(t.intermediate_values)

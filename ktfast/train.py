@@ -1,6 +1,7 @@
 """Training a graph: one forward of every node per batch, Σ L_t back-propagated once, every trainable
 node stepped together (the DCL algorithm, DESIGN §2), evaluation of every node each epoch, and the
-run directory (graph.json, config.json, metrics.jsonl, checkpoint.pt written atomically). Over
+run directory (graph.json, config.json, metrics.jsonl, checkpoint.pt written atomically; with a val
+split, checkpoint-best.pt at the target's best val accuracy). Over
 several processes (torchrun) the step's collectives are those of `ktfast.distributed.Placement`.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ktfast.nodes import attention_nodes, branch_nodes, build_models, check_atte
 from ktfast.paths import Compiled, amp_dtype, fall_back, resolve_paths
 
 CHECKPOINT = "checkpoint.pt"
+BEST_CHECKPOINT = "checkpoint-best.pt"
 METRICS = "metrics.jsonl"
 
 
@@ -107,10 +109,16 @@ class Trainer:
         shard = (placement.rank, placement.world) if not placement.nodes else (0, 1)
         self.train_loader = make_loader(cfg.dataset, train_split, cfg.batch_size, cfg.device, cfg.seed,
                                         data_dir=cfg.data_dir, loader=cfg.loader,
-                                        train_fraction=cfg.train_fraction, shard=shard, paths=self.paths)
+                                        train_fraction=cfg.train_fraction, shard=shard, paths=self.paths,
+                                        val_fraction=cfg.val_fraction)
         # The kind the training loader took (after a fallback, if any): the fallback is said once.
         self.eval_loader = make_loader(cfg.dataset, eval_split, max(cfg.batch_size, 256), cfg.device,
                                        cfg.seed, data_dir=cfg.data_dir, loader=self.paths["loader"], shard=shard)
+        self.val_loader = make_loader(cfg.dataset, "val", max(cfg.batch_size, 256), cfg.device, cfg.seed,
+                                      data_dir=cfg.data_dir, loader=self.paths["loader"], shard=shard,
+                                      val_fraction=cfg.val_fraction) if cfg.val_fraction is not None else None
+        # {"epoch", "acc"}: the epoch of checkpoint-best.pt and its target val accuracy (first best on ties).
+        self.best_val: dict | None = None
         self.models = build_models(graph, cfg, info.num_classes, info.image_size, pretrained)
         if placement.sync_bn:
             for name in list(self.models):
@@ -293,27 +301,35 @@ class Trainer:
                                        if self.out is not None and self.epoch else ""))
             self.placement.share_buffers(self.models)
             test = evaluate(self.graph, self.models, self.units, self.eval_loader, self.cfg, self.placement)
+            val = (evaluate(self.graph, self.models, self.units, self.val_loader, self.cfg, self.placement)
+                   if self.val_loader is not None else None)
             self.epoch += 1
             row = {"epoch": self.epoch, "time_s": time.perf_counter() - start, "images_per_s": images_per_s,
-                   "train": train, "test": test}
+                   "train": train, "test": test, **({"val": val} if val else {})}
+            best = bool(val) and (self.best_val is None or val[self.graph.target]["acc"] > self.best_val["acc"])
+            if best:
+                self.best_val = {"epoch": self.epoch, "acc": val[self.graph.target]["acc"]}
             if self.scaler.is_enabled():
                 row["skipped_steps"] = skipped
             rows.append(row)
             if self.keeps_state:
                 self.placement.collect_state({k: _plain_module(m) for k, m in self.models.items()}, self.optimizer)
             if self.out is not None:
-                self.write_epoch(row)
+                self.write_epoch(row, best)
             if self.progress:
                 self.log(epoch_line(self.graph, row, self.cfg.epochs))
             if on_epoch is not None:
                 on_epoch(self.epoch, row)
         return rows
 
-    def write_epoch(self, row: dict) -> None:
-        """The metrics row, then the checkpoint; if the checkpoint cannot be written the row is taken
-        back, so the run directory stays at the previous epoch, whole."""
+    def write_epoch(self, row: dict, best: bool = False) -> None:
+        """The metrics row, then the checkpoint (and the best one, when the target's val accuracy is the
+        best yet); if a checkpoint cannot be written the row is taken back, so the run directory stays at
+        the previous epoch, whole (a best checkpoint ahead of it is that epoch's, trained again alike)."""
         size = append_line(self.out / METRICS, json.dumps(row))
         try:
+            if best:
+                save_atomic(self.state_dict(), self.out / BEST_CHECKPOINT)
             self.save_checkpoint()
         except Exception:
             truncate(self.out / METRICS, size)
@@ -324,7 +340,7 @@ class Trainer:
                 "models": {k: _plain_module(m).state_dict() for k, m in self.models.items()},
                 "optimizer": plain_lrs(self.optimizer.state_dict()) if self.optimizer else None,
                 "scheduler": plain_schedule(self.scheduler.state_dict()) if self.scheduler else None,
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(), "best_val": self.best_val}
 
     def save_checkpoint(self) -> None:
         save_atomic(self.state_dict(), self.out / CHECKPOINT)
@@ -353,6 +369,7 @@ class Trainer:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: its optimizer state does not fit the graph: {e}") from None
         self.epoch = state["epoch"]
+        self.best_val = state.get("best_val")
 
 
 def _plain_module(m):

@@ -94,6 +94,10 @@ def test_search_and_loader_rows(suite):
         # Steady throughput leaves out the workers' start-up: it can only be the higher one.
         assert r["steady_trials_per_hour"] >= r["trials_per_hour"] > 0
         assert r["gpu_busy"] is None and r["gpu_busy_steady"] is None  # no GPU to sample
+        # The best objective: a search_val accuracy of the smoke set's 20 held-out images (5 per class).
+        assert 0 <= r["best_objective"] <= 1 and r["best_objective"] * 20 == pytest.approx(
+            round(r["best_objective"] * 20), abs=1e-9)
+        assert 0 < r["best_after_s"] <= r["wall_s"] and r["trials_per_gpu_hour"] is None  # no GPU-hours on a CPU
     loader = result(suite, "loader")
     (row,) = loader["rows"]
     kinds = ["gpu", "torch"] + (["dali"] if decode.available() else [])

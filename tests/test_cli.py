@@ -104,7 +104,7 @@ def test_seeds_report_mean_and_std(tmp_path, capsys):
     summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
     for seed in (0, 1):
         rows = (tmp_path / "multi" / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()
-        assert json.loads(rows[-1])["test"]["a"]["acc"] * 100 == pytest.approx(summary["a"]["runs"][seed])
+        assert json.loads(rows[-1])["test"]["a"]["acc"] == summary["nodes"]["a"]["last"]["per_seed"][seed]
     assert json.loads((tmp_path / "multi" / "seed1" / "config.json").read_text())["seed"] == 1
 
 

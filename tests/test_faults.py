@@ -115,8 +115,9 @@ def test_resume_from_what_is_not_this_run_exits_2_and_touches_nothing(case, run,
 
 
 # What the run's data are, and another value of each: other data of the same shape, on which the
-# weights would load and the run would go on silently. (There is no --val-fraction to check yet.)
-OTHER_DATA = {"dataset": TINY.replace("test=40", "test=48"), "split": "search", "train_fraction": 0.5, "seed": 1}
+# weights would load and the run would go on silently.
+OTHER_DATA = {"dataset": TINY.replace("test=40", "test=48"), "split": "search", "train_fraction": 0.5,
+              "val_fraction": 0.25, "seed": 1}
 
 
 @pytest.mark.parametrize("field", sorted(OTHER_DATA))

@@ -156,6 +156,34 @@ def test_report_plots_one_curve_per_node_and_panel(runs, capsys):
     assert list(test_acc) == pytest.approx([100 * r["test"]["b"]["acc"] for r in rows])
 
 
+def test_report_of_several_seeds_draws_each_seed_and_the_band_of_mean_and_std(runs, capsys):
+    """The fixture's folder holds seed0/ and seed1/, as `--seeds 0,1` writes them: every panel has each
+    seed's line, the mean labelled by the node, and the band mean ± sample std (statistics.stdev, the
+    reference; the band's vertices are those numbers as matplotlib stores them, float64)."""
+    root = runs[0].parent
+    assert main(["report", str(root)]) == 0
+    assert capsys.readouterr().out.strip() == str(root / "curves.png")
+    read_png(root / "curves.png")
+    graph = Graph.load(runs[0] / "graph.json")
+    rows = {s: read_metrics(run) for s, run in enumerate(runs)}
+    fig = curves_figure(graph, rows)
+    assert len(fig.axes) == 4
+    test_acc = fig.axes[1]
+    lines = {line.get_gid() or line.get_label(): line for line in test_acc.get_lines()}
+    for node in ("a", "b", "ens"):
+        per_seed = [[100 * r["test"][node]["acc"] for r in rows[s]] for s in (0, 1)]
+        for s in (0, 1):
+            assert list(lines[f"{node} seed {s}"].get_ydata()) == pytest.approx(per_seed[s], rel=1e-12)
+        mean = [(x + y) / 2 for x, y in zip(*per_seed)]
+        label = node + (" (target)" if node == "a" else "")
+        assert list(lines[label].get_ydata()) == pytest.approx(mean, rel=1e-12)
+        [band] = [c for c in test_acc.collections if c.get_gid() == f"{node} band"]
+        ys = band.get_paths()[0].vertices[:, 1]
+        std = [abs(x - y) / 2 ** 0.5 for x, y in zip(*per_seed)]  # the sample std of two values
+        assert min(ys) == pytest.approx(min(m - d for m, d in zip(mean, std)), abs=1e-9)
+        assert max(ys) == pytest.approx(max(m + d for m, d in zip(mean, std)), abs=1e-9)
+
+
 def test_show_model_counts_parameters_and_flops(capsys):
     assert main(["show", "--model", "resnet8", "--dataset", TINY]) == 0
     out = capsys.readouterr().out

@@ -12,7 +12,7 @@ from ktfast.graph import Graph
 from ktfast.graph_figure import graph_figure
 from ktfast.models import is_model_name
 from ktfast.plots import (attention_figure, attention_samples, check_nodes, curves_figure, model_cost,
-                          picture_format, read_metrics, run_file, save_figure)
+                          picture_format, read_metrics, read_seed_runs, run_file, save_figure)
 from ktfast.study import find_study
 from ktfast.study_figure import study_figure
 
@@ -105,10 +105,14 @@ def cmd_report(args) -> int:
     run = Path(args.run)
     output = Path(args.output) if args.output else run / "curves.png"
     picture_format(output)
-    rows = read_metrics(run)
-    graph = Graph.load(run_file(run, "graph.json"))
-    check_nodes(graph, rows, "RUN")
-    save_figure(curves_figure(graph, rows, f"{graph.name} ({run})"), output)
+    runs = read_seed_runs(run)  # a run of several seeds: each seed's curves and their band
+    seeds = [s for s in runs if s is not None]
+    graph = Graph.load(run_file(run / f"seed{seeds[0]}" if seeds else run, "graph.json"))
+    for rows in runs.values():
+        check_nodes(graph, rows, "RUN")
+    listed = ", ".join(map(str, seeds))
+    title = f"{graph.name} ({run}{f', seeds {listed}: mean ± std' if len(seeds) > 1 else ''})"
+    save_figure(curves_figure(graph, runs if len(seeds) > 1 else next(iter(runs.values())), title), output)
     print(output)
     return 0
 

@@ -2,7 +2,9 @@
 launched and watched until the study has its trials, and the best graph written as a graph file."""
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -35,6 +37,12 @@ def register(sub) -> None:
     p.add_argument("--standardize", choices=STANDARDIZE, default="off",
                    help="logit standardization of the edges whose loss has a kl, dkd or dist term: never, always, "
                         "or one more choice per such edge (default: %(default)s)")
+    p.add_argument("--temperatures", type=temperature_list, default=None, metavar="T1,T2,...",
+                   help="choices of the temperature of every model-to-model edge whose loss has a kl, dkd or dist "
+                        "term, e.g. 1,2,4 (default: T = 1)")
+    p.add_argument("--weights", type=weight_range, default=None, metavar="LOW:HIGH",
+                   help="the weight of every model-to-model edge, drawn log-uniformly from LOW to HIGH, e.g. "
+                        "0.1:10 (default: weight 1; label edges always 1)")
     p.add_argument("--objective", choices=OBJECTIVES, default="target",
                    help="the accuracy of node 1, or of an ensemble node (mean of all nodes' logits)")
     p.add_argument("--trials", type=positive_int, required=True,
@@ -80,6 +88,28 @@ def _listed(flag: str, text: str, valid, noun: str, expected: str) -> tuple[str,
     return items
 
 
+def temperature_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(dict.fromkeys(float(v) for v in text.split(",") if v.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    bad = [v for v in values if not math.isfinite(v) or v <= 0]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"every temperature must be > 0, got {bad[0] if bad else text!r}")
+    return values
+
+
+def weight_range(text: str) -> tuple[float, float]:
+    low, sep, high = text.partition(":")
+    try:
+        bounds = (float(low), float(high)) if sep else None
+    except ValueError:
+        bounds = None
+    if bounds is None or not all(map(math.isfinite, bounds)) or not 0 < bounds[0] < bounds[1]:
+        raise argparse.ArgumentTypeError(f"expected a range LOW:HIGH with 0 < LOW < HIGH, e.g. 0.1:10, got {text!r}")
+    return bounds
+
+
 def _pair_loss(loss: str) -> bool:
     terms = loss.split("+")
     return len(set(terms)) == len(terms) and all(t in LOSS_TERMS and t != "ce" for t in terms)
@@ -97,12 +127,19 @@ def space_from_args(args) -> Space:
         gates=_listed("--gates", args.gates, GATES.__contains__, "gate", ", ".join(GATES)),
         losses=_listed("--losses", args.losses, _pair_loss, "loss", "kl, cos, mse, att_mse, att_cos, dkd, dist or "
                        "a sum such as kl+att_mse") if args.losses is not None else None,
-        objective=args.objective, standardize=args.standardize)
+        objective=args.objective, standardize=args.standardize, temperatures=args.temperatures,
+        weights=args.weights)
     if "warmup" in space.gates:  # every trial's graph would be refused, and its worker stopped
         raise UsageError("--gates: the warmup gate needs its fraction of the run, which the search does not draw; "
                          "use linear or gamma")
     if space.objective == "target" and space.gates == ("cutoff",):
         raise UsageError("--gates: with cutoff alone every edge into the target is cut off, and the target frozen")
+    if space.nodes == 1 and (space.temperatures or space.weights):
+        raise UsageError(f"--{'temperatures' if space.temperatures else 'weights'}: a 1-node search has label edges "
+                         "only, and they keep T = 1 and weight 1")
+    if space.temperatures and not space.allows_standardize():
+        raise UsageError(f"--temperatures: only edges with a kl, dkd or dist term read a temperature, and "
+                         f"--losses {args.losses} has none")
     if space.standardize != "off" and not space.allows_standardize():
         where = f"--losses {args.losses}" if space.nodes > 1 else "a 1-node search (label edges only)"
         raise UsageError(f"--standardize {space.standardize}: only edges with a kl, dkd or dist term are "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from ktfast.graph import Graph
 from ktfast.models import is_model_name
 from ktfast.pretrain import pretrain
 from ktfast.run import make_trainer
+from ktfast.summary import result_table, seed_dirs, write_summary
 from ktfast.train import CHECKPOINT, METRICS
 
 
@@ -30,6 +30,9 @@ def register(sub) -> None:
                    help="search: train and evaluate on the search's held-out split of the training set "
                         "(CIFAR 40k/10k, image folders class-balanced halves), never the test set")
     p.add_argument("--seeds", type=seeds, help="e.g. 0,1,2,3,4: report mean ± std (default 0)")
+    p.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                   help="hold out a class-balanced fraction F of the training set (the same for every seed): "
+                        "metrics gain val rows, checkpoint-best.pt keeps the target's best-val epoch")
     p.add_argument("--out", help="run directory (default runs/<graph name>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -130,11 +133,10 @@ def _train(args, rank: int, world: int) -> int:
         return _free_run_dir(Path("runs") / graph.name)
 
     root = distributed.from_rank_zero(run_dir)
-    multi = len(configs) > 1
+    runs = seed_dirs(root, [cfg.seed for cfg in configs])
     quiet = args.quiet or rank != 0
-    finals = {}
     for cfg in configs:
-        out = root / f"seed{cfg.seed}" if multi else root
+        out = runs[cfg.seed]
         # Everything that can fail on bad input happens here, before the directory exists.
         trainer = make_trainer(graph, cfg, out=out, log=logger(quiet), progress=not quiet,
                                placement=Placement(graph, cfg.place, rank, world, cfg.sync_bn))
@@ -146,12 +148,9 @@ def _train(args, rank: int, world: int) -> int:
                   f"{cfg.device}{', amp' if cfg.amp else ''}{', compile' if cfg.compile else ''}"
                   f"{', fuse' if cfg.fuse else ''}{f', {world} processes, place {cfg.place}' if world > 1 else ''}",
                   flush=True)
-        rows = _fit(trainer, out, args.tensorboard and rank == 0)
-        finals[cfg.seed] = rows[-1]["test"]
-    if rank == 0:
-        print(result_table(graph, finals, configs[0].split))
-        if multi:
-            (root / "summary.json").write_text(json.dumps(summary(graph, finals), indent=2) + "\n")
+        _fit(trainer, out, args.tensorboard and rank == 0)
+    if rank == 0:  # every seed has finished: summary.json from their metrics.jsonl
+        print(result_table(graph, write_summary(root, graph, runs), configs[0].split))
     return 0
 
 
@@ -194,7 +193,7 @@ def launch_command(argv: list[str], processes: int) -> list[str]:
 
 
 # Recipe flags that --resume checks against the run's config.json: a run continues as it started.
-RESUME_CHECKED = (*RECIPE, "split", "train_fraction")
+RESUME_CHECKED = (*RECIPE, "split", "train_fraction", "val_fraction")
 
 
 def _check_resume_flags(run: Path, args, cfg: TrainConfig) -> None:
@@ -250,11 +249,22 @@ def _resume(run: Path, args, rank: int = 0, world: int = 1) -> int:
         if len(kept) < len(rows):
             metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
         print(f"resuming {run} after epoch {done} of {cfg.epochs}", flush=True)
-    new_rows = _fit(trainer, run, args.tensorboard and rank == 0)
-    final = (kept + new_rows)[-1]["test"] if kept or new_rows else {}
+    _fit(trainer, run, args.tensorboard and rank == 0)
     if rank == 0:
-        print(result_table(graph, {cfg.seed: final}, cfg.split))
+        root, runs = _summary_runs(run, cfg.seed)
+        summary = write_summary(root, graph, runs)
+        print(result_table(graph, summary, cfg.split))
     return 0
+
+
+def _summary_runs(run: Path, seed: int) -> tuple[Path, dict[int, Path]]:
+    """(top of the run, each seed's directory) for summary.json after a resume: a seed{s} directory
+    beside others is one seed of a run of several, summarised over the seeds that have finished epochs."""
+    siblings = {int(d.name[4:]): d for d in run.parent.glob("seed*")
+                if d.name[4:].isdigit() and (d / METRICS).is_file() and (d / "config.json").is_file()}
+    if run.name == f"seed{seed}" and len(siblings) > 1:
+        return run.parent, dict(sorted(siblings.items()))
+    return run, {seed: run}
 
 
 def _fit(trainer, run: Path, with_tensorboard: bool) -> list[dict]:
@@ -265,30 +275,6 @@ def _fit(trainer, run: Path, with_tensorboard: bool) -> list[dict]:
         return trainer.fit(on_epoch=log)
     finally:
         log.close()
-
-
-def summary(graph: Graph, finals: dict) -> dict:
-    """Mean ± sample std over seeds of each node's final test accuracy, in percent."""
-    out = {}
-    for name in graph.nodes:
-        accs = [100 * finals[s][name]["acc"] for s in finals]
-        out[name] = {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                     "runs": accs}
-    return out
-
-
-def result_table(graph: Graph, finals: dict, split: str = "train") -> str:
-    stats = summary(graph, finals)
-    multi = len(finals) > 1
-    what = "validation accuracy on the search split" if split == "search" else "test accuracy"
-    head = f"{what} (%){f', mean ± std of {len(finals)} seeds' if multi else ''}"
-    lines = [head, f"{'node':<12} {'model':<22} {'accuracy':>16}"]
-    for name, node in graph.nodes.items():
-        kind = getattr(node, "model", None) or f"{node.reduce} of {'+'.join(node.members)}"
-        mark = (" (target)" if name == graph.target else "") + (" (frozen)" if getattr(node, "frozen", False) else "")
-        value = f"{stats[name]['mean']:.2f} ± {stats[name]['std']:.2f}" if multi else f"{stats[name]['mean']:.2f}"
-        lines.append(f"{name:<12} {kind:<22} {value:>16}{mark}")
-    return "\n".join(lines)
 
 
 # ---- pretrain ------------------------------------------------------------------------------

@@ -33,10 +33,11 @@ __all__ = ["DATASETS", "LOADERS", "PAD", "SPLITS", "Arrays", "DaliLoader", "Data
 
 def make_loader(dataset: str, split: str, batch_size: int, device, seed: int, *, data_dir=None,
                 loader: str = "auto", train_fraction: float | None = None, num_workers: int = 0,
-                shard: tuple[int, int] = (0, 1), paths: dict | None = None):
+                shard: tuple[int, int] = (0, 1), paths: dict | None = None, val_fraction: float | None = None):
     """Batches `(x, y)` of a split on `device`: x float32 [B, 3, H, W] normalised, y int64 [B].
     `train_fraction` keeps that class-balanced fraction (drawn with `seed`) of a training split;
-    `shard` (rank, world size) keeps rank's share of every batch (`Loader._shard`). `auto` takes
+    `shard` (rank, world size) keeps rank's share of every batch (`Loader._shard`); `val_fraction` holds
+    that class-balanced part of the training set out of "train" as the split "val". `auto` takes
     `ktfast.paths.loader_path`'s kind; where that is DALI and DALI is missing or fails, it falls
     back to torchvision (`ktfast.paths.fall_back`, recorded in `paths["loader"]`)."""
     if split not in SPLITS:
@@ -47,8 +48,10 @@ def make_loader(dataset: str, split: str, batch_size: int, device, seed: int, *,
         raise DatasetError(f"batch size must be positive, got {batch_size}")
     if train_fraction is not None and not 0 < train_fraction <= 1:
         raise DatasetError(f"train fraction must be in (0, 1], got {train_fraction}")
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise DatasetError(f"val fraction must be in (0, 1), got {val_fraction}")
     arrays = load_arrays(dataset, data_dir)
-    args = (arrays, split, batch_size, device, seed, train_fraction, shard)
+    args = (arrays, split, batch_size, device, seed, train_fraction, shard, val_fraction)
     announce = paths is not None  # the training loader's call: its choices are said once
     paths = {} if paths is None else paths
     kind = loader

@@ -12,7 +12,8 @@ import torch
 
 from ktfast.data.types import PAD, Arrays, DatasetError, generator
 
-SPLITS = ("train", "test", "search_train", "search_val")
+# "val": the part of the training set a run holds out with --val-fraction (then "train" is the rest).
+SPLITS = ("train", "test", "val", "search_train", "search_val")
 TRAIN_SPLITS = ("train", "search_train")  # shuffled and augmented
 # Random-resized-crop (torchvision's, the fine-grained recipe): area and aspect-ratio ranges.
 CROP_SCALE, CROP_RATIO, CROP_TRIES = (0.08, 1.0), (3 / 4, 4 / 3), 10
@@ -31,18 +32,32 @@ def class_balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> t
     return torch.cat(keep).sort().values
 
 
-def split_indices(arrays: Arrays, split: str) -> torch.Tensor:
+def held_out(labels: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Positions of the class-balanced `fraction` of `labels` held out for validation, drawn with a
+    constant seed (every seed of a run, every run, sees the same part); each class keeps a sample."""
+    for c, n in enumerate(torch.bincount(labels).tolist()):
+        if n and n - max(1, round(fraction * n)) < 1:  # what class_balanced_subset holds out of the class
+            raise DatasetError(f"val fraction {fraction} holds out every training sample of class {c} "
+                               f"({n} of {n}): none of it is left to train on")
+    return class_balanced_subset(labels, fraction, _SPLIT_SEED)
+
+
+def split_indices(arrays: Arrays, split: str, val_fraction: float | None = None) -> torch.Tensor:
     """Positions of a split's samples: in the test set for "test", else in the training set. The
     search splits divide the training set, class-balanced (`info.val_fraction` held out), with a
-    constant seed; never the test set."""
+    constant seed; never the test set. With `val_fraction` (--val-fraction), "val" is that held-out
+    part of the training set and "train" the rest."""
     if split == "test":
         if not len(arrays.test_y):  # a folder of class folders without a test/ folder
             raise DatasetError(f"dataset {arrays.info.name} has no test set: use its search splits (--split search)")
         return torch.arange(len(arrays.test_y))
-    if split == "train":
+    if split in ("train", "val") and val_fraction is None:
+        if split == "val":
+            raise DatasetError("the val split is held out only with a val fraction (--val-fraction)")
         return torch.arange(len(arrays.train_y))
-    val = class_balanced_subset(arrays.train_y, arrays.info.val_fraction, _SPLIT_SEED)
-    if split == "search_val":
+    val = (held_out(arrays.train_y, val_fraction) if split in ("train", "val")
+           else class_balanced_subset(arrays.train_y, arrays.info.val_fraction, _SPLIT_SEED))
+    if split in ("val", "search_val"):
         return val
     keep = torch.ones(len(arrays.train_y), dtype=torch.bool)
     keep[val] = False
@@ -87,14 +102,14 @@ class Loader:
     positions in the dataset's test set (split "test") or training set (every other split)."""
 
     def __init__(self, arrays: Arrays, split: str, batch_size: int, device, seed: int, train_fraction,
-                 shard: tuple[int, int] = (0, 1)):
+                 shard: tuple[int, int] = (0, 1), val_fraction: float | None = None):
         info = arrays.info
         self.dataset, self.num_classes, self.image_size = info.name, info.num_classes, info.image_size
         self.split, self.batch_size, self.device, self.seed = split, batch_size, torch.device(device), seed
         self.train = split in TRAIN_SPLITS
         self.flip = info.flip
         self.stored_size = info.stored_size if info.resized_crops else 0
-        self.indices = split_indices(arrays, split)
+        self.indices = split_indices(arrays, split, val_fraction)
         source_x, source_y = (arrays.test_x, arrays.test_y) if split == "test" else (arrays.train_x, arrays.train_y)
         if train_fraction is not None and self.train:
             self.indices = self.indices[class_balanced_subset(source_y[self.indices], train_fraction, seed)]
