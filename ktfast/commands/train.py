@@ -18,6 +18,7 @@ from ktfast.distributed import PLACES, Placement, PeerLost
 from ktfast.graph import Graph
 from ktfast.models import is_model_name
 from ktfast.pretrain import pretrain
+from ktfast.replicas import Replicas, replica_reason, train_replicas
 from ktfast.run import make_trainer
 from ktfast.train import CHECKPOINT, METRICS
 
@@ -29,7 +30,9 @@ def register(sub) -> None:
     p.add_argument("--split", choices=["train", "search"],
                    help="search: train and evaluate on the search's held-out split of the training set "
                         "(CIFAR 40k/10k, image folders class-balanced halves), never the test set")
-    p.add_argument("--seeds", type=seeds, help="e.g. 0,1,2,3,4: report mean ± std (default 0)")
+    p.add_argument("--seeds", type=seeds, help="e.g. 0,1,2,3,4: report mean ± std (default 0); the seeds' runs "
+                                               "train as replicas, stacked into one step")
+    p.add_argument("--seeds-one-by-one", action="store_true", help="train the seeds' runs one after another")
     p.add_argument("--out", help="run directory (default runs/<graph name>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -130,8 +133,11 @@ def _train(args, rank: int, world: int) -> int:
     root = distributed.from_rank_zero(run_dir)
     multi = len(configs) > 1
     quiet = args.quiet or rank != 0
-    finals = {}
-    for cfg in configs:
+    reason = "" if args.seeds_one_by_one or not multi else replica_reason(configs[0], world)
+    if reason and rank == 0:
+        print(f"--seeds: the {len(configs)} seeds train one by one: {reason}", flush=True)
+
+    def start(cfg: TrainConfig):
         out = root / f"seed{cfg.seed}" if multi else root
         # Everything that can fail on bad input happens here, before the directory exists.
         trainer = make_trainer(graph, cfg, out=out, log=logger(quiet), progress=not quiet,
@@ -144,8 +150,14 @@ def _train(args, rank: int, world: int) -> int:
                   f"{cfg.device}{', amp' if cfg.amp else ''}{', compile' if cfg.compile else ''}"
                   f"{', fuse' if cfg.fuse else ''}{f', {world} processes, place {cfg.place}' if world > 1 else ''}",
                   flush=True)
-        rows = _fit(trainer, out, args.tensorboard and rank == 0)
-        finals[cfg.seed] = rows[-1]["test"]
+        return trainer
+
+    with_tensorboard = args.tensorboard and rank == 0
+    if not multi or args.seeds_one_by_one or reason:
+        finals = {cfg.seed: _fit(start(cfg), with_tensorboard)[-1]["test"] for cfg in configs}
+    else:
+        runs = train_replicas(configs, start, lambda trainers: _fit_replicas(trainers, with_tensorboard))
+        finals = {cfg.seed: runs[cfg.seed][-1]["test"] for cfg in configs}
     if rank == 0:
         print(result_table(graph, finals, configs[0].split))
         if multi:
@@ -241,21 +253,31 @@ def _resume(run: Path, args, rank: int = 0, world: int = 1) -> int:
         if len(kept) < len(rows):
             metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
         print(f"resuming {run} after epoch {done} of {cfg.epochs}", flush=True)
-    new_rows = _fit(trainer, run, args.tensorboard and rank == 0)
+    new_rows = _fit(trainer, args.tensorboard and rank == 0)
     final = (kept + new_rows)[-1]["test"] if kept or new_rows else {}
     if rank == 0:
         print(result_table(graph, {cfg.seed: final}, cfg.split))
     return 0
 
 
-def _fit(trainer, run: Path, with_tensorboard: bool) -> list[dict]:
+def _fit(trainer, with_tensorboard: bool) -> list[dict]:
     if not with_tensorboard:
         return trainer.fit()
-    log = tensorboard.TensorBoardLog(run, trainer)
+    log = tensorboard.TensorBoardLog(trainer.out, trainer)
     try:
         return trainer.fit(on_epoch=log)
     finally:
         log.close()
+
+
+def _fit_replicas(trainers: list, with_tensorboard: bool) -> dict[int, list[dict]]:
+    """The seeds' runs as replicas (`ktfast.replicas`), each with its TensorBoard log where asked."""
+    logs = [tensorboard.TensorBoardLog(t.out, t) for t in trainers] if with_tensorboard else None
+    try:
+        return Replicas(trainers).fit(on_epoch=logs)
+    finally:
+        for log in logs or ():
+            log.close()
 
 
 def summary(graph: Graph, finals: dict) -> dict:
