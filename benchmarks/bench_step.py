@@ -8,6 +8,11 @@ CUDA-graph capture) are excluded, the loader is included.
     python benchmarks/bench_step.py                 # on a GPU: reference, fast, fast without the CUDA graph
     python benchmarks/bench_step.py --paths reference,fast-compile --graphs dcl3 --batch-sizes 64
     python benchmarks/bench_step.py --smoke         # CPU-sized, what CI runs
+    python benchmarks/bench_step.py --seeds 5 --graphs dcl3 --batch-sizes 64   # 5 seeds: replicas vs one by one
+
+With `--seeds S` each row compares the S seeds' runs trained as replicas (one stacked step,
+`ktfast.replicas`) with the same S runs one by one, in images/s × S (each replica's images
+counted), with the default switches of `ktfast train --amp` (on a CPU, of `ktfast train`).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from common import environment, write_result
 
 from ktfast import Graph
 from ktfast.config import TrainConfig
+from ktfast.replicas import Replicas
 from ktfast.train import Trainer
 
 
@@ -62,6 +68,32 @@ def batches(trainer: Trainer):
         trainer.train_loader.set_epoch(epoch)
         yield from trainer.train_loader
         epoch += 1
+
+
+def replica_batches(replicas: Replicas):
+    """The replicas' batches, each its own seed's, concatenated as `Replicas.train_step` takes them."""
+    streams = [batches(t) for t in replicas.trainers]
+    while True:
+        x, y = zip(*(next(s) for s in streams))
+        yield torch.cat(x), torch.cat(y)
+
+
+def seeds_row(g: Graph, cfg: TrainConfig, seeds: int, steps: int, warmup: int) -> dict:
+    """S seeds' runs one by one (each alone, in turn) and as replicas: images/s × S, and the time of
+    a replica step against one seed's step (the goal: 5 seeds in <= 2x one seed's time)."""
+    configs = [cfg.replace(seed=s) for s in range(seeds)]
+    alone = []
+    for c in configs:  # one trainer at a time, as --seeds-one-by-one trains them
+        trainer = Trainer(g, c, out=None, progress=False, log=lambda _: None)
+        alone.append(throughput(trainer, batches(trainer), steps, warmup))
+        del trainer
+    replicas = Replicas([Trainer(g, c, out=None, progress=False, log=lambda _: None) for c in configs])
+    together = throughput(replicas, replica_batches(replicas), steps, warmup)
+    one_by_one = {"images_per_s": sum(r["images"] for r in alone) / sum(r["elapsed_s"] for r in alone),
+                  "ms_per_seed_step": sum(r["ms_per_step"] for r in alone) / seeds, "runs": alone}
+    return {"seeds": seeds, "one_by_one": one_by_one, "replicas": together,
+            "speedup": together["images_per_s"] / one_by_one["images_per_s"],
+            "time_vs_one_seed": together["ms_per_step"] / one_by_one["ms_per_seed_step"]}
 
 
 def throughput(trainer: Trainer, it, steps: int, warmup: int) -> dict:
@@ -129,7 +161,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (CI)")
     ap.add_argument("--batch-sizes", default="64,256")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=None, help="measured steps (default 60; 3 on a CPU)")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="compare S seeds trained as replicas with S runs one by one (instead of the paths)")
     ap.add_argument("--profile", action="store_true", help="also profile the fast path of the first row")
     ap.add_argument("--graphs", default=None, help="only the graphs whose names start so (comma-separated)")
     ap.add_argument("--paths", default="reference,fast,fast-eager,fused",
@@ -140,7 +174,7 @@ def main():
     device = "cuda" if cuda else "cpu"
     graphs = GRAPHS if cuda else SMOKE_GRAPHS
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if cuda else [16]
-    steps, warmup = (args.steps, 15) if cuda else (3, 1)
+    steps, warmup = (args.steps or 60, 15) if cuda else (args.steps or 3, 1)
     dataset = "synthetic:classes=100,size=32,train=8192,test=256" if cuda else "synthetic:classes=10,size=16,train=64,test=16"
     names = args.paths.split(",")
     unknown = [p for p in names if p not in PATHS]
@@ -148,6 +182,8 @@ def main():
         print(f"--paths: unknown path {unknown[0]!r} (expected {', '.join(PATHS)})", file=sys.stderr)
         sys.exit(2)
     paths = {p: PATHS[p] for p in names}
+    if args.seeds:
+        return seeds_main(args, graphs, batch_sizes, dataset, device, cuda, steps, warmup)
     result = {"benchmark": "step", **environment(cuda), "dataset": dataset, "steps": steps, "warmup": warmup,
               "paths": {p: DESCRIPTIONS[p] + ("" if cuda else " (CPU: the eager step, no CUDA graph, no AMP)")
                         for p in paths}, "rows": []}
@@ -183,6 +219,24 @@ def main():
             for k in p["top_kernels"][:8]:
                 print(f"  {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.1f}x  {k['name'][:90]}", flush=True)
         written = write_result("step", result, cuda, args.out)  # after every row: a cut-off run keeps its rows
+    print(f"wrote {written}")
+
+
+def seeds_main(args, graphs: dict, batch_sizes: list[int], dataset: str, device: str, cuda: bool, steps: int,
+               warmup: int) -> None:
+    result = {"benchmark": "replicas", **environment(cuda), "dataset": dataset, "steps": steps, "warmup": warmup,
+              "switches": "ktfast train's defaults" + (" with --amp" if cuda else " (a CPU: the eager step)"),
+              "rows": []}
+    for (name, models), bs in itertools.product(graphs.items(), batch_sizes):
+        if args.graphs and not any(name.startswith(w) for w in args.graphs.split(",")):
+            continue
+        cfg = TrainConfig(dataset=dataset, epochs=100, batch_size=bs, device=device, amp=cuda)
+        row = {"graph": name, "batch_size": bs, **seeds_row(graph(name, models), cfg, args.seeds, steps, warmup)}
+        result["rows"].append(row)
+        print(f"{name:<32} B={bs:<4} {args.seeds} seeds: one by one {row['one_by_one']['images_per_s']:9.0f} img/s, "
+              f"replicas {row['replicas']['images_per_s']:9.0f} img/s (x{row['speedup']:.2f}); a replica step "
+              f"{row['time_vs_one_seed']:.2f}x one seed's", flush=True)
+        written = write_result("replicas", result, cuda, args.out)
     print(f"wrote {written}")
 
 

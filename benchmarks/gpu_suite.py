@@ -59,9 +59,13 @@ def plan(smoke: bool, out: Path) -> list[Part]:
         tests += ["-n", "8", "--dist", "loadfile"]
     size = ["--smoke"] if smoke else []
     return [
-        Part("tests", tests, 190, gpu_only="CI runs the test suite"),
+        Part("tests", tests, 175, gpu_only="CI runs the test suite"),
         Part("kernels", ["benchmarks/bench_kernels.py", *size], 75, "kernels"),
         Part("step", ["benchmarks/bench_step.py", "--profile", *size], 100, "step"),
+        # 5 seeds of dcl3 as replicas against one by one (the smoke run: 2 seeds of its small graph).
+        Part("replicas", ["benchmarks/bench_step.py", "--seeds", "2", *size] if smoke else
+             ["benchmarks/bench_step.py", "--seeds", "5", "--graphs", "dcl3", "--batch-sizes", "64", "--steps", "40"],
+             35, "replicas"),
         Part("step-compile", ["benchmarks/bench_step.py", "--paths", "reference,fast-compile", "--graphs", "dcl3",
                               "--batch-sizes", "64"], 40, "step",
              gpu_only="torch.compile takes minutes on a CPU", folder="compile"),
@@ -69,7 +73,7 @@ def plan(smoke: bool, out: Path) -> list[Part]:
              ["benchmarks/bench_loader.py", "--dataset", "synthetic:classes=100,size=32,train=10000,test=16",
               "--epochs", "1"], 25, "loader"),
         Part("search", ["benchmarks/bench_search.py", "--smoke", "--trials", "2"] if smoke else
-             ["benchmarks/bench_search.py", "--ks", "1,4", "--trials", "4"], 80, "search"),
+             ["benchmarks/bench_search.py", "--ks", "1,4", "--trials", "4"], 60, "search"),
     ]
 
 
@@ -222,6 +226,7 @@ def summary(parts: list[Part], out: Path, missing: list[str], cuda: bool) -> str
     lines += tests_lines(out / "tests.xml") if not parts[0].status.startswith("skipped") else []
     lines += kernels_lines(by_name.get("kernels"))
     lines += step_lines(by_name.get("step"), by_name.get("step-compile"))
+    lines += replicas_lines(by_name.get("replicas"))
     lines += loader_lines(by_name.get("loader"))
     lines += search_lines(by_name.get("search"))
     lines += goal_lines(by_name, cuda)
@@ -282,6 +287,17 @@ def step_lines(result: dict | None, compiled: dict | None) -> list[str]:
     return lines
 
 
+def replicas_lines(result: dict | None) -> list[str]:
+    if not result:
+        return []
+    lines = ["", f"seeds as replicas on {result['device']}: images/s x S"]
+    for r in result["rows"]:
+        lines.append(f"{r['graph']:<32} B={r['batch_size']:<4} {r['seeds']} seeds: one by one "
+                     f"{r['one_by_one']['images_per_s']:.0f}  replicas {r['replicas']['images_per_s']:.0f} "
+                     f"(x{r['speedup']:.2f}); a replica step {r['time_vs_one_seed']:.2f}x one seed's")
+    return lines
+
+
 def loader_lines(result: dict | None) -> list[str]:
     if not result:
         return []
@@ -317,7 +333,10 @@ def goal_lines(results: dict, cuda: bool) -> list[str]:
            and "fast" in r]
     host = [r["step_entry"].get("host_over_gpu") for r in kernels
             if (r["M"], r["B"], r["C"]) == (3, 64, 100) and "step_entry" in r]
+    replicas = [r["time_vs_one_seed"] for r in (results.get("replicas") or {}).get("rows", [])
+                if r["graph"].startswith("dcl3") and r["batch_size"] == 64 and r["seeds"] == 5]
     goals = [("DCL 3-node step, B=64: fast >= 8x reference images/s", dcl, 8, True),
+             ("5 seeds of dcl3, B=64, as replicas: <= 2x one seed's time", replicas, 2, False),
              ("edge losses fwd+bwd, M=3..7 B=64 C=100: >= 10x eager (GPU time)", small, 10, True),
              ("edge losses, B=8192 C=1000: >= 80 % of copy bandwidth", large, 0.8, True),
              ("fused loss entry, M=3 B=64 C=100: host-launched <= 3x GPU time", host, 3, False)]

@@ -106,8 +106,9 @@ def fusion_fault(unit: Unit, x: torch.Tensor, want_attention: bool) -> str | Non
         with torch.no_grad():
             fused, _ = forward_unit(Unit(unit.nodes, group, unit.branches), x, want_attention)  # not compiled
             alone = {}
-            for node, member in zip(unit.nodes, group.members):
-                alone.update(forward_unit(Unit([node], member, unit.branches), x, want_attention)[0])
+            for i, (node, member) in enumerate(zip(unit.nodes, group.members)):
+                alone.update(forward_unit(Unit([node], member, unit.branches), group.member_input(i, x),
+                                          want_attention)[0])
         for name, want in alone.items():
             scale = want.abs().max().item() or 1.0
             if not (fused[name] - want).abs().max().item() <= 1e-3 * scale:
@@ -165,6 +166,10 @@ class FusedGroup(nn.Module):
             for m, row in zip(self.members, stacked):
                 m.get_submodule(module)._buffers[leaf] = row
             self.register_buffer(f"buffer{k}", stacked)
+
+    def member_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The input member i sees when the group is given `x`: all of it (`ReplicaGroup`'s differ)."""
+        return x
 
     def forward(self, x, **options):
         """The first member is the template: its training flag (the nodes' mode, which evaluation

@@ -261,21 +261,32 @@ class Trainer:
 
     def train_epoch(self) -> tuple[dict, float, int]:
         """(per-node loss and accuracy, images/s, steps the grad scaler skipped) of one epoch."""
-        graph, cfg = self.graph, self.cfg
+        self.start_epoch()
+        seen = steps = 0
+        start = time.perf_counter()
+        for x, y in self.bar(self.train_loader):
+            steps += 1
+            self.train_step(x, y, self.epoch * self.steps_per_epoch + steps)
+            seen += y.shape[0]
+            hold(self.epoch + 1, steps)  # returns at once outside the tests
+        return self.close_epoch(seen, steps, start)
+
+    def start_epoch(self) -> None:
         self.train_loader.set_epoch(self.epoch)
         self.loss_sums.zero_()
         self.correct.zero_()
         self.skipped.zero_()
         self.epoch_lrs = self.node_lrs()
-        seen = steps = 0
-        start = time.perf_counter()
-        bar = tqdm(self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="img",
-                   unit_scale=cfg.batch_size, leave=False, disable=not self.progress, dynamic_ncols=True)
-        for x, y in bar:
-            steps += 1
-            self.train_step(x, y, self.epoch * self.steps_per_epoch + steps)
-            seen += y.shape[0]
-            hold(self.epoch + 1, steps)  # returns at once outside the tests
+
+    def bar(self, batches):
+        cfg = self.cfg
+        return tqdm(batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="img", unit_scale=cfg.batch_size,
+                    leave=False, disable=not self.progress, dynamic_ncols=True, total=self.steps_per_epoch)
+
+    def close_epoch(self, seen: int, steps: int, start: float) -> tuple[dict, float, int]:
+        """The epoch's metrics (`train_epoch`) from the device sums, `seen` images in `steps` steps
+        begun at `start`; the lr schedule steps."""
+        graph = self.graph
         n = len(graph.nodes)
         loss_sums, correct, skipped, seen = self.placement.reduce_epoch(self.loss_sums, self.correct, self.skipped, seen)
         sums = torch.cat([loss_sums, correct, skipped.view(1)]).tolist()  # the epoch's one sync
@@ -293,34 +304,37 @@ class Trainer:
         self.record_paths()
         while self.epoch < self.cfg.epochs:
             start = time.perf_counter()
-            train, images_per_s, skipped = self.train_epoch()
-            bad = [name for name, v in train.items() if not math.isfinite(v["loss"])]
-            if bad:  # nothing of this epoch is written: the last checkpoint is the last finite one
-                raise NonFiniteLoss(f"non-finite training loss of node {', '.join(bad)} in epoch {self.epoch + 1}"
-                                    + (f"; {self.out} keeps the checkpoint of epoch {self.epoch}"
-                                       if self.out is not None and self.epoch else ""))
-            self.placement.share_buffers(self.models)
-            test = evaluate(self.graph, self.models, self.units, self.eval_loader, self.cfg, self.placement)
-            val = (evaluate(self.graph, self.models, self.units, self.val_loader, self.cfg, self.placement)
-                   if self.val_loader is not None else None)
-            self.epoch += 1
-            row = {"epoch": self.epoch, "time_s": time.perf_counter() - start, "images_per_s": images_per_s,
-                   "train": train, "test": test, **({"val": val} if val else {})}
-            best = bool(val) and (self.best_val is None or val[self.graph.target]["acc"] > self.best_val["acc"])
-            if best:
-                self.best_val = {"epoch": self.epoch, "acc": val[self.graph.target]["acc"]}
-            if self.scaler.is_enabled():
-                row["skipped_steps"] = skipped
-            rows.append(row)
-            if self.keeps_state:
-                self.placement.collect_state({k: _plain_module(m) for k, m in self.models.items()}, self.optimizer)
-            if self.out is not None:
-                self.write_epoch(row, best)
-            if self.progress:
-                self.log(epoch_line(self.graph, row, self.cfg.epochs))
-            if on_epoch is not None:
-                on_epoch(self.epoch, row)
+            rows.append(self.end_epoch(start, *self.train_epoch(), on_epoch))
         return rows
+
+    def end_epoch(self, start: float, train: dict, images_per_s: float, skipped: int, on_epoch=None) -> dict:
+        """An epoch trained since `start`: checked, evaluated, written, logged; its metrics row."""
+        bad = [name for name, v in train.items() if not math.isfinite(v["loss"])]
+        if bad:  # nothing of this epoch is written: the last checkpoint is the last finite one
+            raise NonFiniteLoss(f"non-finite training loss of node {', '.join(bad)} in epoch {self.epoch + 1}"
+                                + (f"; {self.out} keeps the checkpoint of epoch {self.epoch}"
+                                   if self.out is not None and self.epoch else ""))
+        self.placement.share_buffers(self.models)
+        test = evaluate(self.graph, self.models, self.units, self.eval_loader, self.cfg, self.placement)
+        val = (evaluate(self.graph, self.models, self.units, self.val_loader, self.cfg, self.placement)
+               if self.val_loader is not None else None)
+        self.epoch += 1
+        row = {"epoch": self.epoch, "time_s": time.perf_counter() - start, "images_per_s": images_per_s,
+               "train": train, "test": test, **({"val": val} if val else {})}
+        best = bool(val) and (self.best_val is None or val[self.graph.target]["acc"] > self.best_val["acc"])
+        if best:
+            self.best_val = {"epoch": self.epoch, "acc": val[self.graph.target]["acc"]}
+        if self.scaler.is_enabled():
+            row["skipped_steps"] = skipped
+        if self.keeps_state:
+            self.placement.collect_state({k: _plain_module(m) for k, m in self.models.items()}, self.optimizer)
+        if self.out is not None:
+            self.write_epoch(row, best)
+        if self.progress:
+            self.log(epoch_line(self.graph, row, self.cfg.epochs))
+        if on_epoch is not None:
+            on_epoch(self.epoch, row)
+        return row
 
     def write_epoch(self, row: dict, best: bool = False) -> None:
         """The metrics row, then the checkpoint (and the best one, when the target's val accuracy is the
@@ -337,7 +351,9 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "graph": self.graph.to_dict(), "config": self.cfg.to_dict(),
-                "models": {k: _plain_module(m).state_dict() for k, m in self.models.items()},
+                # Copies: a fused node's tensors are views of its group's stacks, which torch.save would write whole.
+                "models": {k: {n: v.clone() for n, v in _plain_module(m).state_dict().items()}
+                           for k, m in self.models.items()},
                 "optimizer": plain_lrs(self.optimizer.state_dict()) if self.optimizer else None,
                 "scheduler": plain_schedule(self.scheduler.state_dict()) if self.scheduler else None,
                 "scaler": self.scaler.state_dict(), "best_val": self.best_val}

@@ -31,15 +31,15 @@ def result(suite, name: str) -> dict:
 
 def test_suite_runs_every_part_and_writes_few_files(suite):
     parts = suite["parts"]
-    assert list(parts) == ["tests", "kernels", "step", "step-compile", "loader", "search"]
+    assert list(parts) == ["tests", "kernels", "step", "replicas", "step-compile", "loader", "search"]
     assert parts["tests"]["status"].startswith("skipped") and parts["step-compile"]["status"].startswith("skipped")
-    for name in ("kernels", "step", "loader", "search"):
+    for name in ("kernels", "step", "replicas", "loader", "search"):
         assert parts[name]["status"] == "ok" and parts[name]["result"]["file"] == f"{name}-smoke.json"
     # At most five files come back from a GPU machine's output folder: everything fits in them.
     assert sorted(p.name for p in suite["out"].iterdir()) == ["benchmarks.log", "summary.json", "summary.txt"]
     text = (suite["out"] / "summary.txt").read_text()
     assert suite["stdout"].rstrip().endswith(text.rstrip())  # the summary is printed last
-    for heading in ("kernels (edge losses", "step on", "loader on", "search on", "goals"):
+    for heading in ("kernels (edge losses", "step on", "seeds as replicas on", "loader on", "search on", "goals"):
         assert heading in text
     assert "==== step: python benchmarks/bench_step.py" in (suite["out"] / "benchmarks.log").read_text()
 
@@ -48,7 +48,7 @@ def test_unpack_writes_the_benchmark_jsons(suite, tmp_path):
     subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--unpack", str(suite["out"] / "summary.json"),
                     "--out", str(tmp_path)], check=True, capture_output=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels-smoke.json", "loader-smoke.json",
-                                                         "search-smoke.json", "step-smoke.json"]
+                                                         "replicas-smoke.json", "search-smoke.json", "step-smoke.json"]
     assert json.loads((tmp_path / "step-smoke.json").read_text()) == result(suite, "step")
 
 
@@ -82,6 +82,31 @@ def test_step_rows_count_each_image_once_in_the_time_measured(suite):
     assert row["fast-eager"]["config"]["cuda_graph"] is False and row["fast"]["config"]["cuda_graph"] is True
     assert row["fused"]["config"]["fuse"] is True and row["fast"]["config"]["fuse"] is False
     assert measured < suite["parts"]["step"]["seconds"]  # the timed steps lie inside the part's run
+
+
+def test_replicas_rows_count_every_replica_s_images(suite):
+    res = result(suite, "replicas")
+    (row,) = res["rows"]
+    steps, b, seeds = res["steps"], row["batch_size"], row["seeds"]
+    assert seeds == 2 and len(row["one_by_one"]["runs"]) == seeds
+    assert row["replicas"]["images"] == seeds * steps * b  # images/s x S: each replica's images counted
+    assert all(r["images"] == steps * b for r in row["one_by_one"]["runs"])
+    alone = row["one_by_one"]
+    assert alone["images_per_s"] == pytest.approx(seeds * steps * b / sum(r["elapsed_s"] for r in alone["runs"]))
+    assert row["speedup"] == pytest.approx(row["replicas"]["images_per_s"] / alone["images_per_s"])
+    assert row["time_vs_one_seed"] == pytest.approx(row["replicas"]["ms_per_step"] / alone["ms_per_seed_step"])
+
+
+def test_the_replicas_goal_is_judged_on_dcl3_at_five_seeds():
+    sys.path.insert(0, str(BENCH))
+    import gpu_suite
+
+    row = {"graph": "dcl3 (R32,R110,R32)", "batch_size": 64, "seeds": 5}
+    for time_vs_one_seed, verdict in ((1.8, "met (worst 1.80)"), (2.4, "MISSED (worst 2.40)")):
+        results = {"replicas": {"rows": [{**row, "time_vs_one_seed": time_vs_one_seed},
+                                         {**row, "seeds": 2, "time_vs_one_seed": 9.0}]}}
+        (line,) = [x for x in gpu_suite.goal_lines(results, cuda=True) if "replicas" in x]
+        assert line.endswith(verdict)
 
 
 def test_search_and_loader_rows(suite):

@@ -48,6 +48,7 @@ BAD_RUNS = {
     "unknown dataset": (GOOD, ["--dataset", "mnist"], "mnist"),
     "missing cifar": (GOOD, ["--dataset", "cifar10", "--data-dir", "nowhere"], "cifar10"),
     "bad seeds": (GOOD, ["--seeds", "0,x"], "--seeds"),
+    "duplicate seeds": (GOOD, ["--seeds", "0,1,0"], "--seeds"),
     "bad epochs": (GOOD, ["--epochs", "0"], "--epochs"),
     "bad crop": (bad(lambda g: g["edges"][3].update(loss="kl+att_mse", crops=[9])), [], "crop"),
     "soften on a ce edge": (bad(lambda g: g["edges"][0].update(soften="source")), [], "soften"),

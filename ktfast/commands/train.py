@@ -17,6 +17,7 @@ from ktfast.distributed import PLACES, Placement, PeerLost
 from ktfast.graph import Graph
 from ktfast.models import is_model_name
 from ktfast.pretrain import pretrain
+from ktfast.replicas import Replicas, replica_reason, train_replicas
 from ktfast.run import make_trainer
 from ktfast.summary import result_table, seed_dirs, write_summary
 from ktfast.train import CHECKPOINT, METRICS
@@ -29,7 +30,9 @@ def register(sub) -> None:
     p.add_argument("--split", choices=["train", "search"],
                    help="search: train and evaluate on the search's held-out split of the training set "
                         "(CIFAR 40k/10k, image folders class-balanced halves), never the test set")
-    p.add_argument("--seeds", type=seeds, help="e.g. 0,1,2,3,4: report mean ± std (default 0)")
+    p.add_argument("--seeds", type=seeds, help="e.g. 0,1,2,3,4: report mean ± std (default 0); the seeds' runs "
+                                               "train as replicas, stacked into one step")
+    p.add_argument("--seeds-one-by-one", action="store_true", help="train the seeds' runs one after another")
     p.add_argument("--val-fraction", type=float, default=None, metavar="F",
                    help="hold out a class-balanced fraction F of the training set (the same for every seed): "
                         "metrics gain val rows, checkpoint-best.pt keeps the target's best-val epoch")
@@ -135,7 +138,12 @@ def _train(args, rank: int, world: int) -> int:
     root = distributed.from_rank_zero(run_dir)
     runs = seed_dirs(root, [cfg.seed for cfg in configs])
     quiet = args.quiet or rank != 0
-    for cfg in configs:
+    multi = len(configs) > 1
+    reason = "" if args.seeds_one_by_one or not multi else replica_reason(configs[0], world)
+    if reason and rank == 0:
+        print(f"--seeds: the {len(configs)} seeds train one by one: {reason}", flush=True)
+
+    def start(cfg: TrainConfig):
         out = runs[cfg.seed]
         # Everything that can fail on bad input happens here, before the directory exists.
         trainer = make_trainer(graph, cfg, out=out, log=logger(quiet), progress=not quiet,
@@ -148,7 +156,14 @@ def _train(args, rank: int, world: int) -> int:
                   f"{cfg.device}{', amp' if cfg.amp else ''}{', compile' if cfg.compile else ''}"
                   f"{', fuse' if cfg.fuse else ''}{f', {world} processes, place {cfg.place}' if world > 1 else ''}",
                   flush=True)
-        _fit(trainer, out, args.tensorboard and rank == 0)
+        return trainer
+
+    with_tensorboard = args.tensorboard and rank == 0
+    if not multi or args.seeds_one_by_one or reason:
+        for cfg in configs:
+            _fit(start(cfg), with_tensorboard)
+    else:
+        train_replicas(configs, start, lambda trainers: _fit_replicas(trainers, with_tensorboard))
     if rank == 0:  # every seed has finished: summary.json from their metrics.jsonl
         print(result_table(graph, write_summary(root, graph, runs), configs[0].split))
     return 0
@@ -249,7 +264,7 @@ def _resume(run: Path, args, rank: int = 0, world: int = 1) -> int:
         if len(kept) < len(rows):
             metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
         print(f"resuming {run} after epoch {done} of {cfg.epochs}", flush=True)
-    _fit(trainer, run, args.tensorboard and rank == 0)
+    _fit(trainer, args.tensorboard and rank == 0)
     if rank == 0:
         root, runs = _summary_runs(run, cfg.seed)
         summary = write_summary(root, graph, runs)
@@ -267,14 +282,24 @@ def _summary_runs(run: Path, seed: int) -> tuple[Path, dict[int, Path]]:
     return run, {seed: run}
 
 
-def _fit(trainer, run: Path, with_tensorboard: bool) -> list[dict]:
+def _fit(trainer, with_tensorboard: bool) -> list[dict]:
     if not with_tensorboard:
         return trainer.fit()
-    log = tensorboard.TensorBoardLog(run, trainer)
+    log = tensorboard.TensorBoardLog(trainer.out, trainer)
     try:
         return trainer.fit(on_epoch=log)
     finally:
         log.close()
+
+
+def _fit_replicas(trainers: list, with_tensorboard: bool) -> dict[int, list[dict]]:
+    """The seeds' runs as replicas (`ktfast.replicas`), each with its TensorBoard log where asked."""
+    logs = [tensorboard.TensorBoardLog(t.out, t) for t in trainers] if with_tensorboard else None
+    try:
+        return Replicas(trainers).fit(on_epoch=logs)
+    finally:
+        for log in logs or ():
+            log.close()
 
 
 # ---- pretrain ------------------------------------------------------------------------------
