@@ -17,6 +17,13 @@ def _blocks(B: int, C: int, device: torch.device) -> tuple[int, int, int, int]:
     return plans.edge_plan(B, C, plans.multiprocessors(device), edge_losses.MAX_BLOCK_C, edge_losses.GPU_TILE)
 
 
+def _one_block(rows: int, block_c: int, C: int) -> bool:
+    """Whether the kernels walk the classes as one block without a loop (their ONE_BLOCK). Only for
+    tiles of up to 256 elements (one or two warps): there the loop's carried values made ptxas spill
+    on sm_80, while straight code at larger tiles spilled instead (benchmarks/compile_kernels.py)."""
+    return block_c >= C and rows * block_c <= 256
+
+
 def _new_scratch(device: torch.device, programs: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward's partial-sum rows [programs, width] and its finish counter, at 0."""
     return (torch.empty(programs, width, device=device, dtype=torch.float32),
@@ -94,7 +101,8 @@ class EdgeLossFn(torch.autograd.Function):
             table.ints, table.floats, table.slot_node, table.slot_inv_t, table.slot_std, table.node_std, part, count,
             out, aux, lse, mom, B, C, E, M, S, NT, 1.0 / B, STACKED=stacked, FACTOR_FROM_PTR=from_ptr, ROWS=rows_per,
             BLOCK_C=block_c, M_P2=triton.next_power_of_2(M), S_P2=triton.next_power_of_2(S),
-            NT_P2=width, P_BLOCK=min(64, triton.next_power_of_2(programs)), KINDS=table.kinds, num_warps=warps)
+            NT_P2=width, P_BLOCK=min(64, triton.next_power_of_2(programs)), KINDS=table.kinds,
+            ONE_BLOCK=_one_block(rows_per, block_c, C), num_warps=warps)
         ctx.save_for_backward(labels, aux, lse, mom, *logits)
         ctx.table = table
         ctx.set_materialize_grads(False)
@@ -124,7 +132,7 @@ class EdgeLossFn(torch.autograd.Function):
             aux, lse, mom, out, B, C, table.n_edges, G, len(logits), table.n_slots, 1.0 / B, STACKED=stacked,
             ROWS=rows_per, BLOCK_C=block_c,
             HAS_GRAD_L=grad_l is not None, HAS_GRAD_TOTAL=grad_total is not None, KINDS=table.kinds,
-            num_warps=warps)
+            ONE_BLOCK=_one_block(rows_per, block_c, C), num_warps=warps)
         for g, n in enumerate(table.grad_nodes):
             grads[n] = out[g]
         return None, None, None, None, *grads

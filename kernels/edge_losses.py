@@ -76,8 +76,9 @@ def _edge_loss_fwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
                    count_ptr, out_ptr, aux_ptr, lse_ptr, mom_ptr, B, C, E, M, S, NT, inv_b,
                    STACKED: tl.constexpr, FACTOR_FROM_PTR: tl.constexpr, ROWS: tl.constexpr,
                    BLOCK_C: tl.constexpr, M_P2: tl.constexpr, S_P2: tl.constexpr, NT_P2: tl.constexpr,
-                   P_BLOCK: tl.constexpr, KINDS: tl.constexpr):
-    """out[:NT] = every target's L_t, out[NT] = their sum."""
+                   P_BLOCK: tl.constexpr, KINDS: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    """out[:NT] = every target's L_t, out[NT] = their sum. ONE_BLOCK (BLOCK_C >= C, small tiles: see
+    edge_loss_fn._one_block) makes the loop over blocks of classes straight code."""
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < B
@@ -170,7 +171,7 @@ def _edge_loss_fwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
         if (kind & _DKD) != 0:  # the factor of q_t in DKD's h, from b = 1 - p_y = exp(lse_other - lse)
             tckd_h = temp * tl.load(floats + _ALPHA * E + e) * (exp(lse_o_t - lse_t2) - exp(lse_o_s - lse_st))
         if (kind & (_TEMPERED | _COS | _MSE)) != 0:
-            for c0 in range(0, C, BLOCK_C):
+            for c0 in range(0, BLOCK_C if ONE_BLOCK else C, BLOCK_C):
                 cc = c0 + cols
                 valid = rmask[:, None] & (cc < C)[None, :]
                 zs = load_rows(sp, row_off, rmask, cc, C)
@@ -257,11 +258,11 @@ def _reduce_programs(part, part_ptr, count_ptr, out_ptr, target_ids, NT, NT_P2: 
 
 
 @triton.jit
-def _tempered_grad(zs, wt, cc, y, valid, lse_ptr, aux_ptr, ints, floats, E, e, B, S, C, rows, rmask, kind, sb, sc,
-                   pt_tempered, slot):
+def _tempered_grad(zs, wt, cc, y, valid, lse_ptr, aux_ptr, ints, floats, E, e, B, S, C, rows, rmask, kind, sb, sc):
     """h = d (the edge's tempered terms) / d wt for a block of classes, wt the target's logits as those
-    terms see them; and the target's softmax at the KL's slot, cached across edges (those into a
-    node mostly share one T)."""
+    terms see them. The target's tempered softmax is recomputed for every edge rather than cached
+    across edges: the cache's branch made ptxas spill on sm_80 (benchmarks/compile_kernels.py), and
+    the exps are far from the memory-bound kernel's limit."""
     inv_t = tl.load(floats + _INV_T * E + e)
     temp = tl.load(floats + _TEMP * E + e)
     sslot = tl.load(ints + _SSLOT * E + e)
@@ -273,11 +274,9 @@ def _tempered_grad(zs, wt, cc, y, valid, lse_ptr, aux_ptr, ints, floats, E, e, B
     if (kind & _KL) != 0:  # scale · KL has gradient scale / T_t · (p_t - p_s), p_t at T_t
         inv_tt = tl.load(floats + _DINV_T * E + e)
         dslot = tl.load(ints + _DSLOT * E + e)
-        if dslot != slot:
-            lse_tt = tl.load(lse_ptr + dslot * B + rows, mask=rmask, other=0.0)
-            pt_tempered = exp(wt * inv_tt - lse_tt[:, None])
-            slot = dslot
-        h += (tl.load(floats + _KL_SCALE * E + e) * inv_tt) * (pt_tempered - exp(xs - lse_st[:, None]))
+        lse_tt = tl.load(lse_ptr + dslot * B + rows, mask=rmask, other=0.0)
+        h += (tl.load(floats + _KL_SCALE * E + e) * inv_tt) * (exp(wt * inv_tt - lse_tt[:, None])
+                                                                - exp(xs - lse_st[:, None]))
     if (kind & _DKD) != 0:  # T·α·(b_t - b_s)·q_t + T·β·(q_t - q_s) off y, T·α·(b_s - b_t) at y
         lse_os = tl.load(lse_ptr + (S + sslot) * B + rows, mask=rmask, other=0.0)
         lse_ot = tl.load(lse_ptr + (S + tslot) * B + rows, mask=rmask, other=0.0)
@@ -293,7 +292,7 @@ def _tempered_grad(zs, wt, cc, y, valid, lse_ptr, aux_ptr, ints, floats, E, e, B
         c3 = tl.load(aux_ptr + (_DIST_3 * E + e) * B + rows, mask=rmask, other=0.0)
         g = c1[:, None] * (exp(xs - lse_st[:, None]) - 1.0 / C) - phi[:, None] * (pt - 1.0 / C) - c3[:, None]
         h -= temp * pt * g
-    return tl.where(valid, h, 0.0), pt_tempered, slot
+    return tl.where(valid, h, 0.0)
 
 
 @triton.jit(do_not_specialize=ENDPOINT_OFFSETS)
@@ -303,7 +302,8 @@ def _edge_loss_bwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
                    ep_off15: tl.int64,
                    y_ptr, grad_l, grad_total, ints, floats, grads, aux_ptr, lse_ptr, mom_ptr, out_ptr, B, C, E, G, M,
                    S, inv_b, STACKED: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                   HAS_GRAD_L: tl.constexpr, HAS_GRAD_TOTAL: tl.constexpr, KINDS: tl.constexpr):
+                   HAS_GRAD_L: tl.constexpr, HAS_GRAD_TOTAL: tl.constexpr, KINDS: tl.constexpr,
+                   ONE_BLOCK: tl.constexpr):
     """out[g] = Σ_{edges e into node g} dL/dL_t · weight / B · gate · d loss_e / d z_g, where
     dL/dL_t = grad_l[t] + grad_total (either may be absent: the step back-propagates the total).
 
@@ -327,17 +327,13 @@ def _edge_loss_bwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
     lse_t1 = tl.load(lse_ptr + n * B + rows, mask=rmask, other=0.0)
     mean_t = tl.load(mom_ptr + n * B + rows, mask=rmask, other=0.0)
     inv_s_t = tl.load(mom_ptr + (M + n) * B + rows, mask=rmask, other=0.0)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(0, BLOCK_C if ONE_BLOCK else C, BLOCK_C):  # ONE_BLOCK: see _edge_loss_fwd
         cc = c0 + cols
         valid = rmask[:, None] & (cc < C)[None, :]
         zt = load_rows(tp, row_off, rmask, cc, C)
         pt = exp(zt - lse_t1[:, None])
         std_t = (zt - mean_t[:, None]) * inv_s_t[:, None]
         acc = tl.zeros([ROWS, BLOCK_C], tl.float32)
-        pt_tempered = pt  # the target's softmax at the slot below, for the KL edges
-        slot = n
-        pt_tempered_std = pt
-        slot_std = -1
         for e in range(first, last):
             src = tl.load(ints + _SRC * E + e)
             kind = tl.load(ints + _KIND * E + e) & KINDS  # bits no edge has fold to 0: their code is dropped
@@ -360,14 +356,8 @@ def _edge_loss_bwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
                     is_std = (kind & _STD) != 0
                     sb = tl.where(is_std, tl.load(mom_ptr + src * B + rows, mask=rmask, other=0.0), 0.0)
                     sc = tl.where(is_std, tl.load(mom_ptr + (M + src) * B + rows, mask=rmask, other=0.0), 1.0)
-                    h, cached, cached_slot = _tempered_grad(
-                        zs, tl.where(is_std, std_t, zt), cc, y, valid, lse_ptr, aux_ptr, ints, floats, E, e, B, S, C,
-                        rows, rmask, kind, sb, sc, tl.where(is_std, pt_tempered_std, pt_tempered),
-                        tl.where(is_std, slot_std, slot))
-                    pt_tempered_std = tl.where(is_std, cached, pt_tempered_std)
-                    slot_std = tl.where(is_std, cached_slot, slot_std)
-                    pt_tempered = tl.where(is_std, pt_tempered, cached)
-                    slot = tl.where(is_std, slot, cached_slot)
+                    h = _tempered_grad(zs, tl.where(is_std, std_t, zt), cc, y, valid, lse_ptr, aux_ptr, ints, floats,
+                                       E, e, B, S, C, rows, rmask, kind, sb, sc)
                     # d/dz of a standardized edge's terms: (h - ρ w) / s (see the docstring); of a raw one: h
                     rho = tl.where(is_std, tl.load(aux_ptr + (_RHO * E + e) * B + rows, mask=rmask, other=0.0), 0.0)
                     acc += (scale * tl.where(is_std, inv_s_t, 1.0))[:, None] * (h - rho[:, None] * std_t)
