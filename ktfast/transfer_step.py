@@ -64,8 +64,9 @@ class TransferStep:
             raise ConfigError(f"TransferStep: models: no module for node {missing[0]!r} of graph {graph.name}")
         timed = [e for e in graph.active_edges if e.gate in TIMED_GATES]
         if timed and (not isinstance(total_steps, int) or total_steps < 1):
-            raise ConfigError(f"TransferStep: total_steps: the {timed[0].gate} gate of edge "
-                              f"{timed[0].source}->{timed[0].target} needs the run's number of steps, got {total_steps!r}")
+            edge = timed[0]
+            raise ConfigError(f"TransferStep: total_steps: the {edge.gate} gate of edge {edge.source}->{edge.target} "
+                              f"needs the run's number of steps, got {total_steps!r}")
         device = next(p.device for m in models.values() for p in m.parameters())
         self.cfg = cfg = TrainConfig(device=str(device), amp=amp, compile=compile, cuda_graph=cuda_graph,
                                      fuse=fuse, reference=reference, loader="torch")
@@ -96,12 +97,16 @@ class TransferStep:
                 for group in optimizer.param_groups:
                     if not torch.is_tensor(group["lr"]):
                         group["lr"] = torch.tensor(float(group["lr"]), device=device)
-        compiled = (lambda m: Compiled(m, self.paths, lambda e: self.fall_back("compile", "off", e))) if compile else None
+        compiled = self.compiled if compile else None
         if compiled:
             self.models = {k: compiled(m) for k, m in self.models.items()}
         self.units = make_units(graph, self.models, self.want_attention, self.want_branches, fuse=cfg.fused(),
                                 compile=compiled)
         self.fast, self.fast_path, self.checked = None, fast, False
+
+    def compiled(self, module):
+        """torch.compile(module), or the module itself once compiling failed (`ktfast.paths.Compiled`)."""
+        return Compiled(module, self.paths, lambda e: self.fall_back("compile", "off", e))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         device = self.loss_sums.device
