@@ -49,13 +49,14 @@ def graph_file(tmp_path):
     return path
 
 
-def test_api_train_equals_the_command_and_calls_back_each_epoch(graph_file):
+def test_api_train_equals_the_command_and_calls_back_each_epoch(graph_file, capsys):
     """Same flags, same computation on the CPU (one implementation, seeded): the rows agree exactly
     but for the time fields. The callback gets each row once, in order; load_run reads back the
     same metrics and the models as the run left them."""
     assert main(["train", "--graph", str(graph_file), "--out", "cli", "--quiet", *cli_flags(FLAGS)]) == 0
-    seen = []
+    seen, _ = [], capsys.readouterr()
     run = ktfast.train(str(graph_file), out="api", callbacks=[seen.append], **FLAGS)
+    assert capsys.readouterr() == ("", "")  # the library prints nothing unless progress=True
     assert run.dir == Path("api") and len(run.metrics) == 2
     assert untimed(run.metrics) == untimed(rows(Path("cli")))
     assert seen == run.metrics  # once per epoch, with the row metrics.jsonl holds
