@@ -1,5 +1,11 @@
-"""ktfast: fast training and search of knowledge transfer graphs."""
+"""ktfast: fast training and search of knowledge transfer graphs.
+
+The Python API (DESIGN §8; `docs/python_api.md`): `ktfast.train`, `ktfast.load_run`, `ktfast.search`,
+`ktfast.TransferStep`, `ktfast.Graph`, and the typed errors GraphError, ConfigError, DatasetError.
+"""
 import os
+import sys
+import types
 
 import torch
 
@@ -8,7 +14,27 @@ import torch
 if os.environ.get("KTFAST_KERNELS") == "1" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from ktfast.config import ConfigError  # noqa: E402
+from ktfast.data import DatasetError  # noqa: E402
 from ktfast.graph import Graph, GraphError  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Graph", "GraphError", "__version__"]
+__all__ = ["Graph", "GraphError", "ConfigError", "DatasetError", "Run", "TransferStep", "load_run", "search",
+           "train", "api", "__version__"]
+
+
+class _ApiModule(types.ModuleType):
+    """`ktfast.train` and `ktfast.search` name both a module (ktfast/train.py, ktfast/search.py, which
+    `from ktfast import train` has always given) and a function of the API (DESIGN §8): the module
+    is made callable, and calling it calls the API's function of its name."""
+
+    def __call__(self, *args, **kwargs):
+        return getattr(api, self.__name__.rpartition(".")[2])(*args, **kwargs)
+
+
+from ktfast import api  # noqa: E402
+from ktfast.api import Run, TransferStep, load_run  # noqa: E402
+
+for _name in ("train", "search"):
+    sys.modules[f"ktfast.{_name}"].__class__ = _ApiModule
+del _name

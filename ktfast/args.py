@@ -3,11 +3,12 @@ types of flags, and the recipe flags that make a `TrainConfig`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from ktfast.config import TrainConfig
+from ktfast.config import ConfigError, TrainConfig
 
 
-class UsageError(ValueError):
+class UsageError(ConfigError):
     """A bad command-line value; the message is one line."""
 
 
@@ -46,7 +47,7 @@ def positive_int(text: str) -> int:
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     """The flags that set a training run's recipe; defaults are the papers' CIFAR recipe. They parse
     to None when not given (`config_from_args` fills the default in), so that `--resume` can tell a
-    flag given at its default value from one left out."""
+    flag given at its default value from one left out, and `--like` keeps the run's value."""
     d = TrainConfig()
     p.add_argument("--dataset", help=f"{d.dataset} (offline default), cifar10, cifar100, tinyimagenet, "
                    "imagefolder:path=DIR[,size=S,crop=C], synthetic[:classes=C,size=S,train=N,test=N]")
@@ -63,46 +64,52 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-decay", type=float, help=f"default {d.lr_decay}")
     p.add_argument("--train-fraction", type=float, default=None,
                    help="train on a class-balanced fraction of the training set")
-    p.add_argument("--loader", default=d.loader,
-                   help="auto | dali | gpu | torch: DALI pipeline, device-resident tensors, torchvision on the CPU")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="mixed precision: bf16 where supported, fp16 with a grad scaler otherwise")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=d.cuda_graph,
+    p.add_argument("--loader", help="auto | dali | gpu | torch: DALI pipeline, device-resident tensors, "
+                   f"torchvision on the CPU (default {d.loader})")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                   help="mixed precision: bf16 where supported, fp16 with a grad scaler otherwise (default off)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default off)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
                    help="on CUDA, capture the whole training step as one CUDA graph and replay it "
                         "(default on; ignored on a CPU)")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                    help="run nodes of the same model and role as one fused module (default: on the CUDA fast path)")
-    p.add_argument("--reference", action="store_true", help="plain eager PyTorch losses (the reference path)")
+    p.add_argument("--reference", action="store_true", default=None,
+                   help="plain eager PyTorch losses (the reference path)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when present")
 
 
 # The recipe flags whose value is None when not given.
 RECIPE = ("dataset", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "lr_decay_at", "lr_decay")
+# Config fields that no flag of that name sets: the seed comes from --seeds, the rest from the launch.
+NOT_FLAGS = ("seed", "device", "world_size", "extra")
 
 
-def config_from_args(args, seed: int = 0) -> TrainConfig:
+def config_from_args(args, seed: int = 0, base: TrainConfig | None = None) -> TrainConfig:
+    """The config of a run: `base` (the defaults, or the run that `--like` names), with every field
+    whose option `args` holds (not None: given) replaced by it. `args` is a namespace: the command
+    line's, or the keywords of `ktfast.train`."""
     import torch
 
-    d = TrainConfig()
-    recipe = {k: getattr(d, k) if getattr(args, k) is None else getattr(args, k) for k in RECIPE}
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    like = base is not None
+    base = base or TrainConfig()
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if f.name not in NOT_FLAGS and getattr(args, f.name, None) is not None}
+    if "lr_decay_at" in given:
+        given["lr_decay_at"] = tuple(given["lr_decay_at"])
+    device = args.device or (base.device if like else "cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    if args.train_fraction is not None and not 0 < args.train_fraction <= 1:
-        raise UsageError(f"--train-fraction: must be in (0, 1], got {args.train_fraction}")
-    val_fraction = getattr(args, "val_fraction", None)  # `ktfast train`'s flag alone
-    if val_fraction is not None and not 0 < val_fraction < 1:
-        raise UsageError(f"--val-fraction: must be in (0, 1), got {val_fraction}")
-    if val_fraction is not None and getattr(args, "split", None) == "search":
+        raise UsageError("--device cuda: no CUDA device is available" + (" (--device cpu to train on the CPU)"
+                                                                         if like else ""))
+    cfg = base.replace(**given, seed=seed, device=device)
+    if cfg.train_fraction is not None and not 0 < cfg.train_fraction <= 1:
+        raise UsageError(f"--train-fraction: must be in (0, 1], got {cfg.train_fraction}")
+    if cfg.lr <= 0:
+        raise UsageError(f"--lr: must be > 0, got {cfg.lr}")
+    if cfg.val_fraction is not None and not 0 < cfg.val_fraction < 1:
+        raise UsageError(f"--val-fraction: must be in (0, 1), got {cfg.val_fraction}")
+    if cfg.val_fraction is not None and cfg.split == "search":
         raise UsageError("--val-fraction: not with --split search, which evaluates on its own held-out split")
-    if recipe["lr"] <= 0:
-        raise UsageError(f"--lr: must be > 0, got {recipe['lr']}")
-    cfg = TrainConfig(**recipe, data_dir=args.data_dir, train_fraction=args.train_fraction,
-                      val_fraction=val_fraction, seed=seed, device=device, amp=args.amp, compile=args.compile,
-                      cuda_graph=args.cuda_graph, reference=args.reference, loader=args.loader,
-                      split=getattr(args, "split", None) or d.split, fuse=args.fuse,
-                      place=getattr(args, "place", None) or "data", sync_bn=getattr(args, "sync_bn", False))
     return cfg.replace(fuse=cfg.fused())  # config.json records what the run did
 
 

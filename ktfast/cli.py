@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
-from ktfast.args import Parser, UsageError
+from ktfast.args import Parser
 from ktfast.checkpoint import CheckpointError, RunWriteError
+from ktfast.config import ConfigError
 from ktfast.commands import info, pictures, search, train
 from ktfast.data import DatasetError
 from ktfast.distributed import PeerLost
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # what `train --gpus` hands to torchrun
         return args.func(args)
-    except (GraphError, DatasetError, UsageError, CheckpointError) as e:
+    except (GraphError, DatasetError, ConfigError, CheckpointError) as e:
         print(f"ktfast: error: {e}", file=sys.stderr)
         return 2
     except (RunWriteError, FallbackError) as e:

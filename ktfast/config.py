@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+class ConfigError(ValueError):
+    """A training option that cannot be (an unknown keyword, a value out of range); one line. The
+    command line's bad flags are of this kind too (`ktfast.args.UsageError`)."""
+
+
 @dataclass
 class TrainConfig:
     # The CIFAR recipe of the DCL papers' reference code; every number can be overridden.

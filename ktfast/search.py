@@ -59,6 +59,9 @@ GAMMAS = (0.25, 0.5, 2.0, 4.0)
 BETAS = (1.0, 2.0, 4.0, 8.0)
 STANDARDIZE = ("off", "on", "search")  # `standardize` on the edges whose loss has a tempered term
 POLL_S = 1.0
+# A worker's program. Not `python -m ktfast.search`: importing the package imports this module
+# (ktfast.search is also the API's function), and runpy would then run a second copy of it.
+WORKER = "import json, sys; from ktfast.search import run_worker; run_worker(json.loads(sys.argv[1]))"
 
 
 # ---- the search space ----------------------------------------------------------------------------
@@ -281,7 +284,7 @@ def launch(spec: dict, devices: list[str | None], extra_env: dict | None = None)
         env = dict(os.environ, **(extra_env or {}), OMP_NUM_THREADS=str(threads))
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device  # the worker sees its GPU alone, as cuda:0
-        procs.append(subprocess.Popen([sys.executable, "-m", "ktfast.search", json.dumps(spec)], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(spec)], env=env))
     return procs
 
 

@@ -19,7 +19,7 @@ import torch
 from ktfast import Graph
 from ktfast import replicas as replicas_module
 from ktfast.cli import main
-from ktfast.commands import train as train_command
+from ktfast import session
 from ktfast.config import TrainConfig
 from ktfast.models import build_model
 from ktfast.fast import StreamBank
@@ -226,7 +226,7 @@ def train(tmp_path, *flags) -> int:
 def test_replicas_that_do_not_fit_train_in_groups_said_in_one_line(tmp_path, capsys, monkeypatch):
     built = []
     monkeypatch.setattr(replicas_module, "replicas_per_group", lambda trainer, count: 1)
-    monkeypatch.setattr(train_command, "Replicas", lambda ts: built.append([t.cfg.seed for t in ts]) or Replicas(ts))
+    monkeypatch.setattr(session, "Replicas", lambda ts: built.append([t.cfg.seed for t in ts]) or Replicas(ts))
     assert train(tmp_path, "--seeds", "4,5", "--out", "run") == 0
     out = capsys.readouterr().out
     assert [line for line in out.splitlines() if "groups" in line] == [

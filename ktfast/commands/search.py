@@ -1,24 +1,20 @@
-"""`ktfast search` and `ktfast export` (DESIGN §6, §7): the search space from the flags, the workers
-launched and watched until the study has its trials, and the best graph written as a graph file."""
+"""`ktfast search` and `ktfast export` (DESIGN §6, §7): the search's flags, run by `ktfast.search_session`
+as `ktfast.search` runs them, and the best graph written as a graph file."""
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import os
 import sys
 from pathlib import Path
 
 from optuna.trial import TrialState
 
-from ktfast.args import UsageError, add_recipe_args, config_from_args, positive_int
-from ktfast.data import dataset_info
-from ktfast.config import TrainConfig
-from ktfast.graph import ATTENTION_TERMS, DEFAULT_CROPS, GATES, LOSS_TERMS, Graph
+from ktfast.args import UsageError, add_recipe_args, positive_int
+from ktfast.graph import GATES, Graph
 from ktfast.packing import PACKS
-from ktfast.search import (BETAS, COUNTED, DEFAULT_GATES, DEFAULT_MODELS, GAMMAS, OBJECTIVES, PRUNERS, SAMPLERS,
-                           STANDARDIZE, Space, run_workers, summary)
-from ktfast.study import DEFAULT_STORAGE, find_study, open_storage, open_study
+from ktfast.search import (BETAS, DEFAULT_GATES, DEFAULT_MODELS, GAMMAS, OBJECTIVES, PRUNERS, SAMPLERS,
+                           STANDARDIZE, summary)
+from ktfast.search_session import SEARCH_OPTIONS, counted, run_search, space_from_args  # noqa: F401 (tests)
+from ktfast.study import DEFAULT_STORAGE, find_study
 
 
 def register(sub) -> None:
@@ -37,10 +33,10 @@ def register(sub) -> None:
     p.add_argument("--standardize", choices=STANDARDIZE, default="off",
                    help="logit standardization of the edges whose loss has a kl, dkd or dist term: never, always, "
                         "or one more choice per such edge (default: %(default)s)")
-    p.add_argument("--temperatures", type=temperature_list, default=None, metavar="T1,T2,...",
+    p.add_argument("--temperatures", metavar="T1,T2,...",
                    help="choices of the temperature of every model-to-model edge whose loss has a kl, dkd or dist "
                         "term, e.g. 1,2,4 (default: T = 1)")
-    p.add_argument("--weights", type=weight_range, default=None, metavar="LOW:HIGH",
+    p.add_argument("--weights", metavar="LOW:HIGH",
                    help="the weight of every model-to-model edge, drawn log-uniformly from LOW to HIGH, e.g. "
                         "0.1:10 (default: weight 1; label edges always 1)")
     p.add_argument("--objective", choices=OBJECTIVES, default="target",
@@ -68,7 +64,7 @@ def register(sub) -> None:
                         "interval)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_recipe_args(p)
-    p.set_defaults(func=cmd_search)
+    p.set_defaults(func=cmd_search, **{k: v for k, v in SEARCH_OPTIONS.items() if v is not None})
 
     p = sub.add_parser("export", help="write a searched graph (the best complete trial) as a graph file")
     p.add_argument("--storage", default=DEFAULT_STORAGE)
@@ -78,146 +74,10 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
-def _listed(flag: str, text: str, valid, noun: str, expected: str) -> tuple[str, ...]:
-    items = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
-    if not items:
-        raise UsageError(f"{flag}: expected a comma-separated list, got {text!r}")
-    for item in items:
-        if not valid(item):
-            raise UsageError(f"{flag}: unknown {noun} {item!r} (expected {expected})")
-    return items
-
-
-def temperature_list(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(dict.fromkeys(float(v) for v in text.split(",") if v.strip()))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    bad = [v for v in values if not math.isfinite(v) or v <= 0]
-    if not values or bad:
-        raise argparse.ArgumentTypeError(f"every temperature must be > 0, got {bad[0] if bad else text!r}")
-    return values
-
-
-def weight_range(text: str) -> tuple[float, float]:
-    low, sep, high = text.partition(":")
-    try:
-        bounds = (float(low), float(high)) if sep else None
-    except ValueError:
-        bounds = None
-    if bounds is None or not all(map(math.isfinite, bounds)) or not 0 < bounds[0] < bounds[1]:
-        raise argparse.ArgumentTypeError(f"expected a range LOW:HIGH with 0 < LOW < HIGH, e.g. 0.1:10, got {text!r}")
-    return bounds
-
-
-def _pair_loss(loss: str) -> bool:
-    terms = loss.split("+")
-    return len(set(terms)) == len(terms) and all(t in LOSS_TERMS and t != "ce" for t in terms)
-
-
-def space_from_args(args) -> Space:
-    from ktfast.models import MODEL_NAMES, is_model_name
-
-    models = ", ".join(MODEL_NAMES)
-    if not is_model_name(args.target_model):
-        raise UsageError(f"--target-model: unknown model {args.target_model!r} (expected one of {models})")
-    space = Space(
-        nodes=args.nodes, target_model=args.target_model,
-        models=_listed("--models", args.models, is_model_name, "model", f"one of {models}"),
-        gates=_listed("--gates", args.gates, GATES.__contains__, "gate", ", ".join(GATES)),
-        losses=_listed("--losses", args.losses, _pair_loss, "loss", "kl, cos, mse, att_mse, att_cos, dkd, dist or "
-                       "a sum such as kl+att_mse") if args.losses is not None else None,
-        objective=args.objective, standardize=args.standardize, temperatures=args.temperatures,
-        weights=args.weights)
-    if "warmup" in space.gates:  # every trial's graph would be refused, and its worker stopped
-        raise UsageError("--gates: the warmup gate needs its fraction of the run, which the search does not draw; "
-                         "use linear or gamma")
-    if space.objective == "target" and space.gates == ("cutoff",):
-        raise UsageError("--gates: with cutoff alone every edge into the target is cut off, and the target frozen")
-    if space.nodes == 1 and (space.temperatures or space.weights):
-        raise UsageError(f"--{'temperatures' if space.temperatures else 'weights'}: a 1-node search has label edges "
-                         "only, and they keep T = 1 and weight 1")
-    if space.temperatures and not space.allows_standardize():
-        raise UsageError(f"--temperatures: only edges with a kl, dkd or dist term read a temperature, and "
-                         f"--losses {args.losses} has none")
-    if space.standardize != "off" and not space.allows_standardize():
-        where = f"--losses {args.losses}" if space.nodes > 1 else "a 1-node search (label edges only)"
-        raise UsageError(f"--standardize {space.standardize}: only edges with a kl, dkd or dist term are "
-                         f"standardized, and {where} has none")
-    return space
-
-
-def check_attention_sizes(space: Space, dataset: str, data_dir) -> None:
-    """An attention loss needs maps at least as large as its crops: say so now, not in every trial."""
-    import torch
-
-    from ktfast.models import build_model
-
-    uses_attention = space.nodes > 1 and any(t in ATTENTION_TERMS for loss in space.losses or ()
-                                             for t in loss.split("+"))
-    if not uses_attention:
-        return
-    info = dataset_info(dataset, data_dir)
-    x = torch.zeros(2, 3, info.image_size, info.image_size)
-    for name in dict.fromkeys((space.target_model, *space.models)):
-        with torch.no_grad():
-            h, w = build_model(name, info.num_classes, info.image_size).eval()(x, return_attention=True)[1].shape[1:]
-        if max(DEFAULT_CROPS) > min(h, w):
-            raise UsageError(f"--losses: {name} has a {h}x{w} attention map on {dataset}, smaller than the "
-                             f"{max(DEFAULT_CROPS)}x{max(DEFAULT_CROPS)} crop of the attention losses")
-
-
-def worker_devices(args, cfg: TrainConfig) -> list[str | None]:
-    """CUDA_VISIBLE_DEVICES of each worker to start (None: a CPU worker)."""
-    if cfg.device == "cpu":
-        if args.gpus or args.trials_per_gpu:
-            raise UsageError("--gpus/--trials-per-gpu: GPU workers need --device cuda; on the CPU use --workers")
-        return [None] * (args.workers or 1)
-    if args.workers:
-        raise UsageError("--workers: counts CPU workers; on GPUs use --gpus and --trials-per-gpu")
-    if args.gpus:
-        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
-    elif os.environ.get("CUDA_VISIBLE_DEVICES"):
-        gpus = os.environ["CUDA_VISIBLE_DEVICES"].split(",")
-    else:
-        import torch
-
-        gpus = [str(i) for i in range(torch.cuda.device_count())]
-    if not gpus:
-        raise UsageError(f"--gpus: expected GPU ids such as 0,1, got {args.gpus!r}")
-    return [g for g in gpus for _ in range(args.trials_per_gpu or 1)]
-
-
-def pack_mode(args, cfg: TrainConfig) -> str:
-    if cfg.device == "cpu":
-        if args.pack == "mps":
-            raise UsageError("--pack mps: MPS shares a GPU; with --device cpu pack processes or threads")
-        return args.pack or "processes"
-    return args.pack or ("mps" if (args.trials_per_gpu or 1) > 1 else "processes")
-
-
 def cmd_search(args) -> int:
-    space = space_from_args(args)
-    cfg = config_from_args(args).replace(split="search")
-    dataset_info(cfg.dataset, cfg.data_dir)
-    check_attention_sizes(space, cfg.dataset, cfg.data_dir)
-    devices = worker_devices(args, cfg)
-    pack = pack_mode(args, cfg)
-    if args.min_resource > cfg.epochs:
-        raise UsageError(f"--min-resource: the first rung, epoch {args.min_resource}, is past --epochs {cfg.epochs}")
-    if args.grace_period is not None and args.grace_period <= args.heartbeat_interval:
-        raise UsageError("--grace-period: must be longer than --heartbeat-interval")
-    name = args.study or f"{cfg.dataset}-{space.nodes}n-{space.target_model}-{space.objective}"
-    study = open_study(open_storage(args.storage), name, space, cfg, args.pruner, args.min_resource)
-    done = sum(1 for _ in study.get_trials(deepcopy=False, states=COUNTED))
-    if done < args.trials:
-        spec = {"storage": args.storage, "study": name, "trials": args.trials, "space": space.to_dict(),
-                "config": cfg.to_dict(), "sampler": args.sampler, "pruner": args.pruner,
-                "min_resource": args.min_resource,
-                "heartbeat_interval": args.heartbeat_interval, "grace_period": args.grace_period}
-        run_workers(study, spec, devices, pack, args.trials, args.quiet)
+    study = run_search(args, args.quiet)
     print(summary(study, args.storage, args.trials), flush=True)
-    done = sum(1 for _ in study.get_trials(deepcopy=False, states=COUNTED))
+    done = counted(study)
     if done < args.trials:
         print(f"ktfast: the workers stopped with {done} of {args.trials} trials finished; run the same command "
               f"again to resume", file=sys.stderr)
