@@ -160,7 +160,7 @@ def _union_us(intervals: list) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (CI)")
-    ap.add_argument("--batch-sizes", default="64,256")
+    ap.add_argument("--batch-sizes", default=None, help="comma-separated (default 64,256 on a GPU, 16 on a CPU)")
     ap.add_argument("--steps", type=int, default=None, help="measured steps (default 60; 3 on a CPU)")
     ap.add_argument("--seeds", type=int, default=None,
                     help="compare S seeds trained as replicas with S runs one by one (instead of the paths)")
@@ -173,7 +173,14 @@ def main():
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
     graphs = GRAPHS if cuda else SMOKE_GRAPHS
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if cuda else [16]
+    if args.graphs:  # on a CPU too: any graph of either table, by the start of its name
+        graphs = {n: m for n, m in {**GRAPHS, **SMOKE_GRAPHS}.items()
+                  if any(n.startswith(w) for w in args.graphs.split(","))}
+        if not graphs:
+            print(f"--graphs: no graph's name starts with {args.graphs!r} (the graphs: "
+                  f"{', '.join([*GRAPHS, *SMOKE_GRAPHS])})", file=sys.stderr)
+            sys.exit(2)
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("64,256" if cuda else "16")).split(",")]
     steps, warmup = (args.steps or 60, 15) if cuda else (args.steps or 3, 1)
     dataset = "synthetic:classes=100,size=32,train=8192,test=256" if cuda else "synthetic:classes=10,size=16,train=64,test=16"
     names = args.paths.split(",")
@@ -188,8 +195,6 @@ def main():
               "paths": {p: DESCRIPTIONS[p] + ("" if cuda else " (CPU: the eager step, no CUDA graph, no AMP)")
                         for p in paths}, "rows": []}
     for (name, models), bs in itertools.product(graphs.items(), batch_sizes):
-        if args.graphs and not any(name.startswith(w) for w in args.graphs.split(",")):
-            continue
         g = graph(name, models)
         row = {"graph": name, "batch_size": bs}
         runs = {}
@@ -228,8 +233,6 @@ def seeds_main(args, graphs: dict, batch_sizes: list[int], dataset: str, device:
               "switches": "ktfast train's defaults" + (" with --amp" if cuda else " (a CPU: the eager step)"),
               "rows": []}
     for (name, models), bs in itertools.product(graphs.items(), batch_sizes):
-        if args.graphs and not any(name.startswith(w) for w in args.graphs.split(",")):
-            continue
         cfg = TrainConfig(dataset=dataset, epochs=100, batch_size=bs, device=device, amp=cuda)
         row = {"graph": name, "batch_size": bs, **seeds_row(graph(name, models), cfg, args.seeds, steps, warmup)}
         result["rows"].append(row)
