@@ -98,7 +98,7 @@ def attention_samples(run: Path, images: int) -> AttentionSamples:
     x, y = next(iter(loader))
     out = AttentionSamples((x * loader.std + loader.mean).clamp(0, 1).permute(0, 2, 3, 1), y.tolist(), {}, {}, {})
     for node in graph.model_nodes:
-        model = build_model(node.model, info.num_classes, info.image_size)
+        model = build_model(node.model, info.num_classes, info.image_size, attention=node.attention)
         try:
             model.load_state_dict(saved[node.name])
         except (KeyError, RuntimeError):

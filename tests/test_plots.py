@@ -133,6 +133,14 @@ def test_attention_depends_on_the_checkpoint(runs, tmp_path, capsys):
     samples = attention_samples(runs[0], 3)
     assert not torch.equal(samples.maps["a"], a.maps["a"])
     assert list(samples.maps) == ["a", "b"] and samples.images.shape == (3, 16, 16, 3)
+    # A node's "attention" layer is the map drawn: the same weights, the first stage's map instead of the last's.
+    layered = tmp_path / "layered"
+    shutil.copytree(runs[0], layered)
+    graph = json.loads((layered / "graph.json").read_text())
+    graph["nodes"][0]["attention"] = "stages.0"
+    write_json(layered / "graph.json", graph)
+    other = attention_samples(layered, 3)
+    assert not torch.equal(other.maps["a"], samples.maps["a"]) and torch.equal(other.maps["b"], samples.maps["b"])
     for name in ("a", "b"):
         assert samples.maps[name].shape == (3, 16, 16)
         assert float(samples.maps[name].min()) == 0.0 and float(samples.maps[name].max()) == pytest.approx(1.0)
