@@ -31,7 +31,7 @@ from common import environment, write_result
 FIRST = [(3, 64, 100), (4, 64, 100), (7, 64, 100), (2, 8192, 1000), (4, 8192, 1000), (7, 8192, 1000)]
 FULL = FIRST + [s for s in itertools.product([2, 3, 4, 7], [64, 256, 1024], [10, 100, 1000]) if s not in FIRST]
 SMOKE = [(2, 8, 10), (3, 4, 100)]
-# The modern logit distillation's edges (DESIGN §1): rows of their own, after the KL rows.
+# The modern logit distillation's edges (docs/ARCHITECTURE.md §1): rows of their own, after the KL rows.
 KINDS = {"kl": {"loss": "kl", "temperature": 2.0},
          "dkd": {"loss": "dkd", "temperature": 4.0, "alpha": 1.0, "beta": 8.0},
          "dist": {"loss": "dist", "temperature": 4.0},

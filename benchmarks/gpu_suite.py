@@ -1,4 +1,4 @@
-"""Every GPU check in one call (DESIGN §9): the whole test suite on the GPU, then every benchmark,
+"""Every GPU check in one call (docs/ARCHITECTURE.md §9): the whole test suite on the GPU, then every benchmark,
 each part a subprocess in its own time box (a slow part cannot starve the rest), all results under
 --out, and a summary table printed last.
 

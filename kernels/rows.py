@@ -127,7 +127,7 @@ def pick(tile, ids, k):
 
 @triton.jit
 def gate_weight(gate_kind, factor, gate_arg, correct):
-    """Per row: the gate's weight (DESIGN §1, Gates), factor = k / k_end, gate_arg = 1/γ of the gamma
+    """Per row: the gate's weight (docs/ARCHITECTURE.md §1, Gates), factor = k / k_end, gate_arg = 1/γ of the gamma
     gates and 1/w of the warmup gate. The gamma gates' power x^(1/γ) is exp(log(x) / γ), and 0 at x = 0."""
     fading = 1.0 - factor
     base = tl.where(gate_kind == 4, factor, fading)

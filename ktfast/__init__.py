@@ -1,6 +1,6 @@
 """ktfast: fast training and search of knowledge transfer graphs.
 
-The Python API (DESIGN §8; `docs/python_api.md`): `ktfast.train`, `ktfast.load_run`, `ktfast.search`,
+The Python API (docs/ARCHITECTURE.md §8; `docs/python_api.md`): `ktfast.train`, `ktfast.load_run`, `ktfast.search`,
 `ktfast.TransferStep`, `ktfast.Graph`, and the typed errors GraphError, ConfigError, DatasetError.
 """
 import os
@@ -25,7 +25,7 @@ __all__ = ["Graph", "GraphError", "ConfigError", "DatasetError", "Run", "Transfe
 
 class _ApiModule(types.ModuleType):
     """`ktfast.train` and `ktfast.search` name both a module (ktfast/train.py, ktfast/search.py, which
-    `from ktfast import train` has always given) and a function of the API (DESIGN §8): the module
+    `from ktfast import train` has always given) and a function of the API (docs/ARCHITECTURE.md §8): the module
     is made callable, and calling it calls the API's function of its name."""
 
     def __call__(self, *args, **kwargs):

@@ -1,4 +1,4 @@
-"""The Python API (DESIGN §8): `ktfast.train`, `ktfast.load_run`, `ktfast.search` and
+"""The Python API (docs/ARCHITECTURE.md §8): `ktfast.train`, `ktfast.load_run`, `ktfast.search` and
 `ktfast.TransferStep`. The keywords are the command's flags (`--batch-size` is `batch_size`), and
 the command line is a thin layer over the same sessions (`ktfast.session`, `ktfast.search_session`):
 what `ktfast train` computes, `ktfast.train` computes. Bad input raises a typed exception with a

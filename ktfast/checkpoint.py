@@ -1,4 +1,4 @@
-"""The run directory's checkpoint and metrics rows (DESIGN §2): written so that a failed write leaves
+"""The run directory's checkpoint and metrics rows (docs/ARCHITECTURE.md §2): written so that a failed write leaves
 the previous state whole, and read back only when they belong to the run that resumes them."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `ktfast` command line (DESIGN §7): each command module registers its commands here; bad input
+"""The `ktfast` command line (docs/ARCHITECTURE.md §7): each command module registers its commands here; bad input
 ends with exit code 2 and one line. Nothing imports this module back."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     except (RunWriteError, FallbackError) as e:
         print(f"ktfast: error: {e}", file=sys.stderr)
         return 1
-    except NonFiniteLoss as e:  # DESIGN §2: numerical health has an exit code of its own
+    except NonFiniteLoss as e:  # docs/ARCHITECTURE.md §2: numerical health has an exit code of its own
         print(f"ktfast: error: {e}", file=sys.stderr)
         return 3
     except PeerLost as e:

@@ -17,9 +17,9 @@ class TrainConfig:
     # The CIFAR recipe of the DCL papers' reference code; every number can be overridden.
     dataset: str = "digits"
     data_dir: str | None = None
-    split: str = "train"  # "train": train/test; "search": search_train/search_val (DESIGN §5)
+    split: str = "train"  # "train": train/test; "search": search_train/search_val (docs/ARCHITECTURE.md §5)
     train_fraction: float | None = None
-    # The class-balanced part of the training set held out as the run's val split (DESIGN §2); None: none.
+    # The class-balanced part of the training set held out as the run's val split (ARCHITECTURE §2); None: none.
     val_fraction: float | None = None
     epochs: int = 200
     batch_size: int = 64
@@ -34,12 +34,12 @@ class TrainConfig:
     device: str = "cpu"
     amp: bool = False
     compile: bool = False
-    cuda_graph: bool = True  # on CUDA the whole step is one CUDA graph (DESIGN §2); ignored on a CPU
+    cuda_graph: bool = True  # on CUDA the whole step is one CUDA graph (docs/ARCHITECTURE.md §2); ignored on a CPU
     reference: bool = False
     loader: str = "auto"
-    # Horizontal fusion of same-architecture nodes (DESIGN §2); None: on for the CUDA fast path.
+    # Horizontal fusion of same-architecture nodes (docs/ARCHITECTURE.md §2); None: on for the CUDA fast path.
     fuse: bool | None = None
-    # Several processes (DESIGN §10): how many, and what each holds ("data": every node, a share of
+    # Several processes (docs/ARCHITECTURE.md §10): how many, and what each holds ("data": every node, a share of
     # each batch; "nodes": a share of the nodes, every batch); BatchNorm over the global batch.
     world_size: int = 1
     place: str = "data"

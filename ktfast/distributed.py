@@ -1,4 +1,4 @@
-"""Training on several processes (DESIGN §10): `torch.distributed`, launched by `torchrun` (or by
+"""Training on several processes (docs/ARCHITECTURE.md §10): `torch.distributed`, launched by `torchrun` (or by
 `ktfast train --gpus`), NCCL on CUDA and gloo on the CPU.
 
 * place "data": every rank holds every node and takes its slice of each global batch (the epoch

@@ -1,4 +1,4 @@
-"""Horizontal fusion (DESIGN §2, `--fuse`): model nodes of the same architecture and role run as one
+"""Horizontal fusion (docs/ARCHITECTURE.md §2, `--fuse`): model nodes of the same architecture and role run as one
 module, so that N nodes cost about the kernel launches of one.
 
 A group's parameters and BatchNorm buffers are stacked along a new leading dimension, and the

@@ -1,4 +1,4 @@
-"""The graph file (DESIGN §1): parsing, validation and the frozen rule.
+"""The graph file (docs/ARCHITECTURE.md §1): parsing, validation and the frozen rule.
 
 A `Graph` is immutable once loaded; every error is a `GraphError` whose one-line message names the
 offending field, so the command line can print it as it is.

@@ -1,4 +1,4 @@
-"""Reading the fields of a graph file (DESIGN §1): each bad field is a `GraphError` whose one-line
+"""Reading the fields of a graph file (docs/ARCHITECTURE.md §1): each bad field is a `GraphError` whose one-line
 message names it, so the command line can print it as it is."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The nodes of a graph file (DESIGN §1, §3): model and ensemble nodes, parsed and checked one by one;
+"""The nodes of a graph file (docs/ARCHITECTURE.md §1, §3): model and ensemble nodes, parsed and checked one by one;
 `ktfast.graph` checks how they relate."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-edge losses and gates in plain PyTorch: the reference that defines correctness (DESIGN §1, §8).
+"""Per-edge losses and gates in plain PyTorch: the reference that defines correctness (docs/ARCHITECTURE.md §1, §8).
 
 Every per-sample loss detaches its source, so the gradient reaches only the target. The fused
 Triton kernels in `ktfast.kernels` compute the same functions and are tested against these; this
@@ -149,7 +149,7 @@ def att_cos(att_s: torch.Tensor, att_t: torch.Tensor, crops=(3, 5)) -> torch.Ten
 
 # ---- gates -------------------------------------------------------------------------------
 def gate(edge: Edge, z_s: torch.Tensor | None, labels: torch.Tensor, step: int, total_steps: int):
-    """The per-sample weight of an edge: a scalar or a [B] tensor (DESIGN §1, Gates)."""
+    """The per-sample weight of an edge: a scalar or a [B] tensor (docs/ARCHITECTURE.md §1, Gates)."""
     if edge.gate == "through":
         return 1.0
     if edge.gate == "linear":
@@ -221,7 +221,7 @@ def node_logits(graph: Graph, logits: dict) -> dict:
 
 def graph_losses(graph: Graph, logits: dict, labels, step: int, total_steps: int,
                  attention: dict | None = None) -> dict:
-    """{target name: L_t} for every node with a non-cut-off incoming edge (DESIGN §8).
+    """{target name: L_t} for every node with a non-cut-off incoming edge (docs/ARCHITECTURE.md §8).
 
     L_t = Σ_edges→t weight · mean_over_batch(gate · loss_per_sample), the edges into t's branches
     `t.b{i}` included; `logits` holds those branches' logits under their addresses. The fused

@@ -89,7 +89,7 @@ def build_models(graph: Graph, cfg: TrainConfig, num_classes: int, image_size: i
 
 def check_logits(graph: Graph, models, num_classes: int, image_size: int, device) -> None:
     """A user's model must map [B, 3, S, S] to logits [B, C]: one batch of two images, in eval mode,
-    before anything is written (DESIGN §3). The registry's and the zoos' models do by construction."""
+    before anything is written (docs/ARCHITECTURE.md §3). The registry's and the zoos' models do by construction."""
     x = torch.zeros(2, 3, image_size, image_size, device=device)
     for node in graph.model_nodes:
         if not is_user_model(node.model):

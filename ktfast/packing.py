@@ -1,4 +1,4 @@
-"""K search trials on one GPU (DESIGN §6). Separate processes only time-slice a GPU: their kernels
+"""K search trials on one GPU (docs/ARCHITECTURE.md §6). Separate processes only time-slice a GPU: their kernels
 never overlap. Two ways around it, chosen by `ktfast search --pack`:
 
 * `threads`: the K trials of a GPU run in one worker process, each in its own thread on its own CUDA

@@ -1,4 +1,4 @@
-"""Seeds as replicas (DESIGN §2): `--seeds 0,1,2` trains the S runs of one graph in one process as
+"""Seeds as replicas (docs/ARCHITECTURE.md §2): `--seeds 0,1,2` trains the S runs of one graph in one process as
 one step. Each seed's run is an ordinary Trainer — its own seeded initialisation, data loader
 (order and augmentation), optimizer, schedule, metric sums and run directory `OUT/seed{s}` — and
 `Replicas` steps them together: each node is stacked with its counterparts of the other replicas

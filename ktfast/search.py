@@ -1,4 +1,4 @@
-"""`ktfast search` and `ktfast export` (DESIGN §6): find the knowledge transfer graph that maximises the
+"""`ktfast search` and `ktfast export` (docs/ARCHITECTURE.md §6): find the knowledge transfer graph that maximises the
 accuracy of a target node (or of the ensemble of all nodes) on the held-out search split.
 
 One Optuna study in a shared storage. Each worker is a process that loads the study and runs trials

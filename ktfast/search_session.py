@@ -1,4 +1,4 @@
-"""`ktfast search` as a session (DESIGN §6, §8): the search space and the workers from the options —
+"""`ktfast search` as a session (docs/ARCHITECTURE.md §6, §8): the search space and the workers from the options —
 `ktfast search`'s flags or `ktfast.search`'s keywords, as one namespace — and the study run until it
 has its trials. The command line and the Python API both call `run_search`."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One training session (DESIGN §7, §8): the options — `ktfast train`'s flags or `ktfast.train`'s
+"""One training session (docs/ARCHITECTURE.md §7, §8): the options — `ktfast train`'s flags or `ktfast.train`'s
 keywords, as one namespace — made into a graph and a config per seed (new, `--like` another run,
 or `--resume`d), each seed trained into the run directory, over one process or the ranks of a
 torchrun. The command line and the Python API both call `run_session`; neither trains otherwise.
@@ -111,7 +111,7 @@ def _check_new_run_dir(path: Path) -> None:
 
 
 def check_launch(graph: Graph, cfg: TrainConfig) -> None:
-    """What a run of `cfg.world_size` processes cannot do (exit 2 on every rank, DESIGN §10)."""
+    """What a run of `cfg.world_size` processes cannot do (exit 2 on every rank, docs/ARCHITECTURE.md §10)."""
     world = cfg.world_size
     if cfg.place == "nodes" and world > len(graph.model_nodes):
         raise UsageError(f"--place nodes: {world} processes for the {len(graph.model_nodes)} model nodes of "
@@ -123,7 +123,7 @@ def check_launch(graph: Graph, cfg: TrainConfig) -> None:
 
 
 def user_code(graph: Graph, cfg: TrainConfig) -> list[str]:
-    """The user's code a run imports and runs (DESIGN §3, §5): its `py:` models and data set."""
+    """The user's code a run imports and runs (docs/ARCHITECTURE.md §3, §5): its `py:` models and data set."""
     return graph.user_code + ([cfg.dataset] if cfg.dataset.startswith("py:") else [])
 
 

@@ -1,4 +1,4 @@
-"""A search's storage calls outlive a restarted database server and a long-held SQLite lock (DESIGN §6).
+"""A search's storage calls outlive a restarted database server and a long-held SQLite lock (docs/ARCHITECTURE.md §6).
 
 Every call of the RDB storage — the workers' trials, Optuna's ask/tell and heartbeats, the launcher's
 progress — is retried with exponential backoff while its error is transient (a connection refused,

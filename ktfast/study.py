@@ -1,4 +1,4 @@
-"""The study of a search (DESIGN §6): its storage — an SQLite file, an Optuna journal file or a
+"""The study of a search (docs/ARCHITECTURE.md §6): its storage — an SQLite file, an Optuna journal file or a
 PostgreSQL server — opened with the retries SQLite's lock needs, the study created or joined,
 its sampler and pruner, and the re-queueing of a dead worker's trial."""
 from __future__ import annotations
@@ -125,7 +125,7 @@ def make_sampler(name: str) -> optuna.samplers.BaseSampler:
 
 
 def make_pruner(name: str, epochs: int, min_resource: int = 1) -> optuna.pruners.BasePruner:
-    """The first decision at epoch `min_resource` (DESIGN §6): gates that act late in training
+    """The first decision at epoch `min_resource` (docs/ARCHITECTURE.md §6): gates that act late in training
     look bad early, and a pruner that judges at epoch 1 is biased against them."""
     if name == "asha":  # the papers' ASHA: rungs at epochs m, 2m, 4m, …, the top half goes on
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource, reduction_factor=2)

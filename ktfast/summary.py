@@ -1,4 +1,4 @@
-"""A run's `summary.json` (DESIGN §2): each node's test accuracy after the last epoch and at the epoch of
+"""A run's `summary.json` (docs/ARCHITECTURE.md §2): each node's test accuracy after the last epoch and at the epoch of
 the target's best val accuracy, as mean ± sample std over the seeds and per seed, read back from each
 seed's metrics.jsonl once every seed has finished, however the seeds ran; and the table printed from it.
 """

@@ -1,4 +1,4 @@
-"""`ktfast train --tensorboard` (DESIGN §11): TensorBoard event files beside the run's metrics.
+"""`ktfast train --tensorboard` (docs/ARCHITECTURE.md §11): TensorBoard event files beside the run's metrics.
 
 One writer per node under `RUN/tensorboard/NODE`, so that TensorBoard overlays the nodes: each
 epoch's `loss/train`, `loss/test`, `acc/train`, `acc/test`, the run's `images_per_s` and the node's

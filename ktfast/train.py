@@ -1,5 +1,5 @@
 """Training a graph: one forward of every node per batch, Σ L_t back-propagated once, every trainable
-node stepped together (the DCL algorithm, DESIGN §2), evaluation of every node each epoch, and the
+node stepped together (the DCL algorithm, docs/ARCHITECTURE.md §2), evaluation of every node each epoch, and the
 run directory (graph.json, config.json, metrics.jsonl, checkpoint.pt written atomically; with a val
 split, checkpoint-best.pt at the target's best val accuracy). Over
 several processes (torchrun) the step's collectives are those of `ktfast.distributed.Placement`.
@@ -38,7 +38,7 @@ METRICS = "metrics.jsonl"
 
 
 class NonFiniteLoss(RuntimeError):
-    """A node's training loss became NaN or infinite (DESIGN §2, numerical health); one line."""
+    """A node's training loss became NaN or infinite (docs/ARCHITECTURE.md §2, numerical health); one line."""
 
 
 def splits(cfg: TrainConfig) -> tuple[str, str]:

@@ -1,7 +1,7 @@
-"""`ktfast.TransferStep` (DESIGN §8): the training step of `ktfast train` inside one's own loop.
+"""`ktfast.TransferStep` (docs/ARCHITECTURE.md §8): the training step of `ktfast train` inside one's own loop.
 
 One call is one optimizer step of every trainable node on one batch — a single forward of every
-node, Σ L_t back-propagated once (DESIGN §2) — computed by the Trainer's own step code: the methods
+node, Σ L_t back-propagated once (docs/ARCHITECTURE.md §2) — computed by the Trainer's own step code: the methods
 below are the Trainer's, so the two cannot part. On CUDA that is the fast step of `ktfast.fast`
 (a stream per unit, the fused loss kernels, the whole step captured as a CUDA graph) and, where
 asked, torch.compile and the fusion of same-architecture nodes; on a CPU the reference step.

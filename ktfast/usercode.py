@@ -1,4 +1,4 @@
-"""The user's own code named in a graph or on the command line (DESIGN §3, §5): `py:MODULE:FACTORY`,
+"""The user's own code named in a graph or on the command line (docs/ARCHITECTURE.md §3, §5): `py:MODULE:FACTORY`,
 MODULE a dotted import path or a file ending in `.py`. Both the model registry and the data layer
 load factories through here; nothing is imported until a factory is asked for.
 """

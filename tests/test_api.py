@@ -1,4 +1,4 @@
-"""The Python API (DESIGN §8) and `ktfast train --like` (§7): `ktfast.train` computes what the command
+"""The Python API (docs/ARCHITECTURE.md §8) and `ktfast train --like` (§7): `ktfast.train` computes what the command
 computes, callbacks see every row, `load_run` reads the run back, `TransferStep` in a user's own loop
 is the Trainer's step, `--like RUN` reproduces RUN; bad input is a typed error (API) or exit 2 (CLI)
 with nothing written."""
@@ -115,7 +115,7 @@ def test_bad_keywords_raise_config_error_naming_them_and_write_nothing(keywords,
 
 
 def test_transfer_step_in_a_users_loop_equals_the_trainer_step_for_step():
-    """The user's loop of DESIGN §8 beside `ktfast train`'s Trainer, from the same seeded models and
+    """The user's loop of docs/ARCHITECTURE.md §8 beside `ktfast train`'s Trainer, from the same seeded models and
     the same batches, with an optimizer the user builds as the run's (Nesterov SGD): the same
     operations in the same order on this CPU, so the weights and each step's losses agree exactly."""
     graph = ktfast.Graph.from_dict(GRAPH)

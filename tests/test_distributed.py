@@ -1,4 +1,4 @@
-"""Training on several processes (DESIGN §10), as CI can: 2 gloo processes on 127.0.0.1.
+"""Training on several processes (docs/ARCHITECTURE.md §10), as CI can: 2 gloo processes on 127.0.0.1.
 
 place nodes computes what one process computes (dcl3, and EKD whose ensemble trains teachers on
 other ranks); place data with --sync-bn computes it up to reduction order, and without it does

@@ -1,4 +1,4 @@
-"""Faults of a training run (DESIGN §2, §7): a corrupt or foreign checkpoint, a run directory that
+"""Faults of a training run (docs/ARCHITECTURE.md §2, §7): a corrupt or foreign checkpoint, a run directory that
 names other data, a diverging loss, a write that fails. Each ends with its exit code and one line,
 and nothing of the run directory is lost or overwritten."""
 import hashlib

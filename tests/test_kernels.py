@@ -52,7 +52,7 @@ EPS32 = torch.finfo(torch.float32).eps
 
 
 def crop_norms(att_s, att_t, k):
-    """‖target crop‖ per sample: the window of side k around the source's arg-max (DESIGN §1)."""
+    """‖target crop‖ per sample: the window of side k around the source's arg-max (docs/ARCHITECTURE.md §1)."""
     b, h, w = att_s.shape
     flat = att_s.reshape(b, -1).argmax(1)
     top = (flat // w - k // 2).clamp(0, h - k)

@@ -1,5 +1,7 @@
 """The house: no import circle among the package's modules (lazy imports inside functions
-included), the layers of pyproject.toml's import contract kept, and no module too long to read."""
+included), the layers of pyproject.toml's import contract kept, no module too long to read, and the
+code's citations of the contracts pointing at docs/ARCHITECTURE.md's sections, inside the repository."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +60,56 @@ def test_no_module_is_longer_than_400_lines():
     sources = [*ROOT.joinpath("ktfast").rglob("*.py"), *ROOT.joinpath("kernels").rglob("*.py")]
     long = {str(p.relative_to(ROOT)): n for p in sources if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+# ---- citations of the contracts -----------------------------------------------------------------
+ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
+# "docs/ARCHITECTURE.md §1, §8", "`docs/ARCHITECTURE.md` §1" or, where a line is short of room, "ARCHITECTURE §6".
+CITATION = re.compile(r"ARCHITECTURE(?:\.md)?`? (§\d+(?:(?:, | and )§\d+)*)")
+# The file the citations used to name, outside the repository (spelt in two parts, so that this file is no hit).
+STALE = ("DESIGN" + " §", "shared/" + "DESIGN")
+
+
+def cited_files() -> list[Path]:
+    """The .py files of the project (ktfast/kernels is a link to kernels/: read once) and README.md."""
+    files = {p.resolve() for folder in ("ktfast", "kernels", "benchmarks", "tests", "examples")
+             for p in ROOT.joinpath(folder).rglob("*.py")}
+    return sorted(files) + [ROOT / "README.md"]
+
+
+def architecture_sections(text: str) -> set[int]:
+    """The numbers of the page's "## N. Title" sections."""
+    return {int(n) for n in re.findall(r"^## (\d+)\. ", text, re.M)}
+
+
+def bad_citations(files: list[Path], sections: set[int]) -> list[str]:
+    """"file:line: why" for every citation of the old file, and of a section the page does not have."""
+    bad = []
+    for path in files:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            where = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{number}"
+            bad += [f"{where}: cites {stale!r}" for stale in STALE if stale in line]
+            for cited in CITATION.findall(line):
+                bad += [f"{where}: no section {n} in docs/ARCHITECTURE.md" for n in map(int, re.findall(r"\d+", cited))
+                        if n not in sections]
+    return bad
+
+
+def test_the_code_cites_sections_of_docs_architecture_that_exist():
+    sections = architecture_sections(ARCHITECTURE.read_text())
+    assert sections == set(range(1, 13))  # §1-§12, the numbering the citations were written against
+    files = cited_files()
+    assert ROOT / "ktfast" / "graph.py" in files and ROOT / "README.md" in files
+    assert sum(len(CITATION.findall(p.read_text())) for p in files) >= 60  # the pattern still finds them
+    assert bad_citations(files, sections) == []
+
+
+def test_a_citation_of_a_missing_section_or_of_the_old_file_is_found(tmp_path):
+    """The check itself: each kind of bad citation in a file is reported, the good ones are not."""
+    sample = tmp_path / "sample.py"
+    sample.write_text('"""Fine (docs/ARCHITECTURE.md §1, §8), fine (ARCHITECTURE §6).\n'
+                      f'Gone (docs/ARCHITECTURE.md §2, §{13}).\n'  # §{13}: this file cites no §13
+                      f'Old ({STALE[0]}2), old ({STALE[1]}.md).\n"""\n')
+    assert bad_citations([sample], set(range(1, 13))) == [
+        f"{sample}:2: no section 13 in docs/ARCHITECTURE.md",
+        f"{sample}:3: cites {STALE[0]!r}", f"{sample}:3: cites {STALE[1]!r}"]

@@ -1,5 +1,5 @@
 """graph_losses held to an independent per-sample computation (float64 NumPy loops, written from the
-formulas of DESIGN §1), and its gradients to where they may and may not go."""
+formulas of docs/ARCHITECTURE.md §1), and its gradients to where they may and may not go."""
 import math
 
 import logit_reference as paper
@@ -65,7 +65,7 @@ def term_loss(term, edge, zs, zt, y, att_s, att_t):
 
 
 def time_gate(gate, x, gamma=1.0, warmup=None):
-    """The gates of DESIGN §1 that depend only on x = k / k_end."""
+    """The gates of docs/ARCHITECTURE.md §1 that depend only on x = k / k_end."""
     return {"through": 1.0, "linear": x, "negative_linear": 1 - x, "gamma": x ** (1 / gamma),
             "negative_gamma": (1 - x) ** (1 / gamma), "warmup": warmup and min(1.0, x / warmup)}[gate]
 

@@ -340,7 +340,7 @@ def test_bad_export_input_exits_2_with_one_line(tmp_path, capsys):
 
 
 def test_asha_first_decides_at_epoch_1(monkeypatch):
-    """ASHA's first rung is epoch 1 (DESIGN §6): a trial far behind the first one is pruned right
+    """ASHA's first rung is epoch 1 (docs/ARCHITECTURE.md §6): a trial far behind the first one is pruned right
     after its first epoch. The trainer is scripted: only the search's reporting and pruning run."""
     from ktfast import search
     from ktfast.config import TrainConfig

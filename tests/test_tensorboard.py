@@ -1,4 +1,4 @@
-"""`ktfast train --tensorboard` (DESIGN §11): per node, event files whose values, read back with
+"""`ktfast train --tensorboard` (docs/ARCHITECTURE.md §11): per node, event files whose values, read back with
 TensorBoard's own reader, are those of metrics.jsonl."""
 import json
 

@@ -180,7 +180,7 @@ def test_training_learns_real_digits():
 
 
 def test_the_loop_hands_every_step_its_1_based_index_and_the_run_its_total():
-    """Linear gates weigh a step by k / k_end with k = 1 … k_end (DESIGN §1): the last step at 1."""
+    """Linear gates weigh a step by k / k_end with k = 1 … k_end (docs/ARCHITECTURE.md §1): the last step at 1."""
     trainer = Trainer(dml(), cfg(epochs=2), out=None, progress=False)
     seen = []
     original = trainer.train_step

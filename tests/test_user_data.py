@@ -1,4 +1,4 @@
-"""Data from the user's code (DESIGN §5): `--dataset py:MODULE:FACTORY`. A user's copy of digits
+"""Data from the user's code (docs/ARCHITECTURE.md §5): `--dataset py:MODULE:FACTORY`. A user's copy of digits
 gives the built-in digits' batches exactly (fractions, search splits, seeds, augmentation); a set
 over the memory budget is read on demand by the torch loader's workers; bad sets are one line."""
 import json

@@ -1,4 +1,4 @@
-"""Models from the user's code (DESIGN §3): `py:MODULE:FACTORY` nodes (a file of tests/, and
+"""Models from the user's code (docs/ARCHITECTURE.md §3): `py:MODULE:FACTORY` nodes (a file of tests/, and
 torchvision's resnet18 as code no one here wrote), `"attention": "LAYER"` taken by torch.fx, the
 entry-point group `ktfast.models`, fusion of two py: nodes, and every bad input as one line."""
 import json

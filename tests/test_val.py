@@ -1,6 +1,6 @@
 """Selection without test leakage (issue 25, item 2): `--val-fraction` holds out a seeded, class-balanced
 part of the training set, `checkpoint-best.pt` is the epoch of the target's best val accuracy (the first
-on ties), `summary.json` follows DESIGN §2, bad values exit 2 with one line, and the search's objective
+on ties), `summary.json` follows docs/ARCHITECTURE.md §2, bad values exit 2 with one line, and the search's objective
 never reads the test set."""
 import json
 import statistics

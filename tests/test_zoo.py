@@ -1,4 +1,4 @@
-"""Zoo models as graph nodes (DESIGN §1): `timm:NAME` and `torchvision:NAME` validated against their
+"""Zoo models as graph nodes (docs/ARCHITECTURE.md §1): `timm:NAME` and `torchvision:NAME` validated against their
 zoo, their attention map the channel mean of the last feature map before pooling, `"init": "zoo"`
 for the published weights (offline: one line naming the node). No test downloads anything."""
 import json

@@ -1,5 +1,5 @@
 """Networks a user might write, for `py:` model nodes (tests/test_user_models.py): plain nn.Modules
-that know nothing of ktfast, and factories that go wrong in each way DESIGN §3 names."""
+that know nothing of ktfast, and factories that go wrong in each way docs/ARCHITECTURE.md §3 names."""
 import torch
 from torch import nn
 

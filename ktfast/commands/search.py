@@ -1,4 +1,4 @@
-"""`ktfast search` and `ktfast export` (DESIGN §6, §7): the search's flags, run by `ktfast.search_session`
+"""`ktfast search` and `ktfast export` (ARCHITECTURE §6, §7): the search's flags, run by `ktfast.search_session`
 as `ktfast.search` runs them, and the best graph written as a graph file."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`ktfast train` and `ktfast pretrain` (DESIGN §7): the flags of a training session (a graph trained
+"""`ktfast train` and `ktfast pretrain` (docs/ARCHITECTURE.md §7): the flags of a training session (a graph trained
 with one or several seeds into a run directory, like another run, or resumed from its last
 checkpoint), run by `ktfast.session` as `ktfast.train` runs it, and the pretrain cache filled by hand."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The data layer (DESIGN §5): one interface, `make_loader(dataset, split, batch_size, device, seed)`.
+"""The data layer (docs/ARCHITECTURE.md §5): one interface, `make_loader(dataset, split, batch_size, device, seed)`.
 
 Bottom to top, each module importing only those above it in this list:
 * `types`: the error, `DatasetInfo`, `Arrays`, seeded generators;

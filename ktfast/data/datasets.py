@@ -1,4 +1,4 @@
-"""The datasets (DESIGN §5): one registry, `DATASETS`, of how to describe each dataset from its name
+"""The datasets (docs/ARCHITECTURE.md §5): one registry, `DATASETS`, of how to describe each dataset from its name
 alone and how to read it into uint8 images `[N, 3, H, W]` and int64 labels (train and test sets).
 
 Environment: `KTFAST_DATA` is the default data directory (else ~/.cache/ktfast/data);

@@ -1,4 +1,4 @@
-"""Datasets of image files (DESIGN §5): Tiny ImageNet-200 and class folders (Stanford Dogs, Cars, CUB).
+"""Datasets of image files (docs/ARCHITECTURE.md §5): Tiny ImageNet-200 and class folders (Stanford Dogs, Cars, CUB).
 
 Both are decoded once into uint8 arrays `[N, 3, S, S]` (shorter side resized to S, centre square;
 by DALI's mixed decoder on a GPU where DALI is installed, else by PIL) and cached beside their

@@ -125,7 +125,7 @@ class Loader:
             self._shard(rank, world)
 
     def _shard(self, rank: int, world: int) -> None:
-        """Keep this rank's share of every epoch (DESIGN §10, place data): of each training batch
+        """Keep this rank's share of every epoch (docs/ARCHITECTURE.md §10, place data): of each training batch
         its slice, so that the global batch stays the batch size and the plan is one process's; of
         an evaluation split, a contiguous block, each sample evaluated once."""
         if not self.train:

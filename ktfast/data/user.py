@@ -1,4 +1,4 @@
-"""Data from the user's code (DESIGN §5): `--dataset py:MODULE:FACTORY`, `FACTORY()` returning
+"""Data from the user's code (docs/ARCHITECTURE.md §5): `--dataset py:MODULE:FACTORY`, `FACTORY()` returning
 `(train, test)` torch Datasets whose items are `(image [3, S, S] uint8 or float in [0, 1], int label)`.
 
 The number of classes is the train set's `classes` attribute (a count, or a sequence of names), else

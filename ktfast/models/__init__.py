@@ -1,4 +1,4 @@
-"""The model registry (DESIGN §3): names are a contract shared by graph files and the search.
+"""The model registry (docs/ARCHITECTURE.md §3): names are a contract shared by graph files and the search.
 
 Every model's forward is `forward(x, return_attention=False)`; with `return_attention=True` it
 returns `(logits, attention)`, the attention map being the channel mean of the last stage's

@@ -1,4 +1,4 @@
-"""A node's attention map taken at a layer the graph names (`"attention": "LAYER"`, DESIGN §3): the
+"""A node's attention map taken at a layer the graph names (`"attention": "LAYER"`, docs/ARCHITECTURE.md §3): the
 channel mean of that submodule's output.
 
 The network is traced once by torch.fx (torchvision's feature extraction, train and eval graphs

@@ -1,4 +1,4 @@
-"""Models from the user's code (DESIGN §3): `py:MODULE:FACTORY`, and names that installed packages
+"""Models from the user's code (docs/ARCHITECTURE.md §3): `py:MODULE:FACTORY`, and names that installed packages
 register in the entry-point group `ktfast.models` (name -> factory).
 
 `FACTORY(num_classes=C)` is called, with `image_size=S` too where the factory names that keyword

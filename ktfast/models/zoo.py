@@ -1,4 +1,4 @@
-"""Models of the ecosystem's zoos as graph nodes (DESIGN §1): `timm:NAME` and `torchvision:NAME`.
+"""Models of the ecosystem's zoos as graph nodes (docs/ARCHITECTURE.md §1): `timm:NAME` and `torchvision:NAME`.
 
 They follow the registry's forward contract: logits, and with `return_attention=True` also the
 channel mean of the last feature map before pooling, `[B, H, W]` — timm's `forward_features`;
