@@ -97,7 +97,8 @@ def _load_models(run: Path, graph: Graph, cfg: TrainConfig) -> dict:
     """The model nodes as the run's checkpoint holds them (its last epoch)."""
     device = cfg.device if torch.device(cfg.device).type != "cuda" or torch.cuda.is_available() else "cpu"
     info = dataset_info(cfg.dataset, cfg.data_dir)
-    models = {n.name: build_model(n.model, info.num_classes, info.image_size) for n in graph.model_nodes}
+    models = {n.name: build_model(n.model, info.num_classes, info.image_size, attention=n.attention)
+              for n in graph.model_nodes}
     path = run / CHECKPOINT
     load_models(read_checkpoint(path, graph.to_dict(), cfg.to_dict(), "cpu"), models, path)
     for node in graph.model_nodes:

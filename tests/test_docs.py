@@ -30,9 +30,10 @@ def test_python_api_walk_through_runs():
 
 
 def test_api_example_script_runs(monkeypatch, capsys):
-    """examples/custom/train_api.py on a small registry graph, one epoch."""
-    monkeypatch.setattr(sys, "argv", ["train_api.py", str(ROOT / "examples" / "dml2_resnet8.json"),
-                                      "--epochs", "1", "--dataset", TINY, "--out", "runs/example"])
+    """examples/custom/train_api.py on its own graph (the user's network of examples/custom/, with its
+    attention layer, beside a resnet8), one epoch, at 32 px: its attention crops need 8x8 maps."""
+    monkeypatch.setattr(sys, "argv", ["train_api.py", "--epochs", "1", "--dataset", TINY.replace("size=16", "size=32"),
+                                      "--out", "runs/example"])
     runpy.run_path(str(ROOT / "examples" / "custom" / "train_api.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "epoch 1" in out and "own loop" in out
