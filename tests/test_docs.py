@@ -26,7 +26,12 @@ def test_python_api_walk_through_runs():
         block = block.replace('"digits"', f'"{TINY}"')
         exec(compile(block, f"docs/python_api.md, python block {i + 1}", "exec"), namespace)
     assert Path("runs/dml2/checkpoint.pt").is_file() and Path("search.db").is_file()
-    assert len(namespace["seen"]) == 2 and namespace["study"].trials[0].state.name in ("COMPLETE", "PRUNED")
+    assert len(namespace["seen"]) == 2
+    # trials=1 finished trial; the random sampler may first draw a graph whose target is cut off from
+    # every edge, which the search fails with its reason and does not count (ktfast.search).
+    states = [(t.state.name, t.user_attrs.get("fail_reason", "")) for t in namespace["study"].trials]
+    assert [s for s, _ in states if s != "FAIL"] in (["COMPLETE"], ["PRUNED"]), states
+    assert all(why.startswith("frozen target") for s, why in states if s == "FAIL"), states
 
 
 def test_api_example_script_runs(monkeypatch, capsys):
