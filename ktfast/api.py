@@ -7,7 +7,6 @@ fit); nothing is printed unless `progress=True`.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Callable
 import torch
 
 from ktfast.checkpoint import load_models, read_checkpoint
-from ktfast.config import ConfigError, TrainConfig
+from ktfast.config import ConfigError, TrainConfig, flag_fields
 from ktfast.data import dataset_info
 from ktfast.distributed import PLACES
 from ktfast.graph import Graph
@@ -29,17 +28,16 @@ from ktfast.transfer_step import TransferStep, as_graph
 
 __all__ = ["Run", "load_run", "train", "search", "TransferStep"]
 
-# `ktfast train`'s options beside the recipe (TrainConfig's fields) and their defaults.
+# `ktfast train`'s options beside the settings that flags set (`config.flag_fields`) and their defaults.
 RUN_OPTIONS = {"graph": None, "seeds": None, "seeds_one_by_one": False, "out": None, "resume": None, "like": None,
                "tensorboard": False}
-NOT_OPTIONS = ("seed", "world_size", "extra")  # config fields no flag sets
 # The values a keyword may take where the flag has choices.
 CHOICES = {"optimizer": ("sgd", "adam"), "device": ("cuda", "cpu"), "split": ("train", "search"), "place": PLACES}
 
 
 def train_options() -> tuple[str, ...]:
     """The keywords of `ktfast.train` but `progress` and `callbacks`: `ktfast train`'s flags."""
-    return (*RUN_OPTIONS, *(f.name for f in dataclasses.fields(TrainConfig) if f.name not in NOT_OPTIONS))
+    return (*RUN_OPTIONS, *flag_fields())
 
 
 class Run:
@@ -160,7 +158,7 @@ def search(*, progress: bool = False, **options):
     """Run the search `ktfast search` runs with the flags `options` (`nodes=3`, `target_model=
     "resnet32"`, `trials=20`, `models=["resnet8", …]`, `dataset="digits"`, `epochs=4`, …), to the
     end; the optuna.Study, whose trials hold each graph (`user_attrs["graph"]`)."""
-    recipe = {f.name: None for f in dataclasses.fields(TrainConfig) if f.name not in (*NOT_OPTIONS, "split")}
+    recipe = {name: None for name in flag_fields() if name != "split"}  # a search trains on its own split
     opts = _options({**SEARCH_OPTIONS, **recipe}, options, "search")
     for key in ("nodes", "target_model", "trials"):
         if getattr(opts, key) is None:

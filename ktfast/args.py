@@ -3,9 +3,8 @@ types of flags, and the recipe flags that make a `TrainConfig`."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-from ktfast.config import ConfigError, TrainConfig
+from ktfast.config import ConfigError, TrainConfig, flag_fields
 
 
 class UsageError(ConfigError):
@@ -79,12 +78,6 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when present")
 
 
-# The recipe flags whose value is None when not given.
-RECIPE = ("dataset", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "lr_decay_at", "lr_decay")
-# Config fields that no flag of that name sets: the seed comes from --seeds, the rest from the launch.
-NOT_FLAGS = ("seed", "device", "world_size", "extra")
-
-
 def config_from_args(args, seed: int = 0, base: TrainConfig | None = None) -> TrainConfig:
     """The config of a run: `base` (the defaults, or the run that `--like` names), with every field
     whose option `args` holds (not None: given) replaced by it. `args` is a namespace: the command
@@ -93,15 +86,14 @@ def config_from_args(args, seed: int = 0, base: TrainConfig | None = None) -> Tr
 
     like = base is not None
     base = base or TrainConfig()
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if f.name not in NOT_FLAGS and getattr(args, f.name, None) is not None}
+    given = {name: getattr(args, name) for name in flag_fields() if getattr(args, name, None) is not None}
     if "lr_decay_at" in given:
         given["lr_decay_at"] = tuple(given["lr_decay_at"])
     device = args.device or (base.device if like else "cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available" + (" (--device cpu to train on the CPU)"
                                                                          if like else ""))
-    cfg = base.replace(**given, seed=seed, device=device)
+    cfg = base.replace(**{**given, "seed": seed, "device": device})
     if cfg.train_fraction is not None and not 0 < cfg.train_fraction <= 1:
         raise UsageError(f"--train-fraction: must be in (0, 1], got {cfg.train_fraction}")
     if cfg.lr <= 0:

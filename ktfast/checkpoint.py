@@ -8,9 +8,7 @@ from pathlib import Path
 
 import torch
 
-# What a run's weights were trained on: a checkpoint whose config differs here is another run's. The
-# seed is one: it draws the fraction's subset, the order of the samples and their augmentation.
-DATA_KEYS = ("dataset", "split", "train_fraction", "val_fraction", "seed")
+from ktfast.config import data_fields
 
 
 class CheckpointError(ValueError):
@@ -88,7 +86,7 @@ def read_checkpoint(path: Path, graph: dict, config: dict, device) -> dict:
         raise CheckpointError(f"{path}: the checkpoint is of another graph (its {_difference(theirs, graph)} "
                               f"differ from {path.parent / 'graph.json'})")
     saved = state.get("config", config)
-    for key in DATA_KEYS:
+    for key in data_fields():  # what the weights were trained on, the seed among them
         if saved.get(key) != config.get(key):
             raise CheckpointError(f"{path}: the checkpoint was trained with {key} {saved.get(key)!r}, but "
                                   f"{path.parent / 'config.json'} names {config.get(key)!r}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ktfast.config import TrainConfig
+from ktfast.config import TrainConfig, cache_key
 from ktfast.graph import Graph
 from ktfast.train import Trainer
 
@@ -27,13 +27,10 @@ def cache_path(model: str, cfg: TrainConfig) -> Path:
     # Everything that changes what the teacher learns is part of the key; the run's seed is not,
     # so the five seeds of a study share one teacher, as in the papers. With a train fraction the
     # seed draws the subset: then each seed's teacher learns that seed's subset and nothing else.
-    recipe = {k: v for k, v in cfg.to_dict().items()
-              if k in ("dataset", "split", "train_fraction", "epochs", "batch_size", "optimizer", "lr",
-                       "momentum", "weight_decay", "lr_decay_at", "lr_decay", "amp")}
+    # The val fraction is in the key (the teacher never sees the run's val part) only when set.
+    recipe = cache_key(cfg)
     if cfg.train_fraction is not None:
         recipe["subset_seed"] = cfg.seed
-    if cfg.val_fraction is not None:  # the teacher never sees the run's val part (keys before it unchanged)
-        recipe["val_fraction"] = cfg.val_fraction
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.dataset)
     return cache_dir() / f"{model}-{dataset}-{cfg.split}-e{cfg.epochs}-{digest}.pt"

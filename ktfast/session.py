@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from ktfast import distributed, tensorboard
-from ktfast.args import RECIPE, UsageError, config_from_args, logger
-from ktfast.config import TrainConfig
+from ktfast.args import UsageError, config_from_args, logger
+from ktfast.config import TrainConfig, resume_checked
 from ktfast.data import dataset_info
 from ktfast.distributed import Placement, PeerLost
 from ktfast.graph import Graph
@@ -186,13 +186,10 @@ def train(opts, rank: int, world: int, say=print, progress=True, callbacks=()) -
     return root, trained_models(trainers["first"])
 
 
-# Recipe flags that --resume checks against the run's config.json: a run continues as it started.
-RESUME_CHECKED = (*RECIPE, "split", "train_fraction", "val_fraction")
-
-
 def _check_resume_flags(run: Path, opts, cfg: TrainConfig) -> None:
-    """A flag given with --resume must agree with the run, also when it is given at its default value."""
-    for key in RESUME_CHECKED:
+    """A flag given with --resume must agree with the run, also when it is given at its default value
+    (the settings marked resume: a run continues as it started)."""
+    for key in resume_checked():
         given = getattr(opts, key, None)
         if given is not None and given != getattr(cfg, key):
             raise UsageError(f"--{key.replace('_', '-')}: the run in {run} has {getattr(cfg, key)!r}, not "

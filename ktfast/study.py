@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 
 from ktfast.args import UsageError
-from ktfast.config import TrainConfig
+from ktfast.config import TrainConfig, recipe_fields
 from ktfast.storage_retry import RetryingRDBStorage
 
 DEFAULT_STORAGE = "sqlite:///ktfast-search.db"
@@ -25,10 +25,9 @@ _REQUEUE_LOCK = threading.Lock()
 
 
 def recipe(cfg: TrainConfig) -> dict:
-    """What must be the same for every worker of a study: everything but where and how fast it runs."""
-    return {k: v for k, v in cfg.to_dict().items()
-            if k not in ("device", "data_dir", "loader", "compile", "cuda_graph", "reference",
-                         "val_fraction")}  # the search scores on its own split: never a val fraction
+    """What must be the same for every worker of a study (the settings marked recipe)."""
+    values = cfg.to_dict()
+    return {k: values[k] for k in recipe_fields()}
 
 
 def is_journal(url: str) -> bool:
