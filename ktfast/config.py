@@ -14,12 +14,12 @@ class ConfigError(ValueError):
 
 def setting(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, recipe: bool = False,
             resume: bool = False, cache: bool | str = False, data: bool = False, flag: bool = True):
-    """A field of TrainConfig with the facts the rules about settings read (docs/ARCHITECTURE.md §2), one
-    place per setting. recipe: joins a study's recipe (`study.recipe`: a study is joined only with the
-    same); resume: a flag given with --resume must agree with the run; cache: keys the pretrain cache
-    (`pretrain.cache_path`; "if set": only when not None, so the keys made before it existed stay);
-    data: what the weights were trained on (a checkpoint of other data is another run's); flag: a flag
-    (and `ktfast.train` keyword) of its name sets it."""
+    """A field of TrainConfig with the facts that the rules about settings read, one place per setting
+    (docs/ARCHITECTURE.md, "A setting"). recipe: it joins a study's recipe (`study.recipe`: a study is
+    joined only with the same); resume: its flag, given with --resume, must agree with the run; cache:
+    it keys the pretrain cache (`pretrain.cache_path`; "if set": only when not None, so that the keys
+    made before it existed stay); data: the weights were trained on it (a checkpoint of other data is
+    another run's); flag: a flag of its name (and a `ktfast.train` keyword) sets it."""
     facts = {"recipe": recipe, "resume": resume, "cache": cache, "data": data, "flag": flag}
     return field(default=default, default_factory=factory, metadata=facts)
 

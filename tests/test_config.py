@@ -1,7 +1,7 @@
-"""What each TrainConfig setting is (field metadata, docs/ARCHITECTURE.md §2) and the rules that read it:
-the lists, cache paths, study recipes and config.json below were printed by the code before the facts
-moved into the metadata (one literal list per rule), and must not change: existing caches, studies and
-run directories depend on them."""
+"""What each TrainConfig setting is (its field metadata, docs/ARCHITECTURE.md "A setting") and the rules
+that read it. The lists, cache paths, study recipes and config.json below were printed by the code
+before the facts moved into the metadata (one literal list per rule), and must not change: existing
+caches, studies and run directories depend on them."""
 from __future__ import annotations
 
 import json
