@@ -74,6 +74,8 @@ def plan(smoke: bool, out: Path) -> list[Part]:
               "--epochs", "1"], 25, "loader"),
         Part("search", ["benchmarks/bench_search.py", "--smoke", "--trials", "2"] if smoke else
              ["benchmarks/bench_search.py", "--ks", "1,4", "--trials", "4"], 60, "search"),
+        # DDP against the flat all-reduce: 2 gloo processes in the smoke run; on one GPU it skips at once.
+        Part("ddp", ["benchmarks/bench_ddp.py", *size], 30, "ddp"),
     ]
 
 
@@ -229,6 +231,7 @@ def summary(parts: list[Part], out: Path, missing: list[str], cuda: bool) -> str
     lines += replicas_lines(by_name.get("replicas"))
     lines += loader_lines(by_name.get("loader"))
     lines += search_lines(by_name.get("search"))
+    lines += ddp_lines(by_name.get("ddp"))
     lines += goal_lines(by_name, cuda)
     return "\n".join(lines)
 
@@ -317,6 +320,19 @@ def search_lines(result: dict | None) -> list[str]:
         best = f"  best {r['best_objective']:.1%} after {r['best_after_s']:.0f} s" if "best_objective" in r else ""
         lines.append(f"K={r['trials_per_gpu']:<2} {r['pack']:<9} {r['trials_per_hour']:8.1f} "
                      f"(steady {r['steady_trials_per_hour']:.1f})  x{r['speedup']:.2f}{per_gpu}{best}")
+    return lines
+
+
+def ddp_lines(result: dict | None) -> list[str]:
+    if not result:
+        return []
+    if result.get("skipped"):
+        return ["", f"ddp on {result['device']}: skipped ({result['skipped']})"]
+    lines = ["", f"ddp on {result['device']}, {result['world_size']} processes: ms/step, median of rounds"]
+    for r in result["rows"]:
+        lines.append(f"{r['graph']:<22} B={r['batch_size']:<4} flat {r['flat']['ms_per_step']:.1f}  DDP "
+                     f"{r['ddp']['ms_per_step']:.1f}  (DDP/flat {r['ddp_vs_flat']:.2f}, weights "
+                     f"{'equal' if r['weights_equal'] else 'differ'})")
     return lines
 
 

@@ -2,9 +2,10 @@
 `ktfast train --gpus`), NCCL on CUDA and gloo on the CPU.
 
 * place "data": every rank holds every node and takes its slice of each global batch (the epoch
-  plan stays the single process's); after the backward, the gradients of every trainable node are
-  averaged in one bucketed all-reduce. With `sync_bn`, BatchNorm normalises over the global batch,
-  and the ranks compute what one process computes.
+  plan stays the single process's); each unfused trainable node runs under torch's
+  DistributedDataParallel, whose bucketed all-reduces of its gradients start during the backward, and
+  the nodes of fused groups are averaged after it in one flat all-reduce. With `sync_bn`, BatchNorm
+  normalises over the global batch, and the ranks compute what one process computes.
 * place "nodes": each rank runs a share of the model nodes (balanced by cost) on the whole batch;
   after the forwards the ranks all-gather the logits and attention maps, and each rank
   back-propagates the losses of the targets it owns. A non-detached ensemble's loss reaches its
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.nn import functional as with_grad  # collectives that autograd differentiates
+from torch.nn.parallel import DistributedDataParallel
 
 from ktfast.args import UsageError
 from ktfast.graph import Graph
@@ -153,6 +155,7 @@ class Placement:
         self.graph, self.place, self.rank, self.world, self.sync_bn = graph, place, rank, world, sync_bn
         self.owner = {n.name: 0 for n in graph.model_nodes}
         self._layouts: dict = {}
+        self.held: set[int] = set()  # ids of the parameters DDP averages (`data_parallel`)
 
     @property
     def nodes(self) -> bool:
@@ -210,8 +213,7 @@ class Placement:
         # One buffer of the widest dtype any rank sends: fp32 for AMP's bf16 logits beside fp32
         # maps, float64 for float64 models (the same on every rank: it is read from the layouts).
         dtype = functools.reduce(torch.promote_types, (d for layout in layouts for *_, d in layout), torch.float32)
-        parts = [t.reshape(-1).to(dtype) for _, _, t in own]
-        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
+        flat = _flatten([t.to(dtype) for _, _, t in own], dtype, device)
         longest = max(sum(_numel(shape) for _, _, shape, _ in layout) for layout in layouts)
         flat = torch.cat([flat, flat.new_zeros(longest - flat.numel())])
         if grad:
@@ -225,28 +227,42 @@ class Placement:
             dist.all_gather(gathered, flat.detach())
         out = {"logits": {}, "attention": {}}
         for rank, layout in enumerate(layouts):
-            offset = 0
-            for kind, name, shape, dtype in layout:
-                n = _numel(shape)
-                out[kind][name] = gathered[rank][offset:offset + n].view(shape).to(dtype)
-                offset += n
+            parts = _unflatten(gathered[rank], [shape for _, _, shape, _ in layout])
+            for (kind, name, _, dtype), t in zip(layout, parts):
+                out[kind][name] = t.to(dtype)
         if not grad:
             out["logits"].update(logits)
             out["attention"].update(attention)
         return out["logits"], out["attention"]
 
-    def average_gradients(self, params) -> None:
-        """place data: every trainable node's gradients averaged over the ranks, in one all-reduce."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if self.nodes or self.world == 1 or not grads:
+    def data_parallel(self, units) -> None:
+        """place data: each unit of one trainable node run by torch's DistributedDataParallel, whose
+        bucketed all-reduces of its gradients start during the backward. A fused group's nodes
+        (stacked parameters under vmap, their gradients handed out after the backward) are left to
+        `average_gradients`. BatchNorm statistics stay each rank's, as `share_buffers` expects; the
+        ranks' weights are equal from the seed or the checkpoint, so DDP's initial broadcast is left out."""
+        if self.nodes or self.world == 1:
             return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        for unit in units:
+            params = [p for p in unit.module.parameters() if p.requires_grad]
+            if len(unit.nodes) == 1 and not unit.nodes[0].frozen and params:
+                device = params[0].device
+                unit.module = DistributedDataParallel(
+                    unit.module, device_ids=[device] if device.type == "cuda" else None, init_sync=False,
+                    forward_sync_buffers=False, gradient_as_bucket_view=True, static_graph=True)
+                self.held.update(id(p) for p in params)
+
+    def average_gradients(self, params) -> None:
+        """place data: the gradients of every trainable node DDP does not hold (`data_parallel`)
+        averaged over the ranks, in one all-reduce after the backward."""
+        if self.nodes or self.world == 1:
+            return
+
+        def average(flat):
+            dist.all_reduce(flat)
+            flat /= self.world
+
+        in_one_buffer([p.grad for p in params if p.grad is not None and id(p) not in self.held], average)
 
     # ---- metrics and state -------------------------------------------------------------------
     def metric_mask(self, device) -> torch.Tensor:
@@ -276,14 +292,8 @@ class Placement:
         follow its own shard), so that evaluation and the checkpoint agree."""
         if self.nodes or self.world == 1:
             return
-        buffers = [b for m in models.values() for b in m.buffers() if b.is_floating_point()]
-        if buffers:
-            flat = torch.cat([b.reshape(-1) for b in buffers])
-            dist.broadcast(flat, src=0)
-            offset = 0
-            for b in buffers:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
+        in_one_buffer([b for m in models.values() for b in m.buffers() if b.is_floating_point()],
+                      lambda flat: dist.broadcast(flat, src=0))
 
     def collect_state(self, models: dict, optimizer) -> None:
         """place nodes: rank 0's copies of the other ranks' nodes brought up to date — weights,
@@ -310,6 +320,29 @@ class Placement:
                     device = params[p].device
                     optimizer.state[params[p]] = {k: v[0].to(device if v[1] != "cpu" else "cpu") if isinstance(v, tuple)
                                                   else v for k, v in state.items()}
+
+
+def in_one_buffer(tensors: list, collective) -> None:
+    """`collective(flat)` on the tensors laid end to end in one buffer, the result written back
+    into them: one collective for many small tensors (a node's dozens of gradients), not one each."""
+    if tensors:
+        flat = _flatten(tensors)
+        collective(flat)
+        for t, part in zip(tensors, _unflatten(flat, [t.shape for t in tensors])):
+            t.copy_(part)
+
+
+def _flatten(tensors: list, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """The tensors laid end to end, flat (empty of `dtype` on `device` when there are none)."""
+    if not tensors:
+        return torch.zeros(0, dtype=dtype, device=device)
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _unflatten(flat: torch.Tensor, shapes: list) -> list[torch.Tensor]:
+    """Views of `flat`'s start, one per shape, in `_flatten`'s layout (what follows is padding)."""
+    sizes = [_numel(shape) for shape in shapes]
+    return [part.view(shape) for part, shape in zip(flat[:sum(sizes)].split(sizes), shapes)]
 
 
 def _numel(shape) -> int:

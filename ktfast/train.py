@@ -166,6 +166,7 @@ class Trainer:
                                 on_fault=lambda nodes, reason: self.fall_back(
                                     "fuse", "off", RuntimeError(f"{', '.join(n.name for n in nodes)}: {reason}")))
         self.check_fusion(info.image_size)
+        placement.data_parallel(self.units)
         self.fast = FastStep(self) if fast else None
 
     def check_fusion(self, image_size: int) -> None:

@@ -2,6 +2,7 @@
 boxes, the summary — and what each benchmark reports, checked against what it measured."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -31,15 +32,16 @@ def result(suite, name: str) -> dict:
 
 def test_suite_runs_every_part_and_writes_few_files(suite):
     parts = suite["parts"]
-    assert list(parts) == ["tests", "kernels", "step", "replicas", "step-compile", "loader", "search"]
+    assert list(parts) == ["tests", "kernels", "step", "replicas", "step-compile", "loader", "search", "ddp"]
     assert parts["tests"]["status"].startswith("skipped") and parts["step-compile"]["status"].startswith("skipped")
-    for name in ("kernels", "step", "replicas", "loader", "search"):
+    for name in ("kernels", "step", "replicas", "loader", "search", "ddp"):
         assert parts[name]["status"] == "ok" and parts[name]["result"]["file"] == f"{name}-smoke.json"
     # At most five files come back from a GPU machine's output folder: everything fits in them.
     assert sorted(p.name for p in suite["out"].iterdir()) == ["benchmarks.log", "summary.json", "summary.txt"]
     text = (suite["out"] / "summary.txt").read_text()
     assert suite["stdout"].rstrip().endswith(text.rstrip())  # the summary is printed last
-    for heading in ("kernels (edge losses", "step on", "seeds as replicas on", "loader on", "search on", "goals"):
+    for heading in ("kernels (edge losses", "step on", "seeds as replicas on", "loader on", "search on", "ddp on",
+                    "goals"):
         assert heading in text
     assert "==== step: python benchmarks/bench_step.py" in (suite["out"] / "benchmarks.log").read_text()
 
@@ -47,8 +49,9 @@ def test_suite_runs_every_part_and_writes_few_files(suite):
 def test_unpack_writes_the_benchmark_jsons(suite, tmp_path):
     subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--unpack", str(suite["out"] / "summary.json"),
                     "--out", str(tmp_path)], check=True, capture_output=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels-smoke.json", "loader-smoke.json",
-                                                         "replicas-smoke.json", "search-smoke.json", "step-smoke.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ddp-smoke.json", "kernels-smoke.json", "loader-smoke.json", "replicas-smoke.json", "search-smoke.json",
+        "step-smoke.json"]
     assert json.loads((tmp_path / "step-smoke.json").read_text()) == result(suite, "step")
 
 
@@ -127,6 +130,22 @@ def test_search_and_loader_rows(suite):
     (row,) = loader["rows"]
     kinds = ["gpu", "torch"] + (["dali"] if decode.available() else [])
     assert all(row[k]["images_per_s"] > 0 for k in kinds) and loader["dali"] == decode.available()
+
+
+def test_ddp_rows_train_the_same_weights_as_the_flat_all_reduce(suite):
+    """DDP (what place data runs) holds every trainable tensor, the flat variant none, and after the
+    same steps on the same batches both copies' weights are equal bit for bit: at 2 processes each
+    element's average is (a + b) / 2 either way (DDP halves first; halving is exact, + commutes)."""
+    res = result(suite, "ddp")
+    assert (res["world_size"], res["backend"]) == (2, "gloo")
+    (row,) = res["rows"]
+    assert row["ddp"]["ddp_params"] == row["trainable_params"] > 0 and row["flat"]["ddp_params"] == 0
+    assert row["weights_equal"] and row["weights_max_abs_diff"] == 0.0
+    for variant in ("flat", "ddp"):
+        times = row[variant]["rounds_ms_per_step"]
+        assert len(times) == res["rounds"]
+        assert row[variant]["ms_per_step"] == pytest.approx(statistics.median(times))
+    assert row["ddp_vs_flat"] == pytest.approx(row["ddp"]["ms_per_step"] / row["flat"]["ms_per_step"])
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path):
