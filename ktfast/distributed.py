@@ -18,6 +18,7 @@ Rank 0 alone writes the run directory; a rank whose peer is gone ends the run wi
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import warnings
 from contextlib import contextmanager
@@ -32,6 +33,11 @@ from torch.nn.parallel import DistributedDataParallel
 from ktfast.args import UsageError
 from ktfast.graph import Graph
 from ktfast.losses import owner
+
+# torch 2.14 renamed DDP's broadcast_buffers to forward_sync_buffers (the old name warns); torch 2.11,
+# on the GPU machines, knows only the old one.
+NO_BUFFER_SYNC = next(name for name in ("forward_sync_buffers", "broadcast_buffers")
+                      if name in inspect.signature(DistributedDataParallel).parameters)
 
 PLACES = ("data", "nodes")
 # The bound on a collective that waits for a rank that neither answers nor dies (a dead rank's
@@ -249,7 +255,7 @@ class Placement:
                 device = params[0].device
                 unit.module = DistributedDataParallel(
                     unit.module, device_ids=[device] if device.type == "cuda" else None, init_sync=False,
-                    forward_sync_buffers=False, gradient_as_bucket_view=True, static_graph=True)
+                    gradient_as_bucket_view=True, static_graph=True, **{NO_BUFFER_SYNC: False})
                 self.held.update(id(p) for p in params)
 
     def average_gradients(self, params) -> None:
