@@ -28,8 +28,7 @@ from torch import nn
 from torch.distributed.nn import functional as with_grad  # collectives that autograd differentiates
 
 from ktfast.args import UsageError
-from ktfast.graph import Graph
-from ktfast.losses import owner
+from ktfast.graph import Graph, owner
 
 PLACES = ("data", "nodes")
 # The bound on a collective that waits for a rank that neither answers nor dies (a dead rank's

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from ktfast.graph import GAMMA_GATES, LABEL, EnsembleNode, Graph
+from ktfast.graph import GAMMA_GATES, LABEL, EnsembleNode, Graph, owner
 
 # Colours of the papers' figures: red target, blue pre-trained (frozen) source; ensembles get a
 # colour of their own since the ensemble paper's red ensemble node is also its search target.
@@ -18,11 +18,6 @@ NODE_RADIUS = 0.42  # fits "resnet110*" and "(73.46)" at 8.5 pt
 MIN_ARC = 1.5  # visible length of an arc between neighbours: room for one edge label
 EDGE_FONT = 7  # points
 PAD = 0.06  # inches kept between an edge label and other labels or nodes, where it can be
-
-
-def _owner(endpoint: str) -> str:
-    """The node an edge endpoint belongs to: `s.b2` (branch 2 of s) is drawn at s."""
-    return endpoint.partition(".")[0]
 
 
 def _layout(graph: Graph) -> dict[str, tuple[float, float]]:
@@ -91,7 +86,7 @@ def graph_figure(graph: Graph, accuracies: dict[str, float] | None = None, title
 
     pos = _layout(graph)
     # Room for arcs bulging out of the circle, and for self-loops with their labels beyond them.
-    loops = any(_owner(e.source) == _owner(e.target) for e in graph.active_edges)
+    loops = any(owner(e.source) == owner(e.target) for e in graph.active_edges)
     margin = NODE_RADIUS + (1.2 if loops else 0.8)
     xs, ys = [x for x, _ in pos.values()], [y for _, y in pos.values()]
     # At least as wide as the legend and the title; a one-node graph is narrower than that.
@@ -126,7 +121,7 @@ def graph_figure(graph: Graph, accuracies: dict[str, float] | None = None, title
     parallel: dict[tuple[str, str], int] = {}
     placed: list[tuple] = []  # the boxes of the edge labels drawn so far (see _label_box)
     for edge in graph.active_edges:
-        s, t = _owner(edge.source), _owner(edge.target)
+        s, t = owner(edge.source), owner(edge.target)
         colour = "dimgrey" if edge.source == LABEL else "black"
         # A white box under the label interrupts the arcs it lies on, and keeps it readable.
         text_style = dict(ha="center", va="center", fontsize=EDGE_FONT, color=colour, zorder=5, rotation_mode="anchor",
