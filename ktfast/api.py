@@ -32,7 +32,7 @@ __all__ = ["Run", "load_run", "train", "search", "TransferStep"]
 # `ktfast train`'s options beside the recipe (TrainConfig's fields) and their defaults.
 RUN_OPTIONS = {"graph": None, "seeds": None, "seeds_one_by_one": False, "out": None, "resume": None, "like": None,
                "tensorboard": False}
-NOT_OPTIONS = ("seed", "world_size", "extra")  # config fields no flag sets
+NOT_OPTIONS = ("seed", "world_size")  # config fields no flag sets
 # The values a keyword may take where the flag has choices.
 CHOICES = {"optimizer": ("sgd", "adam"), "device": ("cuda", "cpu"), "split": ("train", "search"), "place": PLACES}
 

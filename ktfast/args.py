@@ -82,7 +82,7 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
 # The recipe flags whose value is None when not given.
 RECIPE = ("dataset", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "lr_decay_at", "lr_decay")
 # Config fields that no flag of that name sets: the seed comes from --seeds, the rest from the launch.
-NOT_FLAGS = ("seed", "device", "world_size", "extra")
+NOT_FLAGS = ("seed", "device", "world_size")
 
 
 def config_from_args(args, seed: int = 0, base: TrainConfig | None = None) -> TrainConfig:

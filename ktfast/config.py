@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -44,7 +44,6 @@ class TrainConfig:
     world_size: int = 1
     place: str = "data"
     sync_bn: bool = False
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         # The whole training set is no subset: its runs share the pretrained teachers across seeds,

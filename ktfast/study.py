@@ -24,6 +24,11 @@ SQLITE_TIMEOUT_S = float(os.environ.get("KTFAST_SQLITE_TIMEOUT_S", 120))
 _REQUEUE_LOCK = threading.Lock()
 
 
+# Config fields a study's record may hold from an older ktfast, each with the one value it could have
+# had: a study that has them is joined as one made now.
+RETIRED = {"extra": {}}
+
+
 def recipe(cfg: TrainConfig) -> dict:
     """What must be the same for every worker of a study: everything but where and how fast it runs."""
     return {k: v for k, v in cfg.to_dict().items()
@@ -107,6 +112,8 @@ def open_study(storage, name: str, space, cfg: TrainConfig, pruner: str, min_res
         raise UsageError(f"--study {name}: cannot create or load it: {_root_message(e)}") from None
     mine = {**space.to_dict(), **json.loads(json.dumps(recipe(cfg))), "pruner": pruner, "min_resource": min_resource}
     theirs = study.user_attrs.get("ktfast")
+    if theirs is not None:
+        theirs = {k: v for k, v in theirs.items() if k not in RETIRED or v != RETIRED[k]}
     if theirs is None:
         if study.get_trials(deepcopy=False):
             raise UsageError(f"--study {name}: the study was not made by ktfast search; choose another name")

@@ -153,6 +153,9 @@ def test_a_study_is_joined_only_by_the_same_search(tmp_path):
 
     join().enqueue_trial({})
     assert len(join().get_trials(deepcopy=False)) == 1  # the same search joins
+    old = join()  # as an older ktfast recorded it: with the retired config field `extra`, always {}
+    old.set_user_attr("ktfast", {**old.user_attrs["ktfast"], "extra": {}})
+    assert len(join().get_trials(deepcopy=False)) == 1
     for extra, needle in ((["--pruner", "median"], "pruner='asha', not 'median'"),
                           (["--min-resource", "2"], "min_resource=1, not 2"),
                           (["--lr", "0.1"], "lr=0.05, not 0.1"),
