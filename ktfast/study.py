@@ -15,6 +15,7 @@ import optuna
 
 from ktfast.args import UsageError
 from ktfast.config import TrainConfig
+from ktfast.internals import without_asha_rungs
 from ktfast.storage_retry import RetryingRDBStorage
 
 DEFAULT_STORAGE = "sqlite:///ktfast-search.db"
@@ -154,7 +155,7 @@ def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if any(t.system_attrs.get("retry_history", [None])[-1] == trial.number for t in study.get_trials(deepcopy=False)):
             return
         trial = copy.deepcopy(trial)
-        trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("completed_rung_")}
+        trial.system_attrs = without_asha_rungs(trial.system_attrs)
         trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
