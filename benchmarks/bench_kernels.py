@@ -141,20 +141,23 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * x.element_size() / t
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (automatic without CUDA)")
     ap.add_argument("--first", action="store_true", help="only the goal rows: the papers' size and the large ones")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     ap.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main():
+    args = parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before ktfast.kernels defines its kernels
     from ktfast.kernels import fused_graph_losses
     from ktfast.losses import reference_graph_losses
 
-    device = "cuda" if cuda else "cpu"
     bandwidth = copy_bandwidth() if cuda else None
     if bandwidth:
         print(f"device-to-device copy: {bandwidth / 1e9:.0f} GB/s (read + write)", flush=True)
@@ -171,39 +174,53 @@ def main():
     sizes = (FIRST if args.first else FULL) if cuda else SMOKE
     kind_sizes = ([] if args.first else KIND_SIZES) if cuda else KIND_SMOKE
     for kind, m, b, c in [("kl", *s) for s in sizes] + [(k, *s) for k in NEW_KINDS for s in kind_sizes]:
-        g = make_graph(m, kind)
-        gen = torch.Generator(device=device).manual_seed(0)
-        z = {n.name: (3 * torch.randn(b, c, device=device, generator=gen)).requires_grad_() for n in g.model_nodes}
-        y = torch.randint(0, c, (b,), device=device, generator=gen)
-
-        def step(fn):
-            def call():
-                losses = fn(g, z, y, 5, 10)
-                torch.autograd.grad(sum(losses.values()), list(z.values()))
-            return call
-
-        row = {"kind": kind, "M": m, "B": b, "C": c, "edges": len(g.active_edges)}
-        for name, fn in impls.items():
-            row[f"{name}_us"] = 1e6 * wall_time(step(fn), cuda)
-            if cuda:
-                row[f"{name}_gpu_us"] = 1e6 * gpu_time(step(fn))
-        if cuda:
-            row["fused_fwd_gpu_us"] = 1e6 * gpu_time(lambda: fused_graph_losses(g, z, y, 5, 10))
-        if b <= 256:  # the step's sizes, where launching can cost more than computing
-            row["step_entry"] = host_overhead(g, z, y, cuda)
-        nbytes = 3 * m * b * c * 4 + b * 8
-        row["fused_GBps"] = nbytes / (row["fused_gpu_us" if cuda else "fused_us"] * 1e-6) / 1e9
-        if bandwidth:
-            row["fraction_of_copy_bw"] = row["fused_GBps"] * 1e9 / bandwidth
-        for name in impls:
-            if name != "fused":
-                row[f"speedup_vs_{name}"] = row[f"{name}_us"] / row["fused_us"]
-                if cuda:
-                    row[f"gpu_speedup_vs_{name}"] = row[f"{name}_gpu_us"] / row["fused_gpu_us"]
+        row = measure(kind, m, b, c, impls, cuda, bandwidth)
         rows.append(row)
         path = write_result("kernels", result, cuda, args.out)  # after every row: a cut-off run keeps its rows
         times = " ".join(f"{k[:-3]} {v:.0f}" for k, v in row.items() if k.endswith("_us"))
         print(f"{kind} M={m} B={b} C={c}: {times}", flush=True)
+    print_table(rows)
+    print(f"wrote {path}")
+
+
+def measure(kind: str, m: int, b: int, c: int, impls: dict, cuda: bool, bandwidth: float | None) -> dict:
+    """One row: every implementation's forward + backward on M nodes' [B, C] logits (the graph of
+    `make_graph(m, kind)`), timed on the wall (and the GPU), with the fused kernels' bandwidth."""
+    device = "cuda" if cuda else "cpu"
+    fused_graph_losses = impls["fused"]
+    g = make_graph(m, kind)
+    gen = torch.Generator(device=device).manual_seed(0)
+    z = {n.name: (3 * torch.randn(b, c, device=device, generator=gen)).requires_grad_() for n in g.model_nodes}
+    y = torch.randint(0, c, (b,), device=device, generator=gen)
+
+    def step(fn):
+        def call():
+            losses = fn(g, z, y, 5, 10)
+            torch.autograd.grad(sum(losses.values()), list(z.values()))
+        return call
+
+    row = {"kind": kind, "M": m, "B": b, "C": c, "edges": len(g.active_edges)}
+    for name, fn in impls.items():
+        row[f"{name}_us"] = 1e6 * wall_time(step(fn), cuda)
+        if cuda:
+            row[f"{name}_gpu_us"] = 1e6 * gpu_time(step(fn))
+    if cuda:
+        row["fused_fwd_gpu_us"] = 1e6 * gpu_time(lambda: fused_graph_losses(g, z, y, 5, 10))
+    if b <= 256:  # the step's sizes, where launching can cost more than computing
+        row["step_entry"] = host_overhead(g, z, y, cuda)
+    nbytes = 3 * m * b * c * 4 + b * 8
+    row["fused_GBps"] = nbytes / (row["fused_gpu_us" if cuda else "fused_us"] * 1e-6) / 1e9
+    if bandwidth:
+        row["fraction_of_copy_bw"] = row["fused_GBps"] * 1e9 / bandwidth
+    for name in impls:
+        if name != "fused":
+            row[f"speedup_vs_{name}"] = row[f"{name}_us"] / row["fused_us"]
+            if cuda:
+                row[f"gpu_speedup_vs_{name}"] = row[f"{name}_gpu_us"] / row["fused_gpu_us"]
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
     print(f"\n{'kind':<12} {'M':>2} {'B':>5} {'C':>5} | {'wall us: fused':>14} {'eager':>8} {'compiled':>8} "
           f"{'x eager':>8} "
           f"| {'gpu us: fused':>13} {'eager':>8} {'compiled':>8} | {'GB/s':>6} {'% bw':>5}")
@@ -220,7 +237,6 @@ def main():
             print(f"{r['kind']} M={r['M']} B={r['B']} C={r['C']}: host {e['host_us']:.1f} us, "
                   f"GPU {e.get('gpu_us', float('nan')):.1f} "
                   f"us, x{e.get('host_over_gpu', float('nan')):.1f}")
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

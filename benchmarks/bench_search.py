@@ -120,7 +120,8 @@ def run(cli: list[str], params: list[dict], workdir: Path, gpus: list[int] | Non
     return row
 
 
-def main():
+def parse_args():
+    """The options, and the flags passed on to `ktfast search` as they are."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (CI)")
     ap.add_argument("--ks", default=None, help="trials per GPU to compare (default 1,2,4,8; smoke 1,2)")
@@ -136,7 +137,11 @@ def main():
     ap.add_argument("--gpus", default="0")
     ap.add_argument("--seed", type=int, default=0, help="seed of the graphs")
     ap.add_argument("--out", default=None, help="folder of the JSON (default benchmarks/results)")
-    args, passthrough = ap.parse_known_args()
+    return ap.parse_known_args()
+
+
+def main():
+    args, passthrough = parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     ks = [int(k) for k in (args.ks or ("1,2,4,8" if cuda else "1,2")).split(",")]
     packs = (args.packs or ("processes,threads,mps" if cuda else "processes,threads")).split(",")
@@ -154,13 +159,7 @@ def main():
               "graph": f"{args.nodes} x {model}, random gates, no frozen node", "search_args": passthrough,
               "mps": None, "rows": []}
     rows = result["rows"]
-    # K = 1 once (nothing to pack), then every way of packing each K > 1
-    plan = [(k, "processes") for k in ks if k == 1] + [(k, pack) for k in ks if k > 1 for pack in packs]
-    if "mps" in packs:
-        with MPSDaemon(args.gpus.split(",")[0], max(ks)) as mps:  # says why on stderr where it cannot run
-            result["mps"] = "available" if mps.why is None else f"cannot run: {mps.why}"
-        if mps.why is not None:  # its rows would be the processes' again
-            plan = [(k, pack) for k, pack in plan if pack != "mps"]
+    plan = packing_plan(ks, packs, args.gpus, result)
     with tempfile.TemporaryDirectory() as tmp:
         for k, pack in plan:
             per_k = ["--device", "cuda", "--gpus", args.gpus, "--trials-per-gpu", str(k)] if cuda else \
@@ -172,13 +171,29 @@ def main():
             row["speedup"] = row["trials_per_hour"] / rows[0]["trials_per_hour"] if rows else 1.0
             row["steady_speedup"] = row["steady_trials_per_hour"] / rows[0]["steady_trials_per_hour"] if rows else 1.0
             rows.append(row)
-            busy = f"{row['gpu_busy_steady']:6.1%} busy" if row["gpu_busy_steady"] is not None else ""
-            print(f"{pack:<9} K={k:<2} {row['wall_s']:8.1f} s  {row['trials_per_hour']:9.1f} trials/h  "
-                  f"(steady {row['steady_trials_per_hour']:9.1f})  best {row['best_objective']:6.1%} after "
-                  f"{row['best_after_s']:6.1f} s  {row['mean_trial_s']:7.1f} s/trial  "
-                  f"x{row['speedup']:.2f} (steady x{row['steady_speedup']:.2f})  {busy}", flush=True)
+            print_row(row)
             written = write_result("search", result, cuda, args.out)  # after every row: a cut-off run keeps its rows
     print(f"wrote {written}")
+
+
+def packing_plan(ks: list[int], packs: list[str], gpus: str, result: dict) -> list[tuple[int, str]]:
+    """The rows to measure: K = 1 once (nothing to pack), then every way of packing each K > 1; MPS
+    only where its daemon runs (the result says whether it does)."""
+    plan = [(k, "processes") for k in ks if k == 1] + [(k, pack) for k in ks if k > 1 for pack in packs]
+    if "mps" in packs:
+        with MPSDaemon(gpus.split(",")[0], max(ks)) as mps:  # says why on stderr where it cannot run
+            result["mps"] = "available" if mps.why is None else f"cannot run: {mps.why}"
+        if mps.why is not None:  # its rows would be the processes' again
+            plan = [(k, pack) for k, pack in plan if pack != "mps"]
+    return plan
+
+
+def print_row(row: dict) -> None:
+    busy = f"{row['gpu_busy_steady']:6.1%} busy" if row["gpu_busy_steady"] is not None else ""
+    print(f"{row['pack']:<9} K={row['trials_per_gpu']:<2} {row['wall_s']:8.1f} s  {row['trials_per_hour']:9.1f} "
+          f"trials/h  (steady {row['steady_trials_per_hour']:9.1f})  best {row['best_objective']:6.1%} after "
+          f"{row['best_after_s']:6.1f} s  {row['mean_trial_s']:7.1f} s/trial  "
+          f"x{row['speedup']:.2f} (steady x{row['steady_speedup']:.2f})  {busy}", flush=True)
 
 
 if __name__ == "__main__":

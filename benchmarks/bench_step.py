@@ -157,7 +157,7 @@ def _union_us(intervals: list) -> float:
     return total
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (CI)")
     ap.add_argument("--batch-sizes", default=None, help="comma-separated (default 64,256 on a GPU, 16 on a CPU)")
@@ -169,17 +169,27 @@ def main():
     ap.add_argument("--paths", default="reference,fast,fast-eager,fused",
                     help=f"comma-separated, of {', '.join(PATHS)} (fast-compile adds minutes of compilation)")
     ap.add_argument("--out", default=None, help="folder of the JSON (default benchmarks/results)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def chosen_graphs(starts: str | None, cuda: bool) -> dict:
+    """The graphs to measure: the device's table, or those of either table whose names start as
+    --graphs says (on a CPU too); exits 2 where none does."""
+    if not starts:
+        return GRAPHS if cuda else SMOKE_GRAPHS
+    graphs = {n: m for n, m in {**GRAPHS, **SMOKE_GRAPHS}.items() if any(n.startswith(w) for w in starts.split(","))}
+    if not graphs:
+        print(f"--graphs: no graph's name starts with {starts!r} (the graphs: "
+              f"{', '.join([*GRAPHS, *SMOKE_GRAPHS])})", file=sys.stderr)
+        sys.exit(2)
+    return graphs
+
+
+def main():
+    args = parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
-    graphs = GRAPHS if cuda else SMOKE_GRAPHS
-    if args.graphs:  # on a CPU too: any graph of either table, by the start of its name
-        graphs = {n: m for n, m in {**GRAPHS, **SMOKE_GRAPHS}.items()
-                  if any(n.startswith(w) for w in args.graphs.split(","))}
-        if not graphs:
-            print(f"--graphs: no graph's name starts with {args.graphs!r} (the graphs: "
-                  f"{', '.join([*GRAPHS, *SMOKE_GRAPHS])})", file=sys.stderr)
-            sys.exit(2)
+    graphs = chosen_graphs(args.graphs, cuda)
     batch_sizes = [int(b) for b in (args.batch_sizes or ("64,256" if cuda else "16")).split(",")]
     steps, warmup = (args.steps or 60, 15) if cuda else (args.steps or 3, 1)
     dataset = "synthetic:classes=100,size=32,train=8192,test=256" if cuda else "synthetic:classes=10,size=16,train=64,test=16"
@@ -195,36 +205,48 @@ def main():
               "paths": {p: DESCRIPTIONS[p] + ("" if cuda else " (CPU: the eager step, no CUDA graph, no AMP)")
                         for p in paths}, "rows": []}
     for (name, models), bs in itertools.product(graphs.items(), batch_sizes):
-        g = graph(name, models)
-        row = {"graph": name, "batch_size": bs}
-        runs = {}
-        for path, flags in paths.items():
-            amp = flags.get("amp", False) and cuda  # bf16 on a CPU would only measure slow bf16 kernels
-            cfg = TrainConfig(dataset=dataset, epochs=100, batch_size=bs, device=device, **{**flags, "amp": amp})
-            trainer = Trainer(g, cfg, out=None, progress=False, log=lambda _: None)
-            runs[path] = trainer, batches(trainer)
-            row[path] = throughput(*runs[path], steps, warmup)
-        for path in paths:
-            if "reference" in paths and path != "reference":
-                row[path]["speedup_vs_reference"] = row[path]["images_per_s"] / row["reference"]["images_per_s"]
-        if "fast" in paths and "fast-eager" in paths:  # what capturing the step as a CUDA graph gains
-            row["fast"]["speedup_vs_eager_step"] = row["fast"]["images_per_s"] / row["fast-eager"]["images_per_s"]
-        if "fast" in paths and "fused" in paths:  # what fusing the same-model nodes gains
-            row["fused"]["speedup_vs_fast"] = row["fused"]["images_per_s"] / row["fast"]["images_per_s"]
+        row, runs = paths_row(graph(name, models), bs, paths, dataset, device, steps, warmup)
+        row = {"graph": name, "batch_size": bs, **row}
         result["rows"].append(row)
         print(f"{name:<32} B={bs:<4} " + "   ".join(f"{p} {row[p]['images_per_s']:9.0f} img/s" for p in paths)
               + "".join(f"   {p} x{row[p]['speedup_vs_reference']:.2f}" for p in paths
                         if "speedup_vs_reference" in row[p]), flush=True)
         if args.profile and "profile" not in result:
             path = "fast" if "fast" in runs else names[-1]
-            p = result["profile"] = {"graph": name, "batch_size": bs, "path": path,
-                                     **profile(*runs[path], warmup + steps + 1, steps=20 if cuda else 2)}
-            print(f"  profile of the {path} step: GPU busy {100 * p['gpu_busy']:.0f} % of {p['ms_per_step']:.2f} ms, "
-                  f"{p['kernels_per_step']:.0f} kernels; the top ones:")
-            for k in p["top_kernels"][:8]:
-                print(f"  {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.1f}x  {k['name'][:90]}", flush=True)
+            result["profile"] = profiled(runs[path], name, bs, path, warmup + steps + 1, cuda)
         written = write_result("step", result, cuda, args.out)  # after every row: a cut-off run keeps its rows
     print(f"wrote {written}")
+
+
+def paths_row(g: Graph, bs: int, paths: dict, dataset: str, device: str, steps: int, warmup: int):
+    """Every path's throughput on graph g at batch size bs, with the speed-ups between them, and
+    {path: (its trainer, its batches)}."""
+    cuda = device == "cuda"
+    row, runs = {}, {}
+    for path, flags in paths.items():
+        amp = flags.get("amp", False) and cuda  # bf16 on a CPU would only measure slow bf16 kernels
+        cfg = TrainConfig(dataset=dataset, epochs=100, batch_size=bs, device=device, **{**flags, "amp": amp})
+        trainer = Trainer(g, cfg, out=None, progress=False, log=lambda _: None)
+        runs[path] = trainer, batches(trainer)
+        row[path] = throughput(*runs[path], steps, warmup)
+    for path in paths:
+        if "reference" in paths and path != "reference":
+            row[path]["speedup_vs_reference"] = row[path]["images_per_s"] / row["reference"]["images_per_s"]
+    if "fast" in paths and "fast-eager" in paths:  # what capturing the step as a CUDA graph gains
+        row["fast"]["speedup_vs_eager_step"] = row["fast"]["images_per_s"] / row["fast-eager"]["images_per_s"]
+    if "fast" in paths and "fused" in paths:  # what fusing the same-model nodes gains
+        row["fused"]["speedup_vs_fast"] = row["fused"]["images_per_s"] / row["fast"]["images_per_s"]
+    return row, runs
+
+
+def profiled(run: tuple, name: str, bs: int, path: str, first_step: int, cuda: bool) -> dict:
+    """The profile of one path's steps (the result's "profile"), printed with its top kernels."""
+    p = {"graph": name, "batch_size": bs, "path": path, **profile(*run, first_step, steps=20 if cuda else 2)}
+    print(f"  profile of the {path} step: GPU busy {100 * p['gpu_busy']:.0f} % of {p['ms_per_step']:.2f} ms, "
+          f"{p['kernels_per_step']:.0f} kernels; the top ones:")
+    for k in p["top_kernels"][:8]:
+        print(f"  {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.1f}x  {k['name'][:90]}", flush=True)
+    return p
 
 
 def seeds_main(args, graphs: dict, batch_sizes: list[int], dataset: str, device: str, cuda: bool, steps: int,

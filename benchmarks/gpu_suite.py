@@ -133,7 +133,7 @@ def setup(args, log, env: dict) -> list[str]:
     return missing
 
 
-def main() -> int:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="folder of the results (on the GPU machine: $OUT)")
     ap.add_argument("--smoke", action="store_true", help="the same plan at CPU size, without the test suite")
@@ -143,7 +143,11 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all parts together")
     ap.add_argument("--unpack", metavar="SUMMARY", help="write a summary.json's benchmark JSONs to --out "
                                                          "(default benchmarks/results) and stop")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     if args.unpack:
         return unpack(Path(args.unpack), Path(args.out) if args.out else RESULTS)
     if not args.out:
@@ -172,28 +176,7 @@ def main() -> int:
             return 2
         parts = plan(args.smoke, out)
         for part in parts:
-            left = deadline - time.monotonic()
-            if args.smoke and part.gpu_only:
-                part.status = f"skipped: {part.gpu_only}"
-                continue
-            if left < 5:
-                part.status = "skipped: no time left"
-                continue
-            box = SMOKE_BOX_S if args.smoke else min(part.box_s, left)
-            folder = work / part.folder
-            folder.mkdir(exist_ok=True)
-            argv = part.argv + (["--out", str(folder)] if part.benchmark else [])
-            print(f"{part.name}: running (box {box:.0f} s)", flush=True)
-            if part.benchmark:
-                log.write(f"\n==== {part.name}: python {' '.join(argv)}\n")
-                log.flush()
-                code, part.seconds = run_boxed(argv, box, log, env)
-                collect(part, work)
-            else:
-                with open(out / "tests.log", "w") as tests_log:
-                    code, part.seconds = run_boxed(argv, box, tests_log, env)
-            part.status = "ok" if code == 0 else f"cut off at {box:.0f} s" if code is None else f"exit {code}"
-            print(f"{part.name}: {part.status} ({part.seconds:.0f} s)", flush=True)
+            run_part(part, args.smoke, deadline - time.monotonic(), work, out, log, env)
         text = summary(parts, out, missing, cuda)
     (out / "summary.txt").write_text(text + "\n")
     (out / "summary.json").write_text(json.dumps(
@@ -202,6 +185,32 @@ def main() -> int:
         indent=2) + "\n")
     print("\n" + text)
     return 0 if all(p.status == "ok" or p.status.startswith("skipped") for p in parts) else 1
+
+
+def run_part(part: Part, smoke: bool, left: float, work: Path, out: Path, log, env: dict) -> None:
+    """Run one part in its box (at most the `left` seconds of the budget), its output into `log`
+    (the tests' into tests.log); sets its status and seconds, and collects its result."""
+    if smoke and part.gpu_only:
+        part.status = f"skipped: {part.gpu_only}"
+        return
+    if left < 5:
+        part.status = "skipped: no time left"
+        return
+    box = SMOKE_BOX_S if smoke else min(part.box_s, left)
+    folder = work / part.folder
+    folder.mkdir(exist_ok=True)
+    argv = part.argv + (["--out", str(folder)] if part.benchmark else [])
+    print(f"{part.name}: running (box {box:.0f} s)", flush=True)
+    if part.benchmark:
+        log.write(f"\n==== {part.name}: python {' '.join(argv)}\n")
+        log.flush()
+        code, part.seconds = run_boxed(argv, box, log, env)
+        collect(part, work)
+    else:
+        with open(out / "tests.log", "w") as tests_log:
+            code, part.seconds = run_boxed(argv, box, tests_log, env)
+    part.status = "ok" if code == 0 else f"cut off at {box:.0f} s" if code is None else f"exit {code}"
+    print(f"{part.name}: {part.status} ({part.seconds:.0f} s)", flush=True)
 
 
 def unpack(path: Path, to: Path) -> int:

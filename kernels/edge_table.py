@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ktfast.graph import LABEL, EnsembleNode, Graph
-from ktfast.losses import loss_targets, owner
+from ktfast.graph import LABEL, EnsembleNode, Graph, owner
+from ktfast.losses import loss_targets
 
 # Loss-term bits over logits (STD: the edge's kl, dkd and dist terms see standardized logits), and
 # over attention maps.

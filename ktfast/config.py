@@ -12,7 +12,7 @@ class ConfigError(ValueError):
     command line's bad flags are of this kind too (`ktfast.args.UsageError`)."""
 
 
-def setting(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, recipe: bool = False,
+def setting(default, *, recipe: bool = False,
             resume: bool = False, cache: bool | str = False, data: bool = False, flag: bool = True):
     """A field of TrainConfig with the facts that the rules about settings read, one place per setting
     (docs/ARCHITECTURE.md, "A setting"). recipe: it joins a study's recipe (`study.recipe`: a study is
@@ -21,7 +21,7 @@ def setting(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, recipe:
     made before it existed stay); data: the weights were trained on it (a checkpoint of other data is
     another run's); flag: a flag of its name (and a `ktfast.train` keyword) sets it."""
     facts = {"recipe": recipe, "resume": resume, "cache": cache, "data": data, "flag": flag}
-    return field(default=default, default_factory=factory, metadata=facts)
+    return field(default=default, metadata=facts)
 
 
 @dataclass
@@ -61,7 +61,6 @@ class TrainConfig:
     world_size: int = setting(1, recipe=True, flag=False)  # from the launch
     place: str = setting("data", recipe=True)
     sync_bn: bool = setting(False, recipe=True)
-    extra: dict = setting(factory=dict, recipe=True, flag=False)
 
     def __post_init__(self):
         # The whole training set is no subset: its runs share the pretrained teachers across seeds,

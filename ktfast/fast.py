@@ -30,6 +30,7 @@ from contextlib import nullcontext
 
 import torch
 
+from ktfast.internals import initial_scale, scaler_tensors
 from ktfast.losses import loss_targets, reference_graph_losses
 
 # One CUDA-graph capture at a time in a process (torch's caching allocator keeps one capture's
@@ -272,17 +273,11 @@ class FastStep:
         _restore(t, saved)
 
 
-def _scaler_state(t) -> list[torch.Tensor]:
-    """The grad scaler's device tensors (scale, growth tracker), once it has made them."""
-    return [v for v in (getattr(t.scaler, "_scale", None), getattr(t.scaler, "_growth_tracker", None))
-            if torch.is_tensor(v)]
-
-
 def _snapshot(t) -> dict:
     return {"models": {k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in t.models.items()},
             "optimizer": {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
                           for p, s in (t.optimizer.state.items() if t.optimizer else ())},
-            "scaler": [v.clone() for v in _scaler_state(t)],
+            "scaler": [v.clone() for v in scaler_tensors(t.scaler)],
             "metrics": (t.loss_sums.clone(), t.correct.clone(), t.skipped.clone())}
 
 
@@ -299,12 +294,12 @@ def _restore(t, saved) -> None:
                             v.copy_(saved["optimizer"][id(p)][k])
                         else:  # state the warm-up created: as if no step had been taken
                             v.zero_()
-        now = _scaler_state(t)
+        now = scaler_tensors(t.scaler)
         if len(now) == len(saved["scaler"]):
             for v, old in zip(now, saved["scaler"]):
                 v.copy_(old)
         else:  # made by the warm-up: the scale it started from
-            now[0].fill_(t.scaler._init_scale)
+            now[0].fill_(initial_scale(t.scaler))
             now[1].zero_()
         t.loss_sums.copy_(saved["metrics"][0])
         t.correct.copy_(saved["metrics"][1])

@@ -24,6 +24,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ktfast.graph import Graph, ModelNode
+from ktfast.internals import uncompiled
 
 
 @dataclass
@@ -61,7 +62,7 @@ def make_units(graph: Graph, models, want_attention: set[str], want_branches: se
         nodes = [n for n in group if runs(n.name)]
         if fuse and len(nodes) > 1:
             try:
-                group = FusedGroup([getattr(models[n.name], "_orig_mod", models[n.name]) for n in nodes])
+                group = FusedGroup([uncompiled(models[n.name]) for n in nodes])
             except ValueError as e:
                 if on_fault is None:
                     raise
@@ -100,7 +101,7 @@ def fusion_fault(unit: Unit, x: torch.Tensor, want_attention: bool) -> str | Non
     alone, in the nodes' own mode (training mode runs BatchNorm on the batch: under vmap on a GPU
     that is cuDNN's path), the BatchNorm statistics put back afterwards. The bound, 1e-3 of the
     outputs' scale, is far above fp32 rounding of these few layers and far below a wrong path."""
-    group = getattr(unit.module, "_orig_mod", unit.module)
+    group = uncompiled(unit.module)
     saved = [b.clone() for b in group.buffers()]
     try:
         with torch.no_grad():
@@ -155,8 +156,9 @@ class FusedGroup(nn.Module):
         for name in self.param_names:
             own = [m.get_parameter(name) for m in self.members]
             stacked = nn.Parameter(_stack([p.detach() for p in own]), requires_grad=own[0].requires_grad)
-            for p, row in zip(own, stacked.detach()):
-                p.data = row
+            with torch.no_grad():
+                for p, row in zip(own, stacked.detach()):
+                    p.set_(row)  # p becomes a view of its row: what the group learns, the member has
             if stacked.requires_grad:
                 stacked.register_post_accumulate_grad_hook(_hand_out(own))
             self.params.append(stacked)
@@ -164,7 +166,7 @@ class FusedGroup(nn.Module):
             stacked = _stack([m.get_buffer(name) for m in self.members])
             module, _, leaf = name.rpartition(".")
             for m, row in zip(self.members, stacked):
-                m.get_submodule(module)._buffers[leaf] = row
+                setattr(m.get_submodule(module), leaf, row)
             self.register_buffer(f"buffer{k}", stacked)
 
     def member_input(self, i: int, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from ktfast.graph_fields import GraphError, no_unknown_keys, typed
 from ktfast.graph_nodes import LABEL, REDUCES, USER_CODE, EnsembleNode, ModelNode, branch_count, parse_node
 
 __all__ = ["ATTENTION_TERMS", "LABEL", "REDUCES", "USER_CODE", "Edge", "EnsembleNode", "Graph", "GraphError",
-           "ModelNode", "branch_count"]
+           "ModelNode", "branch_count", "owner"]
 
 LOSS_TERMS = ("ce", "kl", "cos", "mse", "att_mse", "att_cos", "dkd", "dist")
 ATTENTION_TERMS = ("att_mse", "att_cos")
@@ -295,10 +295,9 @@ def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
                 dkd["alpha"], dkd["beta"], standardize, warmup)
 
 
-def _owner(endpoint: str) -> str:
-    """The node an endpoint belongs to: `s.b2` belongs to `s`."""
-    m = _BRANCH_ADDRESS.match(endpoint)
-    return m.group(1) if m else endpoint
+def owner(endpoint: str) -> str:
+    """The node an endpoint belongs to: branch `s.b2` is part of node `s` (node names have no '.')."""
+    return endpoint.partition(".")[0]
 
 
 def _trainable_models(nodes: list, edges: list) -> set:
@@ -314,7 +313,7 @@ def _trainable_models(nodes: list, edges: list) -> set:
             continue
         if e.target in ensembles:
             if not ensembles[e.target]["detach"]:
-                trained.update(_owner(m) for m in ensembles[e.target]["ensemble"])
+                trained.update(owner(m) for m in ensembles[e.target]["ensemble"])
         else:
-            trained.add(_owner(e.target))
+            trained.add(owner(e.target))
     return trained

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from ktfast.graph import GAMMA_GATES, LABEL, EnsembleNode, Graph
+from ktfast.graph import GAMMA_GATES, LABEL, EnsembleNode, Graph, owner
 
 # Colours of the papers' figures: red target, blue pre-trained (frozen) source; ensembles get a
 # colour of their own since the ensemble paper's red ensemble node is also its search target.
@@ -18,11 +18,6 @@ NODE_RADIUS = 0.42  # fits "resnet110*" and "(73.46)" at 8.5 pt
 MIN_ARC = 1.5  # visible length of an arc between neighbours: room for one edge label
 EDGE_FONT = 7  # points
 PAD = 0.06  # inches kept between an edge label and other labels or nodes, where it can be
-
-
-def _owner(endpoint: str) -> str:
-    """The node an edge endpoint belongs to: `s.b2` (branch 2 of s) is drawn at s."""
-    return endpoint.partition(".")[0]
 
 
 def _layout(graph: Graph) -> dict[str, tuple[float, float]]:
@@ -85,22 +80,33 @@ def _bezier(a, b, rad: float, t: float) -> tuple[tuple[float, float], float]:
 def graph_figure(graph: Graph, accuracies: dict[str, float] | None = None, title: str | None = None):
     """The graph as a matplotlib Figure; `accuracies` ({node: test accuracy in [0, 1]}) are shown
     in parentheses under the nodes' models."""
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Circle, FancyArrowPatch, Patch, RegularPolygon
-
     pos = _layout(graph)
-    # Room for arcs bulging out of the circle, and for self-loops with their labels beyond them.
-    loops = any(_owner(e.source) == _owner(e.target) for e in graph.active_edges)
-    margin = NODE_RADIUS + (1.2 if loops else 0.8)
-    xs, ys = [x for x, _ in pos.values()], [y for _, y in pos.values()]
-    # At least as wide as the legend and the title; a one-node graph is narrower than that.
-    width, height = max(5.5, max(xs) - min(xs) + 2 * margin), max(ys) - min(ys) + 2 * margin
     # Ensemble nodes are defined in lines under the title: lines from every member would cross
     # the whole graph.
     captions = [f"{e.name} = {e.reduce}({', '.join(e.members)})" + ("" if e.detach else ", trains its members")
                 for e in graph.ensemble_nodes]
-    legend_h, title_h = 0.5, 0.45 + 0.2 * len(captions)
+    fig, ax, total = _canvas(graph, pos, len(captions))
+    patches = _draw_nodes(ax, graph, pos, accuracies)
+    _draw_edges(ax, graph, pos, patches)
+    _draw_legend(fig, graph)
+    fig.text(0.5, 1 - 0.25 / total, title or graph.name, ha="center", va="center", fontsize=11)
+    for i, line in enumerate(captions):
+        fig.text(0.5, 1 - (0.5 + 0.2 * i) / total, line, ha="center", va="center", fontsize=8)
+    return fig
+
+
+def _canvas(graph: Graph, pos: dict, captions: int):
+    """The figure, its axes around the nodes (room below for the legend, above for the title and
+    `captions` lines), and the figure's height in inches."""
+    from matplotlib.figure import Figure
+
+    # Room for arcs bulging out of the circle, and for self-loops with their labels beyond them.
+    loops = any(owner(e.source) == owner(e.target) for e in graph.active_edges)
+    margin = NODE_RADIUS + (1.2 if loops else 0.8)
+    xs, ys = [x for x, _ in pos.values()], [y for _, y in pos.values()]
+    # At least as wide as the legend and the title; a one-node graph is narrower than that.
+    width, height = max(5.5, max(xs) - min(xs) + 2 * margin), max(ys) - min(ys) + 2 * margin
+    legend_h, title_h = 0.5, 0.45 + 0.2 * captions
     fig = Figure(figsize=(width, height + legend_h + title_h))
     total = height + legend_h + title_h
     ax = fig.add_axes((0, legend_h / total, 1, height / total))
@@ -108,6 +114,12 @@ def graph_figure(graph: Graph, accuracies: dict[str, float] | None = None, title
     ax.set_ylim(min(ys) - margin, max(ys) + margin)
     ax.set_aspect("equal")  # the arcs' geometry (and _bezier) assume round circles
     ax.axis("off")
+    return fig, ax, total
+
+
+def _draw_nodes(ax, graph: Graph, pos: dict, accuracies: dict | None) -> dict:
+    """Every node's circle (a hexagon for an ensemble) and text; {node: its patch}."""
+    from matplotlib.patches import Circle, RegularPolygon
 
     patches = {}
     for name, xy in pos.items():
@@ -122,11 +134,17 @@ def graph_figure(graph: Graph, accuracies: dict[str, float] | None = None, title
         text = _node_text(graph, name, acc)
         ax.text(*xy, text, ha="center", va="center", fontsize=_fitting_size(text), zorder=4,
                 fontweight="bold" if name == graph.target else "normal")
+    return patches
+
+
+def _draw_edges(ax, graph: Graph, pos: dict, patches: dict) -> None:
+    """Every edge not cut off, as an arc (a loop for a node teaching its own branch) with its label."""
+    from matplotlib.patches import FancyArrowPatch
 
     parallel: dict[tuple[str, str], int] = {}
     placed: list[tuple] = []  # the boxes of the edge labels drawn so far (see _label_box)
     for edge in graph.active_edges:
-        s, t = _owner(edge.source), _owner(edge.target)
+        s, t = owner(edge.source), owner(edge.target)
         colour = "dimgrey" if edge.source == LABEL else "black"
         # A white box under the label interrupts the arcs it lies on, and keeps it readable.
         text_style = dict(ha="center", va="center", fontsize=EDGE_FONT, color=colour, zorder=5, rotation_mode="anchor",
@@ -143,17 +161,26 @@ def graph_figure(graph: Graph, accuracies: dict[str, float] | None = None, title
         ax.add_patch(FancyArrowPatch(pos[s], pos[t], patchA=patches[s], patchB=patches[t],
                                      connectionstyle=f"arc3,rad={rad}", arrowstyle="-|>", mutation_scale=14,
                                      color=colour, linewidth=1.2, zorder=2))
-        # The label runs along its arc, preferably past the middle, nearer the target: the labels
-        # of the two edges of a pair lie on their own arcs, and crossing diagonals do not meet in
-        # the middle (a short spoke's label stays central, clear of the arrowhead). Where another
-        # label is already close, it slides along the arc.
         text = _edge_text(edge)
-        along = (0.5, 0.4, 0.6) if s == LABEL else (0.6, 0.45, 0.72, 0.35, 0.8)
-        boxes = [_label_box(*_bezier(pos[s], pos[t], rad, at), text) for at in along]
-        box = min(boxes, key=lambda b: _overlap(b, placed, pos.values()))  # the first of the best
-        placed.append(box)
-        xy, angle = box[0], box[1]
+        xy, angle = _place_label(pos, s, t, rad, text, placed)
         ax.text(*xy, text, rotation=angle, **text_style)
+
+
+def _place_label(pos: dict, s: str, t: str, rad: float, text: str, placed: list) -> tuple:
+    """Where the label of the arc s→t goes (its centre, its angle), added to `placed`. It runs along
+    its arc, preferably past the middle, nearer the target: the labels of the two edges of a pair lie
+    on their own arcs, and crossing diagonals do not meet in the middle (a short spoke's label stays
+    central, clear of the arrowhead). Where another label is already close, it slides along the arc."""
+    along = (0.5, 0.4, 0.6) if s == LABEL else (0.6, 0.45, 0.72, 0.35, 0.8)
+    boxes = [_label_box(*_bezier(pos[s], pos[t], rad, at), text) for at in along]
+    box = min(boxes, key=lambda b: _overlap(b, placed, pos.values()))  # the first of the best
+    placed.append(box)
+    return box[0], box[1]
+
+
+def _draw_legend(fig, graph: Graph) -> None:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     legend = [Patch(facecolor=TARGET, edgecolor="black", linewidth=2.5, label="target")]
     if any(n.frozen for n in graph.model_nodes):
@@ -162,10 +189,6 @@ def graph_figure(graph: Graph, accuracies: dict[str, float] | None = None, title
         legend.append(Patch(facecolor=ENSEMBLE, edgecolor="black", label="ensemble"))
     legend.append(Line2D([], [], color="black", marker=">", label="loss · gate (cut-off edges omitted)"))
     fig.legend(handles=legend, loc="lower center", ncol=min(3, len(legend)), fontsize=7.5, frameon=False)
-    fig.text(0.5, 1 - 0.25 / total, title or graph.name, ha="center", va="center", fontsize=11)
-    for i, line in enumerate(captions):
-        fig.text(0.5, 1 - (0.5 + 0.2 * i) / total, line, ha="center", va="center", fontsize=8)
-    return fig
 
 
 def _fitting_size(text: str, size: float = 8.5) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ktfast.graph import LABEL, Edge, Graph, GraphError
+from ktfast.graph import LABEL, Edge, Graph, GraphError, owner
 
 NORMALIZE_EPS = 1e-12  # as torch.nn.functional.normalize
 STANDARDIZE_EPS = 1e-7  # as the logit standardization paper's code
@@ -194,11 +194,6 @@ def edge_loss(edge: Edge, z_s, z_t, labels, att_s=None, att_t=None) -> torch.Ten
 
 
 # ---- the graph ---------------------------------------------------------------------------
-def owner(endpoint: str) -> str:
-    """The node an endpoint belongs to: branch `s.b2` is part of node `s` (names have no '.')."""
-    return endpoint.split(".")[0]
-
-
 def loss_targets(graph: Graph) -> list[str]:
     """The keys of graph_losses, in file order: nodes with a non-cut-off edge into them or into one
     of their branches. A loss into a branch adds to its node's L_t, since that node is what it

@@ -7,7 +7,7 @@ import threading
 import torch
 
 from ktfast.config import TrainConfig
-from ktfast.graph import ATTENTION_TERMS, LABEL, Graph, GraphError, ModelNode
+from ktfast.graph import ATTENTION_TERMS, LABEL, Graph, GraphError, ModelNode, owner
 from ktfast.models import AttentionLayerError, UserModelError, build_model, is_user_model
 from ktfast.models.zoo import ZooError
 
@@ -26,7 +26,7 @@ def branch_nodes(graph: Graph) -> set[str]:
     over their branch logits too. Node names have no '.', so any other endpoint is a branch."""
     ends = {end for e in graph.active_edges for end in (e.source, e.target)}
     ends.update(m for n in graph.ensemble_nodes for m in n.members)
-    return {end.split(".")[0] for end in ends if end not in graph.nodes and end != LABEL}
+    return {owner(end) for end in ends if end not in graph.nodes and end != LABEL}
 
 
 def load_state(node: ModelNode, path) -> dict:

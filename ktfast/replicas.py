@@ -24,6 +24,7 @@ from ktfast.data import dataset_info
 from ktfast.fast import FastStep
 from ktfast.fuse import FusedGroup, Unit, forward_unit, fusion_fault, fusion_groups
 from ktfast.hold import hold
+from ktfast.internals import uncompiled
 from ktfast.paths import Compiled, amp_dtype, fall_back
 from ktfast.train import Trainer, autocast, forward
 
@@ -144,10 +145,6 @@ def _tag(s: int, name: str) -> str:
     return f"{s}/{name}"
 
 
-def _plain(m):
-    return getattr(m, "_orig_mod", m)
-
-
 class Optimizers:
     """The replicas' optimizers as the step (and FastStep's capture) asks of one."""
 
@@ -203,7 +200,7 @@ class Replicas:
         units = []
         for group in groups:
             nodes = [dataclasses.replace(n, name=_tag(s, n.name)) for s in range(count) for n in group]
-            members = [_plain(r.models[n.name]) for r in self.trainers for n in group]
+            members = [uncompiled(r.models[n.name]) for r in self.trainers for n in group]
             branches = group[0].name in t.want_branches
             if len(members) == 1:  # one replica's one node (a group of one seed): as its Trainer runs it
                 units.append(Unit(nodes, self.trainers[0].models[group[0].name], branches))
@@ -235,7 +232,7 @@ class Replicas:
         fused) sees its replica's."""
         x = x.view(self.count, -1, *x.shape[1:])
         s, name = unit.name.split("/", 1)
-        stacked = isinstance(_plain(unit.module), ReplicaGroup)
+        stacked = isinstance(uncompiled(unit.module), ReplicaGroup)
         return forward_unit(unit, x if stacked else x[int(s)], name in self.want_attention)
 
     def exchange(self, logits: dict, attention: dict):

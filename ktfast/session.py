@@ -19,6 +19,7 @@ from ktfast.config import TrainConfig, resume_checked
 from ktfast.data import dataset_info
 from ktfast.distributed import Placement, PeerLost
 from ktfast.graph import Graph
+from ktfast.internals import uncompiled
 from ktfast.replicas import Replicas, replica_reason, train_replicas
 from ktfast.run import make_trainer
 from ktfast.summary import result_table, seed_dirs, write_summary
@@ -290,4 +291,4 @@ def fit_replicas(trainers: list, with_tensorboard: bool, callbacks=()) -> dict[i
 
 def trained_models(trainer) -> dict:
     """{model node: its module} as the run trained it (the module inside torch.compile's wrapper)."""
-    return {name: getattr(m, "_orig_mod", m) for name, m in trainer.models.items()}
+    return {name: uncompiled(m) for name, m in trainer.models.items()}

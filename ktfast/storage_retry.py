@@ -16,8 +16,7 @@ import sys
 import threading
 import time
 
-from optuna.storages import BaseStorage, RDBStorage
-from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages import RDBStorage
 
 RETRIES = 10
 FIRST_DELAY_S = 0.5
@@ -30,9 +29,8 @@ def transient(e: BaseException | None) -> bool:
     from sqlalchemy import exc
 
     while e is not None:
+        # SQLite's "database is locked" is one of SQLAlchemy's OperationalErrors (sqlite3's SQLITE_BUSY)
         if isinstance(e, (exc.OperationalError, exc.InterfaceError)) or getattr(e, "connection_invalidated", False):
-            return True
-        if "database is locked" in str(e):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -74,8 +72,8 @@ class RetryingRDBStorage(RDBStorage):
     """Optuna's RDBStorage (SQLite, PostgreSQL) whose every storage call is `retried`."""
 
 
-# Every method, wrapped one by one: the storage and heartbeat interfaces, and the private ones that
-# Optuna's caching layer calls directly (`_get_trials`, `_create_new_trial`, …).
-for _name in {n for cls in (BaseStorage, BaseHeartbeat, RDBStorage) for n, f in vars(cls).items()
+# Every method, wrapped one by one: those of RDBStorage and its bases (the storage and heartbeat
+# interfaces), and the private ones that Optuna's caching layer calls directly (`_get_trials`, …).
+for _name in {n for cls in RDBStorage.__mro__ for n, f in vars(cls).items()
               if inspect.isfunction(f) and not n.startswith("__")}:
     setattr(RetryingRDBStorage, _name, retried(getattr(RDBStorage, _name)))

@@ -15,6 +15,7 @@ import optuna
 
 from ktfast.args import UsageError
 from ktfast.config import TrainConfig, recipe_fields
+from ktfast.internals import without_asha_rungs
 from ktfast.storage_retry import RetryingRDBStorage
 
 DEFAULT_STORAGE = "sqlite:///ktfast-search.db"
@@ -22,6 +23,11 @@ MAX_RETRY = 3  # a graph whose worker keeps dying (killed for memory, say) is gi
 # How long an SQLite writer waits for the lock before "database is locked" (then its call is retried).
 SQLITE_TIMEOUT_S = float(os.environ.get("KTFAST_SQLITE_TIMEOUT_S", 120))
 _REQUEUE_LOCK = threading.Lock()
+
+
+# Config fields a study's record may hold from an older ktfast, each with the one value it could have
+# had: a study that has them is joined as one made now.
+RETIRED = {"extra": {}}
 
 
 def recipe(cfg: TrainConfig) -> dict:
@@ -106,6 +112,8 @@ def open_study(storage, name: str, space, cfg: TrainConfig, pruner: str, min_res
         raise UsageError(f"--study {name}: cannot create or load it: {_root_message(e)}") from None
     mine = {**space.to_dict(), **json.loads(json.dumps(recipe(cfg))), "pruner": pruner, "min_resource": min_resource}
     theirs = study.user_attrs.get("ktfast")
+    if theirs is not None:
+        theirs = {k: v for k, v in theirs.items() if k not in RETIRED or v != RETIRED[k]}
     if theirs is None:
         if study.get_trials(deepcopy=False):
             raise UsageError(f"--study {name}: the study was not made by ktfast search; choose another name")
@@ -146,7 +154,7 @@ def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if any(t.system_attrs.get("retry_history", [None])[-1] == trial.number for t in study.get_trials(deepcopy=False)):
             return
         trial = copy.deepcopy(trial)
-        trial.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("completed_rung_")}
+        trial.system_attrs = without_asha_rungs(trial.system_attrs)
         trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

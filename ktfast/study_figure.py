@@ -86,50 +86,60 @@ def study_figure(study: optuna.Study, title: str = ""):
     panels = 3 + chose + weighed
     fig = Figure(figsize=(16 + 5 * (panels - 3), 5), layout="constrained")
     axes = fig.subplots(1, panels, width_ratios=(1, 1, 1.1, 1.1, 1.1)[:panels])
-    by_epoch, by_trial, params = axes[:3]
     if chose:
         _draw_choices(axes[3], study)
     if weighed:
         _draw_weights(axes[-1], study)
-
-    for t in trials:
-        epochs = sorted(t.intermediate_values)
-        values = [100 * t.intermediate_values[e] for e in epochs]
-        pruned = t.state == TrialState.PRUNED
-        by_epoch.plot(epochs, values, color=PRUNED if pruned else COMPLETE, linewidth=0.8 if pruned else 1.3,
-                      alpha=0.7 if pruned else 0.9, marker="x" if pruned else None, markevery=[len(epochs) - 1],
-                      gid=f"trial {t.number}")
-    by_epoch.set(xlabel="epoch", ylabel="objective (%)", title="each trial by epoch (grey: pruned at its rung)")
-    by_epoch.xaxis.get_major_locator().set_params(integer=True)
-
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
-    stopped = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
-    if stopped:
-        by_trial.scatter([t.number for t in stopped], [100 * t.intermediate_values[max(t.intermediate_values)]
-                                                       for t in stopped], color=PRUNED, marker="x", s=18,
-                         label="pruned (at its rung)")
-    by_trial.scatter([t.number for t in done], [100 * t.value for t in done], color=COMPLETE, s=18, label="complete")
-    best, running = [], float("-inf")
-    for t in done:
-        running = max(running, 100 * t.value)
-        best.append(running)
-    by_trial.step([t.number for t in done], best, where="post", color="C3", gid="best so far", label="best so far")
-    by_trial.set(xlabel="trial", ylabel="objective (%)", title="objective by trial")
-    by_trial.xaxis.get_major_locator().set_params(integer=True)
-    by_trial.legend(fontsize=8, loc="lower right")
-
-    found = importances(study)
-    if found:
-        names = list(found)[:TOP_PARAMS][::-1]
-        params.barh(names, [found[n] for n in names], color="C2")
-        params.set(xlabel="importance (fANOVA)", title="parameters that matter most")
-        params.tick_params(axis="y", labelsize=8)
-    else:
-        why = (f"parameter importance needs {MIN_IMPORTANCE_TRIALS} complete trials,\nthe study has {len(done)}"
-               if found is None else "no parameter is shared by every complete trial")
-        params.text(0.5, 0.5, why, ha="center", va="center", transform=params.transAxes)
-        params.set_axis_off()
+    _draw_by_epoch(axes[0], trials)
+    done = _draw_by_trial(axes[1], trials)
+    _draw_importances(axes[2], study, len(done))
     if space.get("standardize") == "on":  # fixed, so no panel shows it
         title = f"{title} (standardize on: every kl, dkd or dist edge)".lstrip()
     fig.suptitle(title, fontsize=11)
     return fig
+
+
+def _draw_by_epoch(ax, trials: list) -> None:
+    for t in trials:
+        epochs = sorted(t.intermediate_values)
+        values = [100 * t.intermediate_values[e] for e in epochs]
+        pruned = t.state == TrialState.PRUNED
+        ax.plot(epochs, values, color=PRUNED if pruned else COMPLETE, linewidth=0.8 if pruned else 1.3,
+                alpha=0.7 if pruned else 0.9, marker="x" if pruned else None, markevery=[len(epochs) - 1],
+                gid=f"trial {t.number}")
+    ax.set(xlabel="epoch", ylabel="objective (%)", title="each trial by epoch (grey: pruned at its rung)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+
+
+def _draw_by_trial(ax, trials: list) -> list:
+    """Each trial's objective (a pruned one's at its rung) and the best so far; the complete trials."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    stopped = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    if stopped:
+        ax.scatter([t.number for t in stopped], [100 * t.intermediate_values[max(t.intermediate_values)]
+                                                 for t in stopped], color=PRUNED, marker="x", s=18,
+                   label="pruned (at its rung)")
+    ax.scatter([t.number for t in done], [100 * t.value for t in done], color=COMPLETE, s=18, label="complete")
+    best, running = [], float("-inf")
+    for t in done:
+        running = max(running, 100 * t.value)
+        best.append(running)
+    ax.step([t.number for t in done], best, where="post", color="C3", gid="best so far", label="best so far")
+    ax.set(xlabel="trial", ylabel="objective (%)", title="objective by trial")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8, loc="lower right")
+    return done
+
+
+def _draw_importances(ax, study: optuna.Study, complete: int) -> None:
+    found = importances(study)
+    if found:
+        names = list(found)[:TOP_PARAMS][::-1]
+        ax.barh(names, [found[n] for n in names], color="C2")
+        ax.set(xlabel="importance (fANOVA)", title="parameters that matter most")
+        ax.tick_params(axis="y", labelsize=8)
+    else:
+        why = (f"parameter importance needs {MIN_IMPORTANCE_TRIALS} complete trials,\nthe study has {complete}"
+               if found is None else "no parameter is shared by every complete trial")
+        ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()

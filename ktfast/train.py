@@ -22,11 +22,13 @@ from ktfast.checkpoint import (CheckpointError, append_line, load_models, read_c
                                write_text_atomic)
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info, load_arrays, make_loader
-from ktfast.distributed import Placement, global_batchnorm
+from ktfast.distributed import Placement
 from ktfast.graph import Graph
+from ktfast.sync_bn import global_batchnorm
 from ktfast.fast import FastStep, loss_function
 from ktfast.fuse import Unit, forward_unit, fusion_fault, make_units, unfuse
 from ktfast.hold import hold
+from ktfast.internals import scaler_tensors, uncompiled
 from ktfast.losses import loss_targets, node_logits, reference_graph_losses
 from ktfast.optim import load_keeping_lr_tensors, make_optimizer, param_groups, plain_lrs, plain_schedule
 from ktfast.nodes import attention_nodes, branch_nodes, build_models, check_attention_sizes, check_logits
@@ -229,17 +231,17 @@ class Trainer:
     def optimizer_step(self, total) -> None:
         """`total` = Σ L_t backward once, one step of every trainable node. The fp16 grad scaler skips a step
         whose gradients overflowed and then lowers its scale: that is counted on the device, with
-        no read-back (`_scale` is the scaler's device tensor; `get_scale()` would synchronise)."""
+        no read-back (the scaler's device tensor; `get_scale()` would synchronise)."""
         if self.optimizer is None or not torch.is_tensor(total) or not total.requires_grad:
             return  # place nodes: a rank of frozen nodes only has nothing to step
         scaler = self.scaler
         scaler.scale(total).backward()
         self.placement.average_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
-        scale = scaler._scale.clone() if scaler.is_enabled() else None
+        scale = scaler_tensors(scaler)[0].clone() if scaler.is_enabled() else None
         scaler.step(self.optimizer)
         scaler.update()
         if scale is not None:
-            self.skipped += scaler._scale < scale
+            self.skipped += scaler_tensors(scaler)[0] < scale
 
     @torch.no_grad()
     def accumulate(self, losses: dict, logits: dict, y) -> None:
@@ -328,7 +330,7 @@ class Trainer:
         if self.scaler.is_enabled():
             row["skipped_steps"] = skipped
         if self.keeps_state:
-            self.placement.collect_state({k: _plain_module(m) for k, m in self.models.items()}, self.optimizer)
+            self.placement.collect_state({k: uncompiled(m) for k, m in self.models.items()}, self.optimizer)
         if self.out is not None:
             self.write_epoch(row, best)
         if self.progress:
@@ -353,7 +355,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "graph": self.graph.to_dict(), "config": self.cfg.to_dict(),
                 # Copies: a fused node's tensors are views of its group's stacks, which torch.save would write whole.
-                "models": {k: {n: v.clone() for n, v in _plain_module(m).state_dict().items()}
+                "models": {k: {n: v.clone() for n, v in uncompiled(m).state_dict().items()}
                            for k, m in self.models.items()},
                 "optimizer": plain_lrs(self.optimizer.state_dict()) if self.optimizer else None,
                 "scheduler": plain_schedule(self.scheduler.state_dict()) if self.scheduler else None,
@@ -377,7 +379,7 @@ class Trainer:
         """Raises CheckpointError for a checkpoint that is not this run's (nothing on disk changes)."""
         path = Path(path)
         state = read_checkpoint(path, self.graph.to_dict(), self.cfg.to_dict(), self.cfg.device)
-        load_models(state, {k: _plain_module(m) for k, m in self.models.items()}, path)
+        load_models(state, {k: uncompiled(m) for k, m in self.models.items()}, path)
         try:
             if self.optimizer is not None:
                 load_keeping_lr_tensors(self.optimizer, state["optimizer"])
@@ -387,10 +389,6 @@ class Trainer:
             raise CheckpointError(f"{path}: its optimizer state does not fit the graph: {e}") from None
         self.epoch = state["epoch"]
         self.best_val = state.get("best_val")
-
-
-def _plain_module(m):
-    return getattr(m, "_orig_mod", m)  # the module inside torch.compile's wrapper
 
 
 def epoch_line(graph: Graph, row: dict, epochs: int) -> str:

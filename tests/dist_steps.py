@@ -12,7 +12,8 @@ import torch
 
 from ktfast import distributed
 from ktfast.config import TrainConfig
-from ktfast.distributed import GlobalBatchNorm, Placement, rank_zero_first
+from ktfast.distributed import Placement, rank_zero_first
+from ktfast.sync_bn import GlobalBatchNorm
 from ktfast.graph import Graph
 from ktfast.run import make_trainer, pretrained_paths
 

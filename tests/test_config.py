@@ -46,7 +46,7 @@ def test_a_study_recipe_keeps_its_keys_and_values():
         ("dataset", "imagefolder:path=/x y,size=64"), ("split", "train"), ("train_fraction", None), ("epochs", 7),
         ("batch_size", 64), ("optimizer", "sgd"), ("lr", 0.1), ("momentum", 0.9), ("weight_decay", 0.0005),
         ("lr_decay_at", [0.3, 0.6, 0.9]), ("lr_decay", 0.1), ("seed", 0), ("amp", False), ("fuse", True),
-        ("world_size", 2), ("place", "nodes"), ("sync_bn", False), ("extra", {})]
+        ("world_size", 2), ("place", "nodes"), ("sync_bn", False)]  # "extra" (always {}) is gone: old studies join (study.RETIRED)
     cfg = CONFIGS["val"][0].replace(train_fraction=0.5, seed=4, amp=True, sync_bn=True)
     assert recipe(cfg) == {**recipe(FOLDER), "dataset": "digits", "train_fraction": 0.5, "epochs": 200,
                            "optimizer": "adam", "momentum": 0.5, "weight_decay": 0.0, "lr_decay": 0.2, "seed": 4,
@@ -62,7 +62,7 @@ def test_config_json_keeps_its_keys_in_their_order(tmp_path):
         ("lr", 0.1), ("momentum", 0.9), ("weight_decay", 0.0005), ("lr_decay_at", [0.3, 0.6, 0.9]),
         ("lr_decay", 0.1), ("seed", 0), ("device", "cpu"), ("amp", False), ("compile", True), ("cuda_graph", False),
         ("reference", True), ("loader", "torch"), ("fuse", True), ("world_size", 2), ("place", "nodes"),
-        ("sync_bn", False), ("extra", {})]
+        ("sync_bn", False)]  # "extra" (always {}) is gone: old files with it load
     assert TrainConfig.load(tmp_path / "config.json") == FOLDER
 
 

@@ -160,6 +160,8 @@ def test_resume_with_a_flag_that_disagrees_with_the_run_exits_2(run, tmp_path, c
 
 
 def test_resume_with_agreeing_flags_continues(run, finished_run):
+    cfg = json.loads((run / "config.json").read_text())  # as an older ktfast wrote it: a field since retired
+    (run / "config.json").write_text(json.dumps(dict(cfg, extra={}), indent=2) + "\n")
     assert resume(run, "--dataset", TINY, "--lr", "0.05", "--graph", str(finished_run / "graph.json")) == 0
     assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 

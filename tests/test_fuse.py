@@ -24,6 +24,7 @@ from ktfast import Graph
 from ktfast.args import add_recipe_args, config_from_args
 from ktfast.config import TrainConfig
 from ktfast.fuse import FusedGroup, fusion_groups
+from ktfast.internals import uncompiled
 from ktfast.models import build_model
 from ktfast.train import Trainer
 
@@ -142,7 +143,7 @@ def assert_same_run(plain: Trainer, fused: Trainer, seen_plain: list, seen_fused
         for k in p:
             assert_close(f[k], p[k], f"step {step + 1} {k}", rtol)
     for name, model in plain.models.items():
-        other = getattr(fused.models[name], "_orig_mod", fused.models[name]).state_dict()  # compiled or not
+        other = uncompiled(fused.models[name]).state_dict()  # compiled or not
         for k, v in model.state_dict().items():
             assert_close(other[k], v, f"{name}.{k}", rtol)
     if plain.optimizer is not None:
@@ -329,8 +330,8 @@ def test_cuda_fused_fast_step_matches_unfused(flags):
                 before = trainer.loss_sums.clone()
             runs[fuse] = trainer, losses
     (plain, plain_losses), (fused, fused_losses) = runs[False], runs[True]
-    assert any(isinstance(getattr(u.module, "_orig_mod", u.module), FusedGroup) for u in fused.units)
-    assert not any(isinstance(getattr(u.module, "_orig_mod", u.module), FusedGroup) for u in plain.units)
+    assert any(isinstance(uncompiled(u.module), FusedGroup) for u in fused.units)
+    assert not any(isinstance(uncompiled(u.module), FusedGroup) for u in plain.units)
     assert len(plain_losses) == len(fused_losses) == 4  # what is compared was produced, every step
     assert all(bool((loss[:3] > 0).all()) for loss in plain_losses + fused_losses)
     # cuDNN picks other algorithms for grouped convolutions (and bf16 under AMP): the bound of
@@ -339,6 +340,6 @@ def test_cuda_fused_fast_step_matches_unfused(flags):
     for step, (p, f) in enumerate(zip(plain_losses, fused_losses)):
         torch.testing.assert_close(f, p, rtol=tol, atol=tol, msg=f"step {step + 1}")
     for name, model in plain.models.items():
-        other = getattr(fused.models[name], "_orig_mod", fused.models[name]).state_dict()
+        other = uncompiled(fused.models[name]).state_dict()
         for k, v in model.state_dict().items():
             assert_close(other[k].float(), v.float(), f"{name}.{k}", rtol=tol)

@@ -13,6 +13,7 @@ import optuna
 import pytest
 
 from ktfast.cli import main
+from ktfast.internals import ASHA_RUNG_PREFIX
 from ktfast.search import COUNTED
 from ktfast.study import open_storage
 
@@ -70,7 +71,7 @@ def test_search_prunes_at_rungs_counts_exactly_and_exports_a_trainable_graph(kin
     for t in pruned:  # stopped right after a rung (1, 2, 4), never at the last epoch
         assert sorted(t.intermediate_values) == list(range(1, max(t.intermediate_values) + 1))
         assert max(t.intermediate_values) in (1, 2, 4)
-        assert [k for k in t.system_attrs if k.startswith("completed_rung_")]
+        assert [k for k in t.system_attrs if k.startswith(ASHA_RUNG_PREFIX)]
     for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
         assert sorted(t.intermediate_values) == [1, 2, 3, 4, 5] and t.value == t.intermediate_values[5]
         assert len(t.user_attrs["graph"]["edges"]) == 9  # N² edges: 3 label edges, 6 node pairs
@@ -153,6 +154,9 @@ def test_a_study_is_joined_only_by_the_same_search(tmp_path):
 
     join().enqueue_trial({})
     assert len(join().get_trials(deepcopy=False)) == 1  # the same search joins
+    old = join()  # as an older ktfast recorded it: with the retired config field `extra`, always {}
+    old.set_user_attr("ktfast", {**old.user_attrs["ktfast"], "extra": {}})
+    assert len(join().get_trials(deepcopy=False)) == 1
     for extra, needle in ((["--pruner", "median"], "pruner='asha', not 'median'"),
                           (["--min-resource", "2"], "min_resource=1, not 2"),
                           (["--lr", "0.1"], "lr=0.05, not 0.1"),

@@ -15,7 +15,7 @@ import optuna
 import pytest
 from test_search import HOLD_TIMEOUT_S, SEARCH_TIMEOUT_S
 
-from ktfast.storage_retry import RetryingRDBStorage
+from ktfast.storage_retry import RetryingRDBStorage, transient
 from ktfast.study import open_storage
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
@@ -165,3 +165,26 @@ def test_sqlite_lets_one_worker_only_move_a_trial(move, tmp_path, monkeypatch):
     for w in workers:
         w.join(timeout=60)
     assert sorted(moved) == [False, True]
+
+
+def test_a_held_sqlite_lock_is_transient_and_every_storage_method_retries(tmp_path):
+    """The error of a write that found the file locked past its timeout (its SQLAlchemy
+    OperationalError, under Optuna's) is waited out; an error of another type is not, whatever its
+    text. The heartbeat interface (a base class of RDBStorage: `get_failed_trial_callback` is its own
+    alone) is retried with the storage's calls and the private ones Optuna's cache calls."""
+    db = tmp_path / "search.db"
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}", engine_kwargs={"connect_args": {"timeout": 0.05}})
+    study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "locked")
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(Exception) as locked:
+            storage.create_new_trial(study_id)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert transient(locked.value)
+    assert not transient(ValueError("database is locked")) and not transient(None)
+    for name in ("create_new_trial", "_get_trials", "record_heartbeat", "get_failed_trial_callback"):
+        wrapped = getattr(RetryingRDBStorage, name).__wrapped__
+        assert wrapped is getattr(optuna.storages.RDBStorage, name), name

@@ -20,6 +20,21 @@ from ktfast.study import DEFAULT_STORAGE, find_study
 def register(sub) -> None:
     p = sub.add_parser("search", help="search the graph that maximises the target's (or the ensemble's) "
                        "validation accuracy")
+    _add_space_args(p)
+    _add_run_args(p)
+    add_recipe_args(p)
+    p.set_defaults(func=cmd_search, **{k: v for k, v in SEARCH_OPTIONS.items() if v is not None})
+
+    p = sub.add_parser("export", help="write a searched graph (the best complete trial) as a graph file")
+    p.add_argument("--storage", default=DEFAULT_STORAGE)
+    p.add_argument("--study", help="default: the storage's only study")
+    p.add_argument("--trial", type=int, help="trial number (default: the best complete trial)")
+    p.add_argument("-o", "--output", required=True, help="graph file to write")
+    p.set_defaults(func=cmd_export)
+
+
+def _add_space_args(p) -> None:
+    """What is searched: the nodes, and the choices of every edge."""
     p.add_argument("--nodes", type=positive_int, required=True, help="number of model nodes, the target included")
     p.add_argument("--target-model", required=True, help="model of node 1, the target (the papers: resnet32)")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="choices for the other nodes")
@@ -41,6 +56,10 @@ def register(sub) -> None:
                         "0.1:10 (default: weight 1; label edges always 1)")
     p.add_argument("--objective", choices=OBJECTIVES, default="target",
                    help="the accuracy of node 1, or of an ensemble node (mean of all nodes' logits)")
+
+
+def _add_run_args(p) -> None:
+    """How the search runs: its trials, their workers and packing, the study, pruner and sampler."""
     p.add_argument("--trials", type=positive_int, required=True,
                    help="finished (complete or pruned) trials the study must have; re-running resumes")
     p.add_argument("--gpus", help="GPU ids as CUDA_VISIBLE_DEVICES takes them (default: all visible)")
@@ -63,15 +82,6 @@ def register(sub) -> None:
                    help="seconds without a heartbeat before a trial is failed and retried (default: twice the "
                         "interval)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_recipe_args(p)
-    p.set_defaults(func=cmd_search, **{k: v for k, v in SEARCH_OPTIONS.items() if v is not None})
-
-    p = sub.add_parser("export", help="write a searched graph (the best complete trial) as a graph file")
-    p.add_argument("--storage", default=DEFAULT_STORAGE)
-    p.add_argument("--study", help="default: the storage's only study")
-    p.add_argument("--trial", type=int, help="trial number (default: the best complete trial)")
-    p.add_argument("-o", "--output", required=True, help="graph file to write")
-    p.set_defaults(func=cmd_export)
 
 
 def cmd_search(args) -> int:
