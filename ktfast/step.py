@@ -85,16 +85,15 @@ class Step:
     def __init__(self, graph, units: list[Unit], models, optimizer, scaler, sums: list[Sums], *,
                  paths: dict, fall_back, total_steps: int, want_attention: set[str], device,
                  amp: torch.dtype | None = None, placement: Placement | None = None, exchange_grad: bool = False,
-                 compiled: bool = False, per_seed: bool = False, inputs=None, loss_fn=reference_graph_losses):
+                 compiled: bool = False, per_seed: bool = False, inputs=None):
         """`paths`: the path each switch takes (`ktfast.paths`), which `fall_back(switch, path,
         error)` changes; `amp`: the autocast dtype, None without; `compiled`: the models run
-        through torch.compile (a warm-up before a capture then takes CAPTURE_LOCK);
-        `loss_fn`: the reference losses (`ktfast.losses`)."""
+        through torch.compile (a warm-up before a capture then takes CAPTURE_LOCK)."""
         self.graph, self.units, self.models, self.optimizer, self.scaler = graph, units, models, optimizer, scaler
         self.sums, self.paths, self.fall_back, self.total_steps = sums, paths, fall_back, total_steps
         self.want_attention, self.device, self.amp = want_attention, torch.device(device), amp
         self.placement = placement or Placement(graph, "data", 0, 1)
-        self.exchange_grad, self.compiled, self.per_seed, self.loss_fn = exchange_grad, compiled, per_seed, loss_fn
+        self.exchange_grad, self.compiled, self.per_seed = exchange_grad, compiled, per_seed
         self.inputs = inputs or (lambda unit, x: x)
         self.scratches = [None] * len(sums)  # the kernels' scratch, one per seed (a step owns its own)
         if paths["kernels"] == "triton":
@@ -207,7 +206,7 @@ class Step:
                 if capturing():
                     raise
                 self.fall_back("kernels", "reference", e)
-        return self.loss_fn(self.graph, logits, y, step=k, total_steps=total, attention=attention), None
+        return reference_graph_losses(self.graph, logits, y, step=k, total_steps=total, attention=attention), None
 
     def _zero_grad(self) -> None:
         if self.optimizer is not None:

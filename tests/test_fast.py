@@ -6,7 +6,7 @@ channels_last, fused kernels, the fused optimizer and the CUDA-graph capture of 
 import pytest
 import torch
 
-from ktfast import Graph, train
+from ktfast import Graph, build, train
 from ktfast.config import TrainConfig
 from ktfast.build import build_trainer
 from ktfast.train import Trainer
@@ -166,7 +166,8 @@ def test_fp16_grad_scaler_step_is_captured(monkeypatch):
     """fp16 with the grad scaler: captured too (the fused SGD takes the scaler's scale and inf flag
     on the device), and the scale, which the captured update changes in place, ends as the eager
     step's does."""
-    monkeypatch.setattr(train, "amp_dtype", lambda cfg: torch.float16)
+    for module in (build, train):  # the run's grad scaler and step (build), its evaluation (train)
+        monkeypatch.setattr(module, "amp_dtype", lambda cfg: torch.float16)
     runs = graphed_and_eager(monkeypatch, amp=True)
     (eager, eager_losses), (graphed, graphed_losses) = runs[False], runs[True]
     assert graphed.scaler.is_enabled() and graphed.step.captures == 1

@@ -192,7 +192,7 @@ def test_fp16_skipped_steps_are_counted_in_the_metrics_row(tmp_path):
     trainer = build_trainer(Graph.from_dict(heavy), cfg, out=tmp_path, progress=False)
     # A CPU run has no fp16 scaler. This one starts at a scale that overflows Σ L_t × scale, and halves
     # it at every skipped step (never growing it back): the row must count exactly those halvings.
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, growth_interval=10 ** 6)
+    trainer.scaler = trainer.step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, growth_interval=10 ** 6)
     [row] = trainer.fit()
     halvings = math.log2(2.0 ** 127 / trainer.scaler.get_scale())
     assert row["skipped_steps"] == halvings > 0

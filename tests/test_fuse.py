@@ -101,16 +101,16 @@ def graph(model: str, n: int = 2, extra_nodes=(), extra_edges=()) -> Graph:
 
 
 def record(trainer: Trainer) -> list:
-    """What the loss function of `trainer`'s step (or a replica group's) sees each step (every
-    endpoint's logits and attention map, every L_t)."""
-    seen, loss_fn = [], trainer.step.loss_fn
+    """What the losses of `trainer`'s step (or a replica group's, one seed at a time) see each step:
+    every endpoint's logits and attention map, every L_t (the kernels' or the reference's)."""
+    seen, losses_of = [], trainer.step.seed_losses
 
-    def recording(graph, logits, labels, attention=None, **kw):
-        losses = loss_fn(graph, logits, labels, attention=attention, **kw)
+    def recording(logits, labels, step, total_steps, attention, scratch):
+        losses, total = losses_of(logits, labels, step, total_steps, attention, scratch)
         seen.append({k: v.detach().clone() for k, v in (*logits.items(), *(("L_" + t, L) for t, L in losses.items()),
                                                         *(("att_" + a, m) for a, m in (attention or {}).items()))})
-        return losses
-    trainer.step.loss_fn = recording
+        return losses, total
+    trainer.step.seed_losses = recording
     return seen
 
 
