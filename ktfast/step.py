@@ -79,8 +79,9 @@ class Step:
 
     A replica group's step (`per_seed`) has one `Sums` per seed, takes x and y as the seeds'
     batches concatenated, `inputs(unit, x)` gives each unit its part, and its node names are
-    tagged `s/name` (`seed_name`); each seed's losses come from its own logits and labels. The step holds the models, optimizer and sums it is handed, nothing of whoever
-    built it, so a finished run (a search trial's) is freed at once, with its CUDA graphs."""
+    tagged `s/name` (`seed_name`); each seed's losses come from its own logits and labels. The
+    step holds the models, optimizer and sums it is handed, nothing of whoever built it, so a
+    finished run (a search trial's) is freed at once, with its CUDA graphs."""
 
     def __init__(self, graph, units: list[Unit], models, optimizer, scaler, sums: list[Sums], *,
                  paths: dict, fall_back, total_steps: int, want_attention: set[str], device,
