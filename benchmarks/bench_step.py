@@ -28,6 +28,7 @@ from common import environment, write_result
 from ktfast import Graph
 from ktfast.config import TrainConfig
 from ktfast.replicas import Replicas
+from ktfast.build import build_trainer
 from ktfast.train import Trainer
 
 
@@ -84,10 +85,10 @@ def seeds_row(g: Graph, cfg: TrainConfig, seeds: int, steps: int, warmup: int) -
     configs = [cfg.replace(seed=s) for s in range(seeds)]
     alone = []
     for c in configs:  # one trainer at a time, as --seeds-one-by-one trains them
-        trainer = Trainer(g, c, out=None, progress=False, log=lambda _: None)
+        trainer = build_trainer(g, c, out=None, progress=False, log=lambda _: None)
         alone.append(throughput(trainer, batches(trainer), steps, warmup))
         del trainer
-    replicas = Replicas([Trainer(g, c, out=None, progress=False, log=lambda _: None) for c in configs])
+    replicas = Replicas([build_trainer(g, c, out=None, progress=False, log=lambda _: None) for c in configs])
     together = throughput(replicas, replica_batches(replicas), steps, warmup)
     one_by_one = {"images_per_s": sum(r["images"] for r in alone) / sum(r["elapsed_s"] for r in alone),
                   "ms_per_seed_step": sum(r["ms_per_step"] for r in alone) / seeds, "runs": alone}
@@ -117,7 +118,7 @@ def throughput(trainer: Trainer, it, steps: int, warmup: int) -> dict:
     return {"images_per_s": images / elapsed, "ms_per_step": 1e3 * elapsed / steps, "images": images,
             "elapsed_s": elapsed, "peak_mem_mib": peak,
             "config": {k: getattr(cfg, k) for k in ("reference", "amp", "compile", "cuda_graph", "fuse")},
-            "cuda_graph_used": trainer.fast is not None and trainer.fast.use_graph}
+            "cuda_graph_used": trainer.step.use_graph}
 
 
 def profile(trainer: Trainer, it, first_step: int, steps: int = 20) -> dict:
@@ -226,7 +227,7 @@ def paths_row(g: Graph, bs: int, paths: dict, dataset: str, device: str, steps: 
     for path, flags in paths.items():
         amp = flags.get("amp", False) and cuda  # bf16 on a CPU would only measure slow bf16 kernels
         cfg = TrainConfig(dataset=dataset, epochs=100, batch_size=bs, device=device, **{**flags, "amp": amp})
-        trainer = Trainer(g, cfg, out=None, progress=False, log=lambda _: None)
+        trainer = build_trainer(g, cfg, out=None, progress=False, log=lambda _: None)
         runs[path] = trainer, batches(trainer)
         row[path] = throughput(*runs[path], steps, warmup)
     for path in paths:

@@ -1,11 +1,10 @@
-"""The fast training step on CUDA: the same computation as `Trainer.train_step`, laid out for the GPU.
+"""The CUDA parts of the training step (`ktfast.step.Step`, whose options they are): its streams,
+the fused kernels' loss vector, and what a CUDA-graph capture saves and puts back.
 
 * every unit (a node, or a fused group of nodes) forwards on its own CUDA stream (autograd runs
   each backward on the stream of its forward, so the backward passes overlap too);
 * channels_last activations, AMP (bf16, or fp16 with a grad scaler), a fused multi-tensor SGD/Adam;
 * the fused loss kernels hand out Σ_t L_t directly, the tensor the step back-propagates;
-* the per-step bookkeeping (loss sums, correct counts) stays on the device: nothing in the step
-  reads a value back to the host;
 * with `cuda_graph` (the default), with or without torch.compile: the whole step — forwards,
   fused losses, backward, optimizer step, metric accumulation — captured once per input shape as a
   CUDA graph and replayed, since an eager step of small networks is bound by kernel launches.
@@ -17,21 +16,16 @@ A step never shares a CUDA stream or the kernels' scratch with another step of t
 trials packed as threads run one step each): streams are leased from a `StreamBank`, and each step
 owns its scratch. The stream bookkeeping is plain Python (`StreamBank`, `Streams`), so a CPU test
 runs the whole step with stand-in streams.
-
-The paths the step takes are the trainer's `paths` (`ktfast.paths`): the fused kernels or the
-reference losses, the CUDA graph or the eager step; a kernel or a capture that fails here falls
-back to the next one (`Trainer.fall_back`), which changes them.
 """
 from __future__ import annotations
 
 import threading
 import weakref
-from contextlib import nullcontext
 
 import torch
 
+from ktfast.losses import loss_targets
 from ktfast.internals import initial_scale, scaler_tensors
-from ktfast.losses import loss_targets, reference_graph_losses
 
 # One CUDA-graph capture at a time in a process (torch's caching allocator keeps one capture's
 # private pool per stream, and torch.compile is not thread-safe): packed trials hold this lock
@@ -40,26 +34,16 @@ CAPTURE_LOCK = threading.Lock()
 POOL = 32  # streams per device and priority in torch's round-robin pool (c10/cuda/CUDAStream.cpp)
 
 
-def loss_function(paths: dict):
-    """The graph-loss function of a run: the fused kernels where its `kernels` path is "triton"
-    (`ktfast.paths` decides), else the reference losses of `ktfast.losses`."""
-    if paths["kernels"] != "triton":
-        return reference_graph_losses
-    from ktfast.kernels import fused_graph_losses  # imports Triton: only for runs that use it
-
-    return fused_graph_losses
-
-
-def step_losses(graph, logits: dict, labels, factor, attention, scratch=None):
+def step_losses(graph, logits: dict, labels, step, total_steps, attention, scratch=None):
     """({target: L_t}, Σ_t L_t) from the fused kernels, which hand out the losses as one vector in
-    `loss_targets` order: this is where each L_t is paired with its target. `factor` = step / total
-    (a device tensor on the fast path)."""
+    `loss_targets` order: this is where each L_t is paired with its target. The time gates' factor
+    is step / total_steps (on the fast path a device tensor, with total_steps 1)."""
     from ktfast.kernels import fused_loss_vector
 
     targets = loss_targets(graph)
     if not targets:
         return {}, None
-    losses, total = fused_loss_vector(graph, logits, labels, factor, 1, attention, scratch=scratch)
+    losses, total = fused_loss_vector(graph, logits, labels, step, total_steps, attention, scratch=scratch)
     return dict(zip(targets, losses.unbind(0))), total
 
 
@@ -151,156 +135,41 @@ class Streams:
         weakref.finalize(self, bank.release, leased)  # back to the bank when the step is freed
 
 
-# ---- the step ---------------------------------------------------------------------------------------
-class FastStep:
-    """The step of a Trainer on CUDA (or, in tests, with stand-in `streams` on a CPU).
-
-    It holds its trainer weakly: a finished trainer (a search trial's) is freed at once, with its
-    CUDA graphs and their memory pools, not whenever the garbage collector runs."""
-
-    def __init__(self, trainer, bank: StreamBank | None = None, streams=None):
-        self.t = weakref.proxy(trainer)
-        cfg = trainer.cfg
-        self.device = torch.device(cfg.device)
-        self.cuda = streams or CudaStreams(self.device)
-        self.streams = Streams([u.name for u in trainer.units], bank or stream_bank(self.device))
-        self.units = {u.name: u for u in trainer.units}
-        self.factor = torch.zeros((), device=self.device)  # step / total_steps, for the time gates
-        self.scratch = None
-        if self.kernels:
-            from ktfast.kernels import Scratch
-
-            self.scratch = Scratch()
-        self.graphs: dict[tuple, tuple] = {}  # input shape -> (CUDA graph, static x, static y)
-        self.captures = 0
-
-    @property
-    def kernels(self) -> bool:
-        return self.t.paths["kernels"] == "triton"
-
-    @property
-    def use_graph(self) -> bool:
-        return self.t.paths["cuda_graph"] == "on"
-
-    def _losses(self, logits, y, attention):
-        """({target: L_t}, Σ_t L_t) of the step: the fused kernels, or the reference after a fallback."""
-        t = self.t
-        if self.kernels:
-            try:
-                return step_losses(t.graph, logits, y, self.factor, attention, self.scratch)
-            except Exception as e:  # a kernel that cannot compile or launch here
-                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                    raise
-                t.fall_back("kernels", "reference", e)
-        losses = reference_graph_losses(t.graph, logits, y, step=self.factor, total_steps=1, attention=attention)
-        return losses, sum(losses.values())
-
-    def _body(self, x, y) -> None:
-        t = self.t
-        current = self.cuda.current()
-        logits, attention = {}, {}
-        for stream, names in self.streams.forks:
-            stream.wait_stream(current)
-            with self.cuda.use(stream), t.autocast_context():
-                for name in names:
-                    out, att = t.forward_unit(self.units[name], x)
-                    logits.update(out)
-                    attention.update(att)
-        for stream, _ in self.streams.forks:
-            current.wait_stream(stream)
-        logits, attention = t.exchange(logits, attention)
-        losses, total = self._losses(logits, y, attention or None)
-        t.optimizer_step(total if t.placement.world == 1 else t.placement.total(losses))  # counts the fp16 scaler's skipped steps on the device, no sync
-        t.accumulate(losses, logits, y)
-
-    def __call__(self, x, y, step: int) -> None:
-        t = self.t
-        self.factor.fill_(step / t.total_steps)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.use_graph:
-            key = (tuple(x.shape), tuple(y.shape))
-            if key not in self.graphs:
-                self._capture(key, x, y)
-            if key in self.graphs:
-                graph, static_x, static_y = self.graphs[key]
-                static_x.copy_(x)
-                static_y.copy_(y)
-                graph.replay()
-                return
-        if t.optimizer is not None:
-            t.optimizer.zero_grad(set_to_none=True)
-        self._body(x, y)
-
-    def _capture(self, key, x, y) -> None:
-        """Warm up on the side stream (compiles kernels, creates optimizer state), then capture there.
-
-        The warm-up steps are real optimizer steps on this batch, so the parameters, the optimizer
-        and grad-scaler state and the metric accumulators are restored afterwards: capture must not
-        change what is computed. A capture that fails falls back to the eager step."""
-        t = self.t
-        saved = _snapshot(t)
-        static = (x.clone(), y.clone())
-        side = self.streams.side
-        side.wait_stream(self.cuda.current())
-        # torch.compile is not thread-safe: a compiled warm-up (it compiles) is taken in turn.
-        with CAPTURE_LOCK if t.cfg.compile else nullcontext(), self.cuda.use(side):
-            for _ in range(2):
-                if t.optimizer is not None:
-                    t.optimizer.zero_grad(set_to_none=True)
-                self._body(*static)
-        self.cuda.current().wait_stream(side)
-        # Gradients allocated inside the capture are overwritten, not accumulated, by each replay.
-        if t.optimizer is not None:
-            t.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            # capture_begin/end rather than torch.cuda.graph, which synchronises the whole device and
-            # empties the cache at every capture: other trials of the process would wait on it.
-            # thread_local: what the other threads of the process launch meanwhile is not part of it.
-            with CAPTURE_LOCK, self.cuda.use(side):
-                graph.capture_begin(capture_error_mode="thread_local")
-                try:
-                    self._body(*static)
-                finally:
-                    graph.capture_end()
-        except Exception as e:
-            _restore(t, saved)
-            t.fall_back("cuda_graph", "off", e)
-            return
-        self.graphs[key] = (graph, *static)
-        self.captures += 1
-        _restore(t, saved)
+def capturing() -> bool:
+    """Whether this thread's current CUDA stream is being captured (a failure there is the capture's)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _snapshot(t) -> dict:
-    return {"models": {k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in t.models.items()},
+# ---- what a capture's warm-up changes ---------------------------------------------------------------
+def snapshot(models, optimizer, scaler, sums: list) -> dict:
+    """Copies of the weights, optimizer and grad-scaler state and the metric sums (`sums`, tensors)."""
+    return {"models": {k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in models.items()},
             "optimizer": {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
-                          for p, s in (t.optimizer.state.items() if t.optimizer else ())},
-            "scaler": [v.clone() for v in scaler_tensors(t.scaler)],
-            "metrics": (t.loss_sums.clone(), t.correct.clone(), t.skipped.clone())}
+                          for p, s in (optimizer.state.items() if optimizer else ())},
+            "scaler": [v.clone() for v in scaler_tensors(scaler)],
+            "metrics": [v.clone() for v in sums]}
 
 
-def _restore(t, saved) -> None:
+def restore(models, optimizer, scaler, sums: list, saved: dict) -> None:
+    """Put back what `snapshot` copied; state made since (by a warm-up) as if no step had been taken."""
     with torch.no_grad():
-        for k, m in t.models.items():
+        for k, m in models.items():
             for n, v in m.state_dict().items():
                 v.copy_(saved["models"][k][n])
-        if t.optimizer:
-            for p, state in t.optimizer.state.items():
+        if optimizer:
+            for p, state in optimizer.state.items():
                 for k, v in state.items():
                     if torch.is_tensor(v):
                         if id(p) in saved["optimizer"] and k in saved["optimizer"][id(p)]:
                             v.copy_(saved["optimizer"][id(p)][k])
                         else:  # state the warm-up created: as if no step had been taken
                             v.zero_()
-        now = scaler_tensors(t.scaler)
+        now = scaler_tensors(scaler)
         if len(now) == len(saved["scaler"]):
             for v, old in zip(now, saved["scaler"]):
                 v.copy_(old)
         else:  # made by the warm-up: the scale it started from
-            now[0].fill_(initial_scale(t.scaler))
+            now[0].fill_(initial_scale(scaler))
             now[1].zero_()
-        t.loss_sums.copy_(saved["metrics"][0])
-        t.correct.copy_(saved["metrics"][1])
-        t.skipped.copy_(saved["metrics"][2])
+        for v, old in zip(sums, saved["metrics"]):
+            v.copy_(old)

@@ -221,7 +221,7 @@ def graph_losses(graph: Graph, logits: dict, labels, step: int, total_steps: int
     L_t = Σ_edges→t weight · mean_over_batch(gate · loss_per_sample), the edges into t's branches
     `t.b{i}` included; `logits` holds those branches' logits under their addresses. The fused
     Triton kernels (`ktfast.kernels.fused_graph_losses`) compute the same; the training step
-    chooses between the two (`ktfast.fast.loss_function`).
+    chooses between the two (`ktfast.step.Step`).
     """
     z = node_logits(graph, logits)
     batch = labels.shape[0]

@@ -16,7 +16,7 @@ import torch
 
 from ktfast.config import TrainConfig, cache_key
 from ktfast.graph import Graph
-from ktfast.train import Trainer
+from ktfast.build import build_trainer
 
 
 def cache_dir() -> Path:
@@ -52,8 +52,8 @@ def pretrain(model: str, cfg: TrainConfig, log=print, progress=True) -> Path:
             return path
         log(f"pretraining {model} on {cfg.dataset} ({cfg.epochs} epochs) for the pretrain cache")
         seed = cfg.seed if cfg.train_fraction is not None else 0  # see cache_path
-        trainer = Trainer(label_only_graph(model), cfg.replace(seed=seed, compile=False), out=None, log=log,
-                          progress=progress)
+        trainer = build_trainer(label_only_graph(model), cfg.replace(seed=seed, compile=False), out=None, log=log,
+                                progress=progress)
         rows = trainer.fit()
         tmp = path.with_suffix(".tmp")
         torch.save({"model": model, "dataset": cfg.dataset, "config": cfg.to_dict(),

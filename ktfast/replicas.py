@@ -8,11 +8,13 @@ model once under two `vmap`s, over the replicas (each on its own batch) and over
 The step is the Trainer's step over S graphs at once: one forward of every group, each replica's
 losses from its own logits and labels, Σ of all replicas' losses back-propagated once (the replicas
 share no tensor, so each one's gradients are those of its own Σ_t L_t), every replica's optimizer
-stepped. On CUDA it is a FastStep (streams, fused kernels, the whole step as one CUDA graph).
+stepped: the one training step (`ktfast.step.Step`) with stacked units and a per-seed loss split;
+on CUDA with its fast parts (streams, fused kernels, the whole step as one CUDA graph).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 
@@ -21,11 +23,13 @@ from torch.func import functional_call, vmap
 
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info
-from ktfast.fast import FastStep
-from ktfast.fuse import FusedGroup, Unit, forward_unit, fusion_fault, fusion_groups
+from ktfast.fast import CudaStreams, stream_bank
+from ktfast.fuse import FusedGroup, Unit, fusion_fault, fusion_groups
 from ktfast.hold import hold
 from ktfast.internals import uncompiled
+from ktfast.nodes import attention_nodes, branch_nodes
 from ktfast.paths import Compiled, amp_dtype, fall_back
+from ktfast.step import Step, seed_name
 from ktfast.train import Trainer, autocast, forward
 
 HEADROOM = 0.8  # the share of the free GPU memory the replicas of one group may take
@@ -72,7 +76,7 @@ def replicas_per_group(trainer: Trainer, count: int) -> int:
     torch.cuda.reset_peak_memory_stats(device)
     with autocast(trainer.cfg):
         logits, _ = forward(trainer.units, x.to(device).contiguous(memory_format=torch.channels_last),
-                            trainer.want_attention)
+                            attention_nodes(trainer.graph))
     trained = [z.float().square().mean() for z in logits.values() if z.requires_grad]
     if trained:
         sum(trained).backward()
@@ -85,6 +89,15 @@ def replicas_per_group(trainer: Trainer, count: int) -> int:
     free, _ = torch.cuda.mem_get_info(device)
     need = 2 * activations + 3 * weights
     return max(1, min(count, int(HEADROOM * free // max(need, 1))))
+
+
+def _fall_back(trainers: list[Trainer], switch: str, path: str, error: BaseException) -> None:
+    """As a Trainer's fallback, said once for all replicas, recorded in each one's config.json."""
+    first = trainers[0].paths
+    fall_back(first, switch, path, f"{type(error).__name__}: {error}")
+    for r in trainers:
+        r.paths.update(first)
+        r.paths.record()
 
 
 def train_replicas(configs: list, build, fit=None, say=print) -> dict[int, list[dict]]:
@@ -140,13 +153,8 @@ def _flatten(out):
     return type(out)(_flatten(o) for o in out)
 
 
-def _tag(s: int, name: str) -> str:
-    """Replica s's name of an endpoint or target (node names have no '/'; the first one parts)."""
-    return f"{s}/{name}"
-
-
 class Optimizers:
-    """The replicas' optimizers as the step (and FastStep's capture) asks of one."""
+    """The replicas' optimizers as the step asks of one."""
 
     def __init__(self, optimizers: list):
         self.optimizers = optimizers
@@ -155,131 +163,88 @@ class Optimizers:
     def state(self) -> dict:
         return {p: s for o in self.optimizers for p, s in o.state.items()}
 
+    @property
+    def param_groups(self) -> list:
+        return [g for o in self.optimizers for g in o.param_groups]
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for o in self.optimizers:
             o.zero_grad(set_to_none=set_to_none)
 
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+
+def _replica_input(count: int, unit: Unit, x):
+    """x: the replicas' batches concatenated; a unit of one node (a group that could not be fused)
+    sees its replica's."""
+    x = x.view(count, -1, *x.shape[1:])
+    return x if isinstance(uncompiled(unit.module), ReplicaGroup) else x[int(unit.name.split("/", 1)[0])]
+
 
 class Replicas:
     """The Trainers of one graph's seeds (built alike, one process; `replica_reason` is empty),
-    stepped as one. `train_step(x, y, step)` takes the replicas' batches concatenated: x [S·B, ...]."""
+    stepped as one by a `Step` of their stacked units and their sums. `train_step(x, y, step)` takes
+    the replicas' batches concatenated: x [S·B, ...]."""
 
     def __init__(self, trainers: list[Trainer]):
         t = self.first = trainers[0]
-        self.trainers, self.graph, self.cfg, self.placement = trainers, t.graph, t.cfg, t.placement
-        self.count, self.total_steps, self.want_attention = len(trainers), t.total_steps, t.want_attention
-        self.scaler = t.scaler  # disabled: fp16's scaler trains one by one (replica_reason)
-        self.units = self._units(dataset_info(t.cfg.dataset, t.cfg.data_dir).image_size)
+        self.trainers, self.graph, self.cfg, self.count = trainers, t.graph, t.cfg, len(trainers)
+        units = self._units(dataset_info(t.cfg.dataset, t.cfg.data_dir).image_size)
         for r in trainers:  # each evaluates with its own nodes; its own fused groups are stale now
-            r.units = [Unit([n], r.models[n.name], n.name in r.want_branches) for n in r.graph.model_nodes]
-            r.fast = None  # (and its streams go back to the bank)
-        self.models = {_tag(s, k): m for s, r in enumerate(trainers) for k, m in r.models.items()}
-        self.optimizer = Optimizers([r.optimizer for r in trainers]) if t.optimizer is not None else None
-        # The replicas' metric sums, one tensor each (FastStep's capture saves and restores them);
-        # each Trainer sums into its row, a view.
-        for name in ("loss_sums", "correct", "skipped"):
-            stacked = torch.stack([getattr(r, name) for r in trainers])
-            setattr(self, name, stacked)
-            for r, row in zip(trainers, stacked):
-                setattr(r, name, row)
-        fast = torch.device(t.cfg.device).type == "cuda"
-        self.fast = ReplicaFastStep(self) if fast else None
+            r.units = [Unit([n], r.models[n.name], n.name in branch_nodes(r.graph)) for n in r.graph.model_nodes]
+            r.step = None  # (and its streams go back to the bank)
+        models = {seed_name(s, k): m for s, r in enumerate(trainers) for k, m in r.models.items()}
+        want_attention = {seed_name(s, n) for s in range(self.count) for n in attention_nodes(t.graph)}
+        self.step = Step(t.graph, units, models,
+                         Optimizers([r.optimizer for r in trainers]) if t.optimizer is not None else None,
+                         t.scaler,  # disabled: fp16's scaler trains one by one (replica_reason)
+                         [r.sums for r in trainers], paths=t.paths, fall_back=functools.partial(_fall_back, trainers),
+                         total_steps=t.total_steps, want_attention=want_attention, device=t.cfg.device,
+                         amp=amp_dtype(t.cfg) if t.cfg.amp else None, placement=t.placement, compiled=t.cfg.compile,
+                         per_seed=True, inputs=functools.partial(_replica_input, self.count))
+        if torch.device(t.cfg.device).type == "cuda":
+            self.step.use_streams(CudaStreams(self.step.device), stream_bank(self.step.device))
 
     @property
-    def paths(self) -> dict:
-        return self.first.paths
+    def units(self) -> list[Unit]:
+        return self.step.units
 
     def _units(self, image_size: int) -> list[Unit]:
-        """A ReplicaGroup per fusion group (with fuse) or per node, checked as Trainer.check_fusion
-        checks a fused group: where one cannot stand in for its members, they run one by one."""
+        """A ReplicaGroup per fusion group (with fuse) or per node, checked as a Trainer's fused
+        groups are (`ktfast.build.check_fusion`): where one cannot stand in for its members, they
+        run one by one."""
         t, count = self.first, len(self.trainers)
-        groups = (fusion_groups(t.graph, t.want_attention, t.want_branches) if t.cfg.fused()
+        want_attention, want_branches = attention_nodes(t.graph), branch_nodes(t.graph)
+        groups = (fusion_groups(t.graph, want_attention, want_branches) if t.cfg.fused()
                   else [[n] for n in t.graph.model_nodes])
         x = torch.randn(count, 2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
         x = x.to(t.cfg.device)
         units = []
         for group in groups:
-            nodes = [dataclasses.replace(n, name=_tag(s, n.name)) for s in range(count) for n in group]
+            nodes = [dataclasses.replace(n, name=seed_name(s, n.name)) for s in range(count) for n in group]
             members = [uncompiled(r.models[n.name]) for r in self.trainers for n in group]
-            branches = group[0].name in t.want_branches
+            branches = group[0].name in want_branches
             if len(members) == 1:  # one replica's one node (a group of one seed): as its Trainer runs it
                 units.append(Unit(nodes, self.trainers[0].models[group[0].name], branches))
                 continue
             unit = Unit(nodes, ReplicaGroup(members, count), branches)
-            fault = fusion_fault(unit, x, group[0].name in t.want_attention)
+            fault = fusion_fault(unit, x, group[0].name in want_attention)
             if fault is not None:
-                self.fall_back("fuse", "off", RuntimeError(f"replicas of {', '.join(n.name for n in group)}: {fault}"))
+                _fall_back(self.trainers, "fuse", "off",
+                           RuntimeError(f"replicas of {', '.join(n.name for n in group)}: {fault}"))
                 units += [Unit([n], m, branches) for n, m in zip(nodes, members)]
                 continue
             if t.cfg.compile:
-                unit.module = Compiled(unit.module, self.paths, lambda e: self.fall_back("compile", "off", e))
+                unit.module = Compiled(unit.module, t.paths,
+                                       functools.partial(_fall_back, self.trainers, "compile", "off"))
             units.append(unit)
         return units
 
-    def fall_back(self, switch: str, path: str, error: BaseException) -> None:
-        """As Trainer.fall_back, said once for all replicas, recorded in each one's config.json."""
-        fall_back(self.paths, switch, path, f"{type(error).__name__}: {error}")
-        for r in self.trainers:
-            r.paths.update(self.paths)
-            r.record_paths()
-
-    # ---- one step ---------------------------------------------------------------------------
-    def autocast_context(self):
-        return autocast(self.cfg)
-
-    def forward_unit(self, unit: Unit, x):
-        """x: the replicas' batches concatenated; a unit of one node (a group that could not be
-        fused) sees its replica's."""
-        x = x.view(self.count, -1, *x.shape[1:])
-        s, name = unit.name.split("/", 1)
-        stacked = isinstance(uncompiled(unit.module), ReplicaGroup)
-        return forward_unit(unit, x if stacked else x[int(s)], name in self.want_attention)
-
-    def exchange(self, logits: dict, attention: dict):
-        return logits, attention  # one process
-
-    def split(self, logits: dict, y, attention: dict) -> list[tuple[dict, torch.Tensor, dict]]:
-        """(logits, labels, attention maps) of each replica, under their own names."""
-        parts = [({}, labels, {}) for labels in y.view(self.count, -1)]
-        for i, d in ((0, logits), (2, attention)):
-            for key, v in d.items():
-                s, name = key.split("/", 1)
-                parts[int(s)][i][name] = v
-        return parts
-
     def train_step(self, x, y, step) -> None:
-        """Trainer.train_step of every replica, as one step."""
-        if self.fast is not None:
-            self.fast(x, y, step)
-            return
-        with self.autocast_context():
-            logits, attention = {}, {}
-            for unit in self.units:
-                out, att = self.forward_unit(unit, x)
-                logits.update(out)
-                attention.update(att)
-        losses = {}
-        for s, (r, (z, labels, maps)) in enumerate(zip(self.trainers, self.split(logits, y, attention))):
-            losses.update((_tag(s, k), v) for k, v in r.losses(z, labels, step, maps or None).items())
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer_step(sum(losses.values()))
-        self.accumulate(losses, logits, y)
-
-    def optimizer_step(self, total) -> None:
-        """Σ of every replica's Σ_t L_t backward once, then each replica's optimizer steps."""
-        if self.optimizer is None or not torch.is_tensor(total) or not total.requires_grad:
-            return
-        total.backward()
-        for r in self.trainers:
-            r.optimizer.step()
-
-    @torch.no_grad()
-    def accumulate(self, losses: dict, logits: dict, y) -> None:
-        parts = self.split(logits, y, {})
-        for s, (r, (z, labels, _)) in enumerate(zip(self.trainers, parts)):
-            own = {k.split("/", 1)[1]: v for k, v in losses.items() if k.startswith(f"{s}/")}
-            r.accumulate(own, z, labels)
+        """Every replica's step, as one."""
+        self.step(x, y, step)
 
     # ---- the run ----------------------------------------------------------------------------
     def fit(self, on_epoch: list | None = None) -> dict[int, list[dict]]:
@@ -289,8 +254,7 @@ class Replicas:
         on_epoch = on_epoch or [None] * self.count
         rows = {r.cfg.seed: [] for r in trainers}
         for r in trainers:
-            r.recording = True
-            r.record_paths()
+            r.paths.start()
         while t.epoch < t.cfg.epochs:
             start = time.perf_counter()
             for r in trainers:
@@ -306,22 +270,3 @@ class Replicas:
             for r, epoch, callback in zip(trainers, epochs, on_epoch):
                 rows[r.cfg.seed].append(r.end_epoch(start, *epoch, callback))
         return rows
-
-
-class ReplicaFastStep(FastStep):
-    """FastStep over the replicas: each replica's losses from its own logits and labels, each with
-    its own kernels' scratch (a replica's losses are still live while the next one's launch)."""
-
-    def __init__(self, replicas: Replicas, **kw):
-        super().__init__(replicas, **kw)
-        self.scratches = [type(self.scratch)() if self.scratch is not None else None for _ in replicas.trainers]
-
-    def _losses(self, logits, y, attention):
-        losses, totals = {}, []
-        for s, (z, labels, maps) in enumerate(self.t.split(logits, y, attention or {})):
-            self.scratch = self.scratches[s]  # FastStep._losses launches its kernels on self.scratch
-            own, total = super()._losses(z, labels, maps or None)
-            losses.update((_tag(s, k), v) for k, v in own.items())
-            if total is not None:
-                totals.append(total)
-        return losses, sum(totals) if totals else None

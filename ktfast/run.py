@@ -10,6 +10,7 @@ from ktfast.data import load_arrays
 from ktfast.distributed import Placement, rank_zero_first
 from ktfast.graph import Graph
 from ktfast.pretrain import pretrained_path
+from ktfast.build import build_trainer
 from ktfast.train import Trainer
 
 
@@ -30,4 +31,4 @@ def make_trainer(graph: Graph, cfg: TrainConfig, out: Path | None, log=print, pr
         return pretrained_paths(graph, cfg, log, progress)
 
     paths = rank_zero_first(prepare)
-    return Trainer(graph, cfg, out, log, progress, pretrained=paths, placement=placement)
+    return build_trainer(graph, cfg, out, log, progress, pretrained=paths, placement=placement)

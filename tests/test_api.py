@@ -170,7 +170,7 @@ def test_transfer_step_is_captured_as_a_cuda_graph_and_equals_the_eager_step(mon
         step = ktfast.TransferStep(graph, models, optimizer, total_steps=len(batches), cuda_graph=captured)
         losses = [step(x, y) for x, y in batches]
         assert step.paths["cuda_graph"] == ("on" if captured else "off") and step.paths["kernels"] == "triton"
-        assert step.fast.captures == (1 if captured else 0)
+        assert step.step.captures == (1 if captured else 0)
         runs[captured] = losses, {f"{k}.{n}": v for k, m in models.items() for n, v in m.state_dict().items()}
     eps = 8 * torch.finfo(torch.float32).eps
     for a, b in zip(runs[True][0], runs[False][0]):

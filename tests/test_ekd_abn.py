@@ -15,7 +15,7 @@ from ktfast.kernels import fused_graph_losses
 from ktfast.losses import graph_losses
 from ktfast.models import build_model, is_model_name
 from ktfast.pretrain import cache_path
-from ktfast.train import Trainer
+from ktfast.build import build_trainer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TINY = "synthetic:classes=10,size=32,train=16,test=16"  # 32 px: the 8x8 ABN map the examples' crops need
@@ -153,7 +153,7 @@ def test_losses_into_branches_count_for_their_node():
 def test_a_graph_with_branch_endpoints_trains_and_evaluates_its_branch_ensemble():
     g = Graph.from_dict(student_graph(edge("t", "s.b0", "kl+mse"), edge("s.b2", "t"), edge("label", "bs", "ce")))
     cfg = TrainConfig(dataset=TINY, epochs=1, batch_size=16, device="cpu")
-    row = Trainer(g, cfg, out=None, progress=False).fit()[0]
+    row = build_trainer(g, cfg, out=None, progress=False).fit()[0]
     assert set(row["train"]) == set(row["test"]) == {"s", "t", "bs"}
     assert all(0 <= v["acc"] <= 1 and v["loss"] >= 0 for v in row["test"].values())
 
@@ -215,7 +215,7 @@ def test_ekd_trains_the_same_through_the_fused_kernels(monkeypatch):
     weights = {}
     for kernels in ("0", "1"):
         monkeypatch.setenv("KTFAST_KERNELS", kernels)
-        trainer = Trainer(g, cfg, out=None, progress=False)
+        trainer = build_trainer(g, cfg, out=None, progress=False)
         before = {n: [p.detach().clone() for p in m.parameters()] for n, m in trainer.models.items()}
         trainer.train_epoch()
         weights[kernels] = {n: list(m.parameters()) for n, m in trainer.models.items()}

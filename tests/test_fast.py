@@ -6,8 +6,9 @@ channels_last, fused kernels, the fused optimizer and the CUDA-graph capture of 
 import pytest
 import torch
 
-from ktfast import Graph, train
+from ktfast import Graph, build, train
 from ktfast.config import TrainConfig
+from ktfast.build import build_trainer
 from ktfast.train import Trainer
 
 DATA = "synthetic:classes=6,size=16,train=128,test=32"
@@ -33,7 +34,7 @@ def per_step_losses(cfg: TrainConfig, steps: int, dtype: torch.dtype = torch.flo
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        return step_by_step(Trainer(Graph.from_dict(GRAPH), cfg, out=None, progress=False), steps)
+        return step_by_step(build_trainer(Graph.from_dict(GRAPH), cfg, out=None, progress=False), steps)
     finally:
         torch.set_default_dtype(previous)
 
@@ -75,8 +76,8 @@ def test_cuda_graph_flag_is_ignored_on_a_cpu(monkeypatch):
     monkeypatch.setenv("KTFAST_KERNELS", "0")
     steps = {}
     for flag in (True, False):
-        trainer = Trainer(Graph.from_dict(GRAPH), config(cuda_graph=flag), out=None, progress=False)
-        assert trainer.fast is None
+        trainer = build_trainer(Graph.from_dict(GRAPH), config(cuda_graph=flag), out=None, progress=False)
+        assert trainer.step.streams is None
         steps[flag] = step_by_step(trainer, 2)
     for a, b in zip(steps[True], steps[False]):
         assert torch.equal(a, b)
@@ -117,9 +118,9 @@ def graphed_and_eager(monkeypatch, **kw) -> dict:
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     out = {}
     for graph in (False, True):
-        trainer = Trainer(Graph.from_dict(GRAPH), config(device="cuda", cuda_graph=graph, **kw), out=None,
+        trainer = build_trainer(Graph.from_dict(GRAPH), config(device="cuda", cuda_graph=graph, **kw), out=None,
                           progress=False)
-        assert trainer.fast.use_graph == graph and trainer.cfg.milestones()[0] == 1
+        assert trainer.step.use_graph == graph and trainer.cfg.milestones()[0] == 1
         trainer.train_loader.set_epoch(0)
         batches = list(trainer.train_loader)
         batches = batches + batches[:2]
@@ -133,7 +134,7 @@ def graphed_and_eager(monkeypatch, **kw) -> dict:
             previous = now
         assert float(trainer.optimizer.param_groups[0]["lr"]) == pytest.approx(0.005)
         # The lr is read from the device: the milestone changed it without a second capture.
-        assert trainer.fast.captures == graph
+        assert trainer.step.captures == graph
         out[graph] = trainer, losses
     return out
 
@@ -165,10 +166,11 @@ def test_fp16_grad_scaler_step_is_captured(monkeypatch):
     """fp16 with the grad scaler: captured too (the fused SGD takes the scaler's scale and inf flag
     on the device), and the scale, which the captured update changes in place, ends as the eager
     step's does."""
-    monkeypatch.setattr(train, "amp_dtype", lambda cfg: torch.float16)
+    for module in (build, train):  # the run's grad scaler and step (build), its evaluation (train)
+        monkeypatch.setattr(module, "amp_dtype", lambda cfg: torch.float16)
     runs = graphed_and_eager(monkeypatch, amp=True)
     (eager, eager_losses), (graphed, graphed_losses) = runs[False], runs[True]
-    assert graphed.scaler.is_enabled() and graphed.fast.captures == 1
+    assert graphed.scaler.is_enabled() and graphed.step.captures == 1
     assert graphed.scaler.get_scale() == eager.scaler.get_scale()
     # fp16 activations: the two paths may round differently where cuBLAS picks another algorithm.
     tol = dict(rtol=8 * torch.finfo(torch.float16).eps, atol=8 * torch.finfo(torch.float16).eps)
@@ -180,7 +182,8 @@ def test_fp16_grad_scaler_step_is_captured(monkeypatch):
 def test_cuda_graph_epoch_metrics_match_eager_fast_path():
     rows = {}
     for graph in (False, True):
-        trainer = Trainer(Graph.from_dict(GRAPH), config(device="cuda", cuda_graph=graph), out=None, progress=False)
+        trainer = build_trainer(Graph.from_dict(GRAPH), config(device="cuda", cuda_graph=graph), out=None,
+                                progress=False)
         rows[graph] = trainer.fit()
     for a, b in zip(rows[False], rows[True]):
         for node in a["train"]:

@@ -1,4 +1,5 @@
-"""The CUDA step's bookkeeping, on a CPU: the whole FastStep runs with stand-in streams that record
+"""The CUDA step's bookkeeping, on a CPU: the whole step with its fast parts (`ktfast.step.Step.use_streams`)
+runs with stand-in streams that record
 what the step asks of them (forks, joins, which unit ran where), so the stream plan, the leases of
 the process's stream pool, the pairing of the kernels' loss vector with its targets and the step's
 lifetime are checked without a GPU. The numerics of the CUDA path itself are in the GPU suite."""
@@ -12,9 +13,9 @@ import torch
 
 from ktfast import Graph
 from ktfast.config import TrainConfig
-from ktfast.fast import FastStep, StreamBank, step_losses
+from ktfast.fast import StreamBank, step_losses
 from ktfast.losses import loss_targets, reference_graph_losses
-from ktfast.train import Trainer
+from ktfast.build import build_trainer
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -87,20 +88,20 @@ def cfg(**kw):
 
 
 def fast_trainer(bank=None, record=True, **kw):
-    """A CPU Trainer whose steps are taken by FastStep with stand-in streams; the log of the waits
+    """A CPU Trainer whose step runs on stand-in streams (the fast path); the log of the waits
     and, per forward (`record`), the stream it ran on."""
-    trainer = Trainer(Graph.from_dict(GRAPH), cfg(**kw), out=None, progress=False)
+    trainer = build_trainer(Graph.from_dict(GRAPH), cfg(**kw), out=None, progress=False)
     log = []
     bank = bank or StreamBank(pool(log=log))
     streams = Streams(log)
     if record:  # (the recording closure holds the trainer: a cycle of the test's own)
-        forward = trainer.forward_unit
+        forward = trainer.step.forward_unit
 
         def recorded(unit, x):
             log.append(("forward", unit.name, streams.active.cuda_stream))
             return forward(unit, x)
-        trainer.forward_unit = recorded
-    trainer.fast = FastStep(trainer, bank=bank, streams=streams)
+        trainer.step.forward_unit = recorded
+    trainer.step.use_streams(streams, bank)
     return trainer, log
 
 
@@ -139,7 +140,7 @@ def test_the_step_joins_exactly_the_streams_it_forked(fuse):
     ran_on = {f[1]: f[2] for f in log if f[0] == "forward"}
     assert forked == started == set(ran_on.values())
     assert len(forked) == len(units) and ran_on.keys() == {u.name for u in units}
-    assert trainer.fast.streams.count == len(units) + 1 and trainer.fast.streams.side.cuda_stream not in forked
+    assert trainer.step.streams.count == len(units) + 1 and trainer.step.streams.side.cuda_stream not in forked
 
 
 @pytest.mark.parametrize("fuse,kernels", [(True, "0"), (False, "0"), (True, "1")],
@@ -150,8 +151,8 @@ def test_the_fast_step_computes_what_the_trainer_step_computes(fuse, kernels, mo
     monkeypatch.setenv("KTFAST_KERNELS", kernels)
     torch.manual_seed(0)
     fast, _ = fast_trainer(fuse=fuse)
-    plain = Trainer(Graph.from_dict(GRAPH), cfg(fuse=fuse), out=None, progress=False)
-    assert (fast.fast.scratch is not None) == (kernels == "1")
+    plain = build_trainer(Graph.from_dict(GRAPH), cfg(fuse=fuse), out=None, progress=False)
+    assert (fast.step.scratches[0] is not None) == (kernels == "1")
     got, want = steps(fast, 3), steps(plain, 3)
     assert len(got) == len(want) == 3 and all(bool(w.abs().min() > 0) for w in want)
     assert_same(fast, plain, got, want)
@@ -178,7 +179,7 @@ def test_a_short_bank_makes_a_step_share_streams_among_its_own_units():
     bank.lease(30)
     trainer, log = fast_trainer(bank=bank, fuse=False)  # wants 5, gets 2: the side stream and one
     steps(trainer, 1)
-    plan = trainer.fast.streams
+    plan = trainer.step.streams
     assert plan.count == 2 and len(plan.forks) == 1 and len(plan.forks[0][1]) == 4
     assert {f[2] for f in log if f[0] == "forward"} == {plan.forks[0][0].cuda_stream}
 
@@ -211,7 +212,7 @@ def test_the_kernels_loss_vector_is_paired_with_its_targets(monkeypatch):
     logits = {n.name: torch.randn(8, 5, dtype=torch.float32) * (i + 1) for i, n in enumerate(graph.model_nodes)}
     labels = torch.randint(0, 5, (8,))
     factor = torch.tensor(0.25, dtype=torch.float32)
-    got, total = step_losses(graph, logits, labels, factor, None)
+    got, total = step_losses(graph, logits, labels, factor, 1, None)
     want = reference_graph_losses(graph, logits, labels, step=1, total_steps=4)
     assert list(got) == loss_targets(graph) == list(want) and len(want) == 4
     values = torch.stack(list(want.values()))
@@ -269,8 +270,8 @@ def test_on_a_gpu_a_fused_group_runs_batchnorm_as_its_nodes(model):
                          "nodes": [{"name": "a", "model": model}, {"name": "b", "model": model}],
                          "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
                                    {"from": "a", "to": "b", "loss": "kl", "gate": "through"}]})
-    trainer = Trainer(g, cfg(device="cuda", dataset=f"synthetic:classes=5,size={size},train=32,test=8", fuse=True),
-                      out=None, progress=False)
+    trainer = build_trainer(g, cfg(device="cuda", dataset=f"synthetic:classes=5,size={size},train=32,test=8",
+                                   fuse=True), out=None, progress=False)
     (unit,) = trainer.units
     assert isinstance(getattr(unit.module, "_orig_mod", unit.module), FusedGroup)
     x = torch.randn(8, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
@@ -294,9 +295,9 @@ def test_a_capture_that_fails_falls_back_to_the_eager_step_and_computes_what_it_
     torch.manual_seed(0)
     fast, _ = fast_trainer(fuse=True)
     fast.paths["cuda_graph"] = "on"  # as on a GPU
-    plain = Trainer(Graph.from_dict(GRAPH), cfg(fuse=True), out=None, progress=False)
+    plain = build_trainer(Graph.from_dict(GRAPH), cfg(fuse=True), out=None, progress=False)
     got, want = steps(fast, 3), steps(plain, 3)
-    assert fast.paths["cuda_graph"] == "off" and fast.fast.captures == 0
+    assert fast.paths["cuda_graph"] == "off" and fast.step.captures == 0
     assert [line for line in capsys.readouterr().out.splitlines() if "falls back" in line] == [
         "ktfast: cuda_graph falls back to off: RuntimeError: operation not permitted when stream is capturing"]
     assert_same(fast, plain, got, want)

@@ -17,6 +17,7 @@ import torch
 from ktfast.cli import main
 from ktfast.config import TrainConfig
 from ktfast.graph import Graph
+from ktfast.build import build_trainer
 from ktfast.train import Trainer
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
@@ -190,10 +191,10 @@ def test_a_non_finite_loss_exits_3_naming_node_and_epoch_and_keeps_the_last_fini
 def test_fp16_skipped_steps_are_counted_in_the_metrics_row(tmp_path):
     cfg = TrainConfig(dataset=TINY, epochs=1, batch_size=32, device="cpu", lr=0.05)
     heavy = dict(PAIR, edges=[dict(e, weight=8.0) for e in PAIR["edges"]])
-    trainer = Trainer(Graph.from_dict(heavy), cfg, out=tmp_path, progress=False)
+    trainer = build_trainer(Graph.from_dict(heavy), cfg, out=tmp_path, progress=False)
     # A CPU run has no fp16 scaler. This one starts at a scale that overflows Σ L_t × scale, and halves
     # it at every skipped step (never growing it back): the row must count exactly those halvings.
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, growth_interval=10 ** 6)
+    trainer.scaler = trainer.step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, growth_interval=10 ** 6)
     [row] = trainer.fit()
     halvings = math.log2(2.0 ** 127 / trainer.scaler.get_scale())
     assert row["skipped_steps"] == halvings > 0

@@ -26,6 +26,7 @@ from ktfast.config import TrainConfig
 from ktfast.fuse import FusedGroup, fusion_groups
 from ktfast.internals import uncompiled
 from ktfast.models import build_model
+from ktfast.build import build_trainer
 from ktfast.train import Trainer
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
@@ -70,7 +71,7 @@ class Float64Batches:
 
 def fitting_trainer(g: Graph, out=None, **kw) -> Trainer:
     """A Trainer for `fit()` in float64."""
-    trainer = Trainer(g, cfg(**kw), out=out, progress=False)
+    trainer = build_trainer(g, cfg(**kw), out=out, progress=False)
     trainer.train_loader, trainer.eval_loader = Float64Batches(trainer.train_loader), Float64Batches(trainer.eval_loader)
     return trainer
 
@@ -101,21 +102,22 @@ def graph(model: str, n: int = 2, extra_nodes=(), extra_edges=()) -> Graph:
 
 
 def record(trainer: Trainer) -> list:
-    """What the loss function sees each step (every endpoint's logits and attention map, every L_t)."""
-    seen, loss_fn = [], trainer.loss_fn
+    """What the losses of `trainer`'s step (or a replica group's, one seed at a time) see each step:
+    every endpoint's logits and attention map, every L_t (the kernels' or the reference's)."""
+    seen, losses_of = [], trainer.step.seed_losses
 
-    def recording(graph, logits, labels, attention=None, **kw):
-        losses = loss_fn(graph, logits, labels, attention=attention, **kw)
+    def recording(logits, labels, step, total_steps, attention, scratch):
+        losses, total = losses_of(logits, labels, step, total_steps, attention, scratch)
         seen.append({k: v.detach().clone() for k, v in (*logits.items(), *(("L_" + t, L) for t, L in losses.items()),
                                                         *(("att_" + a, m) for a, m in (attention or {}).items()))})
-        return losses
-    trainer.loss_fn = recording
+        return losses, total
+    trainer.step.seed_losses = recording
     return seen
 
 
 def run(g: Graph, steps: int = 3, dtype=torch.float64, **kw) -> tuple[Trainer, list]:
     with default_dtype(dtype):  # the models are built in it
-        trainer = Trainer(g, cfg(**kw), out=None, progress=False)
+        trainer = build_trainer(g, cfg(**kw), out=None, progress=False)
         seen = record(trainer)
         trainer.train_loader.set_epoch(0)
         for k, (x, y) in zip(range(steps), trainer.train_loader):
@@ -321,7 +323,7 @@ def test_cuda_fused_fast_step_matches_unfused(flags):
     runs = {}
     with default_dtype(torch.float32):  # the GPU path as users run it
         for fuse in (False, True):
-            trainer = Trainer(g, cfg(device="cuda", fuse=fuse, **flags), out=None, progress=False)
+            trainer = build_trainer(g, cfg(device="cuda", fuse=fuse, **flags), out=None, progress=False)
             trainer.train_loader.set_epoch(0)
             losses, before = [], torch.zeros_like(trainer.loss_sums)
             for k, (x, y) in zip(range(4), trainer.train_loader):

@@ -13,7 +13,7 @@ from ktfast.config import TrainConfig
 from ktfast.data import TensorLoader, TorchLoader, load_arrays, make_loader
 from ktfast.graph import Graph
 from ktfast.paths import Compiled, FallbackError, fall_back, resolve_paths
-from ktfast.train import Trainer
+from ktfast.build import build_trainer
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
 PAIR = {"version": 1, "name": "pair", "target": "a",
@@ -270,7 +270,7 @@ def test_a_fallback_before_the_run_trains_is_written_when_it_trains(tmp_path, ca
     cfg = TrainConfig(dataset=TINY, epochs=1, batch_size=32)
     cfg.save(out / "config.json")
     before = (out / "config.json").read_bytes()
-    trainer = Trainer(Graph.from_dict(PAIR), cfg, out=out, progress=False)
+    trainer = build_trainer(Graph.from_dict(PAIR), cfg, out=out, progress=False)
     trainer.fall_back("fuse", "off", RuntimeError("cuDNN: batch norm under vmap"))
     assert (out / "config.json").read_bytes() == before
     assert capsys.readouterr().out == "ktfast: fuse falls back to off: RuntimeError: cuDNN: batch norm under vmap\n"

@@ -23,7 +23,8 @@ from ktfast import session
 from ktfast.config import TrainConfig
 from ktfast.models import build_model
 from ktfast.fast import StreamBank
-from ktfast.replicas import ReplicaFastStep, ReplicaGroup, Replicas, seed_groups
+from ktfast.replicas import ReplicaGroup, Replicas, seed_groups
+from ktfast.build import build_trainer
 from ktfast.train import Trainer
 
 from test_fast_step import Streams, pool
@@ -87,7 +88,7 @@ def cfg(seed: int, **kw) -> TrainConfig:
 
 
 def trainer(g, seed, out=None, **kw) -> Trainer:
-    t = Trainer(g, cfg(seed, **kw), out=out, progress=False)
+    t = build_trainer(g, cfg(seed, **kw), out=out, progress=False)
     t.train_loader, t.eval_loader = Float64Batches(t.train_loader), Float64Batches(t.eval_loader)
     return t
 
@@ -118,19 +119,26 @@ def assert_same_replica(solo: Trainer, replica: Trainer, seen_solo: list, seen_r
     torch.testing.assert_close(replica.correct, solo.correct, rtol=0, atol=0)
 
 
+def by_seed(calls: list, seeds: int) -> list[list]:
+    """What each replica's losses saw, from `record`'s calls on a replica group: its step computes
+    the seeds' losses in turn, each from its own logits and labels, so the calls alternate by seed."""
+    return [calls[s::seeds] for s in range(seeds)]
+
+
 @pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 def test_each_replica_steps_as_its_seed_alone(solos, fuse):
     g, runs, seen_solo = solos
     group = [trainer(g, s, fuse=fuse) for s in SEEDS]
-    seen = [record(t) for t in group]
     rep = Replicas(group)
     # Fused: the students a, b of every replica in one group, c's, the teachers'; unfused: one per node.
     assert [[n.name for n in u.nodes] for u in rep.units] == (
         [["0/a", "0/b", "1/a", "1/b"], ["0/c", "1/c"], ["0/t", "1/t"]] if fuse
         else [[f"{s}/{n}" for s in SEEDS] for n in "abct"])
     assert all(isinstance(u.module, ReplicaGroup) for u in rep.units)
+    calls = record(rep)
     steps(rep.train_step, [t.train_loader for t in group])
+    seen = by_seed(calls, len(SEEDS))
     for solo, replica, a, b in zip(runs, group, seen_solo, seen):
         assert_same_replica(solo, replica, a, b)
         assert not replica.models["t"].training and not any(p.requires_grad for p in replica.models["t"].parameters())
@@ -138,29 +146,17 @@ def test_each_replica_steps_as_its_seed_alone(solos, fuse):
 
 @pytest.mark.usefixtures("float64")
 def test_the_fast_step_over_replicas_steps_each_as_alone(solos):
-    """ReplicaFastStep (streams stood in for on a CPU, as tests/test_fast_step.py does): each replica's
-    losses paired with its own labels and targets, one backward, every optimizer stepped."""
+    """The replicas' step on its fast path (streams stood in for on a CPU, as tests/test_fast_step.py
+    does): each replica's losses paired with its own labels and targets, one backward, every
+    optimizer stepped."""
     g, runs, seen_solo = solos
     group = [trainer(g, s, fuse=True) for s in SEEDS]
-    seen = [[] for _ in SEEDS]
     rep = Replicas(group)
-    rep.fast = ReplicaFastStep(rep, bank=StreamBank(pool()), streams=Streams([]))
-    calls = []  # FastStep takes the losses itself: what they are computed from is recorded here
-    original = ReplicaFastStep._losses
-
-    def losses(self, logits, y, attention):
-        out = original(self, logits, y, attention)
-        calls.append(out)
-        for s, (z, labels, maps) in enumerate(self.t.split(logits, y, attention or {})):
-            seen[s].append({**{k: v.detach().clone() for k, v in z.items()},
-                            **{"L_" + k.split("/", 1)[1]: v.detach().clone() for k, v in out[0].items()
-                               if k.startswith(f"{s}/")},
-                            **{"att_" + k: v.detach().clone() for k, v in maps.items()}})
-        return out
-
-    rep.fast._losses = losses.__get__(rep.fast)
+    rep.step.use_streams(Streams([]), StreamBank(pool()))
+    calls = record(rep)
     steps(rep.train_step, [t.train_loader for t in group])
-    assert len(calls) == 3
+    seen = by_seed(calls, len(SEEDS))
+    assert rep.step.factor is not None and [len(s) for s in seen] == [3] * len(SEEDS)
     for solo, replica, a, b in zip(runs, group, seen_solo, seen):
         assert_same_replica(solo, replica, a, b)
 

@@ -8,7 +8,7 @@ from ktfast import Graph
 from ktfast.config import TrainConfig
 from ktfast.pretrain import cache_path
 from ktfast.run import make_trainer
-from ktfast.train import Trainer
+from ktfast.build import build_trainer
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
 
@@ -37,7 +37,7 @@ def test_run_directory_rows_and_checkpoint(tmp_path):
     g = dml(extra_nodes=[{"name": "ens", "ensemble": ["a", "b"]}])
     out = tmp_path / "run"
     out.mkdir()
-    rows = Trainer(g, cfg(), out=out, progress=False).fit()
+    rows = build_trainer(g, cfg(), out=out, progress=False).fit()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines == json.loads(json.dumps(rows)) and [r["epoch"] for r in lines] == [1, 2]
     for row in lines:
@@ -54,7 +54,7 @@ def test_run_directory_rows_and_checkpoint(tmp_path):
 
 def test_one_forward_per_node_per_step_and_joint_update():
     g = dml()
-    trainer = Trainer(g, cfg(epochs=1), out=None, progress=False)
+    trainer = build_trainer(g, cfg(epochs=1), out=None, progress=False)
     calls = {"a": 0, "b": 0}
     for name in calls:
         # Training forwards only: evaluation runs in eval mode.
@@ -85,7 +85,7 @@ def test_frozen_teacher_never_changes_weights_or_batchnorm_statistics(tmp_path):
             extra_edges=[{"from": "t", "to": "a", "loss": "kl", "gate": "through", "temperature": 2.0},
                          {"from": "a", "to": "t", "loss": "kl", "gate": "cutoff"}])
     assert g.nodes["t"].frozen
-    trainer = Trainer(g, cfg(), out=None, progress=False)
+    trainer = build_trainer(g, cfg(), out=None, progress=False)
     trainer.fit()
     after = trainer.models["t"].state_dict()
     for k, v in t.state_dict().items():
@@ -140,9 +140,9 @@ def test_with_a_train_fraction_each_seed_has_a_teacher_of_its_own_subset():
 
 def test_same_seed_same_run_different_seed_different_run():
     g = dml()
-    a = Trainer(g, cfg(epochs=1), out=None, progress=False).fit()
-    b = Trainer(g, cfg(epochs=1), out=None, progress=False).fit()
-    c = Trainer(g, cfg(epochs=1, seed=1), out=None, progress=False).fit()
+    a = build_trainer(g, cfg(epochs=1), out=None, progress=False).fit()
+    b = build_trainer(g, cfg(epochs=1), out=None, progress=False).fit()
+    c = build_trainer(g, cfg(epochs=1, seed=1), out=None, progress=False).fit()
     assert a[0]["test"] == b[0]["test"] and a[0]["train"] == b[0]["train"]
     assert a[0]["train"] != c[0]["train"]
 
@@ -150,7 +150,7 @@ def test_same_seed_same_run_different_seed_different_run():
 # Only the schedule is stepped here, no optimizer step: torch warns about that order.
 @pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 def test_lr_schedule_follows_the_recipe_fractions():
-    trainer = Trainer(dml(), cfg(epochs=10, lr_decay_at=(0.3, 0.6, 0.9)), out=None, progress=False)
+    trainer = build_trainer(dml(), cfg(epochs=10, lr_decay_at=(0.3, 0.6, 0.9)), out=None, progress=False)
     lrs = []
     for _ in range(10):
         lrs.append(trainer.optimizer.param_groups[0]["lr"])
@@ -167,7 +167,7 @@ def test_training_learns_real_digits():
 
     g = Graph.from_dict({"version": 1, "target": "a", "nodes": [{"name": "a", "model": "resnet8"}],
                          "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"}]})
-    trainer = Trainer(g, cfg(dataset="digits", epochs=10, optimizer="adam", lr=3e-3), out=None, progress=False)
+    trainer = build_trainer(g, cfg(dataset="digits", epochs=10, optimizer="adam", lr=3e-3), out=None, progress=False)
     trainer.train_loader.set_epoch(0)
     losses, previous = [], 0.0
     for k, (x, y) in zip(range(40), trainer.train_loader):
@@ -181,7 +181,7 @@ def test_training_learns_real_digits():
 
 def test_the_loop_hands_every_step_its_1_based_index_and_the_run_its_total():
     """Linear gates weigh a step by k / k_end with k = 1 … k_end (docs/ARCHITECTURE.md §1): the last step at 1."""
-    trainer = Trainer(dml(), cfg(epochs=2), out=None, progress=False)
+    trainer = build_trainer(dml(), cfg(epochs=2), out=None, progress=False)
     seen = []
     original = trainer.train_step
     trainer.train_step = lambda x, y, step: (seen.append(step), original(x, y, step))
@@ -205,7 +205,8 @@ def scaled(scales: dict) -> Graph:
 @pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_lr_scale_gives_each_node_its_lr_through_the_schedule(optimizer):
-    trainer = Trainer(scaled({"b": 0.1, "c": 0.25}), cfg(epochs=10, optimizer=optimizer), out=None, progress=False)
+    trainer = build_trainer(scaled({"b": 0.1, "c": 0.25}), cfg(epochs=10, optimizer=optimizer), out=None,
+                            progress=False)
     group_of = {id(p): i for i, g in enumerate(trainer.optimizer.param_groups) for p in g["params"]}
     for _ in range(10):
         decay = 0.1 ** sum(trainer.scheduler.last_epoch >= m for m in cfg(epochs=10).milestones())
@@ -223,7 +224,7 @@ def test_lr_scale_scales_each_nodes_step_and_survives_resume(tmp_path):
     recipe = dict(epochs=3, momentum=0.0, weight_decay=0.0)
     steps = {}
     for scales in ({}, {"b": 0.1}):
-        trainer = Trainer(scaled(scales), cfg(**recipe), out=None, progress=False)
+        trainer = build_trainer(scaled(scales), cfg(**recipe), out=None, progress=False)
         before = {n: [p.detach().clone() for p in m.parameters()] for n, m in trainer.models.items()}
         x, y = next(iter(trainer.train_loader))
         trainer.train_step(x, y, 1)
@@ -239,9 +240,9 @@ def test_lr_scale_scales_each_nodes_step_and_survives_resume(tmp_path):
 
     out = tmp_path / "run"
     out.mkdir()
-    first = Trainer(scaled({"b": 0.1}), cfg(**recipe, lr_decay_at=(0.5,)), out=out, progress=False)
+    first = build_trainer(scaled({"b": 0.1}), cfg(**recipe, lr_decay_at=(0.5,)), out=out, progress=False)
     first.fit()
-    again = Trainer(scaled({"b": 0.1}), cfg(**recipe, lr_decay_at=(0.5,)), out=None, progress=False)
+    again = build_trainer(scaled({"b": 0.1}), cfg(**recipe, lr_decay_at=(0.5,)), out=None, progress=False)
     again.load_checkpoint(out / "checkpoint.pt")
     assert [g["lr"] for g in again.optimizer.param_groups] == [g["lr"] for g in first.optimizer.param_groups]
     assert [g["lr"] for g in first.optimizer.param_groups] == pytest.approx([0.005, 0.0005])

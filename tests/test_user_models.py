@@ -15,6 +15,7 @@ from ktfast.config import TrainConfig
 from ktfast.fuse import FusedGroup
 from ktfast.graph import GraphError
 from ktfast.models import build_model, is_model_name
+from ktfast.build import build_trainer
 from ktfast.train import Trainer
 from test_fuse import assert_same_run, default_dtype, record
 
@@ -38,7 +39,7 @@ def mixed(a=None, b=None, crops=(8,)) -> dict:
 def steps(g: Graph, n: int, **kw) -> tuple[Trainer, list]:
     cfg = TrainConfig(**{**dict(dataset="digits", train_fraction=0.05, epochs=1, batch_size=16, device="cpu",
                                 lr=0.05), **kw})
-    trainer = Trainer(g, cfg, out=None, progress=False)
+    trainer = build_trainer(g, cfg, out=None, progress=False)
     seen = record(trainer)
     for k, (x, y) in zip(range(n), trainer.train_loader):
         trainer.train_step(x.to(torch.get_default_dtype()), y, k + 1)

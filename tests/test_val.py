@@ -9,6 +9,7 @@ import optuna
 import pytest
 import torch
 
+import ktfast.build
 import ktfast.train
 from ktfast.cli import main
 from ktfast.data import load_arrays, make_loader, split_indices
@@ -158,14 +159,14 @@ def test_the_search_objective_is_scored_on_search_val_and_never_reads_the_test_s
     from ktfast.search import objective
 
     made = []
-    real = ktfast.train.make_loader
+    real = ktfast.build.make_loader
 
     def make_loader(dataset, split, *args, **kwargs):
         assert split != "test", "the search made a loader of the test set"
         made.append((split, kwargs.get("val_fraction")))
         return real(dataset, split, *args, **kwargs)
 
-    monkeypatch.setattr(ktfast.train, "make_loader", make_loader)
+    monkeypatch.setattr(ktfast.build, "make_loader", make_loader)
     args = build_parser().parse_args(["search", "--nodes", "1", "--target-model", "resnet8", "--gates", "through",
                                       "--trials", "1", "--dataset", TINY, "--epochs", "2", "--batch-size", "16",
                                       "--device", "cpu"])
