@@ -30,6 +30,7 @@ from common import environment, write_result
 
 from ktfast import distributed
 from ktfast.config import TrainConfig
+from ktfast.build import build_trainer
 from ktfast.distributed import Placement
 from ktfast.train import Trainer
 
@@ -60,8 +61,8 @@ def block(trainer: Trainer, it, steps: int, first: int, sync) -> float:
 def compare(g, cfg: TrainConfig, rank: int, world: int, rounds: int, steps: int, warmup: int) -> dict:
     trainers = {}
     for variant, kind in (("flat", FlatPlacement), ("ddp", Placement)):
-        trainer = Trainer(g, cfg, out=None, progress=False, log=lambda _: None,
-                          placement=kind(g, "data", rank, world))
+        trainer = build_trainer(g, cfg, out=None, progress=False, log=lambda _: None,
+                                placement=kind(g, "data", rank, world))
         trainers[variant] = trainer, batches(trainer)
     sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
     times = {v: [] for v in trainers}
