@@ -9,9 +9,10 @@ from pathlib import Path
 from optuna.trial import TrialState
 
 from ktfast.args import UsageError, add_recipe_args, positive_int
-from ktfast.graph import GATES, Graph
+from ktfast.gates import DEFAULT_GATES, DRAWABLE_GATES, GAMMA_GATES
+from ktfast.graph import Graph
 from ktfast.packing import PACKS
-from ktfast.search import (BETAS, DEFAULT_GATES, DEFAULT_MODELS, GAMMAS, OBJECTIVES, PRUNERS, SAMPLERS,
+from ktfast.search import (BETAS, DEFAULT_MODELS, GAMMAS, OBJECTIVES, PRUNERS, SAMPLERS,
                            STANDARDIZE, summary)
 from ktfast.search_session import SEARCH_OPTIONS, counted, run_search, space_from_args  # noqa: F401 (tests)
 from ktfast.study import DEFAULT_STORAGE, find_study
@@ -25,8 +26,8 @@ def register(sub) -> None:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="choices for the other nodes")
     p.add_argument("--gates", default=",".join(DEFAULT_GATES),
                    help=f"choices for every edge, label edges included, of "
-                        f"{', '.join(g for g in GATES if g != 'warmup')} (default: %(default)s); an edge given gamma or "
-                        f"negative_gamma also draws γ from {GAMMAS}")
+                        f"{', '.join(DRAWABLE_GATES)} (default: %(default)s); an edge given "
+                        f"{' or '.join(GAMMA_GATES)} also draws γ from {GAMMAS}")
     p.add_argument("--losses", default=None, help="choices for every model-to-model edge, any loss "
                    "expressions, e.g. kl,cos,att_mse,att_cos,kl+att_mse,cos+att_cos or kl,dkd,dist,dkd+att_mse "
                    f"(default: kl only); an edge given a dkd term also draws β from {BETAS} (α = 1)")
