@@ -210,6 +210,24 @@ def dist_block(ws, wt, valid, inv_t, lse_s, lse_t, inv_c, ab, aa, bb, paw, pbw, 
 
 
 @triton.jit
+def cos_block(zs, zt, valid, lse_s, lse_t, dot, ss, tt):
+    """The sums of cos over a block of classes: Σ p_s p_t, Σ p_s², Σ p_t², p the softmax at T = 1."""
+    ps = tl.where(valid, exp(zs - lse_s[:, None]), 0.0)
+    pt = tl.where(valid, exp(zt - lse_t[:, None]), 0.0)
+    dot += tl.sum(ps * pt, axis=1)
+    ss += tl.sum(ps * ps, axis=1)
+    tt += tl.sum(pt * pt, axis=1)
+    return dot, ss, tt
+
+
+@triton.jit
+def mse_block(zs, zt, sq):
+    """MSE's Σ (z_t - z_s)² over a block of classes (0 outside the rows and classes, as load_rows)."""
+    d = zt - zs
+    return sq + tl.sum(d * d, axis=1)
+
+
+@triton.jit
 def tckd(xsy, xty, lse_s, lse_os, lse_t, lse_ot):
     """KL of the binary distributions (p_y, 1 - p_y) of source and target; log(1 - p_y) is
     lse_other - lse, exact where p_y rounds to 1."""
