@@ -142,13 +142,13 @@ def gate_weight(gate_kind, factor, gate_arg, correct):
     """Per row: the weight of the gate whose code is gate_kind (`ktfast.gates`, docs/ARCHITECTURE.md §1,
     Gates), one select per gate; factor = k / k_end, gate_arg = 1/γ of the gamma gates and 1/w of the
     warmup gate, correct = whether the source's top-1 is the label."""
-    w = tl.where(correct, 0.0, 0.0)  # [ROWS]; a code no branch knows weighs 0
+    # The gamma gates share one power: a power each made ptxas spill (benchmarks/compile_kernels.py).
+    power = _power(tl.where(gate_kind == _GAMMA, factor, 1.0 - factor), gate_arg)
+    w = tl.where(gate_kind == _CORRECT, tl.where(correct, 1.0, 0.0), 0.0)  # [ROWS]; an unknown code weighs 0
     w = tl.where(gate_kind == _THROUGH, 1.0, w)
     w = tl.where(gate_kind == _LINEAR, factor, w)
-    w = tl.where(gate_kind == _CORRECT, tl.where(correct, 1.0, 0.0), w)
     w = tl.where(gate_kind == _NEGATIVE_LINEAR, 1.0 - factor, w)
-    w = tl.where(gate_kind == _GAMMA, _power(factor, gate_arg), w)
-    w = tl.where(gate_kind == _NEGATIVE_GAMMA, _power(1.0 - factor, gate_arg), w)
+    w = tl.where((gate_kind == _GAMMA) | (gate_kind == _NEGATIVE_GAMMA), power, w)
     w = tl.where(gate_kind == _WARMUP, tl.minimum(1.0, factor * gate_arg), w)
     return w
 
