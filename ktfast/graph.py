@@ -14,7 +14,7 @@ from pathlib import Path
 from ktfast.gates import GAMMA_GATES, GATE_NAMES, WARMUP_GATES
 from ktfast.graph_fields import GraphError, no_unknown_keys, typed
 from ktfast.graph_nodes import LABEL, REDUCES, USER_CODE, EnsembleNode, ModelNode, branch_count, parse_node
-from ktfast.loss_kinds import ATTENTION_TERMS, LABEL_TERMS, LOSS_TERMS, TEMPERED_TERMS
+from ktfast.loss_kinds import ATTENTION_TERMS, LABEL_TERMS, LOSS_TERMS, TEMPERED_TERMS, TEMPERED_TEXT
 
 __all__ = ["ATTENTION_TERMS", "GAMMA_GATES", "GATES", "LABEL", "LOSS_TERMS", "REDUCES", "TEMPERED_TERMS",
            "USER_CODE", "Edge", "EnsembleNode", "Graph", "GraphError", "ModelNode", "branch_count"]
@@ -282,7 +282,7 @@ def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
         dkd[key] = float(value)
     standardize = typed(raw, "standardize", bool, where, default=False)
     if standardize and not any(t in TEMPERED_TERMS for t in terms):
-        raise GraphError(f"{where}.standardize: only a kl, dkd or dist term sees standardized logits, "
+        raise GraphError(f"{where}.standardize: only a {TEMPERED_TEXT} term sees standardized logits, "
                          f"and loss {loss!r} has none")
     warmup = typed(raw, "warmup", float, where, default=None)
     if gate in WARMUP_GATES:

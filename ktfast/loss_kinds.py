@@ -184,3 +184,5 @@ ATTENTION_TERMS = tuple(k.name for k in LOSS_KINDS.values() if k.attention)
 TEMPERED_TERMS = tuple(k.name for k in LOSS_KINDS.values() if k.tempered)  # the terms `standardize` changes
 LABEL_TERMS = tuple(k.name for k in LOSS_KINDS.values() if k.label)  # the loss of edges from the label
 PAIR_TERMS = tuple(k.name for k in LOSS_KINDS.values() if not k.label)  # the terms of node-to-node edges
+# "kl, dkd or dist", as messages and help texts list them
+TEMPERED_TEXT = f"{', '.join(TEMPERED_TERMS[:-1])} or {TEMPERED_TERMS[-1]}"

@@ -13,7 +13,7 @@ from ktfast.config import TrainConfig
 from ktfast.data import dataset_info
 from ktfast.gates import DEFAULT_GATES, DRAWABLE_GATES
 from ktfast.graph import ATTENTION_TERMS, DEFAULT_CROPS, GATES
-from ktfast.loss_kinds import PAIR_TERMS
+from ktfast.loss_kinds import PAIR_TERMS, TEMPERED_TEXT
 from ktfast.search import (COUNTED, DEFAULT_MODELS, Space, run_workers)
 from ktfast.study import DEFAULT_STORAGE, open_storage, open_study
 
@@ -93,11 +93,11 @@ def space_from_args(args) -> Space:
         raise UsageError(f"--{'temperatures' if space.temperatures else 'weights'}: a 1-node search has label edges "
                          "only, and they keep T = 1 and weight 1")
     if space.temperatures and not space.allows_standardize():
-        raise UsageError(f"--temperatures: only edges with a kl, dkd or dist term read a temperature, and "
+        raise UsageError(f"--temperatures: only edges with a {TEMPERED_TEXT} term read a temperature, and "
                          f"--losses {args.losses} has none")
     if space.standardize != "off" and not space.allows_standardize():
         where = f"--losses {args.losses}" if space.nodes > 1 else "a 1-node search (label edges only)"
-        raise UsageError(f"--standardize {space.standardize}: only edges with a kl, dkd or dist term are "
+        raise UsageError(f"--standardize {space.standardize}: only edges with a {TEMPERED_TEXT} term are "
                          f"standardized, and {where} has none")
     return space
 

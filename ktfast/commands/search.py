@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from ktfast.args import UsageError, add_recipe_args, positive_int
 from ktfast.gates import DEFAULT_GATES, DRAWABLE_GATES, GAMMA_GATES
 from ktfast.graph import Graph
+from ktfast.loss_kinds import TEMPERED_TEXT
 from ktfast.packing import PACKS
 from ktfast.search import (BETAS, DEFAULT_MODELS, GAMMAS, OBJECTIVES, PRUNERS, SAMPLERS,
                            STANDARDIZE, summary)
@@ -32,10 +33,10 @@ def register(sub) -> None:
                    "expressions, e.g. kl,cos,att_mse,att_cos,kl+att_mse,cos+att_cos or kl,dkd,dist,dkd+att_mse "
                    f"(default: kl only); an edge given a dkd term also draws β from {BETAS} (α = 1)")
     p.add_argument("--standardize", choices=STANDARDIZE, default="off",
-                   help="logit standardization of the edges whose loss has a kl, dkd or dist term: never, always, "
+                   help=f"logit standardization of the edges whose loss has a {TEMPERED_TEXT} term: never, always, "
                         "or one more choice per such edge (default: %(default)s)")
     p.add_argument("--temperatures", metavar="T1,T2,...",
-                   help="choices of the temperature of every model-to-model edge whose loss has a kl, dkd or dist "
+                   help=f"choices of the temperature of every model-to-model edge whose loss has a {TEMPERED_TEXT} "
                         "term, e.g. 1,2,4 (default: T = 1)")
     p.add_argument("--weights", metavar="LOW:HIGH",
                    help="the weight of every model-to-model edge, drawn log-uniformly from LOW to HIGH, e.g. "
