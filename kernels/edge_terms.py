@@ -50,25 +50,28 @@ def edge_loss_rows(sp, tp, src, dst, e, y, rows, rmask, row_off, ints, floats, a
     in one pass; the per-row factors the backward needs go to aux."""
     kind = tl.load(ints + _KIND * E + e) & KINDS  # bits no edge has fold to 0: their code is dropped
     std = kind & _STD
+    inv_t = tl.load(floats + _INV_T * E + e)
+    inv_tt = tl.load(floats + _DINV_T * E + e)
     temp = tl.load(floats + _TEMP * E + e)
     lse_s1 = pick(lses, slot_ids, src)
     lse_t1 = pick(lses, slot_ids, dst)
     lse_st, lse_tt, lse_t2, lse_o_s, lse_o_t, sb, sc, tb, tc = row_scalars(
         ints, E, e, lses, lse_os, slot_ids, means, inv_ss, node_ids, KINDS)
+    # ce before the class sums, as its value is at hand: after them, ptxas spilled at one row of 1000
+    # classes (benchmarks/compile_kernels.py).
+    loss = tl.zeros([ROWS], tl.float32)
+    if (kind & _CE) != 0:  # -log p_t[y]
+        loss += lse_t1 - tl.load(tp + row_off + y, mask=rmask, other=0.0).to(tl.float32)
     ks = tl.load(floats + _KL_SCALE * E + e)
     tckd_h = tl.zeros([ROWS], tl.float32)
     if (kind & _DKD) != 0:  # the factor of q_t in DKD's h, from b = 1 - p_y = exp(lse_other - lse)
         tckd_h = temp * tl.load(floats + _ALPHA * E + e) * (exp(lse_o_t - lse_t2) - exp(lse_o_s - lse_st))
     kl, hw, nckd, ab, aa, bb, paw, pbw, pw, dot, ss, tt, sq = _class_sums(
-        sp, tp, y, rmask, row_off, floats, e, E, C, kind, std, lse_s1, lse_t1, lse_st, lse_tt, lse_t2, lse_o_s,
-        lse_o_t, sb, sc, tb, tc, ks, tckd_h, ROWS, BLOCK_C, KINDS, ONE_BLOCK)
-
-    loss = tl.zeros([ROWS], tl.float32)
-    if (kind & _CE) != 0:  # -log p_t[y]
-        loss += lse_t1 - tl.load(tp + row_off + y, mask=rmask, other=0.0).to(tl.float32)
+        sp, tp, y, rmask, row_off, floats, e, E, C, kind, std, inv_t, inv_tt, temp, lse_s1, lse_t1, lse_st, lse_tt,
+        lse_t2, lse_o_s, lse_o_t, sb, sc, tb, tc, ks, tckd_h, ROWS, BLOCK_C, KINDS, ONE_BLOCK)
     loss += kl * ks + sq / C  # KL (its T² or 1 in ks) and MSE
     if (kind & _DKD) != 0:
-        loss += _dkd_rows(sp, tp, y, rmask, row_off, floats, e, E, temp, nckd, lse_st, lse_t2, lse_o_s, lse_o_t,
+        loss += _dkd_rows(sp, tp, y, rmask, row_off, floats, e, E, inv_t, temp, nckd, lse_st, lse_t2, lse_o_s, lse_o_t,
                           sb, sc, tb, tc)
     if (kind & _DIST) != 0:
         dist, hw = _dist_rows(ab, aa, bb, paw, pbw, pw, hw, temp, aux_ptr, e, E, B, rows, rmask)
@@ -81,9 +84,9 @@ def edge_loss_rows(sp, tp, src, dst, e, y, rows, rmask, row_off, ints, floats, a
 
 
 @triton.jit
-def _class_sums(sp, tp, y, rmask, row_off, floats, e, E, C, kind, std, lse_s1, lse_t1, lse_st, lse_tt, lse_t2, lse_o_s,
-                lse_o_t, sb, sc, tb, tc, ks, tckd_h, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, KINDS: tl.constexpr,
-                ONE_BLOCK: tl.constexpr):
+def _class_sums(sp, tp, y, rmask, row_off, floats, e, E, C, kind, std, inv_t, inv_tt, temp, lse_s1, lse_t1, lse_st,
+                lse_tt, lse_t2, lse_o_s, lse_o_t, sb, sc, tb, tc, ks, tckd_h, ROWS: tl.constexpr,
+                BLOCK_C: tl.constexpr, KINDS: tl.constexpr, ONE_BLOCK: tl.constexpr):
     """Each of the edge's terms' sums over the classes, in one pass over blocks of them (`rows`'s
     *_block): KL, Σ h·wt of the standardized terms, NCKD, dist's six sums, cos's three, MSE's."""
     kl = tl.zeros([ROWS], tl.float32)
@@ -100,9 +103,6 @@ def _class_sums(sp, tp, y, rmask, row_off, floats, e, E, C, kind, std, lse_s1, l
     tt = tl.zeros([ROWS], tl.float32)
     sq = tl.zeros([ROWS], tl.float32)
     if (kind & (_TEMPERED | _COS | _MSE)) != 0:
-        inv_t = tl.load(floats + _INV_T * E + e)
-        inv_tt = tl.load(floats + _DINV_T * E + e)
-        temp = tl.load(floats + _TEMP * E + e)
         cols = tl.arange(0, BLOCK_C)
         for c0 in range(0, BLOCK_C if ONE_BLOCK else C, BLOCK_C):
             cc = c0 + cols
@@ -129,9 +129,9 @@ def _class_sums(sp, tp, y, rmask, row_off, floats, e, E, C, kind, std, lse_s1, l
 
 
 @triton.jit
-def _dkd_rows(sp, tp, y, rmask, row_off, floats, e, E, temp, nckd, lse_st, lse_t2, lse_o_s, lse_o_t, sb, sc, tb, tc):
+def _dkd_rows(sp, tp, y, rmask, row_off, floats, e, E, inv_t, temp, nckd, lse_st, lse_t2, lse_o_s, lse_o_t, sb, sc, tb,
+              tc):
     """DKD per row: T² (α TCKD + β NCKD), TCKD from the label's logits, NCKD summed over the classes."""
-    inv_t = tl.load(floats + _INV_T * E + e)
     xsy = (tl.load(sp + row_off + y, mask=rmask, other=0.0).to(tl.float32) - sb) * sc * inv_t
     xty = (tl.load(tp + row_off + y, mask=rmask, other=0.0).to(tl.float32) - tb) * tc * inv_t
     return (temp * temp) * (tl.load(floats + _ALPHA * E + e) * tckd(xsy, xty, lse_st, lse_o_s, lse_t2, lse_o_t)
