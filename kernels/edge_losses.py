@@ -204,12 +204,10 @@ def _edge_loss_bwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
         std_t = (zt - mean_t[:, None]) * inv_s_t[:, None]
         acc = tl.zeros([ROWS, BLOCK_C], tl.float32)
         for e in range(first, last):
-            src = tl.load(ints + _SRC * E + e)
-            sp = z + offset(src, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
-                            ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
-            acc = edge_grad(acc, sp, src, e, zt, pt, std_t, inv_s_t, cc, y, valid, rows, rmask, row_off, grad_l,
-                             grad_total, ints, floats, aux_ptr, lse_ptr, mom_ptr, B, C, E, M, S, inv_b, HAS_GRAD_L,
-                             HAS_GRAD_TOTAL, KINDS)
+            acc = edge_grad(acc, z, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
+                            ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, e, zt, pt, std_t, inv_s_t,
+                            cc, y, valid, rows, rmask, row_off, grad_l, grad_total, ints, floats, aux_ptr, lse_ptr,
+                            mom_ptr, B, C, E, M, S, inv_b, STACKED, HAS_GRAD_L, HAS_GRAD_TOTAL, KINDS)
         tl.store(out + row_off[:, None] + cc[None, :], acc.to(out_ptr.dtype.element_ty), mask=valid)
 
 

@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 from . import edge_table as et
-from .rows import (cos_block, dist_block, dist_coefficients, dkd_block, exp, kl_block, load_rows, mse_block, pick,
-                   tckd)
+from .rows import (cos_block, dist_block, dist_coefficients, dkd_block, exp, kl_block, load_rows, mse_block, offset,
+                   pick, tckd)
 
 _CE, _KL, _COS, _MSE, _DKD, _DIST, _STD = (tl.constexpr(b) for b in (et.CE, et.KL, et.COS, et.MSE, et.DKD, et.DIST,
                                                                      et.STD))
@@ -200,12 +200,15 @@ def _tempered_grad(zs, wt, cc, y, valid, lse_ptr, aux_ptr, ints, floats, E, e, B
 
 
 @triton.jit
-def edge_grad(acc, sp, src, e, zt, pt, std_t, inv_s_t, cc, y, valid, rows, rmask, row_off, grad_l, grad_total, ints,
-               floats, aux_ptr, lse_ptr, mom_ptr, B, C, E, M, S, inv_b, HAS_GRAD_L: tl.constexpr,
-               HAS_GRAD_TOTAL: tl.constexpr, KINDS: tl.constexpr):
+def edge_grad(acc, z, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8, ep_off9,
+              ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, e, zt, pt, std_t, inv_s_t, cc, y, valid, rows,
+              rmask, row_off, grad_l, grad_total, ints, floats, aux_ptr, lse_ptr, mom_ptr, B, C, E, M, S, inv_b,
+              STACKED: tl.constexpr, HAS_GRAD_L: tl.constexpr, HAS_GRAD_TOTAL: tl.constexpr, KINDS: tl.constexpr):
     """acc plus edge e's dL/dL_t · weight / B · gate · d loss_e / d z_t for a block of classes: each
-    term's gradient (one branch each, chosen by the kinds' codes). sp: the source's logits, zt the
-    target's, pt their softmax, std_t them standardized."""
+    term's gradient (one branch each, chosen by the kinds' codes). zt: the target's logits, pt their
+    softmax, std_t them standardized; the source's are read (through `rows.offset`) only where a term
+    needs them: computed for every edge, their address took 13 more registers at 10 classes."""
+    src = tl.load(ints + _SRC * E + e)
     kind = tl.load(ints + _KIND * E + e) & KINDS  # bits no edge has fold to 0: their code is dropped
     d_target = 0.0
     if HAS_GRAD_L:
@@ -217,6 +220,8 @@ def edge_grad(acc, sp, src, e, zt, pt, std_t, inv_s_t, cc, y, valid, rows, rmask
     if (kind & _CE) != 0:  # p_t - onehot(y)
         acc += scale[:, None] * (pt - tl.where(cc[None, :] == y[:, None], 1.0, 0.0))
     if (kind & (_TEMPERED | _COS | _MSE)) != 0:
+        sp = z + offset(src, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
+                        ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
         zs = load_rows(sp, row_off, rmask, cc, C)
         if (kind & _TEMPERED) != 0:
             # One call for raw and standardized edges, the two chosen by selects: two inlined
