@@ -71,12 +71,10 @@ def _edge_loss_fwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
     for e in range(E):
         src = tl.load(ints + _SRC * E + e)
         dst = tl.load(ints + _DST * E + e)
-        sp = z + offset(tl.maximum(src, 0), node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6,
-                        ep_off7, ep_off8, ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
-        tp = z + offset(dst, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
-                        ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
-        loss = edge_loss_rows(sp, tp, src, dst, e, y, rows, rmask, row_off, ints, floats, aux_ptr, lses, lse_os,
-                               slot_ids, means, inv_ss, rho_ss, node_ids, B, C, E, ROWS, BLOCK_C, KINDS, ONE_BLOCK)
+        loss = edge_loss_rows(z, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
+                              ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, src, dst, e, y, rows,
+                              rmask, row_off, ints, floats, aux_ptr, lses, lse_os, slot_ids, means, inv_ss, rho_ss,
+                              node_ids, B, C, E, STACKED, ROWS, BLOCK_C, KINDS, ONE_BLOCK)
         correct = (pick(args, node_ids, src) == y) | (src < 0)  # the label is always right
         gate = gate_weight(tl.load(ints + _GATE * E + e), factor, tl.load(floats + _GATE_ARG * E + e), correct)
         tl.store(aux_ptr + e * B + rows, gate, mask=rmask)
