@@ -43,12 +43,14 @@ def row_scalars(ints, E, e, lse_tiles, lse_o_tiles, slot_ids, means, inv_ss, nod
 
 @triton.jit
 def edge_loss_rows(z, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8, ep_off9,
-                   ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, src, dst, e, y, rows, rmask, row_off, ints,
-                   floats, aux_ptr, lses, lse_os, slot_ids, means, inv_ss, rho_ss, node_ids, B, C, E, STACKED: tl.constexpr,
-                   ROWS: tl.constexpr, BLOCK_C: tl.constexpr, KINDS: tl.constexpr, ONE_BLOCK: tl.constexpr):
-    """Edge e's ungated per-sample loss [ROWS], sp and tp its source's and target's logits: the sum of
-    its terms (one function each below, chosen by the kinds' codes), their sums over the classes taken
-    in one pass; the per-row factors the backward needs go to aux."""
+                   ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, src, dst, e, y, rows, rmask, row_off,
+                   ints, floats, aux_ptr, lses, lse_os, slot_ids, means, inv_ss, rho_ss, node_ids, B, C, E,
+                   STACKED: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, KINDS: tl.constexpr,
+                   ONE_BLOCK: tl.constexpr):
+    """Edge e's ungated per-sample loss [ROWS]: the sum of its terms (one function each below, chosen by
+    the kinds' codes), their sums over the classes taken in one pass; the per-row factors the backward
+    needs go to aux. The edge finds its logits (sp, tp) itself, after reading its kind and 1/T: given
+    them by the kernel, ptxas spilled on sm_90 (benchmarks/compile_kernels.py)."""
     kind = tl.load(ints + _KIND * E + e) & KINDS  # bits no edge has fold to 0: their code is dropped
     std = kind & _STD
     inv_t = tl.load(floats + _INV_T * E + e)
