@@ -22,9 +22,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import edge_table as et
-from .rows import (dist_block, dist_coefficients, dkd_block, exp, gate_weight, kl_block, load_rows, offset, pick,
-                   row_stats, slot_lse, tckd)
+from .edge_terms import _DST, _GATE, _GATE_ARG, _SRC, _STD, _TGT, _WEIGHT, edge_grad, edge_loss_rows
+from .edge_terms import AUX  # noqa: F401 (the launcher reads it here)
+from .rows import exp, gate_weight, load_rows, offset, pick, row_stats, slot_lse
 
 OFFSET_ARGS = 15  # ep_off1 … ep_off15 below: endpoint n's element offset from endpoint 0's logits
 # The offsets move whenever the logits' buffers do: at every eager step (a captured graph keeps its
@@ -37,34 +37,7 @@ MAX_LINKED = OFFSET_ARGS + 1  # endpoints read in place, through the offsets
 MAX_BLOCK_C = 1024  # classes per block: wider rows are walked in blocks (online max and sum)
 GPU_TILE = 1024  # elements per block of rows on a GPU (see plans.edge_plan)
 
-_CE, _KL, _COS, _MSE, _DKD, _DIST, _STD = (tl.constexpr(b) for b in (et.CE, et.KL, et.COS, et.MSE, et.DKD, et.DIST,
-                                                                     et.STD))
-_TEMPERED = tl.constexpr(et.TEMPERED)
-_SRC, _DST, _KIND, _GATE, _SSLOT, _DSLOT, _TSLOT, _TGT = (tl.constexpr(r) for r in range(8))
-_INV_T, _DINV_T, _KL_SCALE, _WEIGHT, _GATE_ARG, _ALPHA, _BETA, _TEMP = (tl.constexpr(r) for r in range(8))
-# Rows of the saved per-edge values [AUX, E, B]: gate, cos's 1/(|p_s||p_t|) and cos/|p_t|², the std
-# chain's ρ, dist's 1/D, φ and Σ p_t g (see `rows.dist_coefficients`).
-_GATE_W, _COS_A, _COS_B, _RHO, _DIST_1, _DIST_PHI, _DIST_3 = (tl.constexpr(r) for r in range(7))
-AUX = 7
 STANDARDIZE_EPS = tl.constexpr(1e-7)  # ktfast.losses.STANDARDIZE_EPS
-
-
-@triton.jit
-def _row_scalars(ints, E, e, lse_tiles, lse_o_tiles, slot_ids, means, inv_ss, node_ids, KINDS: tl.constexpr):
-    """An edge's slots' log-sum-exps per row [ROWS], and the (shift, scale) that give the logits its
-    tempered terms see, w = (z - shift) · scale: (mean, 1/(ε + std)) where standardized, else (0, 1)."""
-    src = tl.maximum(tl.load(ints + _SRC * E + e), 0)
-    dst = tl.load(ints + _DST * E + e)
-    sslot = tl.load(ints + _SSLOT * E + e)
-    tslot = tl.load(ints + _TSLOT * E + e)
-    std = (tl.load(ints + _KIND * E + e) & (_STD & KINDS)) != 0
-    sb = tl.where(std, pick(means, node_ids, src), 0.0)
-    sc = tl.where(std, pick(inv_ss, node_ids, src), 1.0)
-    tb = tl.where(std, pick(means, node_ids, dst), 0.0)
-    tc = tl.where(std, pick(inv_ss, node_ids, dst), 1.0)
-    return (pick(lse_tiles, slot_ids, sslot), pick(lse_tiles, slot_ids, tl.load(ints + _DSLOT * E + e)),
-            pick(lse_tiles, slot_ids, tslot), pick(lse_o_tiles, slot_ids, sslot), pick(lse_o_tiles, slot_ids, tslot),
-            sb, sc, tb, tc)
 
 
 @triton.jit(do_not_specialize=ENDPOINT_OFFSETS)
@@ -83,14 +56,43 @@ def _edge_loss_fwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
     rows = pid * ROWS + tl.arange(0, ROWS)
     rmask = rows < B
     row_off = rows.to(tl.int64) * C
-    cols = tl.arange(0, BLOCK_C)
     y = tl.load(y_ptr + rows, mask=rmask, other=0).to(tl.int32)
     if FACTOR_FROM_PTR:
         factor = tl.load(factor_ptr).to(tl.float32)
-
-    # Every endpoint's statistics, then the slots' log-sum-exps: [endpoint or slot, row] tiles.
     node_ids = tl.arange(0, M_P2)
     slot_ids = tl.arange(0, S_P2)
+    args, means, inv_ss, rho_ss, lses, lse_os = _endpoint_stats(
+        z, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8, ep_off9, ep_off10,
+        ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, y, rows, rmask, row_off, slot_node, slot_inv_t, slot_std,
+        node_std, lse_ptr, mom_ptr, B, C, M, S, node_ids, slot_ids, STACKED, ROWS, BLOCK_C, M_P2, S_P2, KINDS)
+
+    target_ids = tl.arange(0, NT_P2)
+    part = tl.zeros([NT_P2], tl.float32)
+    for e in range(E):
+        src = tl.load(ints + _SRC * E + e)
+        dst = tl.load(ints + _DST * E + e)
+        loss = edge_loss_rows(z, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
+                              ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, src, dst, e, y, rows,
+                              rmask, row_off, ints, floats, aux_ptr, lses, lse_os, slot_ids, means, inv_ss, rho_ss,
+                              node_ids, B, C, E, STACKED, ROWS, BLOCK_C, KINDS, ONE_BLOCK)
+        correct = (pick(args, node_ids, src) == y) | (src < 0)  # the label is always right
+        gate = gate_weight(tl.load(ints + _GATE * E + e), factor, tl.load(floats + _GATE_ARG * E + e), correct)
+        tl.store(aux_ptr + e * B + rows, gate, mask=rmask)
+        total = tl.sum(tl.where(rmask, gate * loss, 0.0), axis=0) * tl.load(floats + _WEIGHT * E + e) * inv_b
+        part += tl.where(target_ids == tl.load(ints + _TGT * E + e), total, 0.0)
+    _reduce_programs(part, part_ptr, count_ptr, out_ptr, target_ids, NT, NT_P2, P_BLOCK)
+
+
+@triton.jit
+def _endpoint_stats(z, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8, ep_off9,
+                    ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, y, rows, rmask, row_off, slot_node,
+                    slot_inv_t, slot_std, node_std, lse_ptr, mom_ptr, B, C, M, S, node_ids, slot_ids,
+                    STACKED: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, M_P2: tl.constexpr,
+                    S_P2: tl.constexpr, KINDS: tl.constexpr):
+    """Every endpoint's statistics, then the slots' log-sum-exps, as [endpoint or slot, row] tiles:
+    (arg-max, mean, 1 / (ε + std), (ε + std) / ((C - 1) std) or 0 where std = 0, log-sum-exp, the
+    same over the classes other than the label); the log-sum-exps and moments are saved for the
+    backward."""
     args = tl.zeros([M_P2, ROWS], tl.int32)
     mos = tl.zeros([M_P2, ROWS], tl.float32)  # the max over the classes other than the label
     means = tl.zeros([M_P2, ROWS], tl.float32)
@@ -130,104 +132,7 @@ def _edge_loss_fwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
     nmask = (node_ids[:, None] < M) & rmask[None, :]
     tl.store(mom_ptr + node_ids[:, None] * B + rows[None, :], means, mask=nmask)
     tl.store(mom_ptr + (M + node_ids[:, None]) * B + rows[None, :], inv_ss, mask=nmask)
-
-    target_ids = tl.arange(0, NT_P2)
-    part = tl.zeros([NT_P2], tl.float32)
-    for e in range(E):
-        src = tl.load(ints + _SRC * E + e)
-        dst = tl.load(ints + _DST * E + e)
-        kind = tl.load(ints + _KIND * E + e) & KINDS  # bits no edge has fold to 0: their code is dropped
-        std = kind & _STD
-        inv_t = tl.load(floats + _INV_T * E + e)
-        inv_tt = tl.load(floats + _DINV_T * E + e)
-        temp = tl.load(floats + _TEMP * E + e)
-        sp = z + offset(tl.maximum(src, 0), node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6,
-                        ep_off7, ep_off8, ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
-        tp = z + offset(dst, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
-                        ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
-        lse_s1 = pick(lses, slot_ids, src)
-        lse_t1 = pick(lses, slot_ids, dst)
-        lse_st, lse_tt, lse_t2, lse_o_s, lse_o_t, sb, sc, tb, tc = _row_scalars(
-            ints, E, e, lses, lse_os, slot_ids, means, inv_ss, node_ids, KINDS)
-
-        loss = tl.zeros([ROWS], tl.float32)
-        if (kind & _CE) != 0:  # -log p_t[y]
-            loss += lse_t1 - tl.load(tp + row_off + y, mask=rmask, other=0.0).to(tl.float32)
-        kl = tl.zeros([ROWS], tl.float32)
-        hw = tl.zeros([ROWS], tl.float32)  # Σ_j h_j wt_j of the standardized terms
-        nckd = tl.zeros([ROWS], tl.float32)
-        ab = tl.zeros([ROWS], tl.float32)
-        aa = tl.zeros([ROWS], tl.float32)
-        bb = tl.zeros([ROWS], tl.float32)
-        paw = tl.zeros([ROWS], tl.float32)
-        pbw = tl.zeros([ROWS], tl.float32)
-        pw = tl.zeros([ROWS], tl.float32)
-        dot = tl.zeros([ROWS], tl.float32)
-        ss = tl.zeros([ROWS], tl.float32)
-        tt = tl.zeros([ROWS], tl.float32)
-        sq = tl.zeros([ROWS], tl.float32)
-        ks = tl.load(floats + _KL_SCALE * E + e)
-        tckd_h = tl.zeros([ROWS], tl.float32)
-        if (kind & _DKD) != 0:  # the factor of q_t in DKD's h, from b = 1 - p_y = exp(lse_other - lse)
-            tckd_h = temp * tl.load(floats + _ALPHA * E + e) * (exp(lse_o_t - lse_t2) - exp(lse_o_s - lse_st))
-        if (kind & (_TEMPERED | _COS | _MSE)) != 0:
-            for c0 in range(0, BLOCK_C if ONE_BLOCK else C, BLOCK_C):
-                cc = c0 + cols
-                valid = rmask[:, None] & (cc < C)[None, :]
-                zs = load_rows(sp, row_off, rmask, cc, C)
-                zt = load_rows(tp, row_off, rmask, cc, C)
-                ws = (zs - sb[:, None]) * sc[:, None]
-                wt = (zt - tb[:, None]) * tc[:, None]
-                if (kind & _KL) != 0:
-                    kl, hw = kl_block(ws, wt, valid, inv_t, inv_tt, lse_st, lse_tt, ks * inv_tt, kl, hw, std,
-                                      (_STD & KINDS) != 0)
-                if (kind & _DKD) != 0:
-                    is_y = (cc[None, :] == y[:, None]).to(tl.int32)
-                    nckd, hw = dkd_block(ws, wt, valid, is_y, inv_t, lse_o_s, lse_o_t, tckd_h,
-                                         temp * tl.load(floats + _BETA * E + e), nckd, hw, std)
-                if (kind & _DIST) != 0:
-                    ab, aa, bb, paw, pbw, pw = dist_block(ws, wt, valid, inv_t, lse_st, lse_t2, 1.0 / C, ab, aa, bb,
-                                                          paw, pbw, pw, std)
-                if (kind & _COS) != 0:
-                    ps = tl.where(valid, exp(zs - lse_s1[:, None]), 0.0)
-                    pt = tl.where(valid, exp(zt - lse_t1[:, None]), 0.0)
-                    dot += tl.sum(ps * pt, axis=1)
-                    ss += tl.sum(ps * ps, axis=1)
-                    tt += tl.sum(pt * pt, axis=1)
-                if (kind & _MSE) != 0:
-                    d = zt - zs
-                    sq += tl.sum(d * d, axis=1)
-        loss += kl * ks + sq / C
-        t2 = temp * temp
-        if (kind & _DKD) != 0:
-            xsy = (tl.load(sp + row_off + y, mask=rmask, other=0.0).to(tl.float32) - sb) * sc * inv_t
-            xty = (tl.load(tp + row_off + y, mask=rmask, other=0.0).to(tl.float32) - tb) * tc * inv_t
-            loss += t2 * (tl.load(floats + _ALPHA * E + e) * tckd(xsy, xty, lse_st, lse_o_s, lse_t2, lse_o_t)
-                          + tl.load(floats + _BETA * E + e) * nckd)
-        if (kind & _DIST) != 0:
-            corr, c1, phi, c3 = dist_coefficients(ab, aa, bb)
-            loss += t2 * (1.0 - corr)
-            hw -= temp * (c1 * paw - phi * pbw - c3 * pw)
-            tl.store(aux_ptr + (_DIST_1 * E + e) * B + rows, c1, mask=rmask)
-            tl.store(aux_ptr + (_DIST_PHI * E + e) * B + rows, phi, mask=rmask)
-            tl.store(aux_ptr + (_DIST_3 * E + e) * B + rows, c3, mask=rmask)
-        if std != 0:
-            tl.store(aux_ptr + (_RHO * E + e) * B + rows, hw * pick(rho_ss, node_ids, dst), mask=rmask)
-        if (kind & _COS) != 0:
-            norms = tl.where(rmask, tl.sqrt_rn(ss) * tl.sqrt_rn(tt), 1.0)  # rows past B: no 0 / 0
-            tt = tl.where(rmask, tt, 1.0)
-            cos = dot / norms
-            loss += cos
-            # The backward's d cos / d p_t = p_s / (|p_s||p_t|) - cos · p_t / |p_t|²
-            tl.store(aux_ptr + (_COS_A * E + e) * B + rows, 1.0 / norms, mask=rmask)
-            tl.store(aux_ptr + (_COS_B * E + e) * B + rows, cos / tt, mask=rmask)
-
-        correct = (pick(args, node_ids, src) == y) | (src < 0)  # the label is always right
-        gate = gate_weight(tl.load(ints + _GATE * E + e), factor, tl.load(floats + _GATE_ARG * E + e), correct)
-        tl.store(aux_ptr + e * B + rows, gate, mask=rmask)
-        total = tl.sum(tl.where(rmask, gate * loss, 0.0), axis=0) * tl.load(floats + _WEIGHT * E + e) * inv_b
-        part += tl.where(target_ids == tl.load(ints + _TGT * E + e), total, 0.0)
-    _reduce_programs(part, part_ptr, count_ptr, out_ptr, target_ids, NT, NT_P2, P_BLOCK)
+    return args, means, inv_ss, rho_ss, lses, lse_os
 
 
 @triton.jit
@@ -255,44 +160,6 @@ def _reduce_programs(part, part_ptr, count_ptr, out_ptr, target_ids, NT, NT_P2: 
             tl.store(out_ptr + target_ids, acc, mask=target_ids < NT)
             tl.store(out_ptr + NT, tl.sum(acc, axis=0))
             tl.atomic_xchg(count_ptr, 0)
-
-
-@triton.jit
-def _tempered_grad(zs, wt, cc, y, valid, lse_ptr, aux_ptr, ints, floats, E, e, B, S, C, rows, rmask, kind, sb, sc):
-    """h = d (the edge's tempered terms) / d wt for a block of classes, wt the target's logits as those
-    terms see them. The target's tempered softmax is recomputed for every edge rather than cached
-    across edges: the cache's branch made ptxas spill on sm_80 (benchmarks/compile_kernels.py), and
-    the exps are far from the memory-bound kernel's limit."""
-    inv_t = tl.load(floats + _INV_T * E + e)
-    temp = tl.load(floats + _TEMP * E + e)
-    sslot = tl.load(ints + _SSLOT * E + e)
-    tslot = tl.load(ints + _TSLOT * E + e)
-    lse_st = tl.load(lse_ptr + sslot * B + rows, mask=rmask, other=0.0)
-    lse_t2 = tl.load(lse_ptr + tslot * B + rows, mask=rmask, other=0.0)
-    xs = (zs - sb[:, None]) * (sc * inv_t)[:, None]
-    h = tl.zeros_like(wt)
-    if (kind & _KL) != 0:  # scale · KL has gradient scale / T_t · (p_t - p_s), p_t at T_t
-        inv_tt = tl.load(floats + _DINV_T * E + e)
-        dslot = tl.load(ints + _DSLOT * E + e)
-        lse_tt = tl.load(lse_ptr + dslot * B + rows, mask=rmask, other=0.0)
-        h += (tl.load(floats + _KL_SCALE * E + e) * inv_tt) * (exp(wt * inv_tt - lse_tt[:, None])
-                                                                - exp(xs - lse_st[:, None]))
-    if (kind & _DKD) != 0:  # T·α·(b_t - b_s)·q_t + T·β·(q_t - q_s) off y, T·α·(b_s - b_t) at y
-        lse_os = tl.load(lse_ptr + (S + sslot) * B + rows, mask=rmask, other=0.0)
-        lse_ot = tl.load(lse_ptr + (S + tslot) * B + rows, mask=rmask, other=0.0)
-        tc = temp * tl.load(floats + _ALPHA * E + e) * (exp(lse_ot - lse_t2) - exp(lse_os - lse_st))
-        is_y = cc[None, :] == y[:, None]
-        qs = tl.where(is_y, 0.0, exp(xs - lse_os[:, None]))
-        qt = tl.where(is_y, 0.0, exp(wt * inv_t - lse_ot[:, None]))
-        h += tc[:, None] * qt + (temp * tl.load(floats + _BETA * E + e)) * (qt - qs) - tl.where(is_y, tc[:, None], 0.0)
-    if (kind & _DIST) != 0:  # -T p_t (a / D - φ b - Σ p_t g), a = p_s - 1/C, b = p_t - 1/C
-        pt = exp(wt * inv_t - lse_t2[:, None])
-        c1 = tl.load(aux_ptr + (_DIST_1 * E + e) * B + rows, mask=rmask, other=0.0)
-        phi = tl.load(aux_ptr + (_DIST_PHI * E + e) * B + rows, mask=rmask, other=0.0)
-        c3 = tl.load(aux_ptr + (_DIST_3 * E + e) * B + rows, mask=rmask, other=0.0)
-        g = c1[:, None] * (exp(xs - lse_st[:, None]) - 1.0 / C) - phi[:, None] * (pt - 1.0 / C) - c3[:, None]
-        h -= temp * pt * g
-    return tl.where(valid, h, 0.0)
 
 
 @triton.jit(do_not_specialize=ENDPOINT_OFFSETS)
@@ -335,37 +202,10 @@ def _edge_loss_bwd(z, node_stride, ep_off1: tl.int64, ep_off2: tl.int64, ep_off3
         std_t = (zt - mean_t[:, None]) * inv_s_t[:, None]
         acc = tl.zeros([ROWS, BLOCK_C], tl.float32)
         for e in range(first, last):
-            src = tl.load(ints + _SRC * E + e)
-            kind = tl.load(ints + _KIND * E + e) & KINDS  # bits no edge has fold to 0: their code is dropped
-            d_target = 0.0
-            if HAS_GRAD_L:
-                d_target += tl.load(grad_l + tl.load(ints + _TGT * E + e)).to(tl.float32)
-            if HAS_GRAD_TOTAL:
-                d_target += tl.load(grad_total).to(tl.float32)
-            scale = (d_target * tl.load(floats + _WEIGHT * E + e) * inv_b
-                     * tl.load(aux_ptr + e * B + rows, mask=rmask, other=0.0))
-            if (kind & _CE) != 0:
-                acc += scale[:, None] * (pt - tl.where(cc[None, :] == y[:, None], 1.0, 0.0))
-            if (kind & (_TEMPERED | _COS | _MSE)) != 0:
-                sp = z + offset(src, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7,
-                                ep_off8, ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED)
-                zs = load_rows(sp, row_off, rmask, cc, C)
-                if (kind & _TEMPERED) != 0:
-                    # One call for raw and standardized edges, the two chosen by selects: two inlined
-                    # copies in branches made ptxas spill (benchmarks/compile_kernels.py).
-                    is_std = (kind & _STD) != 0
-                    sb = tl.where(is_std, tl.load(mom_ptr + src * B + rows, mask=rmask, other=0.0), 0.0)
-                    sc = tl.where(is_std, tl.load(mom_ptr + (M + src) * B + rows, mask=rmask, other=0.0), 1.0)
-                    h = _tempered_grad(zs, tl.where(is_std, std_t, zt), cc, y, valid, lse_ptr, aux_ptr, ints, floats,
-                                       E, e, B, S, C, rows, rmask, kind, sb, sc)
-                    # d/dz of a standardized edge's terms: (h - ρ w) / s (see the docstring); of a raw one: h
-                    rho = tl.where(is_std, tl.load(aux_ptr + (_RHO * E + e) * B + rows, mask=rmask, other=0.0), 0.0)
-                    acc += (scale * tl.where(is_std, inv_s_t, 1.0))[:, None] * (h - rho[:, None] * std_t)
-                if (kind & _COS) != 0:
-                    ps = exp(zs - tl.load(lse_ptr + src * B + rows, mask=rmask, other=0.0)[:, None])
-                    a = tl.load(aux_ptr + (_COS_A * E + e) * B + rows, mask=rmask, other=0.0)
-                    b = tl.load(aux_ptr + (_COS_B * E + e) * B + rows, mask=rmask, other=0.0)
-                    acc += scale[:, None] * pt * (ps * a[:, None] - pt * b[:, None])
-                if (kind & _MSE) != 0:
-                    acc += (scale * (2.0 / C))[:, None] * (zt - zs)
+            acc = edge_grad(acc, z, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8,
+                            ep_off9, ep_off10, ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, e, zt, pt, std_t, inv_s_t,
+                            cc, y, valid, rows, rmask, row_off, grad_l, grad_total, ints, floats, aux_ptr, lse_ptr,
+                            mom_ptr, B, C, E, M, S, inv_b, STACKED, HAS_GRAD_L, HAS_GRAD_TOTAL, KINDS)
         tl.store(out + row_off[:, None] + cc[None, :], acc.to(out_ptr.dtype.element_ty), mask=valid)
+
+

@@ -13,18 +13,20 @@ from dataclasses import dataclass
 
 import torch
 
+from ktfast.gates import GATES as GATE_ROWS
 from ktfast.graph import LABEL, EnsembleNode, Graph, owner
+from ktfast.loss_kinds import LOSS_KINDS
 from ktfast.losses import loss_targets
 
-# Loss-term bits over logits (STD: the edge's kl, dkd and dist terms see standardized logits), and
-# over attention maps.
-CE, KL, COS, MSE, DKD, DIST, STD = 1, 2, 4, 8, 16, 32, 64
-LOGIT_TERMS = {"ce": CE, "kl": KL, "cos": COS, "mse": MSE, "dkd": DKD, "dist": DIST}
-TEMPERED = KL | DKD | DIST  # the terms that read softmax slots at the edge's temperature
-ATT_MSE, ATT_COS = 1, 2
-ATTENTION_TERMS = {"att_mse": ATT_MSE, "att_cos": ATT_COS}
-GATES = {"through": 0, "linear": 1, "correct": 2, "negative_linear": 3, "gamma": 4, "negative_gamma": 5,
-         "warmup": 6}
+# Loss-term bits, the loss kinds' codes (`ktfast.loss_kinds`): over logits, and over attention maps.
+LOGIT_TERMS = {k.name: k.code for k in LOSS_KINDS.values() if not k.attention}
+ATTENTION_TERMS = {k.name: k.code for k in LOSS_KINDS.values() if k.attention}
+CE, KL, COS, MSE, DKD, DIST = (LOGIT_TERMS[n] for n in ("ce", "kl", "cos", "mse", "dkd", "dist"))
+ATT_MSE, ATT_COS = ATTENTION_TERMS["att_mse"], ATTENTION_TERMS["att_cos"]
+STD = 64  # the edge's kl, dkd and dist terms see standardized logits: a bit above every kind's
+# the terms that read softmax slots at the edge's temperature
+TEMPERED = functools.reduce(operator.or_, (k.code for k in LOSS_KINDS.values() if k.tempered and not k.attention))
+GATES = {g.name: g.code for g in GATE_ROWS.values() if g.code is not None}  # the gates' codes in the kernel
 
 # Rows of `EdgeTable.ints` [8, E]: source endpoint (-1: the label), target endpoint, loss bits, gate
 # code, softmax slots: the source's at the edge's temperature, the target's of the KL term (at it
@@ -145,8 +147,8 @@ def _build(graph: Graph, device) -> EdgeTable:
 
 
 def _gate_arg(edge) -> float:
-    """The gate's parameter as the kernel reads it: 1/w of the warmup gate, else 1/γ."""
-    return 1 / edge.warmup if edge.gate == "warmup" else 1 / edge.gamma
+    """The gate's parameter as the kernel reads it: 1/w of the warmup gate, 1/γ of the others."""
+    return 1 / getattr(edge, GATE_ROWS[edge.gate].param or "gamma")
 
 
 def _target_temperature(edge) -> float:

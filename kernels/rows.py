@@ -14,9 +14,15 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ktfast.gates import GATES
+
 # The interpreter has no libdevice (and its numpy exp and log are exact anyway).
 _LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 DIST_EPS = tl.constexpr(1e-8)  # ktfast.losses.DIST_EPS
+# The gates' codes (`ktfast.gates`): `gate_weight` has a branch for each.
+_THROUGH, _LINEAR, _CORRECT, _NEGATIVE_LINEAR, _GAMMA, _NEGATIVE_GAMMA, _WARMUP = (
+    tl.constexpr(GATES[g].code) for g in ("through", "linear", "correct", "negative_linear", "gamma", "negative_gamma",
+                                          "warmup"))
 
 
 @triton.jit
@@ -126,15 +132,25 @@ def pick(tile, ids, k):
 
 
 @triton.jit
+def _power(base, exponent):
+    """base^exponent as exp(log(base) · exponent), and 0 at base = 0."""
+    return tl.where(base > 0.0, exp(log(tl.maximum(base, 1e-30)) * exponent), 0.0)
+
+
+@triton.jit
 def gate_weight(gate_kind, factor, gate_arg, correct):
-    """Per row: the gate's weight (docs/ARCHITECTURE.md §1, Gates), factor = k / k_end, gate_arg = 1/γ of the gamma
-    gates and 1/w of the warmup gate. The gamma gates' power x^(1/γ) is exp(log(x) / γ), and 0 at x = 0."""
-    fading = 1.0 - factor
-    base = tl.where(gate_kind == 4, factor, fading)
-    power = tl.where(base > 0.0, exp(log(tl.maximum(base, 1e-30)) * gate_arg), 0.0)
-    power = tl.where(gate_kind == 6, tl.minimum(1.0, factor * gate_arg), power)
-    weight = tl.where(gate_kind == 1, factor, tl.where(gate_kind == 3, fading, power))
-    return tl.where(gate_kind == 0, 1.0, tl.where(gate_kind == 2, tl.where(correct, 1.0, 0.0), weight))
+    """Per row: the weight of the gate whose code is gate_kind (`ktfast.gates`, docs/ARCHITECTURE.md §1,
+    Gates), one select per gate; factor = k / k_end, gate_arg = 1/γ of the gamma gates and 1/w of the
+    warmup gate, correct = whether the source's top-1 is the label."""
+    # The gamma gates share one power: a power each made ptxas spill (benchmarks/compile_kernels.py).
+    power = _power(tl.where(gate_kind == _GAMMA, factor, 1.0 - factor), gate_arg)
+    w = tl.where(gate_kind == _CORRECT, tl.where(correct, 1.0, 0.0), 0.0)  # [ROWS]; an unknown code weighs 0
+    w = tl.where(gate_kind == _THROUGH, 1.0, w)
+    w = tl.where(gate_kind == _LINEAR, factor, w)
+    w = tl.where(gate_kind == _NEGATIVE_LINEAR, 1.0 - factor, w)
+    w = tl.where((gate_kind == _GAMMA) | (gate_kind == _NEGATIVE_GAMMA), power, w)
+    w = tl.where(gate_kind == _WARMUP, tl.minimum(1.0, factor * gate_arg), w)
+    return w
 
 
 # ---- each loss term's share of a block of classes (the forward's single pass over an edge's rows) ----
@@ -191,6 +207,24 @@ def dist_block(ws, wt, valid, inv_t, lse_s, lse_t, inv_c, ab, aa, bb, paw, pbw, 
         pbw += tl.sum(ptw * b, axis=1)
         pw += tl.sum(ptw, axis=1)
     return ab, aa, bb, paw, pbw, pw
+
+
+@triton.jit
+def cos_block(zs, zt, valid, lse_s, lse_t, dot, ss, tt):
+    """The sums of cos over a block of classes: Σ p_s p_t, Σ p_s², Σ p_t², p the softmax at T = 1."""
+    ps = tl.where(valid, exp(zs - lse_s[:, None]), 0.0)
+    pt = tl.where(valid, exp(zt - lse_t[:, None]), 0.0)
+    dot += tl.sum(ps * pt, axis=1)
+    ss += tl.sum(ps * ps, axis=1)
+    tt += tl.sum(pt * pt, axis=1)
+    return dot, ss, tt
+
+
+@triton.jit
+def mse_block(zs, zt, sq):
+    """MSE's Σ (z_t - z_s)² over a block of classes (0 outside the rows and classes, as load_rows)."""
+    d = zt - zs
+    return sq + tl.sum(d * d, axis=1)
 
 
 @triton.jit

@@ -11,17 +11,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ktfast.gates import GAMMA_GATES, GATE_NAMES, WARMUP_GATES
 from ktfast.graph_fields import GraphError, no_unknown_keys, typed
 from ktfast.graph_nodes import LABEL, REDUCES, USER_CODE, EnsembleNode, ModelNode, branch_count, parse_node
+from ktfast.loss_kinds import ATTENTION_TERMS, LABEL_TERMS, LOSS_TERMS, TEMPERED_TERMS, TEMPERED_TEXT
 
-__all__ = ["ATTENTION_TERMS", "LABEL", "REDUCES", "USER_CODE", "Edge", "EnsembleNode", "Graph", "GraphError",
-           "ModelNode", "branch_count", "owner"]
+__all__ = ["ATTENTION_TERMS", "GAMMA_GATES", "GATES", "LABEL", "LOSS_TERMS", "REDUCES", "TEMPERED_TERMS",
+           "USER_CODE", "Edge", "EnsembleNode", "Graph", "GraphError", "ModelNode", "branch_count", "owner"]
 
-LOSS_TERMS = ("ce", "kl", "cos", "mse", "att_mse", "att_cos", "dkd", "dist")
-ATTENTION_TERMS = ("att_mse", "att_cos")
-TEMPERED_TERMS = ("kl", "dkd", "dist")  # the terms that read `temperature`, and that `standardize` changes
-GATES = ("through", "cutoff", "linear", "correct", "negative_linear", "gamma", "negative_gamma", "warmup")
-GAMMA_GATES = ("gamma", "negative_gamma")  # the gates that read the edge's `gamma`
+# The loss kinds and the gates are the rows of `ktfast.loss_kinds` and `ktfast.gates`; their names here
+# are the graph file's vocabulary.
+GATES = GATE_NAMES
 SOFTEN = ("both", "source")
 DEFAULT_CROPS = (3, 5)
 
@@ -242,8 +242,9 @@ def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
         raise GraphError(f"{where}.loss: {loss!r} repeats a term")
     if source == LABEL and "dkd" in terms:
         raise GraphError(f"{where}.loss: 'dkd' decouples a teacher's logits around the label, and 'label' has none")
-    if ("ce" in terms) != (source == LABEL) or (source == LABEL and terms != ["ce"]):
-        raise GraphError(f"{where}.loss: 'ce' is the loss of edges from 'label', and only it")
+    if any(t in LABEL_TERMS for t in terms) != (source == LABEL) or (source == LABEL and len(terms) != 1):
+        label_loss = " or ".join(map(repr, LABEL_TERMS))
+        raise GraphError(f"{where}.loss: {label_loss} is the loss of edges from 'label', and only it")
     gate = typed(raw, "gate", str, where)
     if gate not in GATES:
         raise GraphError(f"{where}.gate: unknown gate {gate!r}")
@@ -267,7 +268,8 @@ def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
         raise GraphError(f"{where}.soften: only edges with a 'kl' term soften, not loss {loss!r}")
     gamma = typed(raw, "gamma", float, where, default=1.0)
     if "gamma" in raw and gate not in GAMMA_GATES:
-        raise GraphError(f"{where}.gamma: only the gamma and negative_gamma gates take it, not gate {gate!r}")
+        takers = " and ".join(GAMMA_GATES)
+        raise GraphError(f"{where}.gamma: only the {takers} gates take it, not gate {gate!r}")
     if not math.isfinite(gamma) or gamma <= 0:
         raise GraphError(f"{where}.gamma: must be > 0, got {gamma}")
     dkd = {}
@@ -280,17 +282,19 @@ def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
         dkd[key] = float(value)
     standardize = typed(raw, "standardize", bool, where, default=False)
     if standardize and not any(t in TEMPERED_TERMS for t in terms):
-        raise GraphError(f"{where}.standardize: only a kl, dkd or dist term sees standardized logits, "
+        raise GraphError(f"{where}.standardize: only a {TEMPERED_TEXT} term sees standardized logits, "
                          f"and loss {loss!r} has none")
     warmup = typed(raw, "warmup", float, where, default=None)
-    if gate == "warmup":
+    if gate in WARMUP_GATES:
         if warmup is None:
-            raise GraphError(f"{where}.warmup: the warmup gate needs the fraction of the run it warms up over (0 < w <= 1)")
+            raise GraphError(f"{where}.warmup: the {gate} gate needs the fraction of the run it warms up over "
+                             "(0 < w <= 1)")
         if not math.isfinite(warmup) or not 0 < warmup <= 1:
             raise GraphError(f"{where}.warmup: must be in (0, 1], got {warmup}")
         warmup = float(warmup)
     elif warmup is not None:
-        raise GraphError(f"{where}.warmup: only the warmup gate takes it, not gate {gate!r}")
+        takers = " and ".join(WARMUP_GATES)
+        raise GraphError(f"{where}.warmup: only the {takers} gate takes it, not gate {gate!r}")
     return Edge(source, target, loss, gate, float(temperature), float(weight), tuple(crops), soften, float(gamma),
                 dkd["alpha"], dkd["beta"], standardize, warmup)
 

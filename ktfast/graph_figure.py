@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 
-from ktfast.graph import GAMMA_GATES, LABEL, EnsembleNode, Graph, owner
+from ktfast.gates import GAMMA_GATES
+from ktfast.graph import LABEL, EnsembleNode, Graph, owner
 
 # Colours of the papers' figures: red target, blue pre-trained (frozen) source; ensembles get a
 # colour of their own since the ensemble paper's red ensemble node is also its search target.

@@ -44,7 +44,6 @@ from ktfast.study import is_journal, make_pruner, make_sampler, open_storage, re
 from ktfast.train import NonFiniteLoss
 
 DEFAULT_MODELS = ("resnet32", "resnet110", "wrn28_2")
-DEFAULT_GATES = ("through", "cutoff", "linear", "correct")  # the papers' four; the others on request
 OBJECTIVES = ("target", "ensemble")
 PRUNERS = ("asha", "hyperband", "median", "none")
 SAMPLERS = ("random", "tpe")

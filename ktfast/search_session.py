@@ -11,8 +11,10 @@ import optuna
 from ktfast.args import UsageError, config_from_args
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info
-from ktfast.graph import ATTENTION_TERMS, DEFAULT_CROPS, GATES, LOSS_TERMS
-from ktfast.search import (COUNTED, DEFAULT_GATES, DEFAULT_MODELS, Space, run_workers)
+from ktfast.gates import DEFAULT_GATES, DRAWABLE_GATES
+from ktfast.graph import ATTENTION_TERMS, DEFAULT_CROPS, GATES
+from ktfast.loss_kinds import PAIR_TERMS, TEMPERED_TEXT
+from ktfast.search import (COUNTED, DEFAULT_MODELS, Space, run_workers)
 from ktfast.study import DEFAULT_STORAGE, open_storage, open_study
 
 # Every option of a search and its default (the flags' defaults; `ktfast.search` takes them as keywords).
@@ -64,7 +66,7 @@ def _weights(value) -> tuple[float, float] | None:
 
 def _pair_loss(loss: str) -> bool:
     terms = loss.split("+")
-    return len(set(terms)) == len(terms) and all(t in LOSS_TERMS and t != "ce" for t in terms)
+    return len(set(terms)) == len(terms) and all(t in PAIR_TERMS for t in terms)
 
 
 def space_from_args(args) -> Space:
@@ -77,24 +79,25 @@ def space_from_args(args) -> Space:
         nodes=args.nodes, target_model=args.target_model,
         models=_listed("--models", args.models, is_model_name, "model", f"one of {models}"),
         gates=_listed("--gates", args.gates, GATES.__contains__, "gate", ", ".join(GATES)),
-        losses=_listed("--losses", args.losses, _pair_loss, "loss", "kl, cos, mse, att_mse, att_cos, dkd, dist or "
+        losses=_listed("--losses", args.losses, _pair_loss, "loss", f"{', '.join(PAIR_TERMS)} or "
                        "a sum such as kl+att_mse") if args.losses is not None else None,
         objective=args.objective, standardize=args.standardize, temperatures=_temperatures(args.temperatures),
         weights=_weights(args.weights))
-    if "warmup" in space.gates:  # every trial's graph would be refused, and its worker stopped
-        raise UsageError("--gates: the warmup gate needs its fraction of the run, which the search does not draw; "
-                         "use linear or gamma")
+    undrawable = [g for g in space.gates if g not in DRAWABLE_GATES]
+    if undrawable:  # every trial's graph would be refused, and its worker stopped
+        raise UsageError(f"--gates: the {undrawable[0]} gate needs its fraction of the run, which the search does "
+                         "not draw; use linear or gamma")
     if space.objective == "target" and space.gates == ("cutoff",):
         raise UsageError("--gates: with cutoff alone every edge into the target is cut off, and the target frozen")
     if space.nodes == 1 and (space.temperatures or space.weights):
         raise UsageError(f"--{'temperatures' if space.temperatures else 'weights'}: a 1-node search has label edges "
                          "only, and they keep T = 1 and weight 1")
     if space.temperatures and not space.allows_standardize():
-        raise UsageError(f"--temperatures: only edges with a kl, dkd or dist term read a temperature, and "
+        raise UsageError(f"--temperatures: only edges with a {TEMPERED_TEXT} term read a temperature, and "
                          f"--losses {args.losses} has none")
     if space.standardize != "off" and not space.allows_standardize():
         where = f"--losses {args.losses}" if space.nodes > 1 else "a 1-node search (label edges only)"
-        raise UsageError(f"--standardize {space.standardize}: only edges with a kl, dkd or dist term are "
+        raise UsageError(f"--standardize {space.standardize}: only edges with a {TEMPERED_TEXT} term are "
                          f"standardized, and {where} has none")
     return space
 

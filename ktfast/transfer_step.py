@@ -17,6 +17,7 @@ from ktfast.config import ConfigError, TrainConfig
 from ktfast.distributed import Placement
 from ktfast.fast import CudaStreams, stream_bank
 from ktfast.fuse import make_units
+from ktfast.gates import TIMED_GATES  # the gates whose weight is a function of k / k_end: they need k_end
 from ktfast.graph import Graph
 from ktfast.losses import loss_targets
 from ktfast.nodes import attention_nodes, branch_nodes
@@ -24,8 +25,6 @@ from ktfast.paths import Compiled, amp_dtype, resolve_paths
 from ktfast.step import Step, Sums
 from ktfast.train import RunPaths
 
-# The gates whose weight is a function of k / k_end: a step that uses them needs k_end.
-TIMED_GATES = ("linear", "negative_linear", "gamma", "negative_gamma", "warmup")
 
 
 def as_graph(graph) -> Graph:

@@ -9,9 +9,11 @@ from pathlib import Path
 from optuna.trial import TrialState
 
 from ktfast.args import UsageError, add_recipe_args, positive_int
-from ktfast.graph import GATES, Graph
+from ktfast.gates import DEFAULT_GATES, DRAWABLE_GATES, GAMMA_GATES
+from ktfast.graph import Graph
+from ktfast.loss_kinds import TEMPERED_TEXT
 from ktfast.packing import PACKS
-from ktfast.search import (BETAS, DEFAULT_GATES, DEFAULT_MODELS, GAMMAS, OBJECTIVES, PRUNERS, SAMPLERS,
+from ktfast.search import (BETAS, DEFAULT_MODELS, GAMMAS, OBJECTIVES, PRUNERS, SAMPLERS,
                            STANDARDIZE, summary)
 from ktfast.search_session import SEARCH_OPTIONS, counted, run_search, space_from_args  # noqa: F401 (tests)
 from ktfast.study import DEFAULT_STORAGE, find_study
@@ -40,16 +42,16 @@ def _add_space_args(p) -> None:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="choices for the other nodes")
     p.add_argument("--gates", default=",".join(DEFAULT_GATES),
                    help=f"choices for every edge, label edges included, of "
-                        f"{', '.join(g for g in GATES if g != 'warmup')} (default: %(default)s); an edge given gamma or "
-                        f"negative_gamma also draws γ from {GAMMAS}")
+                        f"{', '.join(DRAWABLE_GATES)} (default: %(default)s); an edge given "
+                        f"{' or '.join(GAMMA_GATES)} also draws γ from {GAMMAS}")
     p.add_argument("--losses", default=None, help="choices for every model-to-model edge, any loss "
                    "expressions, e.g. kl,cos,att_mse,att_cos,kl+att_mse,cos+att_cos or kl,dkd,dist,dkd+att_mse "
                    f"(default: kl only); an edge given a dkd term also draws β from {BETAS} (α = 1)")
     p.add_argument("--standardize", choices=STANDARDIZE, default="off",
-                   help="logit standardization of the edges whose loss has a kl, dkd or dist term: never, always, "
+                   help=f"logit standardization of the edges whose loss has a {TEMPERED_TEXT} term: never, always, "
                         "or one more choice per such edge (default: %(default)s)")
     p.add_argument("--temperatures", metavar="T1,T2,...",
-                   help="choices of the temperature of every model-to-model edge whose loss has a kl, dkd or dist "
+                   help=f"choices of the temperature of every model-to-model edge whose loss has a {TEMPERED_TEXT} "
                         "term, e.g. 1,2,4 (default: T = 1)")
     p.add_argument("--weights", metavar="LOW:HIGH",
                    help="the weight of every model-to-model edge, drawn log-uniformly from LOW to HIGH, e.g. "
