@@ -1,5 +1,5 @@
-# The Triton sources live in the top-level kernels/ folder; ktfast/kernels links to it, so that the
-# package tree is the import tree (ktfast.kernels) for setuptools and import-linter alike.
+# The Triton sources live in the top-level kernels/ folder and install as the package ktfast.kernels.
 from setuptools import find_packages, setup
 
-setup(packages=find_packages(include=["ktfast", "ktfast.*"]))
+setup(packages=[*find_packages(include=["ktfast", "ktfast.*"]), "ktfast.kernels"],
+      package_dir={"ktfast.kernels": "kernels"})

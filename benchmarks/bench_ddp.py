@@ -28,11 +28,11 @@ import torch.distributed as dist
 from bench_step import batches, graph
 from common import environment, write_result
 
-from ktfast import distributed
+from ktfast.engine import distributed
 from ktfast.config import TrainConfig
-from ktfast.build import build_trainer
-from ktfast.distributed import Placement
-from ktfast.train import Trainer
+from ktfast.engine.build import build_trainer
+from ktfast.engine.distributed import Placement
+from ktfast.engine.trainer import Trainer
 
 GRAPHS = {"dml2 (2xR8)": ["resnet8", "resnet8"], "dml2 (2xR32)": ["resnet32", "resnet32"]}
 GPU_GRAPHS = {"dcl3 (R32,R110,R32)": ["resnet32", "resnet110", "resnet32"]}

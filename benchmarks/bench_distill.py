@@ -30,7 +30,7 @@ from common import environment
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's ktfast, for the subprocesses too (see run_method)
 
-from ktfast.plots import save_figure  # noqa: E402
+from ktfast.pictures.plots import save_figure  # noqa: E402
 
 STUDENT, TEACHER = "resnet8", "resnet14"
 T = 4.0  # one temperature for KD, KD + standardize, DKD and DIST (see docs/distillation_digits.md)

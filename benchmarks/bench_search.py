@@ -39,9 +39,9 @@ from ktfast.args import config_from_args
 from ktfast.cli import build_parser
 from ktfast.commands.search import space_from_args
 from ktfast.graph import LABEL
-from ktfast.packing import MPSDaemon
-from ktfast.search import Space
-from ktfast.study import open_storage, open_study
+from ktfast.graph_search.packing import MPSDaemon
+from ktfast.graph_search.search import Space
+from ktfast.graph_search.study import open_storage, open_study
 
 SAMPLE_S = 0.2
 

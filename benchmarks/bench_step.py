@@ -11,7 +11,7 @@ CUDA-graph capture) are excluded, the loader is included.
     python benchmarks/bench_step.py --seeds 5 --graphs dcl3 --batch-sizes 64   # 5 seeds: replicas vs one by one
 
 With `--seeds S` each row compares the S seeds' runs trained as replicas (one stacked step,
-`ktfast.replicas`) with the same S runs one by one, in images/s × S (each replica's images
+`ktfast.engine.replicas`) with the same S runs one by one, in images/s × S (each replica's images
 counted), with the default switches of `ktfast train --amp` (on a CPU, of `ktfast train`).
 """
 from __future__ import annotations
@@ -27,9 +27,9 @@ from common import environment, write_result
 
 from ktfast import Graph
 from ktfast.config import TrainConfig
-from ktfast.replicas import Replicas
-from ktfast.build import build_trainer
-from ktfast.train import Trainer
+from ktfast.engine.replicas import Replicas
+from ktfast.engine.build import build_trainer
+from ktfast.engine.trainer import Trainer
 
 
 def graph(name: str, models: list[str]) -> Graph:

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ktfast.gates import GATES as GATE_ROWS
+from ktfast.graph.gates import GATES as GATE_ROWS
 from ktfast.graph import LABEL, EnsembleNode, Graph, owner
-from ktfast.loss_kinds import LOSS_KINDS
+from ktfast.graph.loss_kinds import LOSS_KINDS
 from ktfast.losses import loss_targets
 
-# Loss-term bits, the loss kinds' codes (`ktfast.loss_kinds`): over logits, and over attention maps.
+# Loss-term bits, the loss kinds' codes (`ktfast.graph.loss_kinds`): over logits, and over attention maps.
 LOGIT_TERMS = {k.name: k.code for k in LOSS_KINDS.values() if not k.attention}
 ATTENTION_TERMS = {k.name: k.code for k in LOSS_KINDS.values() if k.attention}
 CE, KL, COS, MSE, DKD, DIST = (LOGIT_TERMS[n] for n in ("ce", "kl", "cos", "mse", "dkd", "dist"))

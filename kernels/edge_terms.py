@@ -1,6 +1,6 @@
 """Each loss kind's share of the edge-loss kernels (`edge_losses`): an edge's per-sample loss, the sum
 of its terms in one pass over the classes (`edge_loss_rows`), and its gradient w.r.t. the target's
-logits for a block of classes (`edge_grad`). A term is a branch on its kind's code (`ktfast.loss_kinds`,
+logits for a block of classes (`edge_grad`). A term is a branch on its kind's code (`ktfast.graph.loss_kinds`,
 through `edge_table`); its sums over a block of classes are `rows`'s *_block functions.
 """
 from __future__ import annotations

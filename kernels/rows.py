@@ -14,12 +14,12 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ktfast.gates import GATES
+from ktfast.graph.gates import GATES
 
 # The interpreter has no libdevice (and its numpy exp and log are exact anyway).
 _LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 DIST_EPS = tl.constexpr(1e-8)  # ktfast.losses.DIST_EPS
-# The gates' codes (`ktfast.gates`): `gate_weight` has a branch for each.
+# The gates' codes (`ktfast.graph.gates`): `gate_weight` has a branch for each.
 _THROUGH, _LINEAR, _CORRECT, _NEGATIVE_LINEAR, _GAMMA, _NEGATIVE_GAMMA, _WARMUP = (
     tl.constexpr(GATES[g].code) for g in ("through", "linear", "correct", "negative_linear", "gamma", "negative_gamma",
                                           "warmup"))
@@ -139,7 +139,7 @@ def _power(base, exponent):
 
 @triton.jit
 def gate_weight(gate_kind, factor, gate_arg, correct):
-    """Per row: the weight of the gate whose code is gate_kind (`ktfast.gates`, docs/ARCHITECTURE.md §1,
+    """Per row: the weight of the gate whose code is gate_kind (`ktfast.graph.gates`, docs/ARCHITECTURE.md §1,
     Gates), one select per gate; factor = k / k_end, gate_arg = 1/γ of the gamma gates and 1/w of the
     warmup gate, correct = whether the source's top-1 is the label."""
     # The gamma gates share one power: a power each made ptxas spill (benchmarks/compile_kernels.py).

@@ -4,8 +4,6 @@ The Python API (docs/ARCHITECTURE.md §8; `docs/python_api.md`): `ktfast.train`,
 `ktfast.TransferStep`, `ktfast.Graph`, and the typed errors GraphError, ConfigError, DatasetError.
 """
 import os
-import sys
-import types
 
 import torch
 
@@ -23,18 +21,5 @@ __all__ = ["Graph", "GraphError", "ConfigError", "DatasetError", "Run", "Transfe
            "train", "api", "__version__"]
 
 
-class _ApiModule(types.ModuleType):
-    """`ktfast.train` and `ktfast.search` name both a module (ktfast/train.py, ktfast/search.py, which
-    `from ktfast import train` has always given) and a function of the API (docs/ARCHITECTURE.md §8): the module
-    is made callable, and calling it calls the API's function of its name."""
-
-    def __call__(self, *args, **kwargs):
-        return getattr(api, self.__name__.rpartition(".")[2])(*args, **kwargs)
-
-
 from ktfast import api  # noqa: E402
-from ktfast.api import Run, TransferStep, load_run  # noqa: E402
-
-for _name in ("train", "search"):
-    sys.modules[f"ktfast.{_name}"].__class__ = _ApiModule
-del _name
+from ktfast.api import Run, TransferStep, load_run, search, train  # noqa: E402

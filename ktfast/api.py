@@ -1,6 +1,6 @@
 """The Python API (docs/ARCHITECTURE.md §8): `ktfast.train`, `ktfast.load_run`, `ktfast.search` and
 `ktfast.TransferStep`. The keywords are the command's flags (`--batch-size` is `batch_size`), and
-the command line is a thin layer over the same sessions (`ktfast.session`, `ktfast.search_session`):
+the command line is a thin layer over the same sessions (`ktfast.engine.session`, `ktfast.graph_search.session`):
 what `ktfast train` computes, `ktfast.train` computes. Bad input raises a typed exception with a
 one-line message (GraphError, ConfigError, DatasetError; CheckpointError for a run that does not
 fit); nothing is printed unless `progress=True`.
@@ -15,16 +15,16 @@ from typing import Callable
 
 import torch
 
-from ktfast.checkpoint import load_models, read_checkpoint
+from ktfast.engine.checkpoint import load_models, read_checkpoint
 from ktfast.config import ConfigError, TrainConfig, flag_fields
 from ktfast.data import dataset_info
-from ktfast.distributed import PLACES
+from ktfast.engine.distributed import PLACES
 from ktfast.graph import Graph
 from ktfast.models import build_model
-from ktfast.search_session import SEARCH_OPTIONS, run_search
-from ktfast.session import run_dirs, run_session
-from ktfast.train import CHECKPOINT, METRICS
-from ktfast.transfer_step import TransferStep, as_graph
+from ktfast.graph_search.session import SEARCH_OPTIONS, run_search
+from ktfast.engine.session import run_dirs, run_session
+from ktfast.engine.trainer import CHECKPOINT, METRICS
+from ktfast.engine.transfer_step import TransferStep, as_graph
 
 __all__ = ["Run", "load_run", "train", "search", "TransferStep"]
 
@@ -170,7 +170,7 @@ def search(*, progress: bool = False, **options):
             setattr(opts, key, ",".join(value))
     study = run_search(opts, quiet=not progress)
     if progress:
-        from ktfast.search import summary
+        from ktfast.graph_search.search import summary
 
         print(summary(study, opts.storage, opts.trials), flush=True)
     return study

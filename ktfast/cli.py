@@ -6,14 +6,14 @@ import os
 import sys
 
 from ktfast.args import Parser
-from ktfast.checkpoint import CheckpointError, RunWriteError
+from ktfast.engine.checkpoint import CheckpointError, RunWriteError
 from ktfast.config import ConfigError
 from ktfast.commands import info, pictures, search, train
 from ktfast.data import DatasetError
-from ktfast.distributed import PeerLost
+from ktfast.engine.distributed import PeerLost
 from ktfast.graph import GraphError
 from ktfast.paths import FallbackError
-from ktfast.train import NonFiniteLoss
+from ktfast.engine.trainer import NonFiniteLoss
 
 COMMANDS = (train, search, pictures, info)  # train, pretrain | search, export | show, attention, report | info
 

@@ -1,7 +1,7 @@
 """Per-edge losses and gates in plain PyTorch: the reference that defines correctness (docs/ARCHITECTURE.md §1, §8).
 
-Each gate's weight and each loss kind's per-sample formula are rows of `ktfast.gates` and
-`ktfast.loss_kinds`; this module applies them to a graph's edges. The fused Triton kernels in
+Each gate's weight and each loss kind's per-sample formula are rows of `ktfast.graph.gates` and
+`ktfast.graph.loss_kinds`; this module applies them to a graph's edges. The fused Triton kernels in
 `ktfast.kernels` compute the same functions and are tested against these; this module imports none
 of them.
 """
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ktfast.gates import GATES
+from ktfast.graph.gates import GATES
 from ktfast.graph import LABEL, Edge, Graph, GraphError, owner
 # The formulas keep their names here too, where tests and the kernels' comments look for the reference's.
-from ktfast.loss_kinds import (DIST_EPS, LOSS_KINDS, NORMALIZE_EPS, STANDARDIZE_EPS, att_cos, att_mse,  # noqa: F401
+from ktfast.graph.loss_kinds import (DIST_EPS, LOSS_KINDS, NORMALIZE_EPS, STANDARDIZE_EPS, att_cos, att_mse,  # noqa: F401
                                attention_crops, ce, cos, dist, dkd, kl, mse, standardize)
 
 
@@ -27,7 +27,7 @@ def gate(edge: Edge, z_s: torch.Tensor | None, labels: torch.Tensor, step: int, 
 
 def edge_loss(edge: Edge, z_s, z_t, labels, att_s=None, att_t=None) -> torch.Tensor:
     """The ungated per-sample loss of one edge: the sum of its terms ([B]), each kind's formula
-    (`ktfast.loss_kinds`) fed the maps, the standardized logits or the raw logits it reads."""
+    (`ktfast.graph.loss_kinds`) fed the maps, the standardized logits or the raw logits it reads."""
     total = 0.0
     std_s, std_t = (standardize(z_s), standardize(z_t)) if edge.standardize else (z_s, z_t)
     for term in edge.terms:
@@ -65,7 +65,7 @@ def graph_losses(graph: Graph, logits: dict, labels, step: int, total_steps: int
     L_t = Σ_edges→t weight · mean_over_batch(gate · loss_per_sample), the edges into t's branches
     `t.b{i}` included; `logits` holds those branches' logits under their addresses. The fused
     Triton kernels (`ktfast.kernels.fused_graph_losses`) compute the same; the training step
-    chooses between the two (`ktfast.step.Step`).
+    chooses between the two (`ktfast.engine.step.Step`).
     """
     z = node_logits(graph, logits)
     batch = labels.shape[0]

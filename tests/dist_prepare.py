@@ -4,7 +4,7 @@ every rank prints what it received."""
 import sys
 import time
 
-from ktfast.distributed import from_rank_zero, process_group
+from ktfast.engine.distributed import from_rank_zero, process_group
 
 
 def slow_make():

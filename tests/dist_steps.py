@@ -10,12 +10,12 @@ import sys
 
 import torch
 
-from ktfast import distributed
+from ktfast.engine import distributed
 from ktfast.config import TrainConfig
-from ktfast.distributed import Placement, rank_zero_first
-from ktfast.sync_bn import GlobalBatchNorm
+from ktfast.engine.distributed import Placement, rank_zero_first
+from ktfast.engine.sync_bn import GlobalBatchNorm
 from ktfast.graph import Graph
-from ktfast.run import make_trainer, pretrained_paths
+from ktfast.engine.run import make_trainer, pretrained_paths
 
 STEPS = 3
 # Random images: digits' blank borders make BatchNorm ill-conditioned, and there, in float32, 1 or 2

@@ -12,7 +12,7 @@ import ktfast
 from ktfast.cli import main
 from ktfast.config import TrainConfig
 from ktfast.models import build_model
-from ktfast.run import make_trainer
+from ktfast.engine.run import make_trainer
 
 TINY = "synthetic:classes=4,size=16,train=64,test=16"
 # Two resnet8 with a linear and a correct gate: the time gates need the step count, the correct gate

@@ -157,7 +157,7 @@ def test_kernels_forced_on_a_cpu_run_in_the_triton_interpreter(tmp_path):
 
 def test_split_search_trains_and_evaluates_on_the_held_out_split(tmp_path, capsys):
     from ktfast.config import TrainConfig
-    from ktfast.train import splits
+    from ktfast.engine.trainer import splits
 
     path = write(tmp_path, GOOD)
     assert main(["train", "--graph", str(path), "--dataset", TINY, "--epochs", "1", "--split", "search",

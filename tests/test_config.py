@@ -14,9 +14,9 @@ from ktfast import config
 from ktfast.api import train_options
 from ktfast.args import UsageError
 from ktfast.config import TrainConfig
-from ktfast.pretrain import cache_path
-from ktfast.session import _check_resume_flags
-from ktfast.study import recipe
+from ktfast.engine.pretrain import cache_path
+from ktfast.engine.session import _check_resume_flags
+from ktfast.graph_search.study import recipe
 
 FOLDER = TrainConfig(dataset="imagefolder:path=/x y,size=64", epochs=7, fuse=True, world_size=2, place="nodes",
                      loader="torch", compile=True, cuda_graph=False, reference=True, data_dir="/d")

@@ -21,10 +21,10 @@ from ktfast.cli import main
 from ktfast.commands.train import launch_command
 from ktfast.config import TrainConfig
 from ktfast.data import make_loader
-from ktfast.distributed import Placement
+from ktfast.engine.distributed import Placement
 from ktfast.graph import Graph
-from ktfast.run import make_trainer
-from ktfast.train import evaluate
+from ktfast.engine.run import make_trainer
+from ktfast.engine.trainer import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

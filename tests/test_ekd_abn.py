@@ -14,8 +14,8 @@ from ktfast.graph import EnsembleNode
 from ktfast.kernels import fused_graph_losses
 from ktfast.losses import graph_losses
 from ktfast.models import build_model, is_model_name
-from ktfast.pretrain import cache_path
-from ktfast.build import build_trainer
+from ktfast.engine.pretrain import cache_path
+from ktfast.engine.build import build_trainer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TINY = "synthetic:classes=10,size=32,train=16,test=16"  # 32 px: the 8x8 ABN map the examples' crops need

@@ -8,8 +8,8 @@ import torch
 
 from ktfast import Graph, build, train
 from ktfast.config import TrainConfig
-from ktfast.build import build_trainer
-from ktfast.train import Trainer
+from ktfast.engine.build import build_trainer
+from ktfast.engine.trainer import Trainer
 
 DATA = "synthetic:classes=6,size=16,train=128,test=32"
 GRAPH = {"version": 1, "name": "three", "target": "a",

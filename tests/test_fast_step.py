@@ -1,4 +1,4 @@
-"""The CUDA step's bookkeeping, on a CPU: the whole step with its fast parts (`ktfast.step.Step.use_streams`)
+"""The CUDA step's bookkeeping, on a CPU: the whole step with its fast parts (`ktfast.engine.step.Step.use_streams`)
 runs with stand-in streams that record
 what the step asks of them (forks, joins, which unit ran where), so the stream plan, the leases of
 the process's stream pool, the pairing of the kernels' loss vector with its targets and the step's
@@ -13,9 +13,9 @@ import torch
 
 from ktfast import Graph
 from ktfast.config import TrainConfig
-from ktfast.fast import StreamBank, step_losses
+from ktfast.engine.fast import StreamBank, step_losses
 from ktfast.losses import loss_targets, reference_graph_losses
-from ktfast.build import build_trainer
+from ktfast.engine.build import build_trainer
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -227,7 +227,7 @@ def test_the_lr_schedule_fills_the_optimizers_lr_tensor_in_place_and_checkpoints
     """On the captured step each group's lr is a device tensor the graph reads: the schedule must
     change it in place (a new object would leave the graph at the old lr), a checkpoint holds plain
     floats, and loading one keeps the tensor."""
-    from ktfast.optim import load_keeping_lr_tensors, plain_lrs, plain_schedule
+    from ktfast.engine.optim import load_keeping_lr_tensors, plain_lrs, plain_schedule
 
     w = torch.nn.Parameter(torch.ones(3))
     lr = torch.tensor(0.1)
@@ -263,7 +263,7 @@ def test_on_a_gpu_a_fused_group_runs_batchnorm_as_its_nodes(model):
     """vmap's BatchNorm in training mode takes cuDNN's path on a GPU: the fused group must run
     and equal its members (or the trainer falls back to them; under KTFAST_STRICT, as in the GPU
     suite, that is an error)."""
-    from ktfast.fuse import FusedGroup, fusion_fault
+    from ktfast.engine.fuse import FusedGroup, fusion_fault
 
     size = 32 if model == "resnet8" else 64
     g = Graph.from_dict({"version": 1, "name": "g", "target": "a",

@@ -17,8 +17,8 @@ import torch
 from ktfast.cli import main
 from ktfast.config import TrainConfig
 from ktfast.graph import Graph
-from ktfast.build import build_trainer
-from ktfast.train import Trainer
+from ktfast.engine.build import build_trainer
+from ktfast.engine.trainer import Trainer
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
 PAIR = {"version": 1, "name": "pair", "target": "a",

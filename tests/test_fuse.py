@@ -23,11 +23,11 @@ import torch
 from ktfast import Graph
 from ktfast.args import add_recipe_args, config_from_args
 from ktfast.config import TrainConfig
-from ktfast.fuse import FusedGroup, fusion_groups
+from ktfast.engine.fuse import FusedGroup, fusion_groups
 from ktfast.internals import uncompiled
 from ktfast.models import build_model
-from ktfast.build import build_trainer
-from ktfast.train import Trainer
+from ktfast.engine.build import build_trainer
+from ktfast.engine.trainer import Trainer
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
 RTOL = 1e-9

@@ -1,6 +1,7 @@
 """The house: no import circle among the package's modules (lazy imports inside functions
 included), the layers of pyproject.toml's import contract kept, no module too long to read, and the
 code's citations of the contracts pointing at docs/ARCHITECTURE.md's sections, inside the repository."""
+import ast
 import re
 import subprocess
 import sys
@@ -44,9 +45,33 @@ def circles(graph) -> list[list[str]]:
 
 
 def test_no_import_circle():
-    graph = grimp.build_graph("ktfast", cache_dir=None)
-    assert "ktfast.kernels.edge_losses" in graph.modules  # the kernels are part of what is checked
+    graph = grimp.build_graph("ktfast", "kernels", cache_dir=None)
+    assert "kernels.edge_losses" in graph.modules  # the kernels are part of what is checked
     assert circles(graph) == []
+
+
+# The kernels install as ktfast.kernels (setup.py's package_dir), which grimp cannot follow from the
+# package folder: it reads them as the root `kernels`. So who imports them is checked here: only the
+# engine, which keeps every path between the kernels and the floors below them one way.
+KERNEL_USERS = ("engine",)
+
+
+def test_only_the_engine_imports_the_kernels():
+    users = set()
+    for path in ROOT.joinpath("ktfast").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if any(n == "ktfast.kernels" or n.startswith("ktfast.kernels.") for n in names):
+                users.add(path.relative_to(ROOT / "ktfast").parts[0])
+    assert users and users <= set(KERNEL_USERS), users
+
+
+def test_the_kernels_install_as_ktfast_kernels():
+    import ktfast.kernels
+
+    assert Path(ktfast.kernels.__file__).resolve().parent == ROOT / "kernels"
+    assert not ROOT.joinpath("ktfast", "kernels").exists()  # no link: it breaks on Windows and in sdists
 
 
 def test_the_import_contract_holds():
@@ -71,7 +96,7 @@ STALE = ("DESIGN" + " §", "shared/" + "DESIGN")
 
 
 def cited_files() -> list[Path]:
-    """The .py files of the project (ktfast/kernels is a link to kernels/: read once) and README.md."""
+    """The .py files of the project and README.md."""
     files = {p.resolve() for folder in ("ktfast", "kernels", "benchmarks", "tests", "examples")
              for p in ROOT.joinpath(folder).rglob("*.py")}
     return sorted(files) + [ROOT / "README.md"]
@@ -99,7 +124,7 @@ def test_the_code_cites_sections_of_docs_architecture_that_exist():
     sections = architecture_sections(ARCHITECTURE.read_text())
     assert sections == set(range(1, 13))  # §1-§12, the numbering the citations were written against
     files = cited_files()
-    assert ROOT / "ktfast" / "graph.py" in files and ROOT / "README.md" in files
+    assert ROOT / "ktfast" / "graph" / "__init__.py" in files and ROOT / "README.md" in files
     assert sum(len(CITATION.findall(p.read_text())) for p in files) >= 60  # the pattern still finds them
     assert bad_citations(files, sections) == []
 

@@ -22,10 +22,10 @@ import torch
 from ktfast.cli import main
 from ktfast.config import TrainConfig
 from ktfast.graph import Graph
-from ktfast.packing import MPS_CONTROL, MPSDaemon, Slots
-from ktfast.search import COUNTED, worker_study
-from ktfast.study import open_storage, requeue
-from ktfast.nodes import build_models
+from ktfast.graph_search.packing import MPS_CONTROL, MPSDaemon, Slots
+from ktfast.graph_search.search import COUNTED, worker_study
+from ktfast.graph_search.study import open_storage, requeue
+from ktfast.engine.nodes import build_models
 from test_search import (EXIT_TIMEOUT_S, HOLD_TIMEOUT_S, SEARCH, SEARCH_TIMEOUT_S, counted, load, queue,
                          storage_url)
 
@@ -269,7 +269,7 @@ def trace(path) -> list[list[str]]:
 
 
 def test_mps_runs_a_private_daemon_for_the_workers_and_stops_it_on_ctrl_c(fake_mps, monkeypatch, capsys):
-    monkeypatch.setattr("ktfast.packing.PROBE", "pass")  # no GPU here: a client that always gets through
+    monkeypatch.setattr("ktfast.graph_search.packing.PROBE", "pass")  # no GPU here: a client that always gets through
     with pytest.raises(KeyboardInterrupt):
         with MPSDaemon("1", 4) as mps:
             folders = mps.env
@@ -284,7 +284,7 @@ def test_mps_runs_a_private_daemon_for_the_workers_and_stops_it_on_ctrl_c(fake_m
 
 def test_an_mps_daemon_that_will_not_quit_keeps_its_pipe_and_one_line_says_how_to_stop_it(fake_mps, monkeypatch,
                                                                                           capsys):
-    monkeypatch.setattr("ktfast.packing.PROBE", "pass")
+    monkeypatch.setattr("ktfast.graph_search.packing.PROBE", "pass")
     monkeypatch.setenv("MPS_STUCK", "Cannot find MPS control daemon process")
     with MPSDaemon("0", 2) as mps:
         pipe = mps.env["CUDA_MPS_PIPE_DIRECTORY"]
@@ -301,7 +301,7 @@ def test_mps_that_cannot_run_says_why_in_one_line(case, fake_mps, monkeypatch, c
     if case == "refused":
         monkeypatch.setenv("MPS_REFUSE", "An instance of this daemon is already running")
     if case == "no client":  # the daemon starts, but a CUDA client cannot connect (here: no GPU at all)
-        monkeypatch.setattr("ktfast.packing.PROBE", "raise SystemExit('no CUDA device')")
+        monkeypatch.setattr("ktfast.graph_search.packing.PROBE", "raise SystemExit('no CUDA device')")
     with MPSDaemon("0", 4) as mps:
         assert mps.env is None
     err = capsys.readouterr().err
@@ -317,9 +317,9 @@ def test_the_launcher_packs_as_asked_and_a_kill_stops_workers_then_daemon(pack, 
                                                                          capsys):
     """The launcher's wiring, without GPUs: fake workers (sleeping processes), a fake MPS program, and a
     SIGTERM to the launcher while it watches."""
-    import ktfast.search as search
+    import ktfast.graph_search.search as search
 
-    monkeypatch.setattr("ktfast.packing.PROBE", "pass")
+    monkeypatch.setattr("ktfast.graph_search.packing.PROBE", "pass")
     if pack == "no mps":
         monkeypatch.setenv("PATH", "/nonexistent")
     started = {}

@@ -13,7 +13,7 @@ from ktfast.config import TrainConfig
 from ktfast.data import TensorLoader, TorchLoader, load_arrays, make_loader
 from ktfast.graph import Graph
 from ktfast.paths import Compiled, FallbackError, fall_back, resolve_paths
-from ktfast.build import build_trainer
+from ktfast.engine.build import build_trainer
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
 PAIR = {"version": 1, "name": "pair", "target": "a",
@@ -298,7 +298,7 @@ def test_a_run_whose_kernels_fail_finishes_on_the_reference_losses_says_it_once_
 def test_a_fused_group_that_does_not_run_as_its_nodes_is_unfused_says_it_and_records_it(train, monkeypatch):
     """A backend where vmap's BatchNorm fails (a fused group raising) or computes something else:
     the nodes run one by one."""
-    from ktfast.fuse import FusedGroup
+    from ktfast.engine.fuse import FusedGroup
 
     def broken(self, x, **options):
         raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")

@@ -15,8 +15,8 @@ from matplotlib.patches import FancyArrowPatch
 from ktfast.cli import main
 from ktfast.graph import Graph
 from ktfast.models import build_model
-from ktfast.graph_figure import TARGET, graph_figure
-from ktfast.plots import attention_samples, curves_figure, read_metrics
+from ktfast.pictures.graph_figure import TARGET, graph_figure
+from ktfast.pictures.plots import attention_samples, curves_figure, read_metrics
 
 TINY = "synthetic:classes=4,size=16,train=32,test=12"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

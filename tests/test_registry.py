@@ -1,4 +1,4 @@
-"""One table per concept (`ktfast.gates`, `ktfast.loss_kinds`): for every row, its torch formula, the
+"""One table per concept (`ktfast.graph.gates`, `ktfast.graph.loss_kinds`): for every row, its torch formula, the
 reference's graph losses (`ktfast.losses`) and the fused kernels (`ktfast.kernels`) agree, and the
 codes the kernels know the rows by are one per row."""
 import functools
@@ -10,10 +10,10 @@ from test_kernels import DEVICES, compare, graph, inputs, models, some_correct
 
 from ktfast import Graph
 from ktfast import graph as graph_module
-from ktfast.gates import GATES
+from ktfast.graph.gates import GATES
 from ktfast.kernels.edge_table import ATTENTION_TERMS, LOGIT_TERMS, STD
 from ktfast.kernels.edge_table import GATES as KERNEL_GATES
-from ktfast.loss_kinds import LOSS_KINDS, standardize
+from ktfast.graph.loss_kinds import LOSS_KINDS, standardize
 from ktfast.losses import reference_graph_losses
 
 PARAMS = {"gamma": 2.5, "warmup": 0.4}  # a value of each field a gate may read

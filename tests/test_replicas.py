@@ -1,4 +1,4 @@
-"""Seeds as replicas (`ktfast.replicas`): each replica computes what its seed's run alone computes —
+"""Seeds as replicas (`ktfast.engine.replicas`): each replica computes what its seed's run alone computes —
 step by step (what the losses see, weights, BatchNorm statistics, optimizer state), whole epochs
 with evaluation, checkpoints that resume one by one — for a graph with a frozen teacher, an
 ensemble node and attention edges; and the command's replicas, groups and fallbacks.
@@ -17,15 +17,15 @@ import pytest
 import torch
 
 from ktfast import Graph
-from ktfast import replicas as replicas_module
+from ktfast.engine import replicas as replicas_module
 from ktfast.cli import main
-from ktfast import session
+from ktfast.engine import session
 from ktfast.config import TrainConfig
 from ktfast.models import build_model
-from ktfast.fast import StreamBank
-from ktfast.replicas import ReplicaGroup, Replicas, seed_groups
-from ktfast.build import build_trainer
-from ktfast.train import Trainer
+from ktfast.engine.fast import StreamBank
+from ktfast.engine.replicas import ReplicaGroup, Replicas, seed_groups
+from ktfast.engine.build import build_trainer
+from ktfast.engine.trainer import Trainer
 
 from test_fast_step import Streams, pool
 from test_fuse import Float64Batches, assert_close, record, teacher_checkpoint

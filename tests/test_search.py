@@ -14,8 +14,8 @@ import pytest
 
 from ktfast.cli import main
 from ktfast.internals import ASHA_RUNG_PREFIX
-from ktfast.search import COUNTED
-from ktfast.study import open_storage
+from ktfast.graph_search.search import COUNTED
+from ktfast.graph_search.study import open_storage
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
 SEARCH = ["search", "--nodes", "3", "--target-model", "resnet8", "--models", "resnet8,resnet14", "--dataset", TINY,
@@ -145,7 +145,7 @@ def test_a_study_is_joined_only_by_the_same_search(tmp_path):
     from ktfast.args import UsageError, config_from_args
     from ktfast.cli import build_parser
     from ktfast.commands.search import space_from_args
-    from ktfast.study import open_study
+    from ktfast.graph_search.study import open_study
 
     url = f"sqlite:///{tmp_path / 'search.db'}"
 
@@ -175,7 +175,7 @@ def study_of(cli: list[str]) -> optuna.Study:
     from ktfast.args import config_from_args
     from ktfast.cli import build_parser
     from ktfast.commands.search import space_from_args
-    from ktfast.study import open_study
+    from ktfast.graph_search.study import open_study
 
     args = build_parser().parse_args(cli)
     cfg = config_from_args(args).replace(split="search")
@@ -238,7 +238,7 @@ def test_ensemble_objective_scores_an_ensemble_node_whose_members_may_all_be_fro
 def test_sampling_draws_standardize_only_where_the_loss_allows_it_and_beta_only_with_dkd(mode):
     """120 sampled graphs of 3 nodes (1080 edges): the loss design of each edge follows its loss."""
     from ktfast.graph import TEMPERED_TERMS, Graph
-    from ktfast.search import Space
+    from ktfast.graph_search.search import Space
 
     losses = ("kl", "dkd", "dist", "dkd+att_mse", "cos", "att_mse+mse")
     space = Space(3, "resnet8", ("resnet8",), ("through", "cutoff", "gamma"), losses, "target", mode)
@@ -346,10 +346,10 @@ def test_bad_export_input_exits_2_with_one_line(tmp_path, capsys):
 def test_asha_first_decides_at_epoch_1(monkeypatch):
     """ASHA's first rung is epoch 1 (docs/ARCHITECTURE.md §6): a trial far behind the first one is pruned right
     after its first epoch. The trainer is scripted: only the search's reporting and pruning run."""
-    from ktfast import search
     from ktfast.config import TrainConfig
-    from ktfast.search import Space, objective
-    from ktfast.study import make_pruner
+    from ktfast.graph_search import search
+    from ktfast.graph_search.search import Space, objective
+    from ktfast.graph_search.study import make_pruner
 
     accuracies = iter([[0.9, 0.9, 0.9], [0.1, 0.1, 0.1]])
 

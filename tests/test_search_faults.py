@@ -15,8 +15,8 @@ import optuna
 import pytest
 from test_search import HOLD_TIMEOUT_S, SEARCH_TIMEOUT_S
 
-from ktfast.storage_retry import RetryingRDBStorage, transient
-from ktfast.study import open_storage
+from ktfast.graph_search.storage_retry import RetryingRDBStorage, transient
+from ktfast.graph_search.study import open_storage
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
 SEARCH = ["search", "--nodes", "2", "--target-model", "resnet8", "--models", "resnet8", "--dataset", TINY,

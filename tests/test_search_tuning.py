@@ -14,9 +14,9 @@ from optuna.trial import TrialState
 from ktfast.args import UsageError
 from ktfast.cli import main
 from ktfast.graph import LABEL, TEMPERED_TERMS, Graph
-from ktfast.search import Space
-from ktfast.study import open_storage
-from ktfast.study_figure import study_figure
+from ktfast.graph_search.search import Space
+from ktfast.graph_search.study import open_storage
+from ktfast.pictures.study_figure import study_figure
 from test_search import SEARCH, load, study_of
 
 pytestmark = pytest.mark.usefixtures("private_cache", "in_tmp")
@@ -68,7 +68,7 @@ def test_searched_t_and_weights_are_exported_and_the_export_trains(tmp_path, cap
     from ktfast.args import config_from_args
     from ktfast.cli import build_parser
     from ktfast.commands.search import space_from_args
-    from ktfast.search import objective
+    from ktfast.graph_search.search import objective
 
     url, name = f"sqlite:///{tmp_path}/s.db", "tw"
     recipe = ["--dataset", TINY, "--batch-size", "16", "--device", "cpu", "--quiet"]

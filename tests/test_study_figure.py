@@ -11,8 +11,8 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 from ktfast.cli import main
-from ktfast.study import open_storage
-from ktfast.study_figure import MIN_IMPORTANCE_TRIALS, study_figure
+from ktfast.graph_search.study import open_storage
+from ktfast.pictures.study_figure import MIN_IMPORTANCE_TRIALS, study_figure
 from test_search import postgres_url
 
 EPOCHS = 4

@@ -6,9 +6,9 @@ import torch
 
 from ktfast import Graph
 from ktfast.config import TrainConfig
-from ktfast.pretrain import cache_path
-from ktfast.run import make_trainer
-from ktfast.build import build_trainer
+from ktfast.engine.pretrain import cache_path
+from ktfast.engine.run import make_trainer
+from ktfast.engine.build import build_trainer
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
 
@@ -130,7 +130,7 @@ def test_with_a_train_fraction_each_seed_has_a_teacher_of_its_own_subset():
     c = cfg(epochs=1, train_fraction=0.5)
     assert cache_path("resnet8", c) != cache_path("resnet8", c.replace(seed=1))
     assert cache_path("resnet8", cfg()) == cache_path("resnet8", cfg(seed=1))  # full data: one teacher
-    from ktfast.pretrain import pretrain
+    from ktfast.engine.pretrain import pretrain
 
     for seed in (0, 1):
         stored = torch.load(pretrain("resnet8", c.replace(seed=seed), log=lambda *a: None, progress=False),
@@ -163,7 +163,7 @@ def test_lr_schedule_follows_the_recipe_fractions():
 def test_training_learns_real_digits():
     """Training descends: within 40 steps on the bundled digits the loss falls well below its start
     and the target beats chance (10 %) by far on the test split. Gradient ascent does neither."""
-    from ktfast.train import evaluate
+    from ktfast.engine.trainer import evaluate
 
     g = Graph.from_dict({"version": 1, "target": "a", "nodes": [{"name": "a", "model": "resnet8"}],
                          "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"}]})

@@ -12,11 +12,11 @@ import user_nets
 from ktfast import Graph, usercode
 from ktfast.cli import main
 from ktfast.config import TrainConfig
-from ktfast.fuse import FusedGroup
+from ktfast.engine.fuse import FusedGroup
 from ktfast.graph import GraphError
 from ktfast.models import build_model, is_model_name
-from ktfast.build import build_trainer
-from ktfast.train import Trainer
+from ktfast.engine.build import build_trainer
+from ktfast.engine.trainer import Trainer
 from test_fuse import assert_same_run, default_dtype, record
 
 NETS = Path(user_nets.__file__).resolve()

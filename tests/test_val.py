@@ -9,8 +9,8 @@ import optuna
 import pytest
 import torch
 
-import ktfast.build
-import ktfast.train
+import ktfast.engine.build
+import ktfast.engine.trainer
 from ktfast.cli import main
 from ktfast.data import load_arrays, make_loader, split_indices
 
@@ -47,7 +47,7 @@ def test_a_run_trains_on_the_rest_and_evaluates_val_and_test(tmp_path):
     from ktfast.cli import build_parser
     from ktfast.args import config_from_args
     from ktfast.graph import Graph
-    from ktfast.run import make_trainer
+    from ktfast.engine.run import make_trainer
 
     args = build_parser().parse_args(["train", "--graph", graph_file(tmp_path), *RUN, "--val-fraction", "0.25"])
     trainer = make_trainer(Graph.from_dict(PAIR), config_from_args(args, seed=1), out=None, progress=False)
@@ -59,7 +59,7 @@ def test_a_run_trains_on_the_rest_and_evaluates_val_and_test(tmp_path):
 def scripted_val(monkeypatch, accs: list[float]):
     """The target's val accuracy of epoch e is accs[e - 1] (the val split is evaluated for real, then
     overwritten), so that the best epoch is known; the weights of every epoch are kept."""
-    real = ktfast.train.evaluate
+    real = ktfast.engine.trainer.evaluate
 
     def evaluate(graph, models, units, loader, cfg, placement=None):
         out = real(graph, models, units, loader, cfg, placement)
@@ -69,7 +69,7 @@ def scripted_val(monkeypatch, accs: list[float]):
         return out
 
     kept = {0: [], 1: []}
-    monkeypatch.setattr(ktfast.train, "evaluate", evaluate)
+    monkeypatch.setattr(ktfast.engine.trainer, "evaluate", evaluate)
     return kept
 
 
@@ -96,7 +96,7 @@ def test_checkpoint_best_is_the_first_best_val_epoch_and_summary_follows_the_des
         assert last["epoch"] == 3 and last["best_val"] == {"epoch": 2, "acc": 0.75}  # what a resume goes on from
     from ktfast.config import TrainConfig
     from ktfast.graph import Graph
-    from ktfast.run import make_trainer
+    from ktfast.engine.run import make_trainer
 
     run = tmp_path / "r" / "seed1"
     resumed = make_trainer(Graph.load(run / "graph.json"), TrainConfig.load(run / "config.json"), out=None,
@@ -112,7 +112,7 @@ def test_checkpoint_best_is_the_first_best_val_epoch_and_summary_follows_the_des
             if key == "best_val":
                 want["epochs"] = [2, 2]
             assert summary["nodes"][node][key] == want
-    from ktfast.plots import curves_figure
+    from ktfast.pictures.plots import curves_figure
 
     val_acc = curves_figure(Graph.from_dict(PAIR), rows).axes[2]  # `ktfast report r`: a val column too
     assert val_acc.get_title() == "val accuracy (%)"
@@ -156,17 +156,17 @@ def test_the_search_objective_is_scored_on_search_val_and_never_reads_the_test_s
     from ktfast.args import config_from_args
     from ktfast.cli import build_parser
     from ktfast.commands.search import space_from_args
-    from ktfast.search import objective
+    from ktfast.graph_search.search import objective
 
     made = []
-    real = ktfast.build.make_loader
+    real = ktfast.engine.build.make_loader
 
     def make_loader(dataset, split, *args, **kwargs):
         assert split != "test", "the search made a loader of the test set"
         made.append((split, kwargs.get("val_fraction")))
         return real(dataset, split, *args, **kwargs)
 
-    monkeypatch.setattr(ktfast.build, "make_loader", make_loader)
+    monkeypatch.setattr(ktfast.engine.build, "make_loader", make_loader)
     args = build_parser().parse_args(["search", "--nodes", "1", "--target-model", "resnet8", "--gates", "through",
                                       "--trials", "1", "--dataset", TINY, "--epochs", "2", "--batch-size", "16",
                                       "--device", "cpu"])

@@ -9,12 +9,12 @@ from ktfast.args import UsageError, positive_int
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info
 from ktfast.graph import Graph
-from ktfast.graph_figure import graph_figure
+from ktfast.pictures.graph_figure import graph_figure
 from ktfast.models import is_model_name
-from ktfast.plots import (attention_figure, attention_samples, check_nodes, curves_figure, model_cost,
+from ktfast.pictures.plots import (attention_figure, attention_samples, check_nodes, curves_figure, model_cost,
                           picture_format, read_metrics, read_seed_runs, run_file, save_figure)
-from ktfast.study import find_study
-from ktfast.study_figure import study_figure
+from ktfast.graph_search.study import find_study
+from ktfast.pictures.study_figure import study_figure
 
 
 def register(sub) -> None:

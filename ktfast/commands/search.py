@@ -1,4 +1,4 @@
-"""`ktfast search` and `ktfast export` (ARCHITECTURE §6, §7): the search's flags, run by `ktfast.search_session`
+"""`ktfast search` and `ktfast export` (ARCHITECTURE §6, §7): the search's flags, run by `ktfast.graph_search.session`
 as `ktfast.search` runs them, and the best graph written as a graph file."""
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 from optuna.trial import TrialState
 
 from ktfast.args import UsageError, add_recipe_args, positive_int
-from ktfast.gates import DEFAULT_GATES, DRAWABLE_GATES, GAMMA_GATES
+from ktfast.graph.gates import DEFAULT_GATES, DRAWABLE_GATES, GAMMA_GATES
 from ktfast.graph import Graph
-from ktfast.loss_kinds import TEMPERED_TEXT
-from ktfast.packing import PACKS
-from ktfast.search import (BETAS, DEFAULT_MODELS, GAMMAS, OBJECTIVES, PRUNERS, SAMPLERS,
+from ktfast.graph.loss_kinds import TEMPERED_TEXT
+from ktfast.graph_search.packing import PACKS
+from ktfast.graph_search.search import (BETAS, DEFAULT_MODELS, GAMMAS, OBJECTIVES, PRUNERS, SAMPLERS,
                            STANDARDIZE, summary)
-from ktfast.search_session import SEARCH_OPTIONS, counted, run_search, space_from_args  # noqa: F401 (tests)
-from ktfast.study import DEFAULT_STORAGE, find_study
+from ktfast.graph_search.session import SEARCH_OPTIONS, counted, run_search, space_from_args  # noqa: F401 (tests)
+from ktfast.graph_search.study import DEFAULT_STORAGE, find_study
 
 
 def register(sub) -> None:

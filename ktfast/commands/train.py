@@ -1,6 +1,6 @@
 """`ktfast train` and `ktfast pretrain` (docs/ARCHITECTURE.md §7): the flags of a training session (a graph trained
 with one or several seeds into a run directory, like another run, or resumed from its last
-checkpoint), run by `ktfast.session` as `ktfast.train` runs it, and the pretrain cache filled by hand."""
+checkpoint), run by `ktfast.engine.session` as `ktfast.train` runs it, and the pretrain cache filled by hand."""
 from __future__ import annotations
 
 import functools
@@ -8,13 +8,14 @@ import os
 import subprocess
 import sys
 
-from ktfast import distributed, tensorboard
+from ktfast.engine import distributed
+from ktfast.engine import tensorboard
 from ktfast.args import UsageError, add_recipe_args, config_from_args, logger, seeds
 from ktfast.data import dataset_info
-from ktfast.distributed import PLACES
+from ktfast.engine.distributed import PLACES
 from ktfast.models import is_model_name
-from ktfast.pretrain import pretrain
-from ktfast.session import check_plan, run_session
+from ktfast.engine.pretrain import pretrain
+from ktfast.engine.session import check_plan, run_session
 
 
 def register(sub) -> None:

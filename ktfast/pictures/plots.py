@@ -23,7 +23,7 @@ from ktfast.config import TrainConfig
 from ktfast.data import dataset_info, make_loader
 from ktfast.graph import EnsembleNode, Graph
 from ktfast.models import build_model
-from ktfast.train import CHECKPOINT, METRICS
+from ktfast.engine.trainer import CHECKPOINT, METRICS
 
 
 # ---- runs ----------------------------------------------------------------------------------

@@ -13,17 +13,18 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from ktfast import distributed, tensorboard
+from ktfast.engine import distributed
+from ktfast.engine import tensorboard
 from ktfast.args import UsageError, config_from_args, logger
 from ktfast.config import TrainConfig, resume_checked
 from ktfast.data import dataset_info
-from ktfast.distributed import Placement, PeerLost
+from ktfast.engine.distributed import Placement, PeerLost
 from ktfast.graph import Graph
 from ktfast.internals import uncompiled
-from ktfast.replicas import Replicas, replica_reason, train_replicas
-from ktfast.run import make_trainer
-from ktfast.summary import result_table, seed_dirs, write_summary
-from ktfast.train import CHECKPOINT, METRICS
+from ktfast.engine.replicas import Replicas, replica_reason, train_replicas
+from ktfast.engine.run import make_trainer
+from ktfast.engine.summary import result_table, seed_dirs, write_summary
+from ktfast.engine.trainer import CHECKPOINT, METRICS
 
 Callback = Callable[[dict], None]
 
@@ -279,7 +280,7 @@ def fit(trainer, with_tensorboard: bool, callbacks=()) -> list[dict]:
 
 
 def fit_replicas(trainers: list, with_tensorboard: bool, callbacks=()) -> dict[int, list[dict]]:
-    """The seeds' runs as replicas (`ktfast.replicas`); the callbacks get every replica's rows."""
+    """The seeds' runs as replicas (`ktfast.engine.replicas`); the callbacks get every replica's rows."""
     hooks = [_on_epoch(t, with_tensorboard, callbacks) for t in trainers]
     try:
         return Replicas(trainers).fit(on_epoch=[on_epoch for on_epoch, _ in hooks])

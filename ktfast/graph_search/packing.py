@@ -3,8 +3,8 @@ never overlap. Two ways around it, chosen by `ktfast search --pack`:
 
 * `threads`: the K trials of a GPU run in one worker process, each in its own thread on its own CUDA
   stream (the current stream is per thread; every stream of a slot and of its steps is leased from
-  `ktfast.fast.StreamBank`, so no two slots share one), so their kernels share the GPU. The global RNG and
-  CUDA-graph capture are taken in turn (`ktfast.nodes.INIT_LOCK`, `ktfast.fast.CAPTURE_LOCK`), and the
+  `ktfast.engine.fast.StreamBank`, so no two slots share one), so their kernels share the GPU. The global RNG and
+  CUDA-graph capture are taken in turn (`ktfast.engine.nodes.INIT_LOCK`, `ktfast.engine.fast.CAPTURE_LOCK`), and the
   CUDA cache is emptied only when no trial of the process runs.
 * `mps`: K processes, as `processes`, through a CUDA MPS control daemon that the search starts for
   itself (private pipe and log folders, stopped on exit, Ctrl-C included): MPS runs the kernels of
@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from ktfast.fast import stream_bank
+from ktfast.engine.fast import stream_bank
 
 PACKS = ("processes", "threads", "mps")
 MPS_CONTROL = "nvidia-cuda-mps-control"

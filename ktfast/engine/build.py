@@ -11,24 +11,24 @@ import torch
 
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info, load_arrays, make_loader
-from ktfast.distributed import Placement
-from ktfast.fast import CudaStreams, stream_bank
-from ktfast.fuse import Unit, fusion_fault, make_units, unfuse
+from ktfast.engine.distributed import Placement
+from ktfast.engine.fast import CudaStreams, stream_bank
+from ktfast.engine.fuse import Unit, fusion_fault, make_units, unfuse
 from ktfast.graph import Graph
 from ktfast.losses import loss_targets
-from ktfast.nodes import attention_nodes, branch_nodes, build_models, check_attention_sizes, check_logits
-from ktfast.optim import make_optimizer, param_groups
+from ktfast.engine.nodes import attention_nodes, branch_nodes, build_models, check_attention_sizes, check_logits
+from ktfast.engine.optim import make_optimizer, param_groups
 from ktfast.paths import Compiled, amp_dtype, resolve_paths
-from ktfast.step import Step, Sums
-from ktfast.sync_bn import global_batchnorm
-from ktfast.train import RunPaths, Trainer, splits
+from ktfast.engine.step import Step, Sums
+from ktfast.engine.sync_bn import global_batchnorm
+from ktfast.engine.trainer import RunPaths, Trainer, splits
 
 
 def build_trainer(graph: Graph, cfg: TrainConfig, out: Path | None, log=print, progress=True,
                   pretrained: dict | None = None, placement: Placement | None = None) -> Trainer:
     """The Trainer of one run of `graph` with `cfg`, writing `out` (None: nowhere). `pretrained`:
-    the pretrain-cache file of each `"pretrained"` node (`ktfast.run` finds or makes them);
-    `placement`: this process's part in a run of several (`ktfast.distributed`); there, rank 0
+    the pretrain-cache file of each `"pretrained"` node (`ktfast.engine.run` finds or makes them);
+    `placement`: this process's part in a run of several (`ktfast.engine.distributed`); there, rank 0
     alone writes `out`."""
     placement = placement or Placement(graph, "data", 0, 1)
     keeps_state = out is not None

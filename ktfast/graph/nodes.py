@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ktfast.graph_fields import GraphError, no_unknown_keys, typed
+from ktfast.graph.fields import GraphError, no_unknown_keys, typed
 
 LABEL = "label"
 REDUCES = ("mean", "sum")

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 MIN_IMPORTANCE_TRIALS = 8  # complete trials: below that, fANOVA's forest ranks noise
 TOP_PARAMS = 12
 COMPLETE, PRUNED = "C0", "0.55"  # colours
-# The trial parameters of an edge's loss design (ktfast.search.Space): prefix -> row label of a value.
+# The trial parameters of an edge's loss design (ktfast.graph_search.search.Space): prefix -> row label of a value.
 CHOICE_PARAMS = {"loss ": lambda v: f"loss {v}", "standardize ": lambda v: f"standardize {'on' if v else 'off'}",
                  "beta ": lambda v: f"dkd β {v:g}", "temperature ": lambda v: f"T {v:g}"}
 WEIGHT = "weight "  # the parameter of an edge's weight, drawn log-uniformly

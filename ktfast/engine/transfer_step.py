@@ -2,7 +2,7 @@
 
 One call is one optimizer step of every trainable node on one batch — a single forward of every
 node, Σ L_t back-propagated once (docs/ARCHITECTURE.md §2) — taken by the Trainer's own step, a
-`ktfast.step.Step`, so the two cannot part. On CUDA that is the step with its fast parts (a stream
+`ktfast.engine.step.Step`, so the two cannot part. On CUDA that is the step with its fast parts (a stream
 per unit, the fused loss kernels, the whole step captured as a CUDA graph) and, where asked,
 torch.compile and the fusion of same-architecture nodes; on a CPU the plain step.
 
@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import torch
 
-from ktfast.build import check_fusion
+from ktfast.engine.build import check_fusion
 from ktfast.config import ConfigError, TrainConfig
-from ktfast.distributed import Placement
-from ktfast.fast import CudaStreams, stream_bank
-from ktfast.fuse import make_units
-from ktfast.gates import TIMED_GATES  # the gates whose weight is a function of k / k_end: they need k_end
+from ktfast.engine.distributed import Placement
+from ktfast.engine.fast import CudaStreams, stream_bank
+from ktfast.engine.fuse import make_units
+from ktfast.graph.gates import TIMED_GATES  # the gates whose weight is a function of k / k_end: they need k_end
 from ktfast.graph import Graph
 from ktfast.losses import loss_targets
-from ktfast.nodes import attention_nodes, branch_nodes
+from ktfast.engine.nodes import attention_nodes, branch_nodes
 from ktfast.paths import Compiled, amp_dtype, resolve_paths
-from ktfast.step import Step, Sums
-from ktfast.train import RunPaths
+from ktfast.engine.step import Step, Sums
+from ktfast.engine.trainer import RunPaths
 
 
 
@@ -83,7 +83,7 @@ class TransferStep:
         units = make_units(graph, models, want_attention, branch_nodes(graph), fuse=cfg.fused(), compile=compiled)
         placement = Placement(graph, "data", 0, 1)
         scaler = torch.amp.GradScaler(enabled=amp and amp_dtype(cfg) == torch.float16)
-        # The step of `ktfast train` (`ktfast.step.Step`); its units are checked at the first batch.
+        # The step of `ktfast train` (`ktfast.engine.step.Step`); its units are checked at the first batch.
         self.step = Step(graph, units, models, optimizer, scaler, [Sums(graph, placement.metric_mask(device))],
                          paths=paths, fall_back=paths.fall_back, total_steps=total_steps or 1,
                          want_attention=want_attention, device=device, amp=amp_dtype(cfg) if amp else None,

@@ -12,7 +12,7 @@ from ktfast.models import AttentionLayerError, UserModelError, build_model, is_u
 from ktfast.models.zoo import ZooError
 
 # Seeding and building draw from torch's one global generator: search trials packed as threads of
-# one process (ktfast.packing) take turns, so that each starts from the weights it would get alone.
+# one process (ktfast.graph_search.packing) take turns, so that each starts from the weights it would get alone.
 INIT_LOCK = threading.Lock()
 
 
@@ -59,12 +59,12 @@ def _build(node: ModelNode, num_classes: int, image_size: int) -> torch.nn.Modul
 def build_models(graph: Graph, cfg: TrainConfig, num_classes: int, image_size: int,
                  pretrained: dict | None = None) -> torch.nn.ModuleDict:
     """Every model node, seeded, initialised as its `init` says, on the configured device.
-    `pretrained` maps each `"init": "pretrained"` node to its pretrain-cache file (`ktfast.run`
+    `pretrained` maps each `"init": "pretrained"` node to its pretrain-cache file (`ktfast.engine.run`
     finds or makes them first)."""
     pretrained = pretrained or {}
     missing = [n.name for n in graph.model_nodes if n.init == "pretrained" and not n.checkpoint and n.name not in pretrained]
     if missing:
-        raise ValueError(f"no pretrained checkpoint given for node {missing[0]!r}: build the run with ktfast.run")
+        raise ValueError(f"no pretrained checkpoint given for node {missing[0]!r}: build the run with ktfast.engine.run")
     with INIT_LOCK:
         torch.manual_seed(cfg.seed)
         built = [_build(node, num_classes, image_size) for node in graph.model_nodes]

@@ -9,9 +9,9 @@ import statistics
 from pathlib import Path
 
 from ktfast.args import UsageError
-from ktfast.checkpoint import write_text_atomic
+from ktfast.engine.checkpoint import write_text_atomic
 from ktfast.graph import Graph
-from ktfast.train import METRICS
+from ktfast.engine.trainer import METRICS
 
 SUMMARY = "summary.json"
 

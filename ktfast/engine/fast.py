@@ -1,4 +1,4 @@
-"""The CUDA parts of the training step (`ktfast.step.Step`, whose options they are): its streams,
+"""The CUDA parts of the training step (`ktfast.engine.step.Step`, whose options they are): its streams,
 the fused kernels' loss vector, and what a CUDA-graph capture saves and puts back.
 
 * every unit (a node, or a fused group of nodes) forwards on its own CUDA stream (autograd runs

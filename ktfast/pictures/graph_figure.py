@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from ktfast.gates import GAMMA_GATES
+from ktfast.graph.gates import GAMMA_GATES
 from ktfast.graph import LABEL, EnsembleNode, Graph, owner
 
 # Colours of the papers' figures: red target, blue pre-trained (frozen) source; ensembles get a

@@ -16,7 +16,7 @@ import torch
 
 from ktfast.config import TrainConfig, cache_key
 from ktfast.graph import Graph
-from ktfast.build import build_trainer
+from ktfast.engine.build import build_trainer
 
 
 def cache_dir() -> Path:

@@ -1,9 +1,9 @@
-"""Training a graph: the epochs around one training step (`ktfast.step`: one forward of every node
+"""Training a graph: the epochs around one training step (`ktfast.engine.step`: one forward of every node
 per batch, Σ L_t back-propagated once, every trainable node stepped together; the DCL algorithm,
 docs/ARCHITECTURE.md §2), evaluation of every node each epoch, and the run directory (graph.json,
 config.json, metrics.jsonl, checkpoint.pt written atomically; with a val split, checkpoint-best.pt
 at the target's best val accuracy). Over several processes (torchrun) the step's collectives are
-those of `ktfast.distributed.Placement`.
+those of `ktfast.engine.distributed.Placement`.
 """
 from __future__ import annotations
 
@@ -18,18 +18,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ktfast.checkpoint import (CheckpointError, append_line, load_models, read_checkpoint, save_atomic, truncate,
+from ktfast.engine.checkpoint import (CheckpointError, append_line, load_models, read_checkpoint, save_atomic, truncate,
                                write_text_atomic)
 from ktfast.config import TrainConfig
-from ktfast.distributed import Placement
+from ktfast.engine.distributed import Placement
 from ktfast.graph import Graph
-from ktfast.fuse import Unit, forward_unit
+from ktfast.engine.fuse import Unit, forward_unit
 from ktfast.hold import hold
 from ktfast.internals import uncompiled
 from ktfast.losses import node_logits
-from ktfast.optim import load_keeping_lr_tensors, plain_lrs, plain_schedule
+from ktfast.engine.optim import load_keeping_lr_tensors, plain_lrs, plain_schedule
 from ktfast.paths import amp_dtype, fall_back
-from ktfast.step import Step
+from ktfast.engine.step import Step
 
 CHECKPOINT = "checkpoint.pt"
 BEST_CHECKPOINT = "checkpoint-best.pt"
@@ -120,7 +120,7 @@ class RunPaths(dict):
 
 class Trainer:
     """One run of one graph with one seed: the epochs around its `Step`, evaluation, the run
-    directory. `fit()` trains to the end. `ktfast.build.build_trainer` builds one from a config."""
+    directory. `fit()` trains to the end. `ktfast.engine.build.build_trainer` builds one from a config."""
 
     def __init__(self, graph: Graph, cfg: TrainConfig, out: Path | None, *, step: Step, models, units: list[Unit],
                  loaders: tuple, scheduler, paths: RunPaths, placement: Placement, keeps_state: bool,
@@ -141,13 +141,13 @@ class Trainer:
         # {"epoch", "acc"}: the epoch of checkpoint-best.pt and its target val accuracy (first best on ties).
         self.best_val: dict | None = None
 
-    # The epoch's sums the step adds into on the device (`ktfast.step.Sums`).
+    # The epoch's sums the step adds into on the device (`ktfast.engine.step.Sums`).
     loss_sums = property(lambda self: self.sums.loss_sums)
     correct = property(lambda self: self.sums.correct)
     skipped = property(lambda self: self.sums.skipped)
 
     def train_step(self, x, y, step) -> None:
-        """One step (`ktfast.step.Step`); `step` is the 1-based optimizer step."""
+        """One step (`ktfast.engine.step.Step`); `step` is the 1-based optimizer step."""
         self.step(x, y, step)
 
     def fall_back(self, switch: str, path: str, error: BaseException) -> None:

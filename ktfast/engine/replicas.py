@@ -8,7 +8,7 @@ model once under two `vmap`s, over the replicas (each on its own batch) and over
 The step is the Trainer's step over S graphs at once: one forward of every group, each replica's
 losses from its own logits and labels, Σ of all replicas' losses back-propagated once (the replicas
 share no tensor, so each one's gradients are those of its own Σ_t L_t), every replica's optimizer
-stepped: the one training step (`ktfast.step.Step`) with stacked units and a per-seed loss split;
+stepped: the one training step (`ktfast.engine.step.Step`) with stacked units and a per-seed loss split;
 on CUDA with its fast parts (streams, fused kernels, the whole step as one CUDA graph).
 """
 from __future__ import annotations
@@ -23,14 +23,14 @@ from torch.func import functional_call, vmap
 
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info
-from ktfast.fast import CudaStreams, stream_bank
-from ktfast.fuse import FusedGroup, Unit, fusion_fault, fusion_groups
+from ktfast.engine.fast import CudaStreams, stream_bank
+from ktfast.engine.fuse import FusedGroup, Unit, fusion_fault, fusion_groups
 from ktfast.hold import hold
 from ktfast.internals import uncompiled
-from ktfast.nodes import attention_nodes, branch_nodes
+from ktfast.engine.nodes import attention_nodes, branch_nodes
 from ktfast.paths import Compiled, amp_dtype, fall_back
-from ktfast.step import Step, seed_name
-from ktfast.train import Trainer, autocast, forward
+from ktfast.engine.step import Step, seed_name
+from ktfast.engine.trainer import Trainer, autocast, forward
 
 HEADROOM = 0.8  # the share of the free GPU memory the replicas of one group may take
 
@@ -213,7 +213,7 @@ class Replicas:
 
     def _units(self, image_size: int) -> list[Unit]:
         """A ReplicaGroup per fusion group (with fuse) or per node, checked as a Trainer's fused
-        groups are (`ktfast.build.check_fusion`): where one cannot stand in for its members, they
+        groups are (`ktfast.engine.build.check_fusion`): where one cannot stand in for its members, they
         run one by one."""
         t, count = self.first, len(self.trainers)
         want_attention, want_branches = attention_nodes(t.graph), branch_nodes(t.graph)

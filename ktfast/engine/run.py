@@ -1,5 +1,5 @@
 """Planning a run: the graph's pretrained teachers are found in the pretrain cache, or trained into
-it first (`ktfast.pretrain`), and only then is the Trainer built, so that training knows nothing
+it first (`ktfast.engine.pretrain`), and only then is the Trainer built, so that training knows nothing
 of pretraining."""
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 
 from ktfast.config import TrainConfig
 from ktfast.data import load_arrays
-from ktfast.distributed import Placement, rank_zero_first
+from ktfast.engine.distributed import Placement, rank_zero_first
 from ktfast.graph import Graph
-from ktfast.pretrain import pretrained_path
-from ktfast.build import build_trainer
-from ktfast.train import Trainer
+from ktfast.engine.pretrain import pretrained_path
+from ktfast.engine.build import build_trainer
+from ktfast.engine.trainer import Trainer
 
 
 def pretrained_paths(graph: Graph, cfg: TrainConfig, log=print, progress=True) -> dict[str, Path]:

@@ -1,7 +1,7 @@
 """The training step (docs/ARCHITECTURE.md §2, step 3): one forward of every unit, the losses of
 every target, Σ_t L_t back-propagated once, one optimizer step of every trainable node, the step's
 metrics added on the device. It is the one step of the code base: the Trainer's, a replica group's
-(`ktfast.replicas`: stacked units, each seed's losses from its own logits and labels) and the user's
+(`ktfast.engine.replicas`: stacked units, each seed's losses from its own logits and labels) and the user's
 (`ktfast.TransferStep`).
 
 The fast parts are its options, each a path of `ktfast.paths`:
@@ -10,7 +10,7 @@ The fast parts are its options, each a path of `ktfast.paths`:
 * the fused loss kernels (`paths["kernels"] == "triton"`): Σ_t L_t straight from the kernels;
 * the CUDA graph (`paths["cuda_graph"] == "on"`, with streams): the whole step — forwards, losses,
   backward, optimizer step, metric sums — captured once per input shape and replayed
-  (`ktfast.fast` says how). Nothing in a step reads a value back to the host.
+  (`ktfast.engine.fast` says how). Nothing in a step reads a value back to the host.
 A kernel or a capture that fails here falls back to the next path (`fall_back`), in one line.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from ktfast.fast import CAPTURE_LOCK, Streams, capturing, restore, snapshot, step_losses
-from ktfast.fuse import Unit, forward_unit
-from ktfast.distributed import Placement
+from ktfast.engine.fast import CAPTURE_LOCK, Streams, capturing, restore, snapshot, step_losses
+from ktfast.engine.fuse import Unit, forward_unit
+from ktfast.engine.distributed import Placement
 from ktfast.losses import node_logits, reference_graph_losses
 from ktfast.internals import scaler_tensors
 
@@ -107,8 +107,8 @@ class Step:
         self.captures = 0
 
     def use_streams(self, cuda, bank) -> None:
-        """The fast path: a stream per unit leased from `bank` (`ktfast.fast.StreamBank`), `cuda`
-        what the step asks of CUDA (`ktfast.fast.CudaStreams`; stand-ins in a CPU test); k / k_end
+        """The fast path: a stream per unit leased from `bank` (`ktfast.engine.fast.StreamBank`), `cuda`
+        what the step asks of CUDA (`ktfast.engine.fast.CudaStreams`; stand-ins in a CPU test); k / k_end
         on the device; on CUDA, channels_last batches and, where its path is on, the CUDA graph."""
         self.cuda = cuda
         self.streams = Streams([u.name for u in self.units], bank)

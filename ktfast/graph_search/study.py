@@ -16,7 +16,7 @@ import optuna
 from ktfast.args import UsageError
 from ktfast.config import TrainConfig, recipe_fields
 from ktfast.internals import without_asha_rungs
-from ktfast.storage_retry import RetryingRDBStorage
+from ktfast.graph_search.storage_retry import RetryingRDBStorage
 
 DEFAULT_STORAGE = "sqlite:///ktfast-search.db"
 MAX_RETRY = 3  # a graph whose worker keeps dying (killed for memory, say) is given up after this
@@ -72,7 +72,7 @@ def _with_driver(url: str) -> str:
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None):
     """The storage a URL names: `journal:PATH` or a `.log` path is an Optuna journal file; anything else
     an SQLAlchemy URL (SQLite, PostgreSQL), whose calls wait out a lost server or a held lock
-    (`ktfast.storage_retry`). Workers pass `heartbeat_interval`: a trial whose worker stops beating
+    (`ktfast.graph_search.storage_retry`). Workers pass `heartbeat_interval`: a trial whose worker stops beating
     for `grace_period` seconds (default twice the interval) is failed and queued again."""
     try:
         if is_journal(url):

@@ -11,15 +11,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ktfast.gates import GAMMA_GATES, GATE_NAMES, WARMUP_GATES
-from ktfast.graph_fields import GraphError, no_unknown_keys, typed
-from ktfast.graph_nodes import LABEL, REDUCES, USER_CODE, EnsembleNode, ModelNode, branch_count, parse_node
-from ktfast.loss_kinds import ATTENTION_TERMS, LABEL_TERMS, LOSS_TERMS, TEMPERED_TERMS, TEMPERED_TEXT
+from ktfast.graph.gates import GAMMA_GATES, GATE_NAMES, WARMUP_GATES
+from ktfast.graph.fields import GraphError, no_unknown_keys, typed
+from ktfast.graph.nodes import LABEL, REDUCES, USER_CODE, EnsembleNode, ModelNode, branch_count, parse_node
+from ktfast.graph.loss_kinds import ATTENTION_TERMS, LABEL_TERMS, LOSS_TERMS, TEMPERED_TERMS, TEMPERED_TEXT
 
 __all__ = ["ATTENTION_TERMS", "GAMMA_GATES", "GATES", "LABEL", "LOSS_TERMS", "REDUCES", "TEMPERED_TERMS",
            "USER_CODE", "Edge", "EnsembleNode", "Graph", "GraphError", "ModelNode", "branch_count", "owner"]
 
-# The loss kinds and the gates are the rows of `ktfast.loss_kinds` and `ktfast.gates`; their names here
+# The loss kinds and the gates are the rows of `ktfast.graph.loss_kinds` and `ktfast.graph.gates`; their names here
 # are the graph file's vocabulary.
 GATES = GATE_NAMES
 SOFTEN = ("both", "source")

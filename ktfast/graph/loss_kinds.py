@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ktfast.graph_fields import GraphError
+from ktfast.graph.fields import GraphError
 
 NORMALIZE_EPS = 1e-12  # as torch.nn.functional.normalize
 STANDARDIZE_EPS = 1e-7  # as the logit standardization paper's code

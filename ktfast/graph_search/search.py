@@ -2,7 +2,7 @@
 accuracy of a target node (or of the ensemble of all nodes) on the held-out search split.
 
 One Optuna study in a shared storage. Each worker is a process that loads the study and runs trials
-one after another (or K at a time, in threads: `ktfast.packing`), so workers on any number of machines
+one after another (or K at a time, in threads: `ktfast.graph_search.packing`), so workers on any number of machines
 join a search by running the same command.
 A trial samples a graph — the model of every node but the target, the gate of every edge (label edges
 included), optionally the loss of every model-to-model edge with the parameters that loss reads (DKD's β,
@@ -38,10 +38,10 @@ from tqdm.auto import tqdm
 
 from ktfast.config import TrainConfig
 from ktfast.graph import GAMMA_GATES, LABEL, TEMPERED_TERMS, Graph
-from ktfast.packing import MPSDaemon, Slots
-from ktfast.run import make_trainer
-from ktfast.study import is_journal, make_pruner, make_sampler, open_storage, requeue, shown
-from ktfast.train import NonFiniteLoss
+from ktfast.graph_search.packing import MPSDaemon, Slots
+from ktfast.engine.run import make_trainer
+from ktfast.graph_search.study import is_journal, make_pruner, make_sampler, open_storage, requeue, shown
+from ktfast.engine.trainer import NonFiniteLoss
 
 DEFAULT_MODELS = ("resnet32", "resnet110", "wrn28_2")
 OBJECTIVES = ("target", "ensemble")
@@ -58,9 +58,9 @@ GAMMAS = (0.25, 0.5, 2.0, 4.0)
 BETAS = (1.0, 2.0, 4.0, 8.0)
 STANDARDIZE = ("off", "on", "search")  # `standardize` on the edges whose loss has a tempered term
 POLL_S = 1.0
-# A worker's program. Not `python -m ktfast.search`: importing the package imports this module
-# (ktfast.search is also the API's function), and runpy would then run a second copy of it.
-WORKER = "import json, sys; from ktfast.search import run_worker; run_worker(json.loads(sys.argv[1]))"
+# A worker's program. Not `python -m`: importing ktfast (its API) imports this module, and runpy
+# would then run a second copy of it.
+WORKER = "import json, sys; from ktfast.graph_search.search import run_worker; run_worker(json.loads(sys.argv[1]))"
 
 
 # ---- the search space ----------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def _counts(study: optuna.Study) -> Counter:
 
 def run_worker(spec: dict) -> None:
     """Run trials until the study has spec["trials"] counted ones, spec["slots"] at a time (threads of
-    this process, `ktfast.packing`)."""
+    this process, `ktfast.graph_search.packing`)."""
     # Ctrl-C is the launcher's: it stops the workers, and their trials are retried on resume.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

@@ -1,0 +1,1 @@
+"""The search of graphs: the search space, the study and its storage, trials packed on a GPU."""

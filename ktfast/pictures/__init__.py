@@ -1,0 +1,1 @@
+"""What a run or a study looks like: curves, the graph figure, the study figure."""
