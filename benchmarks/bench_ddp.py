@@ -12,6 +12,7 @@ a + b is commutative, and halving is exact whether it comes before the sum, as i
     python benchmarks/bench_ddp.py            # CPU: 2 gloo processes; CUDA: one per GPU (NCCL), one: skipped
     python benchmarks/bench_ddp.py --smoke    # CPU-sized, what CI runs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,12 +25,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from bench_step import batches, graph
 from common import environment, write_result
 
-from ktfast.engine import distributed
 from ktfast.config import TrainConfig
+from ktfast.engine import distributed
 from ktfast.engine.build import build_trainer
 from ktfast.engine.distributed import Placement
 from ktfast.engine.trainer import Trainer
@@ -61,15 +61,16 @@ def block(trainer: Trainer, it, steps: int, first: int, sync) -> float:
 def compare(g, cfg: TrainConfig, rank: int, world: int, rounds: int, steps: int, warmup: int) -> dict:
     trainers = {}
     for variant, kind in (("flat", FlatPlacement), ("ddp", Placement)):
-        trainer = build_trainer(g, cfg, out=None, progress=False, log=lambda _: None,
-                                placement=kind(g, "data", rank, world))
+        trainer = build_trainer(
+            g, cfg, out=None, progress=False, log=lambda _: None, placement=kind(g, "data", rank, world)
+        )
         trainers[variant] = trainer, batches(trainer)
     sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else (lambda: None)
     times = {v: [] for v in trainers}
-    for variant, (trainer, it) in trainers.items():
+    for trainer, it in trainers.values():
         block(trainer, it, warmup, 1, sync)
     for r in range(rounds):
-        for variant in (("flat", "ddp") if r % 2 == 0 else ("ddp", "flat")):
+        for variant in ("flat", "ddp") if r % 2 == 0 else ("ddp", "flat"):
             trainer, it = trainers[variant]
             times[variant].append(1e3 * block(trainer, it, steps, warmup + r * steps + 1, sync) / steps)
     row = {v: {"ms_per_step": statistics.median(t), "rounds_ms_per_step": t} for v, t in times.items()}
@@ -82,8 +83,11 @@ def compare(g, cfg: TrainConfig, rank: int, world: int, rounds: int, steps: int,
     groups = trainers["flat"][0].optimizer.param_groups
     row["trainable_params"] = sum(len(group["params"]) for group in groups)
     flat, ddp = (trainers[v][0].models for v in ("flat", "ddp"))
-    pairs = [pair for name in flat
-             for pair in zip(flat[name].state_dict().values(), ddp[name].state_dict().values())]
+    pairs = [
+        pair
+        for name in flat
+        for pair in zip(flat[name].state_dict().values(), ddp[name].state_dict().values())
+    ]
     diff = max((a - b).abs().max().item() for a, b in pairs if a.numel())
     row.update(weights_equal=diff == 0.0, weights_max_abs_diff=diff)
     return row
@@ -97,27 +101,55 @@ def worker(args) -> None:
         torch.set_num_threads(1)  # a core per process
     with distributed.process_group(device) as (rank, world):
         graphs = GPU_GRAPHS if cuda else {k: v for k, v in GRAPHS.items() if not args.smoke or "R8" in k}
-        dataset = ("synthetic:classes=100,size=32,train=8192,test=256" if cuda
-                   else SMOKE_DATA if args.smoke else "digits")
+        dataset = (
+            "synthetic:classes=100,size=32,train=8192,test=256"
+            if cuda
+            else SMOKE_DATA
+            if args.smoke
+            else "digits"
+        )
         bs = args.batch_size or (8 if args.smoke else 32 if not cuda else 64 * world)
         rounds, steps, warmup = (2, 2, 1) if args.smoke else (args.rounds, args.steps, 3 if not cuda else 10)
         # The eager step on a CPU; on CUDA ktfast's fast path as it runs on several processes (no CUDA graph).
         flags = dict(amp=True, cuda_graph=False) if cuda else {}
-        cfg = TrainConfig(dataset=dataset, epochs=100, batch_size=bs, lr=0.05, device=device, fuse=False,
-                          place="data", world_size=world, **flags)
-        result = {"benchmark": "ddp", **environment(cuda), "world_size": world, "backend": dist.get_backend(),
-                  "dataset": dataset, "rounds": rounds, "steps_per_round": steps, "warmup": warmup,
-                  "threads_per_process": torch.get_num_threads(), "rows": []}
+        cfg = TrainConfig(
+            dataset=dataset,
+            epochs=100,
+            batch_size=bs,
+            lr=0.05,
+            device=device,
+            fuse=False,
+            place="data",
+            world_size=world,
+            **flags,
+        )
+        result = {
+            "benchmark": "ddp",
+            **environment(cuda),
+            "world_size": world,
+            "backend": dist.get_backend(),
+            "dataset": dataset,
+            "rounds": rounds,
+            "steps_per_round": steps,
+            "warmup": warmup,
+            "threads_per_process": torch.get_num_threads(),
+            "rows": [],
+        }
         for name, models in graphs.items():
-            row = {"graph": name, "batch_size": bs,
-                   **compare(graph(name, models), cfg, rank, world, rounds, steps, warmup)}
+            row = {
+                "graph": name,
+                "batch_size": bs,
+                **compare(graph(name, models), cfg, rank, world, rounds, steps, warmup),
+            }
             if rank == 0:
                 result["rows"].append(row)
                 weights = "equal" if row["weights_equal"] else f"differ by {row['weights_max_abs_diff']:.1e}"
-                print(f"{name:<22} B={bs:<4} flat all-reduce {row['flat']['ms_per_step']:8.1f} ms/step   DDP "
-                      f"{row['ddp']['ms_per_step']:8.1f} ms/step   DDP/flat {row['ddp_vs_flat']:.3f}   "
-                      f"weights {weights}",
-                      flush=True)
+                print(
+                    f"{name:<22} B={bs:<4} flat all-reduce {row['flat']['ms_per_step']:8.1f} ms/step   DDP "
+                    f"{row['ddp']['ms_per_step']:8.1f} ms/step   DDP/flat {row['ddp_vs_flat']:.3f}   "
+                    f"weights {weights}",
+                    flush=True,
+                )
                 written = write_result("ddp", result, cuda, args.out)
         if rank == 0:
             print(f"wrote {written}")
@@ -141,12 +173,23 @@ def main() -> int:
     processes = torch.cuda.device_count() if cuda else 2
     if processes < 2:
         why = "one GPU: data-parallel gradients need two"
-        written = write_result("ddp", {"benchmark": "ddp", **environment(cuda), "rows": [], "skipped": why},
-                               cuda, args.out)
+        written = write_result(
+            "ddp", {"benchmark": "ddp", **environment(cuda), "rows": [], "skipped": why}, cuda, args.out
+        )
         print(f"bench_ddp: skipped ({why}); wrote {written}")
         return 0
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                          str(processes), str(Path(__file__).resolve()), *sys.argv[1:]])
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(processes),
+            str(Path(__file__).resolve()),
+            *sys.argv[1:],
+        ]
+    )
     return run.returncode
 
 

@@ -11,6 +11,7 @@ pretrain cache: one teacher per seed, as a train fraction draws each seed's subs
 method) and distill-digits.{json,md,png}. Every run takes the reference losses (`--reference`):
 what is compared is the losses, not a kernel.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,57 +46,111 @@ def _label(node: str) -> dict:
 
 def _from_teacher(name: str, description: str, edge: dict) -> dict:
     """The student and a frozen pre-trained teacher: label CE plus one edge teacher → student."""
-    return {"version": 1, "name": name, "description": description, "target": "student",
-            "nodes": [{"name": "student", "model": STUDENT},
-                      {"name": "teacher", "model": TEACHER, "init": "pretrained"}],
-            "edges": [_label("student"), {"from": "teacher", "to": "student", **edge}]}
+    return {
+        "version": 1,
+        "name": name,
+        "description": description,
+        "target": "student",
+        "nodes": [
+            {"name": "student", "model": STUDENT},
+            {"name": "teacher", "model": TEACHER, "init": "pretrained"},
+        ],
+        "edges": [_label("student"), {"from": "teacher", "to": "student", **edge}],
+    }
 
 
 def graphs() -> dict[str, dict]:
     """The compared methods, in the order of the table."""
     kl = {"loss": "kl", "gate": "through", "temperature": T}
     return {
-        "alone": {"version": 1, "name": "alone", "description": f"the student ({STUDENT}) on the labels alone",
-                  "target": "student", "nodes": [{"name": "student", "model": STUDENT}], "edges": [_label("student")]},
+        "alone": {
+            "version": 1,
+            "name": "alone",
+            "description": f"the student ({STUDENT}) on the labels alone",
+            "target": "student",
+            "nodes": [{"name": "student", "model": STUDENT}],
+            "edges": [_label("student")],
+        },
         "kd": _from_teacher("kd", f"KD (Hinton et al.), T {T:g}", kl),
-        "kd_ls": _from_teacher("kd_ls", f"KD on standardized logits (Sun et al., 2024), T {T:g}",
-                               {**kl, "standardize": True}),
+        "kd_ls": _from_teacher(
+            "kd_ls", f"KD on standardized logits (Sun et al., 2024), T {T:g}", {**kl, "standardize": True}
+        ),
         # DKD's warm-up is 20 of 240 epochs; the gate counts fractions of the run, so w = 1/12 keeps
         # its share of a short run (α·TCKD + 8·NCKD at full strength from the first step is what it avoids).
-        "dkd": _from_teacher("dkd", f"DKD (Zhao et al., 2022), alpha 1, beta 8, T {T:g}, warm-up 1/12 of the run",
-                             {"loss": "dkd", "gate": "warmup", "warmup": 1 / 12, "temperature": T,
-                              "alpha": 1.0, "beta": 8.0}),
-        "dist": _from_teacher("dist", f"DIST's inter-class relation (Huang et al., 2022), T {T:g}",
-                              {"loss": "dist", "gate": "through", "temperature": T}),
+        "dkd": _from_teacher(
+            "dkd",
+            f"DKD (Zhao et al., 2022), alpha 1, beta 8, T {T:g}, warm-up 1/12 of the run",
+            {"loss": "dkd", "gate": "warmup", "warmup": 1 / 12, "temperature": T, "alpha": 1.0, "beta": 8.0},
+        ),
+        "dist": _from_teacher(
+            "dist",
+            f"DIST's inter-class relation (Huang et al., 2022), T {T:g}",
+            {"loss": "dist", "gate": "through", "temperature": T},
+        ),
         # examples/dcl3.json's gates; the target n1 is the student's model, n2 the teacher's (from
         # scratch, as every DCL node), n3 a second student.
-        "dcl": {"version": 1, "name": "dcl", "target": "n1",
-                "description": f"DCL, examples/dcl3.json's gates: n1 {STUDENT} (target), n2 {TEACHER}, n3 {STUDENT}, "
-                               "all trained together from scratch",
-                "nodes": [{"name": "n1", "model": STUDENT}, {"name": "n2", "model": TEACHER},
-                          {"name": "n3", "model": STUDENT}],
-                "edges": [_label("n1"), _label("n2"), {**_label("n3"), "gate": "correct"},
-                          {"from": "n2", "to": "n1", "loss": "kl", "gate": "through"},
-                          {"from": "n3", "to": "n1", "loss": "kl", "gate": "linear"},
-                          {"from": "n1", "to": "n2", "loss": "kl", "gate": "correct"},
-                          {"from": "n3", "to": "n2", "loss": "kl", "gate": "cutoff"},
-                          {"from": "n1", "to": "n3", "loss": "kl", "gate": "linear"},
-                          {"from": "n2", "to": "n3", "loss": "kl", "gate": "correct"}]},
+        "dcl": {
+            "version": 1,
+            "name": "dcl",
+            "target": "n1",
+            "description": f"DCL, examples/dcl3.json's gates: n1 {STUDENT} (target), n2 {TEACHER}, n3 {STUDENT}, "
+            "all trained together from scratch",
+            "nodes": [
+                {"name": "n1", "model": STUDENT},
+                {"name": "n2", "model": TEACHER},
+                {"name": "n3", "model": STUDENT},
+            ],
+            "edges": [
+                _label("n1"),
+                _label("n2"),
+                {**_label("n3"), "gate": "correct"},
+                {"from": "n2", "to": "n1", "loss": "kl", "gate": "through"},
+                {"from": "n3", "to": "n1", "loss": "kl", "gate": "linear"},
+                {"from": "n1", "to": "n2", "loss": "kl", "gate": "correct"},
+                {"from": "n3", "to": "n2", "loss": "kl", "gate": "cutoff"},
+                {"from": "n1", "to": "n3", "loss": "kl", "gate": "linear"},
+                {"from": "n2", "to": "n3", "loss": "kl", "gate": "correct"},
+            ],
+        },
     }
 
 
 def train_args(graph: str, recipe: dict, seeds: list[int], run: str) -> list[str]:
     """The arguments of `ktfast train` for one method (paths relative to --out, where it runs)."""
-    return ["train", "--graph", graph, "--dataset", "digits", "--train-fraction", str(recipe["train_fraction"]),
-            "--epochs", str(recipe["epochs"]), "--batch-size", str(recipe["batch_size"]),
-            "--lr-decay-at", recipe["lr_decay_at"], "--seeds", ",".join(map(str, seeds)),
-            "--reference", "--device", "cpu", "--quiet", "--out", run]
+    return [
+        "train",
+        "--graph",
+        graph,
+        "--dataset",
+        "digits",
+        "--train-fraction",
+        str(recipe["train_fraction"]),
+        "--epochs",
+        str(recipe["epochs"]),
+        "--batch-size",
+        str(recipe["batch_size"]),
+        "--lr-decay-at",
+        recipe["lr_decay_at"],
+        "--seeds",
+        ",".join(map(str, seeds)),
+        "--reference",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        run,
+    ]
 
 
 def run_method(out: Path, name: str, recipe: dict, seeds: list[int]) -> dict:
     args = train_args(f"graphs/{name}.json", recipe, seeds, f"runs/{name}")
-    env = {**os.environ, "KTFAST_CACHE": "cache", "PYTHONPATH": os.pathsep.join(
-        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+    env = {
+        **os.environ,
+        "KTFAST_CACHE": "cache",
+        "PYTHONPATH": os.pathsep.join(
+            [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+        ),
+    }
     print(f"== {name}: ktfast {shlex.join(args)}", flush=True)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "ktfast", *args], cwd=out, env=env)
@@ -124,20 +178,28 @@ def table(result: dict) -> str:
     """The markdown table: each method's target accuracy, mean ± std, each seed, the difference to alone."""
     seeds = result["seeds"]
     base = result["methods"]["alone"]["mean"]
-    lines = [f"| method | test acc. (%), mean ± std of {len(seeds)} | Δ vs alone | "
-             + " | ".join(f"seed {s}" for s in seeds) + " | wall (s) |",
-             "|---|---|---|" + "---|" * len(seeds) + "---|"]
+    lines = [
+        f"| method | test acc. (%), mean ± std of {len(seeds)} | Δ vs alone | "
+        + " | ".join(f"seed {s}" for s in seeds)
+        + " | wall (s) |",
+        "|---|---|---|" + "---|" * len(seeds) + "---|",
+    ]
     for name, m in result["methods"].items():
         delta = "" if name == "alone" else f"{m['mean'] - base:+.2f}"
-        lines.append(f"| {name} | {m['mean']:.2f} ± {m['std']:.2f} | {delta} | "
-                     + " | ".join(f"{a:.2f}" for a in m["acc"]) + f" | {m['wall_s']:.0f} |")
+        lines.append(
+            f"| {name} | {m['mean']:.2f} ± {m['std']:.2f} | {delta} | "
+            + " | ".join(f"{a:.2f}" for a in m["acc"])
+            + f" | {m['wall_s']:.0f} |"
+        )
     teacher = result.get("teacher_acc")
     if not teacher:
         return "\n".join(lines)
     lines.append("")
     each = ", ".join(f"{a:.2f}" for a in teacher["acc"])
-    lines.append(f"Teacher ({TEACHER}, pre-trained on each seed's subset, frozen): "
-                 f"{teacher['mean']:.2f} ± {teacher['std']:.2f} % ({each})")
+    lines.append(
+        f"Teacher ({TEACHER}, pre-trained on each seed's subset, frozen): "
+        f"{teacher['mean']:.2f} ± {teacher['std']:.2f} % ({each})"
+    )
     return "\n".join(lines)
 
 
@@ -147,16 +209,23 @@ def figure(result: dict):
 
     fig = Figure(figsize=(7, 3.6), layout="constrained")
     ax = fig.subplots()
-    for i, (name, m) in enumerate(result["methods"].items()):
+    for i, m in enumerate(result["methods"].values()):
         ax.scatter([i] * len(m["acc"]), m["acc"], s=18, color=f"C{i}", alpha=0.7, zorder=3)
-        ax.errorbar(i + 0.18, m["mean"], yerr=m["std"], fmt="_", markersize=14, color="k", capsize=3, zorder=4)
+        ax.errorbar(
+            i + 0.18, m["mean"], yerr=m["std"], fmt="_", markersize=14, color="k", capsize=3, zorder=4
+        )
     base = result["methods"]["alone"]
-    ax.axhspan(base["mean"] - base["std"], base["mean"] + base["std"], color="0.85", zorder=1, label="alone, ± 1 std")
+    ax.axhspan(
+        base["mean"] - base["std"], base["mean"] + base["std"], color="0.85", zorder=1, label="alone, ± 1 std"
+    )
     ax.set_xticks(range(len(result["methods"])), list(result["methods"]))
     ax.set_ylabel(f"{STUDENT} test accuracy (%)")
     r = result["recipe"]
-    ax.set_title(f"digits, train fraction {r['train_fraction']}, {r['epochs']} epochs, {len(result['seeds'])} seeds; "
-                 f"teacher {TEACHER}", fontsize=9)
+    ax.set_title(
+        f"digits, train fraction {r['train_fraction']}, {r['epochs']} epochs, {len(result['seeds'])} seeds; "
+        f"teacher {TEACHER}",
+        fontsize=9,
+    )
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return fig
@@ -164,7 +233,9 @@ def figure(result: dict):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="a new folder: graphs, runs, the teacher cache and the report")
+    ap.add_argument(
+        "--out", required=True, help="a new folder: graphs, runs, the teacher cache and the report"
+    )
     ap.add_argument("--smoke", action="store_true", help="1 seed, 1 epoch (the tests)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -176,16 +247,33 @@ def main() -> None:
     methods = graphs()
     for name, g in methods.items():
         (out / "graphs" / f"{name}.json").write_text(json.dumps(g, indent=2) + "\n")
-    result = {"benchmark": "distill", **environment(False), "cpu_count": os.cpu_count(),
-              "torch_threads": torch.get_num_threads(), "dataset": "digits", "recipe": recipe, "seeds": seeds,
-              "student": STUDENT, "teacher": TEACHER, "temperature": T, "methods": {}}
+    result = {
+        "benchmark": "distill",
+        **environment(False),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "dataset": "digits",
+        "recipe": recipe,
+        "seeds": seeds,
+        "student": STUDENT,
+        "teacher": TEACHER,
+        "temperature": T,
+        "methods": {},
+    }
     start = time.perf_counter()
     for name, g in methods.items():
         ran = run_method(out, name, recipe, seeds)
         accs = final_accuracies(out / "runs" / name, seeds)
         mean, std = mean_std(accs[g["target"]])
-        result["methods"][name] = {"description": g["description"], "graph": f"graphs/{name}.json", **ran,
-                                   "acc": accs[g["target"]], "mean": mean, "std": std, "nodes": accs}
+        result["methods"][name] = {
+            "description": g["description"],
+            "graph": f"graphs/{name}.json",
+            **ran,
+            "acc": accs[g["target"]],
+            "mean": mean,
+            "std": std,
+            "nodes": accs,
+        }
         if "teacher" in accs:  # a frozen teacher scores the same in every method that loads it
             mean, std = mean_std(accs["teacher"])
             result["teacher_acc"] = {"acc": accs["teacher"], "mean": mean, "std": std}

@@ -14,6 +14,7 @@ ceiling is measured in the same run: a 1 GiB device-to-device copy, bytes read p
     python benchmarks/bench_kernels.py             # on a GPU: the full table
     python benchmarks/bench_kernels.py --smoke     # tiny, on CPU through Triton's interpreter (CI)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,19 +25,22 @@ import statistics
 import time
 
 import torch
-
 from common import environment, write_result
 
 # The papers' size and the large rows first: a run cut short still has the rows the goals are about.
 FIRST = [(3, 64, 100), (4, 64, 100), (7, 64, 100), (2, 8192, 1000), (4, 8192, 1000), (7, 8192, 1000)]
-FULL = FIRST + [s for s in itertools.product([2, 3, 4, 7], [64, 256, 1024], [10, 100, 1000]) if s not in FIRST]
+FULL = FIRST + [
+    s for s in itertools.product([2, 3, 4, 7], [64, 256, 1024], [10, 100, 1000]) if s not in FIRST
+]
 SMOKE = [(2, 8, 10), (3, 4, 100)]
 # The modern logit distillation's edges (docs/ARCHITECTURE.md §1): rows of their own, after the KL rows.
-KINDS = {"kl": {"loss": "kl", "temperature": 2.0},
-         "dkd": {"loss": "dkd", "temperature": 4.0, "alpha": 1.0, "beta": 8.0},
-         "dist": {"loss": "dist", "temperature": 4.0},
-         "kl std": {"loss": "kl", "temperature": 2.0, "standardize": True},
-         "dkd+dist std": {"loss": "dkd+dist", "temperature": 4.0, "standardize": True}}
+KINDS = {
+    "kl": {"loss": "kl", "temperature": 2.0},
+    "dkd": {"loss": "dkd", "temperature": 4.0, "alpha": 1.0, "beta": 8.0},
+    "dist": {"loss": "dist", "temperature": 4.0},
+    "kl std": {"loss": "kl", "temperature": 2.0, "standardize": True},
+    "dkd+dist std": {"loss": "dkd+dist", "temperature": 4.0, "standardize": True},
+}
 NEW_KINDS = [k for k in KINDS if k != "kl"]
 KIND_SIZES = [(3, 64, 100), (3, 1024, 1000), (3, 8192, 1000)]
 KIND_SMOKE = [(2, 8, 10)]
@@ -50,9 +54,17 @@ def make_graph(m: int, kind: str = "kl"):
     names = [f"n{i}" for i in range(m)]
     gates = itertools.cycle(["through", "linear", "correct"])
     edges = [{"from": "label", "to": n, "loss": "ce", "gate": next(gates)} for n in names]
-    edges += [{"from": s, "to": t, "gate": next(gates), **KINDS[kind]} for s, t in itertools.permutations(names, 2)]
-    return Graph.from_dict({"version": 1, "target": "n0", "nodes": [{"name": n, "model": "resnet8"} for n in names],
-                            "edges": edges})
+    edges += [
+        {"from": s, "to": t, "gate": next(gates), **KINDS[kind]} for s, t in itertools.permutations(names, 2)
+    ]
+    return Graph.from_dict(
+        {
+            "version": 1,
+            "target": "n0",
+            "nodes": [{"name": n, "model": "resnet8"} for n in names],
+            "edges": edges,
+        }
+    )
 
 
 def sync(cuda: bool) -> None:
@@ -144,7 +156,9 @@ def copy_bandwidth() -> float:
 def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (automatic without CUDA)")
-    ap.add_argument("--first", action="store_true", help="only the goal rows: the papers' size and the large ones")
+    ap.add_argument(
+        "--first", action="store_true", help="only the goal rows: the papers' size and the large ones"
+    )
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     ap.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results)")
     return ap.parse_args()
@@ -165,18 +179,23 @@ def main():
     if cuda and not args.no_compile:
         impls["compiled"] = torch.compile(reference_graph_losses, dynamic=True)  # one compile per graph
     rows = []
-    result = {"benchmark": "kernels", **environment(cuda),
-              "copy_bandwidth_GBps": bandwidth / 1e9 if bandwidth else None,
-              "bytes_counted": "3*M*B*C*4 (fp32 logits read fwd, read bwd, grad written) + 8*B (labels)",
-              "graph": "M model nodes; label->each: ce; every ordered pair: the row's kind (kl T=2 unless said; "
-                       "kinds: " + json.dumps(KINDS) + "); gates cycle through/linear/correct",
-              "rows": rows}
+    result = {
+        "benchmark": "kernels",
+        **environment(cuda),
+        "copy_bandwidth_GBps": bandwidth / 1e9 if bandwidth else None,
+        "bytes_counted": "3*M*B*C*4 (fp32 logits read fwd, read bwd, grad written) + 8*B (labels)",
+        "graph": "M model nodes; label->each: ce; every ordered pair: the row's kind (kl T=2 unless said; "
+        "kinds: " + json.dumps(KINDS) + "); gates cycle through/linear/correct",
+        "rows": rows,
+    }
     sizes = (FIRST if args.first else FULL) if cuda else SMOKE
     kind_sizes = ([] if args.first else KIND_SIZES) if cuda else KIND_SMOKE
     for kind, m, b, c in [("kl", *s) for s in sizes] + [(k, *s) for k in NEW_KINDS for s in kind_sizes]:
         row = measure(kind, m, b, c, impls, cuda, bandwidth)
         rows.append(row)
-        path = write_result("kernels", result, cuda, args.out)  # after every row: a cut-off run keeps its rows
+        path = write_result(
+            "kernels", result, cuda, args.out
+        )  # after every row: a cut-off run keeps its rows
         times = " ".join(f"{k[:-3]} {v:.0f}" for k, v in row.items() if k.endswith("_us"))
         print(f"{kind} M={m} B={b} C={c}: {times}", flush=True)
     print_table(rows)
@@ -190,13 +209,16 @@ def measure(kind: str, m: int, b: int, c: int, impls: dict, cuda: bool, bandwidt
     fused_graph_losses = impls["fused"]
     g = make_graph(m, kind)
     gen = torch.Generator(device=device).manual_seed(0)
-    z = {n.name: (3 * torch.randn(b, c, device=device, generator=gen)).requires_grad_() for n in g.model_nodes}
+    z = {
+        n.name: (3 * torch.randn(b, c, device=device, generator=gen)).requires_grad_() for n in g.model_nodes
+    }
     y = torch.randint(0, c, (b,), device=device, generator=gen)
 
     def step(fn):
         def call():
             losses = fn(g, z, y, 5, 10)
             torch.autograd.grad(sum(losses.values()), list(z.values()))
+
         return call
 
     row = {"kind": kind, "M": m, "B": b, "C": c, "edges": len(g.active_edges)}
@@ -221,22 +243,28 @@ def measure(kind: str, m: int, b: int, c: int, impls: dict, cuda: bool, bandwidt
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'kind':<12} {'M':>2} {'B':>5} {'C':>5} | {'wall us: fused':>14} {'eager':>8} {'compiled':>8} "
-          f"{'x eager':>8} "
-          f"| {'gpu us: fused':>13} {'eager':>8} {'compiled':>8} | {'GB/s':>6} {'% bw':>5}")
+    print(
+        f"\n{'kind':<12} {'M':>2} {'B':>5} {'C':>5} | {'wall us: fused':>14} {'eager':>8} {'compiled':>8} "
+        f"{'x eager':>8} "
+        f"| {'gpu us: fused':>13} {'eager':>8} {'compiled':>8} | {'GB/s':>6} {'% bw':>5}"
+    )
     for r in rows:
-        print(f"{r['kind']:<12} {r['M']:>2} {r['B']:>5} {r['C']:>5} | {r['fused_us']:>14.1f} {r['eager_us']:>8.1f} "
-              f"{r.get('compiled_us', float('nan')):>8.1f} {r['speedup_vs_eager']:>8.1f} | "
-              f"{r.get('fused_gpu_us', float('nan')):>13.1f} {r.get('eager_gpu_us', float('nan')):>8.1f} "
-              f"{r.get('compiled_gpu_us', float('nan')):>8.1f} | {r['fused_GBps']:>6.0f} "
-              f"{100 * r.get('fraction_of_copy_bw', float('nan')):>5.0f}")
+        print(
+            f"{r['kind']:<12} {r['M']:>2} {r['B']:>5} {r['C']:>5} | {r['fused_us']:>14.1f} {r['eager_us']:>8.1f} "
+            f"{r.get('compiled_us', float('nan')):>8.1f} {r['speedup_vs_eager']:>8.1f} | "
+            f"{r.get('fused_gpu_us', float('nan')):>13.1f} {r.get('eager_gpu_us', float('nan')):>8.1f} "
+            f"{r.get('compiled_gpu_us', float('nan')):>8.1f} | {r['fused_GBps']:>6.0f} "
+            f"{100 * r.get('fraction_of_copy_bw', float('nan')):>5.0f}"
+        )
     print("\nthe step's entry (fused_loss_vector fwd+bwd), host-launched vs GPU time:")
     for r in rows:
         if "step_entry" in r:
             e = r["step_entry"]
-            print(f"{r['kind']} M={r['M']} B={r['B']} C={r['C']}: host {e['host_us']:.1f} us, "
-                  f"GPU {e.get('gpu_us', float('nan')):.1f} "
-                  f"us, x{e.get('host_over_gpu', float('nan')):.1f}")
+            print(
+                f"{r['kind']} M={r['M']} B={r['B']} C={r['C']}: host {e['host_us']:.1f} us, "
+                f"GPU {e.get('gpu_us', float('nan')):.1f} "
+                f"us, x{e.get('host_over_gpu', float('nan')):.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ run, its rows are left out and the result says why.
     python benchmarks/bench_search.py --gpus 0,1 --amp     # options it does not know go to `ktfast search`
     python benchmarks/bench_search.py --smoke              # CPU-sized, what CI runs: K = 1, 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,6 @@ from pathlib import Path
 
 import optuna
 import torch
-
 from common import environment, write_result
 
 from ktfast.args import config_from_args
@@ -53,8 +53,9 @@ def graphs(space: Space, n: int, seed: int) -> list[dict]:
     for _ in range(n):
         params = {f"model {m}": rng.choice(space.models) for m in space.names[1:]}
         for s, t in space.edges():
-            params[f"gate {s}->{t}"] = rng.choice([g for g in space.gates if g != "cutoff"] if s == LABEL
-                                                   else space.gates)
+            params[f"gate {s}->{t}"] = rng.choice(
+                [g for g in space.gates if g != "cutoff"] if s == LABEL else space.gates
+            )
         out.append(params)
     return out
 
@@ -101,8 +102,13 @@ def run(cli: list[str], params: list[dict], workdir: Path, gpus: list[int] | Non
         study.enqueue_trial(p)
     start, started = time.perf_counter(), datetime.datetime.now()
     with BusySampler(gpus) as busy:
-        search = subprocess.run([sys.executable, "-m", "ktfast", *cli], cwd=workdir, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        search = subprocess.run(
+            [sys.executable, "-m", "ktfast", *cli],
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     wall = time.perf_counter() - start
     assert search.returncode == 0, search.stderr[-2000:]
     done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
@@ -110,13 +116,19 @@ def run(cli: list[str], params: list[dict], workdir: Path, gpus: list[int] | Non
     first, last = min(t.datetime_start for t in done), max(t.datetime_complete for t in done)
     trial_s = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
     best = max(done, key=lambda t: (t.value, -t.datetime_complete.timestamp()))  # the first to reach it
-    row = {"trials": len(done), "wall_s": wall, "trials_per_hour": 3600 * len(done) / wall,
-           "trials_per_gpu_hour": 3600 * len(done) / wall / len(gpus) if gpus else None,
-           "best_objective": best.value, "best_trial": best.number,
-           "best_after_s": (best.datetime_complete - started).total_seconds(),
-           "steady_trials_per_hour": 3600 * len(done) / (last - first).total_seconds(),
-           "mean_trial_s": sum(trial_s) / len(trial_s), "gpu_busy": busy.mean(),
-           "gpu_busy_steady": busy.mean(first, last)}
+    row = {
+        "trials": len(done),
+        "wall_s": wall,
+        "trials_per_hour": 3600 * len(done) / wall,
+        "trials_per_gpu_hour": 3600 * len(done) / wall / len(gpus) if gpus else None,
+        "best_objective": best.value,
+        "best_trial": best.number,
+        "best_after_s": (best.datetime_complete - started).total_seconds(),
+        "steady_trials_per_hour": 3600 * len(done) / (last - first).total_seconds(),
+        "mean_trial_s": sum(trial_s) / len(trial_s),
+        "gpu_busy": busy.mean(),
+        "gpu_busy_steady": busy.mean(first, last),
+    }
     return row
 
 
@@ -125,15 +137,21 @@ def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (CI)")
     ap.add_argument("--ks", default=None, help="trials per GPU to compare (default 1,2,4,8; smoke 1,2)")
-    ap.add_argument("--packs", default=None, help="ways to pack K > 1 (default processes,threads,mps; "
-                    "smoke processes,threads)")
+    ap.add_argument(
+        "--packs",
+        default=None,
+        help="ways to pack K > 1 (default processes,threads,mps; smoke processes,threads)",
+    )
     ap.add_argument("--trials", type=int, default=None, help="trials per row (default 16; smoke 4)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--model", default=None, help="model of every node (default resnet32; smoke resnet8)")
-    ap.add_argument("--dataset", default=None,
-                    help="default synthetic:classes=100,size=32,train=5000,test=1000 (smoke: a tiny one)")
+    ap.add_argument(
+        "--dataset",
+        default=None,
+        help="default synthetic:classes=100,size=32,train=5000,test=1000 (smoke: a tiny one)",
+    )
     ap.add_argument("--gpus", default="0")
     ap.add_argument("--seed", type=int, default=0, help="seed of the graphs")
     ap.add_argument("--out", default=None, help="folder of the JSON (default benchmarks/results)")
@@ -147,32 +165,81 @@ def main():
     packs = (args.packs or ("processes,threads,mps" if cuda else "processes,threads")).split(",")
     n = args.trials or (16 if cuda else 4)
     model = args.model or ("resnet32" if cuda else "resnet8")
-    dataset = args.dataset or ("synthetic:classes=100,size=32,train=5000,test=1000" if cuda
-                               else "synthetic:classes=4,size=16,train=96,test=40")
+    dataset = args.dataset or (
+        "synthetic:classes=100,size=32,train=5000,test=1000"
+        if cuda
+        else "synthetic:classes=4,size=16,train=96,test=40"
+    )
     gpus = [int(g) for g in args.gpus.split(",")] if cuda else None
-    base = ["search", "--nodes", str(args.nodes), "--target-model", model, "--models", model, "--dataset", dataset,
-            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--trials", str(n),
-            "--pruner", "none", "--quiet", *passthrough]
-    result = {"benchmark": "search", **environment(cuda), "gpus": args.gpus if cuda else None,
-              "objective": "target accuracy on search_val",
-              "optuna": optuna.__version__, "dataset": dataset, "epochs": args.epochs, "batch_size": args.batch_size,
-              "graph": f"{args.nodes} x {model}, random gates, no frozen node", "search_args": passthrough,
-              "mps": None, "rows": []}
+    base = [
+        "search",
+        "--nodes",
+        str(args.nodes),
+        "--target-model",
+        model,
+        "--models",
+        model,
+        "--dataset",
+        dataset,
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--trials",
+        str(n),
+        "--pruner",
+        "none",
+        "--quiet",
+        *passthrough,
+    ]
+    result = {
+        "benchmark": "search",
+        **environment(cuda),
+        "gpus": args.gpus if cuda else None,
+        "objective": "target accuracy on search_val",
+        "optuna": optuna.__version__,
+        "dataset": dataset,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "graph": f"{args.nodes} x {model}, random gates, no frozen node",
+        "search_args": passthrough,
+        "mps": None,
+        "rows": [],
+    }
     rows = result["rows"]
     plan = packing_plan(ks, packs, args.gpus, result)
     with tempfile.TemporaryDirectory() as tmp:
         for k, pack in plan:
-            per_k = ["--device", "cuda", "--gpus", args.gpus, "--trials-per-gpu", str(k)] if cuda else \
-                    ["--device", "cpu", "--workers", str(k)]
-            cli = [*base, *per_k, "--pack", pack, "--storage", f"sqlite:///{tmp}/{pack}-k{k}.db",
-                   "--study", f"bench-{pack}-k{k}"]
+            per_k = (
+                ["--device", "cuda", "--gpus", args.gpus, "--trials-per-gpu", str(k)]
+                if cuda
+                else ["--device", "cpu", "--workers", str(k)]
+            )
+            cli = [
+                *base,
+                *per_k,
+                "--pack",
+                pack,
+                "--storage",
+                f"sqlite:///{tmp}/{pack}-k{k}.db",
+                "--study",
+                f"bench-{pack}-k{k}",
+            ]
             space = space_from_args(build_parser().parse_args(cli))
-            row = {"pack": pack, "trials_per_gpu": k, **run(cli, graphs(space, n, args.seed), Path(tmp), gpus)}
+            row = {
+                "pack": pack,
+                "trials_per_gpu": k,
+                **run(cli, graphs(space, n, args.seed), Path(tmp), gpus),
+            }
             row["speedup"] = row["trials_per_hour"] / rows[0]["trials_per_hour"] if rows else 1.0
-            row["steady_speedup"] = row["steady_trials_per_hour"] / rows[0]["steady_trials_per_hour"] if rows else 1.0
+            row["steady_speedup"] = (
+                row["steady_trials_per_hour"] / rows[0]["steady_trials_per_hour"] if rows else 1.0
+            )
             rows.append(row)
             print_row(row)
-            written = write_result("search", result, cuda, args.out)  # after every row: a cut-off run keeps its rows
+            written = write_result(
+                "search", result, cuda, args.out
+            )  # after every row: a cut-off run keeps its rows
     print(f"wrote {written}")
 
 
@@ -190,10 +257,13 @@ def packing_plan(ks: list[int], packs: list[str], gpus: str, result: dict) -> li
 
 def print_row(row: dict) -> None:
     busy = f"{row['gpu_busy_steady']:6.1%} busy" if row["gpu_busy_steady"] is not None else ""
-    print(f"{row['pack']:<9} K={row['trials_per_gpu']:<2} {row['wall_s']:8.1f} s  {row['trials_per_hour']:9.1f} "
-          f"trials/h  (steady {row['steady_trials_per_hour']:9.1f})  best {row['best_objective']:6.1%} after "
-          f"{row['best_after_s']:6.1f} s  {row['mean_trial_s']:7.1f} s/trial  "
-          f"x{row['speedup']:.2f} (steady x{row['steady_speedup']:.2f})  {busy}", flush=True)
+    print(
+        f"{row['pack']:<9} K={row['trials_per_gpu']:<2} {row['wall_s']:8.1f} s  {row['trials_per_hour']:9.1f} "
+        f"trials/h  (steady {row['steady_trials_per_hour']:9.1f})  best {row['best_objective']:6.1%} after "
+        f"{row['best_after_s']:6.1f} s  {row['mean_trial_s']:7.1f} s/trial  "
+        f"x{row['speedup']:.2f} (steady x{row['steady_speedup']:.2f})  {busy}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """What every benchmark records: the device and versions it ran on, and where its JSON goes
 (benchmarks/results/<name>-<device slug>.json; CPU smoke runs write <name>-smoke.json, not kept)."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,13 @@ def device_name(cuda: bool) -> str:
 def environment(cuda: bool) -> dict:
     import triton
 
-    return {"device": device_name(cuda), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda if cuda else None, "python": platform.python_version()}
+    return {
+        "device": device_name(cuda),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "python": platform.python_version(),
+    }
 
 
 def result_path(name: str, cuda: bool, out_dir: str | Path | None = None) -> Path:

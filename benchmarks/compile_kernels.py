@@ -17,6 +17,7 @@ registers, stack and shared memory, ptxas's own log the spill bytes.
 Prints a table, writes JSON (default benchmarks/results/compile-kernels.json) and exits non-zero if a
 compile fails.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,11 +44,10 @@ from unittest import mock  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from common import RESULTS, environment  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
-
-from common import RESULTS, environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -81,21 +81,43 @@ def bench_cases() -> list[Case]:
 
     kl = [Case(f"bench M={m}", make_graph(m), b, c, None, "bench") for m, b, c in FULL]
     sizes = [(b, c) for b in (64, 256, 1024) for c in (10, 100, 1000)]
-    return (kl + [Case(f"bench M={m} {kind}", make_graph(m, kind), b, c, None, "bench")
-                  for kind in NEW_KINDS for m in (3, 7) for b, c in sizes]
-            + [Case("every kind", every_kind_graph(), b, c, None, path) for b, c in sizes for path in ("bench", "step")])
+    return (
+        kl
+        + [
+            Case(f"bench M={m} {kind}", make_graph(m, kind), b, c, None, "bench")
+            for kind in NEW_KINDS
+            for m in (3, 7)
+            for b, c in sizes
+        ]
+        + [
+            Case("every kind", every_kind_graph(), b, c, None, path)
+            for b, c in sizes
+            for path in ("bench", "step")
+        ]
+    )
 
 
 def every_kind_graph() -> Graph:
     """One graph with every logit term, standardized edges and every kind of gate: the kernels compile
     the code of the terms a graph has (`EdgeTable.kinds`), so this is the largest variant."""
-    edges = [("label", "a", "ce", "through", {}), ("b", "a", "kl", "linear", {"temperature": 2}),
-             ("c", "a", "dkd+dist", "warmup", {"warmup": 0.5, "standardize": True, "temperature": 4}),
-             ("a", "b", "cos", "correct", {}), ("d", "b", "mse+kl", "gamma", {"standardize": True, "gamma": 2}),
-             ("a", "c", "dkd", "negative_linear", {}), ("b", "d", "kl", "negative_gamma", {"soften": "source"})]
-    return Graph.from_dict({"target": "a", "nodes": [{"name": n, "model": "resnet8"} for n in "abcd"],
-                            "edges": [{"from": s, "to": t, "loss": loss, "gate": gate, **extra}
-                                      for s, t, loss, gate, extra in edges]})
+    edges = [
+        ("label", "a", "ce", "through", {}),
+        ("b", "a", "kl", "linear", {"temperature": 2}),
+        ("c", "a", "dkd+dist", "warmup", {"warmup": 0.5, "standardize": True, "temperature": 4}),
+        ("a", "b", "cos", "correct", {}),
+        ("d", "b", "mse+kl", "gamma", {"standardize": True, "gamma": 2}),
+        ("a", "c", "dkd", "negative_linear", {}),
+        ("b", "d", "kl", "negative_gamma", {"soften": "source"}),
+    ]
+    return Graph.from_dict(
+        {
+            "target": "a",
+            "nodes": [{"name": n, "model": "resnet8"} for n in "abcd"],
+            "edges": [
+                {"from": s, "to": t, "loss": loss, "gate": gate, **extra} for s, t, loss, gate, extra in edges
+            ],
+        }
+    )
 
 
 def example_cases() -> list[Case]:
@@ -117,17 +139,24 @@ def quick_cases() -> list[Case]:
     from bench_kernels import make_graph
 
     abn = Graph.from_dict(json.loads((ROOT / "examples" / "abn2.json").read_text()))
-    return [Case("abn2", abn, STEP_BATCH, 100, 56, "step"), Case("bench M=3", make_graph(3), 1024, 1000, None, "bench"),
-            Case("bench M=3 dkd+dist std", make_graph(3, "dkd+dist std"), 1024, 1000, None, "bench"),
-            Case("every kind", every_kind_graph(), 1024, 1000, None, "step"),
-            Case("every kind", every_kind_graph(), 64, 100, None, "bench")]  # spilled once: one warp
+    return [
+        Case("abn2", abn, STEP_BATCH, 100, 56, "step"),
+        Case("bench M=3", make_graph(3), 1024, 1000, None, "bench"),
+        Case("bench M=3 dkd+dist std", make_graph(3, "dkd+dist std"), 1024, 1000, None, "bench"),
+        Case("every kind", every_kind_graph(), 1024, 1000, None, "step"),
+        Case("every kind", every_kind_graph(), 64, 100, None, "bench"),
+    ]  # spilled once: one warp
 
 
 def entry_points() -> set[str]:
     """The kernels the package launches (`name[grid](...)`), as opposed to device functions."""
     source = "\n".join(p.read_text() for p in (ROOT / "kernels").glob("*.py"))
-    return {name for module in (edge_losses, attention) for name, obj in vars(module).items()
-            if isinstance(obj, JITFunction) and f"{name}[" in source}
+    return {
+        name
+        for module in (edge_losses, attention)
+        for name, obj in vars(module).items()
+        if isinstance(obj, JITFunction) and f"{name}[" in source
+    }
 
 
 @dataclass
@@ -140,13 +169,22 @@ class Launch:
     fn: JITFunction
 
     def key(self):
-        return (self.kernel, tuple(self.signature.items()), tuple(sorted(self.constexprs.items())),
-                repr(sorted(self.attrs.items())), self.options.num_warps, self.options.num_stages)
+        return (
+            self.kernel,
+            tuple(self.signature.items()),
+            tuple(sorted(self.constexprs.items())),
+            repr(sorted(self.attrs.items())),
+            self.options.num_warps,
+            self.options.num_stages,
+        )
 
     def plan(self) -> dict:
         named = {self.fn.arg_names[path[0]]: value for path, value in self.constexprs.items()}
-        return {"rows": named.get("ROWS", 1), "block": named.get("BLOCK_C", named.get("BLOCK")),
-                "warps": self.options.num_warps}
+        return {
+            "rows": named.get("ROWS", 1),
+            "block": named.get("BLOCK_C", named.get("BLOCK")),
+            "warps": self.options.num_warps,
+        }
 
 
 def record(case: Case, dtype: torch.dtype, target: GPUTarget, sms: int) -> list[Launch]:
@@ -166,6 +204,7 @@ def record(case: Case, dtype: torch.dtype, target: GPUTarget, sms: int) -> list[
                 packed = self.fn._pack_args(backend, options, bound, spec, options)
                 options, signature, constexprs, attrs = packed
                 launches.append(Launch(self.name, signature, constexprs, attrs, options, self.fn))
+
             return launch
 
     g = case.graph
@@ -175,8 +214,10 @@ def record(case: Case, dtype: torch.dtype, target: GPUTarget, sms: int) -> list[
     labels = torch.zeros(case.B, dtype=torch.int64)
     maps = None
     if table.attention is not None:
-        maps = {n: torch.zeros(case.B, case.hw, case.hw, dtype=dtype, requires_grad=True)
-                for n in table.attention.nodes}
+        maps = {
+            n: torch.zeros(case.B, case.hw, case.hw, dtype=dtype, requires_grad=True)
+            for n in table.attention.nodes
+        }
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(plans, "multiprocessors", lambda device: sms))
         for module in (edge_losses, attention):
@@ -195,21 +236,30 @@ def resources(cubin: bytes, log: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], check=True, capture_output=True,
-                               text=True).stdout
+        usage = subprocess.run(
+            [str(CUOBJDUMP), "-res-usage", f.name], check=True, capture_output=True, text=True
+        ).stdout
     found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if spills is None:
         raise RuntimeError(f"no spill figures in ptxas's log:\n{log}")
-    return {"registers": int(found["REG"]), "stack": int(found["STACK"]), "local": int(found["LOCAL"]),
-            "spill_stores": int(spills[1]), "spill_loads": int(spills[2])}
+    return {
+        "registers": int(found["REG"]),
+        "stack": int(found["STACK"]),
+        "local": int(found["LOCAL"]),
+        "spill_stores": int(spills[1]),
+        "spill_loads": int(spills[2]),
+    }
 
 
 def compile_launch(launch: Launch, target: GPUTarget) -> dict:
     log = io.StringIO()
     with contextlib.redirect_stdout(log):  # Triton prints ptxas's log (TRITON_DUMP_PTXAS_LOG)
-        compiled = triton.compile(ASTSource(launch.fn, launch.signature, launch.constexprs, launch.attrs),
-                                  target=target, options=launch.options.__dict__)
+        compiled = triton.compile(
+            ASTSource(launch.fn, launch.signature, launch.constexprs, launch.attrs),
+            target=target,
+            options=launch.options.__dict__,
+        )
     return {**resources(compiled.asm["cubin"], log.getvalue()), "shared": compiled.metadata.shared}
 
 
@@ -239,19 +289,42 @@ def main():
                         compiled[key] = compile_launch(launch, target)
                     except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit code says it
                         compiled[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-                        errors.append({"kernel": launch.kernel, "arch": arch, "dtype": dtype, "case": case.name,
-                                       "error": compiled[key]["error"]})
+                        errors.append(
+                            {
+                                "kernel": launch.kernel,
+                                "arch": arch,
+                                "dtype": dtype,
+                                "case": case.name,
+                                "error": compiled[key]["error"],
+                            }
+                        )
                 size = f"{case.hw}x{case.hw}" if launch.kernel.startswith("_att") else case.C
-                rows.append({"kernel": launch.kernel, "arch": f"sm_{arch}", "dtype": dtype, "case": case.name,
-                             "B": case.B, "C_or_map": size, **launch.plan(), **compiled[key]})
+                rows.append(
+                    {
+                        "kernel": launch.kernel,
+                        "arch": f"sm_{arch}",
+                        "dtype": dtype,
+                        "case": case.name,
+                        "B": case.B,
+                        "C_or_map": size,
+                        **launch.plan(),
+                        **compiled[key],
+                    }
+                )
     missing = entry_points() - {r["kernel"] for r in rows}
     if missing:
         errors.append({"error": f"kernels no case launched: {sorted(missing)}"})
     summary = summarise(rows)
     print_table(summary)
-    result = {"benchmark": "compile-kernels", **environment(False), "archs": {f"sm_{a}": ARCHS[a] for a in archs},
-              "seconds": round(time.perf_counter() - start, 1), "compiles": len(compiled), "errors": errors,
-              "table": summary}
+    result = {
+        "benchmark": "compile-kernels",
+        **environment(False),
+        "archs": {f"sm_{a}": ARCHS[a] for a in archs},
+        "seconds": round(time.perf_counter() - start, 1),
+        "compiles": len(compiled),
+        "errors": errors,
+        "table": summary,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
@@ -269,26 +342,47 @@ def summarise(rows: list[dict]) -> list[dict]:
     (graphs) that launch it, and their names."""
     table = {}
     for r in rows:
-        key = (r["kernel"], r["arch"], r["dtype"], r["B"], str(r["C_or_map"]), r["rows"], r["block"], r["warps"])
-        entry = table.setdefault(key, {k: r[k] for k in ("kernel", "arch", "dtype", "B", "C_or_map", "rows", "block",
-                                                         "warps")} | {"cases": []})
+        key = (
+            r["kernel"],
+            r["arch"],
+            r["dtype"],
+            r["B"],
+            str(r["C_or_map"]),
+            r["rows"],
+            r["block"],
+            r["warps"],
+        )
+        entry = table.setdefault(
+            key,
+            {k: r[k] for k in ("kernel", "arch", "dtype", "B", "C_or_map", "rows", "block", "warps")}
+            | {"cases": []},
+        )
         entry["cases"].append(r["case"])
         if "error" in r:
             entry["error"] = r["error"]
         for f in FIGURES:
             if f in r:
                 entry[f] = max(entry.get(f, 0), r[f])
-    return sorted(table.values(), key=lambda e: (e["kernel"], e["arch"], e["dtype"], e["B"], str(e["C_or_map"])))
+    return sorted(
+        table.values(), key=lambda e: (e["kernel"], e["arch"], e["dtype"], e["B"], str(e["C_or_map"]))
+    )
 
 
 def print_table(summary: list[dict]) -> None:
-    print(f"\n{'kernel':<15} {'arch':<6} {'dtype':<5} {'B':>5} {'C/map':>6} | {'rows':>4} {'block':>5} {'warps':>5} "
-          f"| {'regs':>4} {'stack':>5} {'spill':>5} {'shared':>6} | cases")
+    print(
+        f"\n{'kernel':<15} {'arch':<6} {'dtype':<5} {'B':>5} {'C/map':>6} | {'rows':>4} {'block':>5} {'warps':>5} "
+        f"| {'regs':>4} {'stack':>5} {'spill':>5} {'shared':>6} | cases"
+    )
     for e in summary:
-        figures = (f"{e['registers']:>4} {e['stack']:>5} {e['spill_stores']:>5} {e['shared']:>6}" if "error" not in e
-                   else "compile FAILED".ljust(24))
-        print(f"{e['kernel']:<15} {e['arch']:<6} {e['dtype']:<5} {e['B']:>5} {e['C_or_map']!s:>6} | {e['rows']:>4} "
-              f"{e['block']:>5} {e['warps']:>5} | {figures} | {len(e['cases'])}")
+        figures = (
+            f"{e['registers']:>4} {e['stack']:>5} {e['spill_stores']:>5} {e['shared']:>6}"
+            if "error" not in e
+            else "compile FAILED".ljust(24)
+        )
+        print(
+            f"{e['kernel']:<15} {e['arch']:<6} {e['dtype']:<5} {e['B']:>5} {e['C_or_map']!s:>6} | {e['rows']:>4} "
+            f"{e['block']:>5} {e['warps']:>5} | {figures} | {len(e['cases'])}"
+        )
 
 
 if __name__ == "__main__":

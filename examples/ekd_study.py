@@ -10,6 +10,7 @@ after another, skipping runs that finished and resuming runs that were interrupt
 whatever has finished: it prints the table (mean ± sample std of the student's final test
 accuracy, n = finished seeds) and draws test accuracy against the training fraction.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,17 @@ EXAMPLES = Path(__file__).resolve().parent
 GRAPHS = {"alone": "branch3_alone.json", "ekd": "ekd.json", "ekd_gentle": "ekd_gentle.json"}
 LABELS = {"alone": "student alone", "ekd": "EKD", "ekd_gentle": "EKD, teachers' lr_scale 0.1"}
 # Smallest fractions first: they are the cheapest and the paper's point (EKD helps most there).
-DEFAULT_ROWS = ["alone@0.1", "ekd@0.1", "ekd_gentle@0.1", "alone@0.25", "ekd@0.25", "alone@0.5",
-                "ekd@0.5", "alone@1.0", "ekd@1.0"]
+DEFAULT_ROWS = [
+    "alone@0.1",
+    "ekd@0.1",
+    "ekd_gentle@0.1",
+    "alone@0.25",
+    "ekd@0.25",
+    "alone@0.5",
+    "ekd@0.5",
+    "alone@1.0",
+    "ekd@1.0",
+]
 EPOCHS, SEEDS = 60, (0, 1, 2)
 RECIPE = ["--dataset", "digits", "--epochs", str(EPOCHS), "--optimizer", "adam", "--lr", "0.01"]
 
@@ -54,8 +64,21 @@ def run(root: Path, rows: list[str], seeds=SEEDS) -> None:
             if finished_rows(out):
                 continue
             where = ["--resume", str(out)] if (out / "checkpoint.pt").exists() else ["--out", str(out)]
-            cmd = [sys.executable, "-m", "ktfast", "train", "--graph", str(EXAMPLES / GRAPHS[name]), *RECIPE,
-                   "--train-fraction", str(fraction), "--seeds", str(seed), "--quiet", *where]
+            cmd = [
+                sys.executable,
+                "-m",
+                "ktfast",
+                "train",
+                "--graph",
+                str(EXAMPLES / GRAPHS[name]),
+                *RECIPE,
+                "--train-fraction",
+                str(fraction),
+                "--seeds",
+                str(seed),
+                "--quiet",
+                *where,
+            ]
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
 
@@ -69,8 +92,11 @@ def collect(root: Path) -> dict:
             continue
         finals = [rows[-1]["test"] for seed in SEEDS if (rows := finished_rows(row_dir / f"seed{seed}"))]
         if finals:
-            out[name, float(fraction)] = {node: [f[node]["acc"] * 100 for f in finals]
-                                          for node in ("s", "teachers") if node in finals[0]}
+            out[name, float(fraction)] = {
+                node: [f[node]["acc"] * 100 for f in finals]
+                for node in ("s", "teachers")
+                if node in finals[0]
+            }
     return out
 
 
@@ -80,8 +106,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def table(results: dict) -> str:
     fractions = sorted({f for _, f in results})
-    lines = ["| fraction | " + " | ".join(LABELS[n] for n in GRAPHS) + " |",
-             "|---|" + "---|" * len(GRAPHS)]
+    lines = ["| fraction | " + " | ".join(LABELS[n] for n in GRAPHS) + " |", "|---|" + "---|" * len(GRAPHS)]
     for f in fractions:
         cells = []
         for name in GRAPHS:
@@ -114,7 +139,9 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xticks([0.1, 0.25, 0.5, 1.0], ["0.1", "0.25", "0.5", "1.0"])
     ax.set_xlabel("training fraction of digits")
     ax.set_ylabel("student test accuracy (%)")
-    ax.set_title(f"EKD vs the student alone on digits\n{EPOCHS} epochs, Adam, mean ± std over seeds", fontsize=10)
+    ax.set_title(
+        f"EKD vs the student alone on digits\n{EPOCHS} epochs, Adam, mean ± std over seeds", fontsize=10
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -127,7 +154,11 @@ def main(argv=None) -> None:
     p.add_argument("command", choices=["run", "plot"])
     p.add_argument("--root", type=Path, default=Path("runs/ekd_study"))
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="NAME@FRACTION, in the order to train")
-    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="of the rows, these seeds (a first seed of every row first, say)")
+    p.add_argument(
+        "--seeds",
+        default=",".join(map(str, SEEDS)),
+        help="of the rows, these seeds (a first seed of every row first, say)",
+    )
     p.add_argument("-o", "--output", type=Path, default=Path("docs/ekd_fraction.png"))
     args = p.parse_args(argv)
     if args.command == "run":

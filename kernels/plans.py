@@ -1,6 +1,7 @@
 """Launch plans of the kernels (rows per program, classes per block, warps), in plain Python with
 the GPU's SM count as a parameter: a machine without the GPU (the tests, the compile report of
 benchmarks/compile_kernels.py) computes the plans that GPU gets."""
+
 from __future__ import annotations
 
 import functools
@@ -16,7 +17,7 @@ def multiprocessors(device: torch.device) -> int | None:
     return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -26,7 +27,7 @@ def _sm_count(index: int) -> int:
 THREAD_ELEMENTS = 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def edge_plan(B: int, C: int, sms: int | None, max_block_c: int, tile: int) -> tuple[int, int, int, int]:
     """(rows per program, classes per block, warps, programs) of the edge-loss kernels. On a GPU of
     `sms` SMs: rows of `tile` elements per program at large B, fewer where that leaves fewer than

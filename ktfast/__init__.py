@@ -3,6 +3,7 @@
 The Python API (docs/ARCHITECTURE.md §8; `docs/python_api.md`): `ktfast.train`, `ktfast.load_run`, `ktfast.search`,
 `ktfast.TransferStep`, `ktfast.Graph`, and the typed errors GraphError, ConfigError, DatasetError.
 """
+
 import os
 
 import torch
@@ -17,8 +18,19 @@ from ktfast.data import DatasetError  # noqa: E402
 from ktfast.graph import Graph, GraphError  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Graph", "GraphError", "ConfigError", "DatasetError", "Run", "TransferStep", "load_run", "search",
-           "train", "api", "__version__"]
+__all__ = [
+    "Graph",
+    "GraphError",
+    "ConfigError",
+    "DatasetError",
+    "Run",
+    "TransferStep",
+    "load_run",
+    "search",
+    "train",
+    "api",
+    "__version__",
+]
 
 
 from ktfast import api  # noqa: E402

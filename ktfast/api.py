@@ -5,34 +5,47 @@ what `ktfast train` computes, `ktfast.train` computes. Bad input raises a typed 
 one-line message (GraphError, ConfigError, DatasetError; CheckpointError for a run that does not
 fit); nothing is printed unless `progress=True`.
 """
+
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 
-from ktfast.engine.checkpoint import load_models, read_checkpoint
 from ktfast.config import ConfigError, TrainConfig, flag_fields
 from ktfast.data import dataset_info
+from ktfast.engine.checkpoint import load_models, read_checkpoint
 from ktfast.engine.distributed import PLACES
-from ktfast.graph import Graph
-from ktfast.models import build_model
-from ktfast.graph_search.session import SEARCH_OPTIONS, run_search
 from ktfast.engine.session import run_dirs, run_session
 from ktfast.engine.trainer import CHECKPOINT, METRICS
 from ktfast.engine.transfer_step import TransferStep, as_graph
+from ktfast.graph import Graph
+from ktfast.graph_search.session import SEARCH_OPTIONS, run_search
+from ktfast.models import build_model
 
 __all__ = ["Run", "load_run", "train", "search", "TransferStep"]
 
 # `ktfast train`'s options beside the settings that flags set (`config.flag_fields`) and their defaults.
-RUN_OPTIONS = {"graph": None, "seeds": None, "seeds_one_by_one": False, "out": None, "resume": None, "like": None,
-               "tensorboard": False}
+RUN_OPTIONS = {
+    "graph": None,
+    "seeds": None,
+    "seeds_one_by_one": False,
+    "out": None,
+    "resume": None,
+    "like": None,
+    "tensorboard": False,
+}
 # The values a keyword may take where the flag has choices.
-CHOICES = {"optimizer": ("sgd", "adam"), "device": ("cuda", "cpu"), "split": ("train", "search"), "place": PLACES}
+CHOICES = {
+    "optimizer": ("sgd", "adam"),
+    "device": ("cuda", "cpu"),
+    "split": ("train", "search"),
+    "place": PLACES,
+}
 
 
 def train_options() -> tuple[str, ...]:
@@ -95,8 +108,10 @@ def _load_models(run: Path, graph: Graph, cfg: TrainConfig) -> dict:
     """The model nodes as the run's checkpoint holds them (its last epoch)."""
     device = cfg.device if torch.device(cfg.device).type != "cuda" or torch.cuda.is_available() else "cpu"
     info = dataset_info(cfg.dataset, cfg.data_dir)
-    models = {n.name: build_model(n.model, info.num_classes, info.image_size, attention=n.attention)
-              for n in graph.model_nodes}
+    models = {
+        n.name: build_model(n.model, info.num_classes, info.image_size, attention=n.attention)
+        for n in graph.model_nodes
+    }
     path = run / CHECKPOINT
     load_models(read_checkpoint(path, graph.to_dict(), cfg.to_dict(), "cpu"), models, path)
     for node in graph.model_nodes:
@@ -118,8 +133,10 @@ def _silent(message: str) -> None:
 def _options(defaults: dict, given: dict, what: str) -> SimpleNamespace:
     unknown = [k for k in given if k not in defaults]
     if unknown:
-        raise ConfigError(f"ktfast.{what}: unknown keyword {unknown[0]!r} (the keywords are the flags of "
-                          f"`ktfast {what}`: {', '.join(defaults)})")
+        raise ConfigError(
+            f"ktfast.{what}: unknown keyword {unknown[0]!r} (the keywords are the flags of "
+            f"`ktfast {what}`: {', '.join(defaults)})"
+        )
     for key, value in given.items():
         if key in CHOICES and value is not None and value not in CHOICES[key]:
             raise ConfigError(f"--{key.replace('_', '-')}: {value!r} is not one of {', '.join(CHOICES[key])}")
@@ -134,14 +151,19 @@ def _check_numbers(opts) -> None:
             raise ConfigError(f"--{key.replace('_', '-')}: expected a positive integer, got {value!r}")
     seeds = opts.seeds
     if seeds is not None:
-        if (not isinstance(seeds, (list, tuple)) or not seeds or len(set(seeds)) != len(seeds)
-                or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        if (
+            not isinstance(seeds, (list, tuple))
+            or not seeds
+            or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        ):
             raise ConfigError(f"--seeds: expected distinct integers, got {seeds!r}")
         opts.seeds = list(seeds)
 
 
-def train(graph=None, *, progress: bool = False, callbacks: tuple[Callable[[dict], None], ...] = (),
-          **options) -> Run:
+def train(
+    graph=None, *, progress: bool = False, callbacks: tuple[Callable[[dict], None], ...] = (), **options
+) -> Run:
     """Train `graph` (a path, a dict or a Graph; or None with `like=RUN` or `resume=DIR`) as
     `ktfast train` does with the flags `options` (`epochs=5`, `batch_size=32`, `seeds=[0, 1]`,
     `out="runs/x"`, …). Each callback gets every epoch's metrics row (rank 0; seed after seed)."""

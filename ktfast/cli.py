@@ -1,21 +1,27 @@
 """The `ktfast` command line (docs/ARCHITECTURE.md §7): each command module registers its commands here; bad input
 ends with exit code 2 and one line. Nothing imports this module back."""
+
 from __future__ import annotations
 
 import os
 import sys
 
 from ktfast.args import Parser
-from ktfast.engine.checkpoint import CheckpointError, RunWriteError
-from ktfast.config import ConfigError
 from ktfast.commands import info, pictures, search, train
+from ktfast.config import ConfigError
 from ktfast.data import DatasetError
+from ktfast.engine.checkpoint import CheckpointError, RunWriteError
 from ktfast.engine.distributed import PeerLost
+from ktfast.engine.trainer import NonFiniteLoss
 from ktfast.graph import GraphError
 from ktfast.paths import FallbackError
-from ktfast.engine.trainer import NonFiniteLoss
 
-COMMANDS = (train, search, pictures, info)  # train, pretrain | search, export | show, attention, report | info
+COMMANDS = (
+    train,
+    search,
+    pictures,
+    info,
+)  # train, pretrain | search, export | show, attention, report | info
 
 
 def build_parser() -> Parser:

@@ -1,4 +1,5 @@
 """The resolved settings of one training run (written to `config.json` in the run directory)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,15 @@ class ConfigError(ValueError):
     command line's bad flags are of this kind too (`ktfast.args.UsageError`)."""
 
 
-def setting(default, *, recipe: bool = False,
-            resume: bool = False, cache: bool | str = False, data: bool = False, flag: bool = True):
+def setting(
+    default,
+    *,
+    recipe: bool = False,
+    resume: bool = False,
+    cache: bool | str = False,
+    data: bool = False,
+    flag: bool = True,
+):
     """A field of TrainConfig with the facts that the rules about settings read, one place per setting
     (docs/ARCHITECTURE.md, "A setting"). recipe: it joins a study's recipe (`study.recipe`: a study is
     joined only with the same); resume: its flag, given with --resume, must agree with the run; cache:
@@ -91,7 +99,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         if "lr_decay_at" in d:
@@ -102,10 +110,10 @@ class TrainConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path) -> "TrainConfig":
+    def load(cls, path) -> TrainConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -141,5 +149,8 @@ def cache_key_fields() -> tuple[str, ...]:
 def cache_key(cfg: TrainConfig) -> dict:
     """{setting: value} of `cache_key_fields`, less those marked "if set" that are None."""
     values, fields = cfg.to_dict(), TrainConfig.__dataclass_fields__
-    return {k: values[k] for k in cache_key_fields()
-            if fields[k].metadata["cache"] is True or values[k] is not None}
+    return {
+        k: values[k]
+        for k in cache_key_fields()
+        if fields[k].metadata["cache"] is True or values[k] is not None
+    }

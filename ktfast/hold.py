@@ -8,6 +8,7 @@ optimizer step of its second epoch — its first epoch reported, and checkpointe
 run directory — appends the line "PID THREAD-NAME" to FILE.held, and waits until FILE exists. A
 loop that gets there after FILE exists goes straight on.
 """
+
 from __future__ import annotations
 
 import os

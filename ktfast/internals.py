@@ -3,6 +3,7 @@ same, and only here (tests/test_internals.py fails when one of them changes).
 
 Written for torch 2.14 (the GPU machines' 2.11 has the same) and Optuna 5.1.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,11 @@ def scaler_tensors(scaler: torch.amp.GradScaler) -> list[torch.Tensor]:
     """The grad scaler's device tensors [scale, growth tracker] (`_scale`, `_growth_tracker`), once
     its first `scale()` has made them, else []. Read without a synchronisation: the public
     `get_scale()` reads the scale back to the host."""
-    return [v for v in (getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None))
-            if torch.is_tensor(v)]
+    return [
+        v
+        for v in (getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None))
+        if torch.is_tensor(v)
+    ]
 
 
 def initial_scale(scaler: torch.amp.GradScaler) -> float:

@@ -5,15 +5,31 @@ Each gate's weight and each loss kind's per-sample formula are rows of `ktfast.g
 `ktfast.kernels` compute the same functions and are tested against these; this module imports none
 of them.
 """
+
 from __future__ import annotations
 
 import torch
 
-from ktfast.graph.gates import GATES
 from ktfast.graph import LABEL, Edge, Graph, GraphError, owner
+from ktfast.graph.gates import GATES
+
 # The formulas keep their names here too, where tests and the kernels' comments look for the reference's.
-from ktfast.graph.loss_kinds import (DIST_EPS, LOSS_KINDS, NORMALIZE_EPS, STANDARDIZE_EPS, att_cos, att_mse,  # noqa: F401
-                               attention_crops, ce, cos, dist, dkd, kl, mse, standardize)
+from ktfast.graph.loss_kinds import (  # noqa: F401
+    DIST_EPS,
+    LOSS_KINDS,
+    NORMALIZE_EPS,
+    STANDARDIZE_EPS,
+    att_cos,
+    att_mse,
+    attention_crops,
+    ce,
+    cos,
+    dist,
+    dkd,
+    kl,
+    mse,
+    standardize,
+)
 
 
 # ---- gates -------------------------------------------------------------------------------
@@ -58,8 +74,9 @@ def node_logits(graph: Graph, logits: dict) -> dict:
     return out
 
 
-def graph_losses(graph: Graph, logits: dict, labels, step: int, total_steps: int,
-                 attention: dict | None = None) -> dict:
+def graph_losses(
+    graph: Graph, logits: dict, labels, step: int, total_steps: int, attention: dict | None = None
+) -> dict:
     """{target name: L_t} for every node with a non-cut-off incoming edge (docs/ARCHITECTURE.md §8).
 
     L_t = Σ_edges→t weight · mean_over_batch(gate · loss_per_sample), the edges into t's branches
@@ -78,7 +95,8 @@ def graph_losses(graph: Graph, logits: dict, labels, step: int, total_steps: int
                 raise GraphError(f"edges[{edge.source}->{edge.target}]: attention maps are needed")
             att_s, att_t = attention[edge.source], attention[edge.target]
         per_sample = gate(edge, z_s, labels, step, total_steps) * edge_loss(
-            edge, z_s, z[edge.target], labels, att_s, att_t)
+            edge, z_s, z[edge.target], labels, att_s, att_t
+        )
         # The mean divides by the full batch, also where the correct gate zeroes samples.
         term = edge.weight * per_sample.sum() / batch
         target = owner(edge.target)

@@ -15,6 +15,7 @@ fallback is an error instead.
 This module stands below everything that decides or falls back (the data layer, the step, the
 trainer, the commands): it imports nothing of ktfast, and takes configs and datasets as they come.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,18 +38,18 @@ def strict() -> bool:
 
 def one_line(text: str) -> str:
     text = " ".join(str(text).split()) or "no reason given"
-    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 1] + "…"
+    return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 1] + "…"
 
 
-def fall_back(paths: dict, switch: str, path: str, reason: str, log=functools.partial(print, flush=True)) -> None:
-    """`switch` cannot take its path here: record `path` in `paths` and say so in one line (`log`:
+def fall_back(paths: dict, switch: str, path: str, reason: str, log=None) -> None:
+    """`switch` cannot take its path here: record `path` in `paths` and say so in one line (`log`, or
     stdout, also where progress is quiet: a fallback is to be seen); under KTFAST_STRICT=1 raise
     FallbackError instead (and record nothing)."""
     reason = one_line(reason)
     if strict():
         raise FallbackError(f"{switch}: {reason} (KTFAST_STRICT=1: no fallback to {path})")
     paths[switch] = path
-    log(f"ktfast: {switch} falls back to {path}: {reason}")
+    (log or functools.partial(print, flush=True))(f"ktfast: {switch} falls back to {path}: {reason}")
 
 
 # ---- the decisions, one place each ------------------------------------------------------------
@@ -126,14 +127,17 @@ def resolve_paths(cfg, data) -> dict[str, dict]:
     dataset's `Arrays` (its size and crops decide `--loader auto`). The reason says why a path is
     off or degraded ("" where it is not)."""
     unfused = cfg.unfused_reason()
-    return {switch: {"path": path, "reason": reason} for switch, (path, reason) in {
-        "kernels": _kernels(cfg),
-        "compile": ("on", "") if cfg.compile else ("off", "not asked (--compile)"),
-        "cuda_graph": _cuda_graph(cfg),
-        "fuse": ("off", unfused) if unfused else ("on", ""),
-        "loader": loader_path(cfg.loader, cfg.device, data),
-        "amp": _amp(cfg),
-    }.items()}
+    return {
+        switch: {"path": path, "reason": reason}
+        for switch, (path, reason) in {
+            "kernels": _kernels(cfg),
+            "compile": ("on", "") if cfg.compile else ("off", "not asked (--compile)"),
+            "cuda_graph": _cuda_graph(cfg),
+            "fuse": ("off", unfused) if unfused else ("on", ""),
+            "loader": loader_path(cfg.loader, cfg.device, data),
+            "amp": _amp(cfg),
+        }.items()
+    }
 
 
 # ---- compile, or run eagerly ---------------------------------------------------------------------

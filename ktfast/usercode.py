@@ -2,6 +2,7 @@
 MODULE a dotted import path or a file ending in `.py`. Both the model registry and the data layer
 load factories through here; nothing is imported until a factory is asked for.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,7 +26,7 @@ def is_user_code(name: str) -> bool:
 def split(name: str) -> tuple[str, str]:
     """(MODULE, FACTORY) of `py:MODULE:FACTORY`. The module part may hold ':' (a Windows drive), the
     factory is what follows the last one."""
-    module, sep, factory = name[len(PREFIX):].rpartition(":")
+    module, sep, factory = name[len(PREFIX) :].rpartition(":")
     if not sep or not module or not factory.isidentifier():
         raise UserCodeError(f"{name!r}: expected py:MODULE:FACTORY (MODULE a dotted path or a .py file)")
     return module, factory
@@ -55,7 +56,7 @@ def problem(name: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _import_file(path: str):
     """A `.py` file imported once per process, under a name of its own (its path's hash), so that
     two files of one name do not shadow each other."""

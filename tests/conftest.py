@@ -15,8 +15,12 @@ if not torch.cuda.is_available():
 # compiled for this CPU (AVX-512, say) would be reused under =avx2 and give NaN, or fail to build
 # under =default. One cache per capability.
 if os.environ.get("ATEN_CPU_CAPABILITY"):
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
-        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}"))
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR",
+        os.path.join(
+            tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}"
+        ),
+    )
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Run by each rank of `torchrun --nproc-per-node 2 tests/dist_prepare.py SECONDS`: rank 0 takes
 SECONDS to make a value (as when it pretrains the teachers) while the other rank waits for it;
 every rank prints what it received."""
+
 import sys
 import time
 

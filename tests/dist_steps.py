@@ -1,27 +1,34 @@
 """Work for tests/test_distributed.py, run by one process or by each rank of a torchrun launch:
 
-    torchrun --nproc-per-node 2 tests/dist_steps.py steps GRAPH PLACE SYNC_BN OUT
-        a few training steps of a graph in float64; rank 0 saves the per-step losses and the final weights.
-    torchrun --nproc-per-node 2 tests/dist_steps.py batchnorm OUT
-        GlobalBatchNorm in float64 on each rank's half of a batch; rank 0 saves its gradients.
+torchrun --nproc-per-node 2 tests/dist_steps.py steps GRAPH PLACE SYNC_BN OUT
+    a few training steps of a graph in float64; rank 0 saves the per-step losses and the final weights.
+torchrun --nproc-per-node 2 tests/dist_steps.py batchnorm OUT
+    GlobalBatchNorm in float64 on each rank's half of a batch; rank 0 saves its gradients.
 """
+
 import json
 import sys
 
 import torch
 
-from ktfast.engine import distributed
 from ktfast.config import TrainConfig
+from ktfast.engine import distributed
 from ktfast.engine.distributed import Placement, rank_zero_first
+from ktfast.engine.run import make_trainer, pretrained_paths
 from ktfast.engine.sync_bn import GlobalBatchNorm
 from ktfast.graph import Graph
-from ktfast.engine.run import make_trainer, pretrained_paths
 
 STEPS = 3
 # Random images: digits' blank borders make BatchNorm ill-conditioned, and there, in float32, 1 or 2
 # CPU threads alone (a different summation order) part the weights by 7e-5 within three steps.
-CONFIG = dict(dataset="synthetic:classes=10,size=16,train=256,test=64", epochs=1, batch_size=32, lr=0.05,
-              device="cpu", loader="gpu")
+CONFIG = dict(
+    dataset="synthetic:classes=10,size=16,train=256,test=64",
+    epochs=1,
+    batch_size=32,
+    lr=0.05,
+    device="cpu",
+    loader="gpu",
+)
 
 
 def steps(graph: Graph, place: str, sync_bn: bool, rank: int = 0, world: int = 1) -> dict:
@@ -41,15 +48,20 @@ def steps(graph: Graph, place: str, sync_bn: bool, rank: int = 0, world: int = 1
             trainer.loss_sums.zero_()
             trainer.correct.zero_()
             trainer.train_step(x.double(), y, step)
-            loss, correct, _, _ = placement.reduce_epoch(trainer.loss_sums.clone(), trainer.correct.clone(),
-                                                         trainer.skipped.clone(), 0)
+            loss, correct, _, _ = placement.reduce_epoch(
+                trainer.loss_sums.clone(), trainer.correct.clone(), trainer.skipped.clone(), 0
+            )
             losses.append(torch.cat([loss, correct]).tolist())
             if step == STEPS:
                 break
         placement.collect_state(dict(trainer.models), trainer.optimizer)
     finally:
         torch.set_default_dtype(default)
-    return {"losses": losses, "start": start, "models": {k: m.state_dict() for k, m in trainer.models.items()}}
+    return {
+        "losses": losses,
+        "start": start,
+        "models": {k: m.state_dict() for k, m in trainer.models.items()},
+    }
 
 
 def batchnorm_case():
@@ -57,7 +69,12 @@ def batchnorm_case():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, 3, 4, 4, generator=gen, dtype=torch.float64) * 3 + 1
     target = torch.randn(8, 3, 4, 4, generator=gen, dtype=torch.float64)
-    return x, torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64), torch.tensor([0.1, -0.3, 0.2], dtype=torch.float64), target
+    return (
+        x,
+        torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64),
+        torch.tensor([0.1, -0.3, 0.2], dtype=torch.float64),
+        target,
+    )
 
 
 def batchnorm_grads(bn, x, target, world: int = 1) -> dict:
@@ -65,8 +82,13 @@ def batchnorm_grads(bn, x, target, world: int = 1) -> dict:
     with the running statistics after the step."""
     x = x.clone().requires_grad_()
     (bn(x) * target).pow(3).sum().div(x.shape[0] * world).backward()
-    return {"x": x.grad, "weight": bn.weight.grad, "bias": bn.bias.grad,
-            "running_mean": bn.running_mean, "running_var": bn.running_var}
+    return {
+        "x": x.grad,
+        "weight": bn.weight.grad,
+        "bias": bn.bias.grad,
+        "running_mean": bn.running_mean,
+        "running_var": bn.running_var,
+    }
 
 
 def main(argv) -> None:

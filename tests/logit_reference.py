@@ -1,5 +1,6 @@
 """The modern logit-distillation losses per sample in float64 NumPy, written from the papers' equations
 and independent of ktfast/losses.py: the tests hold the reference to these."""
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,8 @@ def mdistiller_dkd(z_student, z_teacher, target, alpha, beta, t):
     p_s, p_t = F.softmax(z_student / t, 1), F.softmax(z_teacher / t, 1)
     b_s = torch.stack([(p_s * gt).sum(1), (p_s * other).sum(1)], 1)
     b_t = torch.stack([(p_t * gt).sum(1), (p_t * other).sum(1)], 1)
-    tckd = F.kl_div(torch.log(b_s), b_t, reduction="none").sum(1) * t ** 2
+    tckd = F.kl_div(torch.log(b_s), b_t, reduction="none").sum(1) * t**2
     p_t2 = F.softmax(z_teacher / t - 1000.0 * gt, 1)
     log_p_s2 = F.log_softmax(z_student / t - 1000.0 * gt, 1)
-    nckd = F.kl_div(log_p_s2, p_t2, reduction="none").sum(1) * t ** 2
+    nckd = F.kl_div(log_p_s2, p_t2, reduction="none").sum(1) * t**2
     return alpha * tckd + beta * nckd

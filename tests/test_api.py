@@ -2,6 +2,7 @@
 computes, callbacks see every row, `load_run` reads the run back, `TransferStep` in a user's own loop
 is the Trainer's step, `--like RUN` reproduces RUN; bad input is a typed error (API) or exit 2 (CLI)
 with nothing written."""
+
 import json
 from pathlib import Path
 
@@ -11,18 +12,24 @@ import torch
 import ktfast
 from ktfast.cli import main
 from ktfast.config import TrainConfig
-from ktfast.models import build_model
 from ktfast.engine.run import make_trainer
+from ktfast.models import build_model
 
 TINY = "synthetic:classes=4,size=16,train=64,test=16"
 # Two resnet8 with a linear and a correct gate: the time gates need the step count, the correct gate
 # reads the source's predictions; both differ at once if a step is taken out of turn.
-GRAPH = {"version": 1, "name": "pair", "target": "a",
-         "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"}],
-         "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-                   {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
-                   {"from": "b", "to": "a", "loss": "kl", "gate": "correct"},
-                   {"from": "a", "to": "b", "loss": "kl", "gate": "linear"}]}
+GRAPH = {
+    "version": 1,
+    "name": "pair",
+    "target": "a",
+    "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"}],
+    "edges": [
+        {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+        {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
+        {"from": "b", "to": "a", "loss": "kl", "gate": "correct"},
+        {"from": "a", "to": "b", "loss": "kl", "gate": "linear"},
+    ],
+}
 FLAGS = dict(dataset=TINY, epochs=2, batch_size=32, lr=0.05, device="cpu")
 TIMES = ("time_s", "images_per_s")
 
@@ -73,8 +80,22 @@ def test_api_train_equals_the_command_and_calls_back_each_epoch(graph_file, caps
 def test_like_reproduces_the_run_and_a_flag_given_overrides_it(graph_file, capsys):
     """`--like RUN` trains RUN's graph with RUN's config (its seed too): the same rows, exactly. A flag
     given with it changes that field of config.json and nothing else."""
-    assert main(["train", "--graph", str(graph_file), "--out", "first", "--quiet", "--seeds", "3",
-                 *cli_flags({**FLAGS, "epochs": 1, "train_fraction": 0.5})]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--graph",
+                str(graph_file),
+                "--out",
+                "first",
+                "--quiet",
+                "--seeds",
+                "3",
+                *cli_flags({**FLAGS, "epochs": 1, "train_fraction": 0.5}),
+            ]
+        )
+        == 0
+    )
     assert main(["train", "--like", "first", "--out", "again", "--quiet"]) == 0
     assert untimed(rows(Path("again"))) == untimed(rows(Path("first")))
     assert main(["train", "--like", "first", "--out", "lower", "--lr", "0.02", "--quiet"]) == 0
@@ -101,9 +122,16 @@ def test_an_unreadable_like_run_exits_2_with_one_line_and_writes_nothing(case, g
     assert not Path("new").exists()
 
 
-@pytest.mark.parametrize("keywords, named", [({"epoch": 2}, "'epoch'"), ({"batch_size": 0}, "--batch-size"),
-                                             ({"seeds": [1, 1]}, "--seeds"), ({"optimizer": "adamw"}, "--optimizer"),
-                                             ({"lr": -1.0}, "--lr")])
+@pytest.mark.parametrize(
+    "keywords, named",
+    [
+        ({"epoch": 2}, "'epoch'"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"seeds": [1, 1]}, "--seeds"),
+        ({"optimizer": "adamw"}, "--optimizer"),
+        ({"lr": -1.0}, "--lr"),
+    ],
+)
 def test_bad_keywords_raise_config_error_naming_them_and_write_nothing(keywords, named, graph_file, capsys):
     with pytest.raises(ktfast.ConfigError, match=named):
         ktfast.train(graph_file, out="new", **{**FLAGS, **keywords})
@@ -159,14 +187,18 @@ def test_transfer_step_is_captured_as_a_cuda_graph_and_equals_the_eager_step(mon
     monkeypatch.delenv("KTFAST_KERNELS")  # the fused kernels, as a run on CUDA takes them
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     graph = ktfast.Graph.from_dict(GRAPH)
-    trainer = make_trainer(graph, TrainConfig(**{**FLAGS, "device": "cuda", "epochs": 1}), out=None, progress=False)
+    trainer = make_trainer(
+        graph, TrainConfig(**{**FLAGS, "device": "cuda", "epochs": 1}), out=None, progress=False
+    )
     batches = [(x.clone(), y.clone()) for x, y in trainer.train_loader]
     runs = {}
     for captured in (True, False):
         models = {k: build_model("resnet8", 4, 16).cuda() for k in trainer.models}
         for k, m in models.items():
             m.load_state_dict(trainer.models[k].state_dict())
-        optimizer = torch.optim.SGD([p for m in models.values() for p in m.parameters()], lr=0.05, momentum=0.9)
+        optimizer = torch.optim.SGD(
+            [p for m in models.values() for p in m.parameters()], lr=0.05, momentum=0.9
+        )
         step = ktfast.TransferStep(graph, models, optimizer, total_steps=len(batches), cuda_graph=captured)
         losses = [step(x, y) for x, y in batches]
         assert step.paths["cuda_graph"] == ("on" if captured else "off") and step.paths["kernels"] == "triton"

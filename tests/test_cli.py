@@ -1,4 +1,5 @@
 """The command line: bad input ends with exit 2 and one line; runs, seeds, resume after a real kill."""
+
 import json
 import os
 import signal
@@ -12,12 +13,18 @@ import torch
 from ktfast.cli import main
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
-GOOD = {"version": 1, "name": "pair", "target": "a",
-        "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"}],
-        "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-                  {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
-                  {"from": "b", "to": "a", "loss": "kl", "gate": "correct"},
-                  {"from": "a", "to": "b", "loss": "kl", "gate": "linear"}]}
+GOOD = {
+    "version": 1,
+    "name": "pair",
+    "target": "a",
+    "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"}],
+    "edges": [
+        {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+        {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
+        {"from": "b", "to": "a", "loss": "kl", "gate": "correct"},
+        {"from": "a", "to": "b", "loss": "kl", "gate": "linear"},
+    ],
+}
 
 
 # Bounds a hang of a command run here, never its speed: the 4-epoch run of the resume test takes 34 s
@@ -56,10 +63,17 @@ BAD_RUNS = {
     "gamma on a correct gate": (bad(lambda g: g["edges"][2].update(gamma=2.0)), [], "gamma"),
     "gamma zero": (bad(lambda g: g["edges"][3].update(gate="gamma", gamma=0.0)), [], "gamma"),
     "beta negative": (bad(lambda g: g["edges"][2].update(loss="dkd", beta=-1)), [], "edges[b->a].beta"),
-    "standardize on an mse edge": (bad(lambda g: g["edges"][3].update(loss="mse", standardize=True)), [],
-                                   "edges[a->b].standardize"),
+    "standardize on an mse edge": (
+        bad(lambda g: g["edges"][3].update(loss="mse", standardize=True)),
+        [],
+        "edges[a->b].standardize",
+    ),
     "dkd from label": (bad(lambda g: g["edges"][0].update(loss="dkd")), [], "edges[label->a].loss: 'dkd'"),
-    "warmup above one": (bad(lambda g: g["edges"][3].update(gate="warmup", warmup=2)), [], "edges[a->b].warmup"),
+    "warmup above one": (
+        bad(lambda g: g["edges"][3].update(gate="warmup", warmup=2)),
+        [],
+        "edges[a->b].warmup",
+    ),
     "warmup on a correct gate": (bad(lambda g: g["edges"][2].update(warmup=0.5)), [], "edges[b->a].warmup"),
 }
 
@@ -69,8 +83,23 @@ def test_bad_input_exits_2_with_one_line_and_no_run_directory(case, tmp_path, ca
     monkeypatch.setenv("KTFAST_OFFLINE", "1")
     graph, extra, needle = BAD_RUNS[case]
     path = write(tmp_path, graph)
-    code = main(["train", "--graph", str(path), "--dataset", TINY, "--epochs", "1", "--out", "run", "--quiet",
-                 "--device", "cpu", *extra])
+    code = main(
+        [
+            "train",
+            "--graph",
+            str(path),
+            "--dataset",
+            TINY,
+            "--epochs",
+            "1",
+            "--out",
+            "run",
+            "--quiet",
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and needle in err and "Traceback" not in err
@@ -89,16 +118,39 @@ def test_missing_graph_file_and_non_empty_out(tmp_path, capsys):
 
 def test_subprocess_error_has_no_traceback(tmp_path):
     path = write(tmp_path, bad(lambda g: g["edges"][2].update(temperature=0)))
-    proc = subprocess.run([sys.executable, "-m", "ktfast", "train", "--graph", str(path)], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ktfast", "train", "--graph", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "temperature" in proc.stderr
 
 
 def test_seeds_report_mean_and_std(tmp_path, capsys):
     path = write(tmp_path, GOOD)
-    code = main(["train", "--graph", str(path), "--dataset", TINY, "--epochs", "1", "--batch-size", "32",
-                 "--seeds", "0,1", "--out", "multi", "--quiet", "--device", "cpu"])
+    code = main(
+        [
+            "train",
+            "--graph",
+            str(path),
+            "--dataset",
+            TINY,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--seeds",
+            "0,1",
+            "--out",
+            "multi",
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "mean ± std of 2 seeds" in out
@@ -119,17 +171,46 @@ def _rows(run: Path):
 
 def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, hold):
     path = write(tmp_path, GOOD)
-    args = [sys.executable, "-m", "ktfast", "train", "--graph", str(path), "--dataset",
-            "synthetic:classes=4,size=16,train=512,test=64", "--epochs", "4", "--batch-size", "16",
-            "--lr", "0.05", "--device", "cpu", "--quiet"]
+    args = [
+        sys.executable,
+        "-m",
+        "ktfast",
+        "train",
+        "--graph",
+        str(path),
+        "--dataset",
+        "synthetic:classes=4,size=16,train=512,test=64",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.05",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(args + ["--out", "whole"], check=True, cwd=tmp_path, env=env, capture_output=True,
-                   timeout=RUN_TIMEOUT_S)
+    subprocess.run(
+        args + ["--out", "whole"],
+        check=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=RUN_TIMEOUT_S,
+    )
 
-    proc = subprocess.Popen(args + ["--out", "killed"], cwd=tmp_path, env={**env, **hold.env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        args + ["--out", "killed"],
+        cwd=tmp_path,
+        env={**env, **hold.env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        hold.wait(1, RUN_TIMEOUT_S, [proc])  # epoch 1 written, a step of epoch 2 taken: the kill lands mid-epoch
+        hold.wait(
+            1, RUN_TIMEOUT_S, [proc]
+        )  # epoch 1 written, a step of epoch 2 taken: the kill lands mid-epoch
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
@@ -138,8 +219,14 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, hold):
     assert [r["epoch"] for r in _rows(killed)] == [1]
     assert torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
-    subprocess.run([sys.executable, "-m", "ktfast", "train", "--resume", "killed", "--quiet"], check=True,
-                   cwd=tmp_path, env=env, capture_output=True, timeout=RUN_TIMEOUT_S)
+    subprocess.run(
+        [sys.executable, "-m", "ktfast", "train", "--resume", "killed", "--quiet"],
+        check=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert _strip_times(_rows(killed)) == _strip_times(_rows(tmp_path / "whole"))
 
 
@@ -148,9 +235,29 @@ def test_kernels_forced_on_a_cpu_run_in_the_triton_interpreter(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["KTFAST_KERNELS"] = "1"
     graph = write(tmp_path, GOOD)
-    run = subprocess.run([sys.executable, "-m", "ktfast", "train", "--graph", str(graph), "--dataset", TINY,
-                          "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ktfast",
+            "train",
+            "--graph",
+            str(graph),
+            "--dataset",
+            TINY,
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -160,8 +267,27 @@ def test_split_search_trains_and_evaluates_on_the_held_out_split(tmp_path, capsy
     from ktfast.engine.trainer import splits
 
     path = write(tmp_path, GOOD)
-    assert main(["train", "--graph", str(path), "--dataset", TINY, "--epochs", "1", "--split", "search",
-                 "--out", "val", "--quiet", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--graph",
+                str(path),
+                "--dataset",
+                TINY,
+                "--epochs",
+                "1",
+                "--split",
+                "search",
+                "--out",
+                "val",
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "validation accuracy on the search split" in capsys.readouterr().out
     saved = TrainConfig.load(tmp_path / "val" / "config.json")
     assert saved.split == "search" and splits(saved) == ("search_train", "search_val")
@@ -172,8 +298,11 @@ def test_cuda_graph_flag_on_every_training_command(tmp_path):
     from ktfast.args import config_from_args
     from ktfast.cli import build_parser
 
-    commands = {"train": ["train", "--graph", "g.json"], "pretrain": ["pretrain", "--model", "resnet8"],
-                "search": ["search", "--nodes", "3", "--target-model", "resnet8", "--trials", "1"]}
+    commands = {
+        "train": ["train", "--graph", "g.json"],
+        "pretrain": ["pretrain", "--model", "resnet8"],
+        "search": ["search", "--nodes", "3", "--target-model", "resnet8", "--trials", "1"],
+    }
     for name, argv in commands.items():
         for flag, expected in ((None, True), ("--cuda-graph", True), ("--no-cuda-graph", False)):
             args = build_parser().parse_args(argv + ["--device", "cpu"] + ([flag] if flag else []))
@@ -185,7 +314,25 @@ def test_cuda_graph_flag_runs_on_a_cpu(flag, tmp_path):
     from ktfast.config import TrainConfig
 
     path = write(tmp_path, GOOD)
-    assert main(["train", "--graph", str(path), "--dataset", TINY, "--epochs", "1", "--out", "run", "--quiet",
-                 "--device", "cpu", flag]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--graph",
+                str(path),
+                "--dataset",
+                TINY,
+                "--epochs",
+                "1",
+                "--out",
+                "run",
+                "--quiet",
+                "--device",
+                "cpu",
+                flag,
+            ]
+        )
+        == 0
+    )
     assert TrainConfig.load(tmp_path / "run" / "config.json").cuda_graph is (flag == "--cuda-graph")
     assert len(_rows(tmp_path / "run")) == 1

@@ -1,6 +1,7 @@
 """Every Triton kernel compiles for sm_90 on this machine, GPU or not, and the launch plans the code
 chooses don't spill: benchmarks/compile_kernels.py --quick (Triton's compiler and the ptxas bundled
 with it, not the interpreter) compiles one case of each kernel for each dtype of the logits and maps."""
+
 import json
 import os
 import subprocess
@@ -34,8 +35,14 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     # The script unsets TRITON_INTERPRET and compiles into a fresh TRITON_CACHE_DIR of its own.
     out = tmp_path / "compile.json"
     command = [sys.executable, "benchmarks/compile_kernels.py", "--quick", "--arch", "90", "--out", str(out)]
-    run = subprocess.run(command, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["errors"] == []
@@ -44,5 +51,7 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     for r in table:
         where = f"{r['kernel']} {r['dtype']} B={r['B']} {r['C_or_map']} plan {r['rows']}/{r['block']}/{r['warps']}"
         assert r["arch"] == "sm_90" and 0 < r["registers"] <= 255, where
-        assert r["spill_stores"] <= MAX_SPILL_BYTES and r["spill_loads"] <= MAX_SPILL_BYTES, f"{where} spills: {r}"
+        assert r["spill_stores"] <= MAX_SPILL_BYTES and r["spill_loads"] <= MAX_SPILL_BYTES, (
+            f"{where} spills: {r}"
+        )
     assert "_att_bwd" in run.stdout and "regs" in run.stdout  # the table is printed

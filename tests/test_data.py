@@ -8,12 +8,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ktfast.data import datasets, decode
-from ktfast.data import (PAD, DatasetError, class_balanced_subset, dataset_info, load_arrays, make_loader,
-                         split_indices)
+from ktfast.data import (
+    PAD,
+    DatasetError,
+    class_balanced_subset,
+    dataset_info,
+    datasets,
+    decode,
+    load_arrays,
+    make_loader,
+    split_indices,
+)
 
 SYN = "synthetic:classes=5,size=16,train=200,test=60"
-DALI = pytest.param("dali", marks=pytest.mark.skipif(not decode.available(), reason="NVIDIA DALI is not installed"))
+DALI = pytest.param(
+    "dali", marks=pytest.mark.skipif(not decode.available(), reason="NVIDIA DALI is not installed")
+)
 KINDS = ["gpu", "torch", DALI]
 DATASETS = ["digits", SYN]
 
@@ -24,8 +34,9 @@ def epoch_batches(ld, epoch):
 
 
 def same_batches(a, b):
-    return len(a) == len(b) and all(torch.equal(ya, yb) and torch.allclose(xa, xb, atol=1e-5)
-                                    for (xa, ya), (xb, yb) in zip(a, b))
+    return len(a) == len(b) and all(
+        torch.equal(ya, yb) and torch.allclose(xa, xb, atol=1e-5) for (xa, ya), (xb, yb) in zip(a, b)
+    )
 
 
 def to_uint8(ld, x):
@@ -50,7 +61,7 @@ def test_train_batches_shapes_range_and_label_multiset(kind, dataset):
     assert (xs >= -ld.mean / ld.std - 1e-4).all() and (xs <= (1 - ld.mean) / ld.std + 1e-4).all()
     assert xs.mean((0, 2, 3)).abs().max() < 0.25 and (xs.std((0, 2, 3)) - 1).abs().max() < 0.25
     # Every sample of the split once, but for those of the dropped partial batch.
-    dropped = ld.y[ld.plan(1).order[len(ys):]]
+    dropped = ld.y[ld.plan(1).order[len(ys) :]]
     assert len(dropped) == ld.num_samples % 32
     assert Counter(ys.tolist()) + Counter(dropped.tolist()) == Counter(ld.y.tolist())
 
@@ -66,7 +77,7 @@ def test_normalisation_statistics_are_the_training_images_per_channel_mean_and_s
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_set_smaller_than_a_batch_gives_one_partial_batch(kind):
     ld = make_loader(SYN, "train", 500, "cpu", 0, loader=kind)
-    (x, y), = list(ld)
+    ((x, y),) = list(ld)
     assert len(ld) == 1 and len(y) == ld.num_samples == 200
     assert Counter(y.tolist()) == Counter(ld.y.tolist())
 
@@ -164,9 +175,13 @@ def test_train_fraction_keeps_a_class_balanced_seeded_fraction():
     per_class = Counter(full.y.tolist())
     assert Counter(ld.y.tolist()) == {c: round(0.1 * n) for c, n in per_class.items()}
     assert torch.equal(make_loader("digits", "train", 16, "cpu", 0, train_fraction=0.1).indices, ld.indices)
-    assert not torch.equal(make_loader("digits", "train", 16, "cpu", 1, train_fraction=0.1).indices, ld.indices)
+    assert not torch.equal(
+        make_loader("digits", "train", 16, "cpu", 1, train_fraction=0.1).indices, ld.indices
+    )
     search = make_loader("digits", "search_train", 16, "cpu", 0, train_fraction=0.5)
-    assert set(search.indices.tolist()) < set(make_loader("digits", "search_train", 16, "cpu", 0).indices.tolist())
+    assert set(search.indices.tolist()) < set(
+        make_loader("digits", "search_train", 16, "cpu", 0).indices.tolist()
+    )
     assert make_loader("digits", "test", 16, "cpu", 0, train_fraction=0.1).num_samples == 360
     labels = torch.tensor([0] * 10 + [1] * 20 + [2])
     idx = class_balanced_subset(labels, 0.5, 0)
@@ -178,10 +193,18 @@ def match_augmentation(plain: torch.Tensor, aug: torch.Tensor) -> tuple[bool, bo
     when no candidate without it matches. Asserts that some candidate matches."""
     size = plain.shape[-1]
     padded = F.pad(plain[None].float(), (PAD,) * 4, mode="reflect")[0].to(torch.uint8)
-    found = {(top != PAD or left != PAD, flip)
-             for top in range(2 * PAD + 1) for left in range(2 * PAD + 1) for flip in (False, True)
-             if torch.equal(aug, padded[:, top:top + size, left:left + size].flip(2) if flip
-                            else padded[:, top:top + size, left:left + size])}
+    found = {
+        (top != PAD or left != PAD, flip)
+        for top in range(2 * PAD + 1)
+        for left in range(2 * PAD + 1)
+        for flip in (False, True)
+        if torch.equal(
+            aug,
+            padded[:, top : top + size, left : left + size].flip(2)
+            if flip
+            else padded[:, top : top + size, left : left + size],
+        )
+    }
     assert found, "not a crop or flip of its source image"
     return all(moved for moved, _ in found), all(flipped for _, flipped in found)
 
@@ -191,7 +214,9 @@ def crops_and_flips(plain: torch.Tensor, aug: torch.Tensor) -> torch.Tensor:
     image, flipped or not, that it is (a noisy image matches only one)."""
     size = plain.shape[-1]
     padded = F.pad(plain.float(), (PAD,) * 4, mode="reflect").to(torch.uint8)
-    windows = padded.unfold(2, size, 1).unfold(3, size, 1).permute(0, 2, 3, 1, 4, 5)  # [N, top, left, 3, H, W]
+    windows = (
+        padded.unfold(2, size, 1).unfold(3, size, 1).permute(0, 2, 3, 1, 4, 5)
+    )  # [N, top, left, 3, H, W]
     same = torch.stack([windows, windows.flip(-1)], 1).eq(aug[:, None, None, None]).flatten(4).all(4)
     assert same.flatten(1).sum(1).eq(1).all(), "an image is not exactly one crop of its source"
     flipped, top, left = same.nonzero()[:, 1:].T  # nonzero() lists the images in order
@@ -237,7 +262,9 @@ def test_datasets_are_deterministic_and_synthetic_takes_any_size():
         datasets._load_arrays.cache_clear()
     assert torch.equal(a.train_x, c.train_x)
     digits = load_arrays("digits")
-    assert digits.train_x.shape[1:] == (3, 32, 32) and digits.train_x.max() == 255 and digits.train_x.min() == 0
+    assert (
+        digits.train_x.shape[1:] == (3, 32, 32) and digits.train_x.max() == 255 and digits.train_x.min() == 0
+    )
     assert torch.equal(digits.train_x[:, 0], digits.train_x[:, 2])  # grey replicated to RGB
 
 
@@ -265,8 +292,10 @@ def write_cifar(root, dataset, n_train=50, n_test=20):
         meta = ("meta", {"fine_label_names": [f"c{i}" for i in range(100)]})
     base.mkdir(parents=True)
     for name, n in files:
-        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 label_key: rng.integers(0, classes, n).tolist()}
+        batch = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            label_key: rng.integers(0, classes, n).tolist(),
+        }
         (base / name).write_bytes(pickle.dumps(batch))
     (base / meta[0]).write_bytes(pickle.dumps(meta[1]))
     return base
@@ -297,8 +326,11 @@ def tiny_cifar(tmp_path, monkeypatch):
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
 def test_cifar_from_a_torchvision_folder(dataset, tiny_cifar, tmp_path):
     base = tiny_cifar(dataset)
-    train_files, test_file, key = ((sorted(base.glob("data_batch_*")), base / "test_batch", "labels")
-                                   if dataset == "cifar10" else ([base / "train"], base / "test", "fine_labels"))
+    train_files, test_file, key = (
+        (sorted(base.glob("data_batch_*")), base / "test_batch", "labels")
+        if dataset == "cifar10"
+        else ([base / "train"], base / "test", "fine_labels")
+    )
     raw = [pickle.loads(f.read_bytes()) for f in train_files]
     test = pickle.loads(test_file.read_bytes())
 
@@ -311,7 +343,9 @@ def test_cifar_from_a_torchvision_folder(dataset, tiny_cifar, tmp_path):
 
     arrays = load_arrays(dataset, tmp_path)
     assert arrays.train_y.tolist() == [v for batch in raw for v in batch[key]]
-    assert torch.equal(arrays.train_x, torch.from_numpy(np.concatenate([b["data"] for b in raw])).view(-1, 3, 32, 32))
+    assert torch.equal(
+        arrays.train_x, torch.from_numpy(np.concatenate([b["data"] for b in raw])).view(-1, 3, 32, 32)
+    )
     x, y = next(iter(make_loader(dataset, "train", 16, "cpu", 0, data_dir=tmp_path)))
     assert x.shape == (16, 3, 32, 32) and y.dtype == torch.int64
     assert split_indices(arrays, "search_val").numel() < 50
@@ -333,17 +367,20 @@ def test_missing_cifar_offline_fails_with_one_line_and_tries_no_download(tmp_pat
     assert "\n" not in message and "cifar10" in message and str(tmp_path / "none") in message
 
 
-@pytest.mark.parametrize("call, needle", [
-    (lambda: dataset_info("mnist"), "mnist"),
-    (lambda: dataset_info("synthetic:classes=x"), "'x'"),
-    (lambda: dataset_info("synthetic:colours=3"), "colours"),
-    (lambda: dataset_info("synthetic:size=4"), "size"),
-    (lambda: dataset_info("digits:size=8"), "size"),
-    (lambda: make_loader("digits", "val", 8, "cpu", 0), "val"),
-    (lambda: make_loader("digits", "train", 8, "cpu", 0, loader="dali2"), "dali2"),
-    (lambda: make_loader("digits", "train", 8, "cpu", 0, train_fraction=1.5), "1.5"),
-    (lambda: make_loader("digits", "train", 0, "cpu", 0), "batch size"),
-])
+@pytest.mark.parametrize(
+    "call, needle",
+    [
+        (lambda: dataset_info("mnist"), "mnist"),
+        (lambda: dataset_info("synthetic:classes=x"), "'x'"),
+        (lambda: dataset_info("synthetic:colours=3"), "colours"),
+        (lambda: dataset_info("synthetic:size=4"), "size"),
+        (lambda: dataset_info("digits:size=8"), "size"),
+        (lambda: make_loader("digits", "val", 8, "cpu", 0), "val"),
+        (lambda: make_loader("digits", "train", 8, "cpu", 0, loader="dali2"), "dali2"),
+        (lambda: make_loader("digits", "train", 8, "cpu", 0, train_fraction=1.5), "1.5"),
+        (lambda: make_loader("digits", "train", 0, "cpu", 0), "batch size"),
+    ],
+)
 def test_bad_names_raise_one_line_dataset_errors(call, needle):
     with pytest.raises(DatasetError) as info:
         call()

@@ -5,6 +5,7 @@ other ranks); place data with --sync-bn computes it up to reduction order, and w
 not (in float64, to a derived bound); torchrun trains both places to the accuracy of one process;
 a killed rank ends the other with one line and the run resumes to the uninterrupted run's metrics;
 launch mistakes end every rank with exit 2 and one line."""
+
 import json
 import os
 import signal
@@ -13,24 +14,37 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dist_steps
 import pytest
 import torch
 
-import dist_steps
 from ktfast.cli import main
 from ktfast.commands.train import launch_command
 from ktfast.config import TrainConfig
 from ktfast.data import make_loader
 from ktfast.engine.distributed import Placement
-from ktfast.graph import Graph
 from ktfast.engine.run import make_trainer
 from ktfast.engine.trainer import evaluate
+from ktfast.graph import Graph
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-DML2 = ["train", "--graph", str(EXAMPLES / "dml2_resnet8.json"), "--dataset", "digits", "--device", "cpu",
-        "--epochs", "4", "--lr-decay-at", "0.8", "--fuse", "--quiet"]  # place data fuses n1 and n2
+DML2 = [
+    "train",
+    "--graph",
+    str(EXAMPLES / "dml2_resnet8.json"),
+    "--dataset",
+    "digits",
+    "--device",
+    "cpu",
+    "--epochs",
+    "4",
+    "--lr-decay-at",
+    "0.8",
+    "--fuse",
+    "--quiet",
+]  # place data fuses n1 and n2
 
 
 @pytest.fixture
@@ -49,8 +63,9 @@ RUN_TIMEOUT_S, HOLD_TIMEOUT_S, EXIT_TIMEOUT_S = 480, 180, 60
 
 
 def torchrun(args, env):
-    return subprocess.run([*TORCHRUN, *args], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=RUN_TIMEOUT_S)
+    return subprocess.run(
+        [*TORCHRUN, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=RUN_TIMEOUT_S
+    )
 
 
 def dist_steps_run(args, env, out):
@@ -76,8 +91,11 @@ BOUND = 1e-9
 
 def relative_differences(ours: dict, reference: dict) -> tuple[float, float]:
     """(largest relative difference of a step's loss, largest of a node's weights and buffers as one vector)."""
-    losses = max(abs(a - b) / max(abs(b), 1e-12) for ra, rb in zip(ours["losses"], reference["losses"])
-                 for a, b in zip(ra, rb))
+    losses = max(
+        abs(a - b) / max(abs(b), 1e-12)
+        for ra, rb in zip(ours["losses"], reference["losses"])
+        for a, b in zip(ra, rb)
+    )
     assert len(ours["losses"]) == len(reference["losses"]) == dist_steps.STEPS
     weights = 0.0
     for node, state in reference["models"].items():
@@ -142,7 +160,9 @@ def rows(run: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("place", ["data", "nodes"])
-def test_torchrun_trains_both_places_to_the_accuracy_of_one_process(place, uninterrupted, tmp_path, monkeypatch):
+def test_torchrun_trains_both_places_to_the_accuracy_of_one_process(
+    place, uninterrupted, tmp_path, monkeypatch
+):
     run, env = uninterrupted
     if place == "nodes":
         done = torchrun(["-m", "ktfast", *DML2, "--place", "nodes", "--out", str(tmp_path / "run")], env)
@@ -163,7 +183,9 @@ def test_torchrun_trains_both_places_to_the_accuracy_of_one_process(place, unint
     trainer.load_checkpoint(run / "checkpoint.pt")
     test = evaluate(trainer.graph, trainer.models, trainer.units, trainer.eval_loader, cfg)
     for node, want in metrics[-1]["test"].items():
-        assert test[node]["acc"] == want["acc"] and test[node]["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert test[node]["acc"] == want["acc"] and test[node]["loss"] == pytest.approx(
+            want["loss"], rel=1e-5
+        )
 
 
 def free_port() -> int:
@@ -175,15 +197,29 @@ def free_port() -> int:
 def start_ranks(argvs: list[list[str]], env: dict) -> list[subprocess.Popen]:
     """One process per rank, started as torchrun would start them (its environment variables)."""
     port = str(free_port())
-    return [subprocess.Popen([sys.executable, "-m", "ktfast", *argv], cwd=ROOT, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
-                                  "RANK": str(rank), "LOCAL_RANK": str(rank)})
-            for rank, argv in enumerate(argvs)]
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "ktfast", *argv],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={
+                **env,
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "WORLD_SIZE": "2",
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+            },
+        )
+        for rank, argv in enumerate(argvs)
+    ]
 
 
-def test_a_killed_rank_ends_the_other_in_one_line_and_the_run_resumes_to_the_same_metrics(uninterrupted, tmp_path,
-                                                                                           hold):
+def test_a_killed_rank_ends_the_other_in_one_line_and_the_run_resumes_to_the_same_metrics(
+    uninterrupted, tmp_path, hold
+):
     reference, env = uninterrupted
     run = tmp_path / "run"
     ranks = start_ranks([[*DML2, "--out", str(run)]] * 2, {**env, **hold.env})
@@ -214,11 +250,23 @@ def test_a_killed_rank_ends_the_other_in_one_line_and_the_run_resumes_to_the_sam
 def test_a_bad_launch_ends_every_rank_with_exit_2_and_one_line(mistake, uninterrupted, tmp_path):
     reference, env = uninterrupted
     if mistake == "more ranks than nodes":
-        argvs = [[*DML2, "--graph", str(EXAMPLES / "vanilla.json"), "--place", "nodes", "--out", str(tmp_path / "r")]] * 2
+        argvs = [
+            [
+                *DML2,
+                "--graph",
+                str(EXAMPLES / "vanilla.json"),
+                "--place",
+                "nodes",
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        ] * 2
         expected = "--place nodes: 2 processes for the 1 model nodes"
     elif mistake == "different graphs":
-        argvs = [[*DML2, "--out", str(tmp_path / "r")],
-                 [*DML2, "--graph", str(EXAMPLES / "ind3_resnet8.json"), "--out", str(tmp_path / "r")]]
+        argvs = [
+            [*DML2, "--out", str(tmp_path / "r")],
+            [*DML2, "--graph", str(EXAMPLES / "ind3_resnet8.json"), "--out", str(tmp_path / "r")],
+        ]
         expected = "rank 1 was started with another graph or recipe than rank 0"
     else:  # place data continues only with the world size it started with
         code = main(["train", "--resume", str(reference), "--quiet"])
@@ -238,8 +286,18 @@ def test_gpus_needs_cuda_and_hands_the_command_to_torchrun(capsys):
         assert main([*DML2, "--gpus", "0,1"]) == 2
         assert "--gpus: needs CUDA" in capsys.readouterr().err
     cmd = launch_command(["train", "--gpus", "0,1", "--graph", "g.json", "--gpus=2", "--amp"], 2)
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                       "-m", "ktfast", "train", "--graph", "g.json", "--amp"]
+    assert cmd[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "ktfast",
+        "train",
+        "--graph",
+        "g.json",
+        "--amp",
+    ]
 
 
 # ---- the parts, in one process -------------------------------------------------------------------
@@ -251,20 +309,32 @@ def test_shards_of_a_loader_make_up_its_batches(tmp_path, monkeypatch):
     for (x, y), (x0, y0), (x1, y1) in zip(whole, *shards):
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
     test = make_loader("digits", "test", 256, "cpu", seed=3, loader="gpu")
-    parts = [torch.cat([y for _, y in make_loader("digits", "test", 256, "cpu", 3, loader="gpu", shard=(r, 3))])
-             for r in range(3)]
+    parts = [
+        torch.cat([y for _, y in make_loader("digits", "test", 256, "cpu", 3, loader="gpu", shard=(r, 3))])
+        for r in range(3)
+    ]
     assert torch.equal(torch.cat(parts), torch.cat([y for _, y in test]))  # each test image once
     with pytest.raises(Exception, match="does not split into 3"):
         make_loader("digits", "train", 64, "cpu", seed=3, loader="gpu", shard=(0, 3))
 
 
 def test_nodes_are_placed_largest_first_on_the_least_loaded_rank():
-    graph = Graph.from_dict({"version": 1, "name": "five", "target": "a", "nodes": [
-        {"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet110"}, {"name": "c", "model": "resnet32"},
-        {"name": "d", "model": "resnet110", "init": "pretrained"},  # frozen: nothing trains it
-        {"name": "e", "model": "resnet32"}],
-        "edges": [{"from": "label", "to": n, "loss": "ce", "gate": "through"} for n in "abce"]
-        + [{"from": "d", "to": "a", "loss": "kl", "gate": "through"}]})
+    graph = Graph.from_dict(
+        {
+            "version": 1,
+            "name": "five",
+            "target": "a",
+            "nodes": [
+                {"name": "a", "model": "resnet8"},
+                {"name": "b", "model": "resnet110"},
+                {"name": "c", "model": "resnet32"},
+                {"name": "d", "model": "resnet110", "init": "pretrained"},  # frozen: nothing trains it
+                {"name": "e", "model": "resnet32"},
+            ],
+            "edges": [{"from": "label", "to": n, "loss": "ce", "gate": "through"} for n in "abce"]
+            + [{"from": "d", "to": "a", "loss": "kl", "gate": "through"}],
+        }
+    )
     sizes = {"resnet8": 78, "resnet32": 464, "resnet110": 1730}  # thousands of parameters
 
     class Model(torch.nn.Module):

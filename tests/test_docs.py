@@ -3,6 +3,7 @@ page is one walk-through), and the API example of examples/custom/. At a tiny si
 they train on is swapped for a synthetic set of as many classes and 16-pixel images (the code
 paths are the same; building the digits cache and 32-pixel steps would take the most of a minute).
 A block that raises, or an assertion in it that fails, fails the test."""
+
 import re
 import runpy
 import sys
@@ -37,8 +38,19 @@ def test_python_api_walk_through_runs():
 def test_api_example_script_runs(monkeypatch, capsys):
     """examples/custom/train_api.py on its own graph (the user's network of examples/custom/, with its
     attention layer, beside a resnet8), one epoch, at 32 px: its attention crops need 8x8 maps."""
-    monkeypatch.setattr(sys, "argv", ["train_api.py", "--epochs", "1", "--dataset", TINY.replace("size=16", "size=32"),
-                                      "--out", "runs/example"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "train_api.py",
+            "--epochs",
+            "1",
+            "--dataset",
+            TINY.replace("size=16", "size=32"),
+            "--out",
+            "runs/example",
+        ],
+    )
     runpy.run_path(str(ROOT / "examples" / "custom" / "train_api.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "epoch 1" in out and "own loop" in out

@@ -1,5 +1,6 @@
 """ABN and EKD: the `abn18` and `branch{N}_resnet8` models, branch addresses `node.b{i}` in graphs,
 losses and training, the EKD objective against the paper's formula, and the example graphs."""
+
 import json
 from pathlib import Path
 
@@ -10,12 +11,12 @@ import torch.nn.functional as F
 from ktfast import Graph, GraphError
 from ktfast.cli import main
 from ktfast.config import TrainConfig
+from ktfast.engine.build import build_trainer
+from ktfast.engine.pretrain import cache_path
 from ktfast.graph import EnsembleNode
 from ktfast.kernels import fused_graph_losses
 from ktfast.losses import graph_losses
 from ktfast.models import build_model, is_model_name
-from ktfast.engine.pretrain import cache_path
-from ktfast.engine.build import build_trainer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TINY = "synthetic:classes=10,size=32,train=16,test=16"  # 32 px: the 8x8 ABN map the examples' crops need
@@ -103,10 +104,16 @@ def test_branch_model_sums_independent_resnet8_branches():
 
 # ---- branch addresses in graph files --------------------------------------------------------
 def student_graph(*edges, members=("s.b0", "s.b2")):
-    return {"version": 1, "target": "s",
-            "nodes": [{"name": "s", "model": "branch3_resnet8"}, {"name": "t", "model": "resnet8"},
-                      {"name": "bs", "ensemble": list(members), "reduce": "sum", "detach": False}],
-            "edges": [{"from": "label", "to": "t", "loss": "ce", "gate": "through"}, *edges]}
+    return {
+        "version": 1,
+        "target": "s",
+        "nodes": [
+            {"name": "s", "model": "branch3_resnet8"},
+            {"name": "t", "model": "resnet8"},
+            {"name": "bs", "ensemble": list(members), "reduce": "sum", "detach": False},
+        ],
+        "edges": [{"from": "label", "to": "t", "loss": "ce", "gate": "through"}, *edges],
+    }
 
 
 def edge(source, target, loss="kl"):
@@ -114,19 +121,27 @@ def edge(source, target, loss="kl"):
 
 
 def test_branch_addresses_load():
-    g = Graph.from_dict(student_graph(edge("t", "s.b0"), edge("s.b2", "t"), edge("s.b0", "s.b2"),
-                                      edge("label", "bs", "ce")))
-    assert [(e.source, e.target) for e in g.edges[1:]] == [("t", "s.b0"), ("s.b2", "t"), ("s.b0", "s.b2"),
-                                                             ("label", "bs")]
+    g = Graph.from_dict(
+        student_graph(edge("t", "s.b0"), edge("s.b2", "t"), edge("s.b0", "s.b2"), edge("label", "bs", "ce"))
+    )
+    assert [(e.source, e.target) for e in g.edges[1:]] == [
+        ("t", "s.b0"),
+        ("s.b2", "t"),
+        ("s.b0", "s.b2"),
+        ("label", "bs"),
+    ]
     assert not g.nodes["s"].frozen
 
 
-@pytest.mark.parametrize("edges,members,field", [
-    ([edge("t", "s.b3")], ("s.b0",), r"edges\[t->s\.b3\]\.to"),
-    ([edge("s.b3", "t")], ("s.b0",), r"edges\[s\.b3->t\]\.from"),
-    ([], ("s.b0", "s.b3"), r"nodes\[bs\]\.ensemble"),
-    ([edge("t.b0", "s")], ("s.b0",), r"edges\[t\.b0->s\]\.from"),  # a single-branch model has no b0
-])
+@pytest.mark.parametrize(
+    "edges,members,field",
+    [
+        ([edge("t", "s.b3")], ("s.b0",), r"edges\[t->s\.b3\]\.to"),
+        ([edge("s.b3", "t")], ("s.b0",), r"edges\[s\.b3->t\]\.from"),
+        ([], ("s.b0", "s.b3"), r"nodes\[bs\]\.ensemble"),
+        ([edge("t.b0", "s")], ("s.b0",), r"edges\[t\.b0->s\]\.from"),  # a single-branch model has no b0
+    ],
+)
 def test_a_branch_the_model_does_not_have_is_rejected(edges, members, field):
     with pytest.raises(GraphError, match=field):
         Graph.from_dict(student_graph(*edges, members=members))
@@ -134,14 +149,18 @@ def test_a_branch_the_model_does_not_have_is_rejected(edges, members, field):
 
 def test_losses_into_branches_count_for_their_node():
     # Every edge into s goes to a branch: s is still trained, and its L_t sums those edges.
-    g = Graph.from_dict(student_graph(edge("t", "s.b0", "kl+mse"), edge("t", "s.b2", "mse"), members=("s.b1",)))
+    g = Graph.from_dict(
+        student_graph(edge("t", "s.b0", "kl+mse"), edge("t", "s.b2", "mse"), members=("s.b1",))
+    )
     gen = torch.Generator().manual_seed(0)
     z = {n: torch.randn(6, 10, generator=gen) for n in ("t", "s.b0", "s.b1", "s.b2")}
     z["s"] = z["s.b0"] + z["s.b1"] + z["s.b2"]
     y = torch.randint(0, 10, (6,), generator=gen)
     losses = graph_losses(g, z, y, step=1, total_steps=1)
     assert list(losses) == ["s", "t"] and not g.nodes["s"].frozen
-    kl = F.kl_div(F.log_softmax(z["s.b0"], 1), F.log_softmax(z["t"], 1), reduction="batchmean", log_target=True)
+    kl = F.kl_div(
+        F.log_softmax(z["s.b0"], 1), F.log_softmax(z["t"], 1), reduction="batchmean", log_target=True
+    )
     expected = kl + F.mse_loss(z["s.b0"], z["t"]) + F.mse_loss(z["s.b2"], z["t"])
     torch.testing.assert_close(losses["s"], expected)
     fused = fused_graph_losses(g, z, y, 1, 1)
@@ -151,7 +170,9 @@ def test_losses_into_branches_count_for_their_node():
 
 
 def test_a_graph_with_branch_endpoints_trains_and_evaluates_its_branch_ensemble():
-    g = Graph.from_dict(student_graph(edge("t", "s.b0", "kl+mse"), edge("s.b2", "t"), edge("label", "bs", "ce")))
+    g = Graph.from_dict(
+        student_graph(edge("t", "s.b0", "kl+mse"), edge("s.b2", "t"), edge("label", "bs", "ce"))
+    )
     cfg = TrainConfig(dataset=TINY, epochs=1, batch_size=16, device="cpu")
     row = build_trainer(g, cfg, out=None, progress=False).fit()[0]
     assert set(row["train"]) == set(row["test"]) == {"s", "t", "bs"}
@@ -161,8 +182,10 @@ def test_a_graph_with_branch_endpoints_trains_and_evaluates_its_branch_ensemble(
 # ---- EKD ------------------------------------------------------------------------------------
 def ekd_inputs(batch=8, classes=10, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    z = {n: (3 * torch.randn(batch, classes, generator=gen)).requires_grad_()
-         for n in ("t0", "t1", "t2", "s.b0", "s.b1", "s.b2")}
+    z = {
+        n: (3 * torch.randn(batch, classes, generator=gen)).requires_grad_()
+        for n in ("t0", "t1", "t2", "s.b0", "s.b1", "s.b2")
+    }
     return z, torch.randint(0, classes, (batch,), generator=gen)
 
 
@@ -172,6 +195,7 @@ def with_student_sum(z):
 
 def ekd_paper_loss(z, y, alpha=0.5, beta=0.5, gamma=0.6, T=10.0):
     """Asif et al., Eq. 5 and 8, written out: (teachers' part, student's part) of L_train."""
+
     def kl(student, teacher):  # Eq. 8's L_KL(student, teacher / T): only the teacher is softened, no T²
         p = F.softmax(teacher / T, 1)
         return (p * (F.log_softmax(teacher / T, 1) - F.log_softmax(student, 1))).sum(1).mean()
@@ -183,8 +207,11 @@ def ekd_paper_loss(z, y, alpha=0.5, beta=0.5, gamma=0.6, T=10.0):
     branches = [z[f"s.b{i}"] for i in range(3)]
     p_t, p_s = sum(teachers), sum(branches)
     fixed_t = [t.detach() for t in teachers]  # a graph edge trains its target only
-    l_kd = (kl(p_s, sum(fixed_t)) + mse(p_s, sum(fixed_t))
-            + sum(kl(q_s, q_t) + mse(q_s, q_t) for q_s, q_t in zip(branches, fixed_t)))
+    l_kd = (
+        kl(p_s, sum(fixed_t))
+        + mse(p_s, sum(fixed_t))
+        + sum(kl(q_s, q_t) + mse(q_s, q_t) for q_s, q_t in zip(branches, fixed_t))
+    )
     return alpha * F.cross_entropy(p_t, y), beta * F.cross_entropy(p_s, y) + gamma * l_kd
 
 
@@ -244,9 +271,25 @@ def test_abn_examples_target_the_ensemble_of_all_nodes(n):
 @pytest.mark.parametrize("name", ["abn2", "abn3", "abn4", "abn5", "ekd"])
 def test_example_trains_one_epoch_through_the_cli(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = main(["train", "--graph", str(EXAMPLES / f"{name}.json"), "--dataset", TINY, "--epochs", "1",
-                 "--batch-size", "16", "--out", "run", "--quiet", "--device", "cpu"]
-                + (["--optimizer", "adam", "--lr", "0.01"] if name == "ekd" else []))
+    code = main(
+        [
+            "train",
+            "--graph",
+            str(EXAMPLES / f"{name}.json"),
+            "--dataset",
+            TINY,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--out",
+            "run",
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
+        + (["--optimizer", "adam", "--lr", "0.01"] if name == "ekd" else [])
+    )
     assert code == 0
     g = Graph.load(EXAMPLES / f"{name}.json")
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())

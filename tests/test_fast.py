@@ -3,6 +3,7 @@
 On CPU the fast path is the compiled step (torch.compile of every node); on CUDA it adds streams,
 channels_last, fused kernels, the fused optimizer and the CUDA-graph capture of the whole step.
 """
+
 import pytest
 import torch
 
@@ -12,16 +13,26 @@ from ktfast.engine.build import build_trainer
 from ktfast.engine.trainer import Trainer
 
 DATA = "synthetic:classes=6,size=16,train=128,test=32"
-GRAPH = {"version": 1, "name": "three", "target": "a",
-         "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"},
-                   {"name": "c", "model": "resnet14"}, {"name": "ens", "ensemble": ["a", "b", "c"]}],
-         "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-                   {"from": "label", "to": "b", "loss": "ce", "gate": "correct"},
-                   {"from": "label", "to": "c", "loss": "ce", "gate": "linear"},
-                   {"from": "b", "to": "a", "loss": "kl", "gate": "linear", "temperature": 2.0},
-                   {"from": "c", "to": "a", "loss": "kl", "gate": "correct"},
-                   {"from": "a", "to": "b", "loss": "kl+att_mse", "gate": "through", "crops": [1, 3]},
-                   {"from": "ens", "to": "c", "loss": "kl", "gate": "through"}]}
+GRAPH = {
+    "version": 1,
+    "name": "three",
+    "target": "a",
+    "nodes": [
+        {"name": "a", "model": "resnet8"},
+        {"name": "b", "model": "resnet8"},
+        {"name": "c", "model": "resnet14"},
+        {"name": "ens", "ensemble": ["a", "b", "c"]},
+    ],
+    "edges": [
+        {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+        {"from": "label", "to": "b", "loss": "ce", "gate": "correct"},
+        {"from": "label", "to": "c", "loss": "ce", "gate": "linear"},
+        {"from": "b", "to": "a", "loss": "kl", "gate": "linear", "temperature": 2.0},
+        {"from": "c", "to": "a", "loss": "kl", "gate": "correct"},
+        {"from": "a", "to": "b", "loss": "kl+att_mse", "gate": "through", "crops": [1, 3]},
+        {"from": "ens", "to": "c", "loss": "kl", "gate": "through"},
+    ],
+}
 
 
 @pytest.fixture(autouse=True)
@@ -101,8 +112,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @cuda
-@pytest.mark.parametrize("compile_,graph", [(False, False), (False, True), (True, True)],
-                         ids=["streams", "cudagraph", "compile+cudagraph"])
+@pytest.mark.parametrize(
+    "compile_,graph",
+    [(False, False), (False, True), (True, True)],
+    ids=["streams", "cudagraph", "compile+cudagraph"],
+)
 def test_cuda_fast_step_matches_reference(compile_, graph):
     ref = per_step_losses(config(device="cuda", reference=True), 4)
     fast = per_step_losses(config(device="cuda", compile=compile_, cuda_graph=graph), 4)
@@ -118,8 +132,9 @@ def graphed_and_eager(monkeypatch, **kw) -> dict:
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     out = {}
     for graph in (False, True):
-        trainer = build_trainer(Graph.from_dict(GRAPH), config(device="cuda", cuda_graph=graph, **kw), out=None,
-                          progress=False)
+        trainer = build_trainer(
+            Graph.from_dict(GRAPH), config(device="cuda", cuda_graph=graph, **kw), out=None, progress=False
+        )
         assert trainer.step.use_graph == graph and trainer.cfg.milestones()[0] == 1
         trainer.train_loader.set_epoch(0)
         batches = list(trainer.train_loader)
@@ -141,7 +156,9 @@ def graphed_and_eager(monkeypatch, **kw) -> dict:
 
 def state(trainer) -> dict:
     tensors = {f"{k}.{n}": v for k, m in trainer.models.items() for n, v in m.state_dict().items()}
-    tensors.update((f"momentum {i}", s["momentum_buffer"]) for i, s in enumerate(trainer.optimizer.state.values()))
+    tensors.update(
+        (f"momentum {i}", s["momentum_buffer"]) for i, s in enumerate(trainer.optimizer.state.values())
+    )
     tensors["correct"] = trainer.correct
     return tensors
 
@@ -182,8 +199,9 @@ def test_fp16_grad_scaler_step_is_captured(monkeypatch):
 def test_cuda_graph_epoch_metrics_match_eager_fast_path():
     rows = {}
     for graph in (False, True):
-        trainer = build_trainer(Graph.from_dict(GRAPH), config(device="cuda", cuda_graph=graph), out=None,
-                                progress=False)
+        trainer = build_trainer(
+            Graph.from_dict(GRAPH), config(device="cuda", cuda_graph=graph), out=None, progress=False
+        )
         rows[graph] = trainer.fit()
     for a, b in zip(rows[False], rows[True]):
         for node in a["train"]:

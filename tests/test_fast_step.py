@@ -3,6 +3,7 @@ runs with stand-in streams that record
 what the step asks of them (forks, joins, which unit ran where), so the stream plan, the leases of
 the process's stream pool, the pairing of the kernels' loss vector with its targets and the step's
 lifetime are checked without a GPU. The numerics of the CUDA path itself are in the GPU suite."""
+
 import gc
 import itertools
 import weakref
@@ -13,9 +14,9 @@ import torch
 
 from ktfast import Graph
 from ktfast.config import TrainConfig
+from ktfast.engine.build import build_trainer
 from ktfast.engine.fast import StreamBank, step_losses
 from ktfast.losses import loss_targets, reference_graph_losses
-from ktfast.engine.build import build_trainer
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -33,18 +34,29 @@ def float64():
     yield
     torch.set_default_dtype(default)
 
+
 DATA = "synthetic:classes=5,size=16,train=64,test=16"
 # Three resnet8 (one fused group when fused) and a resnet14 (a unit of its own): four model nodes,
 # two units; four targets of the loss vector, so a pairing that shifts or reverses shows.
-GRAPH = {"version": 1, "name": "g", "target": "a",
-         "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"},
-                   {"name": "c", "model": "resnet14"}, {"name": "d", "model": "resnet8"}],
-         "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-                   {"from": "label", "to": "b", "loss": "ce", "gate": "through", "weight": 2.0},
-                   {"from": "label", "to": "c", "loss": "ce", "gate": "through"},
-                   {"from": "a", "to": "b", "loss": "kl", "gate": "linear", "temperature": 2.0},
-                   {"from": "b", "to": "d", "loss": "mse", "gate": "through", "weight": 0.5},
-                   {"from": "c", "to": "a", "loss": "kl", "gate": "correct"}]}
+GRAPH = {
+    "version": 1,
+    "name": "g",
+    "target": "a",
+    "nodes": [
+        {"name": "a", "model": "resnet8"},
+        {"name": "b", "model": "resnet8"},
+        {"name": "c", "model": "resnet14"},
+        {"name": "d", "model": "resnet8"},
+    ],
+    "edges": [
+        {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+        {"from": "label", "to": "b", "loss": "ce", "gate": "through", "weight": 2.0},
+        {"from": "label", "to": "c", "loss": "ce", "gate": "through"},
+        {"from": "a", "to": "b", "loss": "kl", "gate": "linear", "temperature": 2.0},
+        {"from": "b", "to": "d", "loss": "mse", "gate": "through", "weight": 0.5},
+        {"from": "c", "to": "a", "loss": "kl", "gate": "correct"},
+    ],
+}
 
 
 class Stream:
@@ -100,6 +112,7 @@ def fast_trainer(bank=None, record=True, **kw):
         def recorded(unit, x):
             log.append(("forward", unit.name, streams.active.cuda_stream))
             return forward(unit, x)
+
         trainer.step.forward_unit = recorded
     trainer.step.use_streams(streams, bank)
     return trainer, log
@@ -140,11 +153,14 @@ def test_the_step_joins_exactly_the_streams_it_forked(fuse):
     ran_on = {f[1]: f[2] for f in log if f[0] == "forward"}
     assert forked == started == set(ran_on.values())
     assert len(forked) == len(units) and ran_on.keys() == {u.name for u in units}
-    assert trainer.step.streams.count == len(units) + 1 and trainer.step.streams.side.cuda_stream not in forked
+    assert (
+        trainer.step.streams.count == len(units) + 1 and trainer.step.streams.side.cuda_stream not in forked
+    )
 
 
-@pytest.mark.parametrize("fuse,kernels", [(True, "0"), (False, "0"), (True, "1")],
-                         ids=["fused", "unfused", "fused+kernels"])
+@pytest.mark.parametrize(
+    "fuse,kernels", [(True, "0"), (False, "0"), (True, "1")], ids=["fused", "unfused", "fused+kernels"]
+)
 def test_the_fast_step_computes_what_the_trainer_step_computes(fuse, kernels, monkeypatch):
     """Same units, same batches: the step with its streams (and its own kernel scratch) and the
     Trainer's own step compute the same (float64: the bound of the fixture above)."""
@@ -209,7 +225,9 @@ def test_the_kernels_loss_vector_is_paired_with_its_targets(monkeypatch):
     pytest.importorskip("triton")
     graph = Graph.from_dict(GRAPH)
     torch.manual_seed(1)
-    logits = {n.name: torch.randn(8, 5, dtype=torch.float32) * (i + 1) for i, n in enumerate(graph.model_nodes)}
+    logits = {
+        n.name: torch.randn(8, 5, dtype=torch.float32) * (i + 1) for i, n in enumerate(graph.model_nodes)
+    }
     labels = torch.randint(0, 5, (8,))
     factor = torch.tensor(0.25, dtype=torch.float32)
     got, total = step_losses(graph, logits, labels, factor, 1, None)
@@ -266,12 +284,24 @@ def test_on_a_gpu_a_fused_group_runs_batchnorm_as_its_nodes(model):
     from ktfast.engine.fuse import FusedGroup, fusion_fault
 
     size = 32 if model == "resnet8" else 64
-    g = Graph.from_dict({"version": 1, "name": "g", "target": "a",
-                         "nodes": [{"name": "a", "model": model}, {"name": "b", "model": model}],
-                         "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-                                   {"from": "a", "to": "b", "loss": "kl", "gate": "through"}]})
-    trainer = build_trainer(g, cfg(device="cuda", dataset=f"synthetic:classes=5,size={size},train=32,test=8",
-                                   fuse=True), out=None, progress=False)
+    g = Graph.from_dict(
+        {
+            "version": 1,
+            "name": "g",
+            "target": "a",
+            "nodes": [{"name": "a", "model": model}, {"name": "b", "model": model}],
+            "edges": [
+                {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+                {"from": "a", "to": "b", "loss": "kl", "gate": "through"},
+            ],
+        }
+    )
+    trainer = build_trainer(
+        g,
+        cfg(device="cuda", dataset=f"synthetic:classes=5,size={size},train=32,test=8", fuse=True),
+        out=None,
+        progress=False,
+    )
     (unit,) = trainer.units
     assert isinstance(getattr(unit.module, "_orig_mod", unit.module), FusedGroup)
     x = torch.randn(8, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
@@ -290,6 +320,7 @@ def test_a_capture_that_fails_falls_back_to_the_eager_step_and_computes_what_it_
 
         def capture_end(self):
             pass
+
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph_)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     torch.manual_seed(0)
@@ -299,5 +330,6 @@ def test_a_capture_that_fails_falls_back_to_the_eager_step_and_computes_what_it_
     got, want = steps(fast, 3), steps(plain, 3)
     assert fast.paths["cuda_graph"] == "off" and fast.step.captures == 0
     assert [line for line in capsys.readouterr().out.splitlines() if "falls back" in line] == [
-        "ktfast: cuda_graph falls back to off: RuntimeError: operation not permitted when stream is capturing"]
+        "ktfast: cuda_graph falls back to off: RuntimeError: operation not permitted when stream is capturing"
+    ]
     assert_same(fast, plain, got, want)

@@ -1,6 +1,7 @@
 """Faults of a training run (docs/ARCHITECTURE.md §2, §7): a corrupt or foreign checkpoint, a run directory that
 names other data, a diverging loss, a write that fails. Each ends with its exit code and one line,
 and nothing of the run directory is lost or overwritten."""
+
 import hashlib
 import json
 import math
@@ -16,15 +17,21 @@ import torch
 
 from ktfast.cli import main
 from ktfast.config import TrainConfig
-from ktfast.graph import Graph
 from ktfast.engine.build import build_trainer
 from ktfast.engine.trainer import Trainer
+from ktfast.graph import Graph
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
-PAIR = {"version": 1, "name": "pair", "target": "a",
-        "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"}],
-        "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-                  {"from": "label", "to": "b", "loss": "ce", "gate": "through"}]}
+PAIR = {
+    "version": 1,
+    "name": "pair",
+    "target": "a",
+    "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"}],
+    "edges": [
+        {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+        {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
+    ],
+}
 
 
 pytestmark = pytest.mark.usefixtures("private_cache", "in_tmp")
@@ -33,8 +40,27 @@ pytestmark = pytest.mark.usefixtures("private_cache", "in_tmp")
 def train(tmp_path, out: str, graph: dict = PAIR, epochs: int = 1, extra=()) -> int:
     path = tmp_path / f"{out}.json"
     path.write_text(json.dumps(graph))
-    return main(["train", "--graph", str(path), "--dataset", TINY, "--epochs", str(epochs), "--batch-size", "32",
-                 "--lr", "0.05", "--device", "cpu", "--quiet", "--out", out, *extra])
+    return main(
+        [
+            "train",
+            "--graph",
+            str(path),
+            "--dataset",
+            TINY,
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.05",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            out,
+            *extra,
+        ]
+    )
 
 
 def files(run: Path) -> dict:
@@ -53,8 +79,29 @@ def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("base")
     path = root / "g.json"
     path.write_text(json.dumps(PAIR))
-    assert main(["train", "--graph", str(path), "--dataset", TINY, "--epochs", "1", "--batch-size", "32",
-                 "--lr", "0.05", "--device", "cpu", "--quiet", "--out", str(root / "run")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--graph",
+                str(path),
+                "--dataset",
+                TINY,
+                "--epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--lr",
+                "0.05",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                str(root / "run"),
+            ]
+        )
+        == 0
+    )
     cfg = json.loads((root / "run" / "config.json").read_text())
     (root / "run" / "config.json").write_text(json.dumps(dict(cfg, epochs=2), indent=2) + "\n")
     return root / "run"
@@ -98,10 +145,12 @@ def foreign_models(run, tmp_path):
     torch.save(state, run / "checkpoint.pt")
 
 
-CORRUPT = {"truncated checkpoint": (truncate_checkpoint, "truncated or corrupt"),
-           "garbled checkpoint": (garble_checkpoint, "truncated or corrupt"),
-           "checkpoint of another graph": (foreign_checkpoint, "another graph (its edges differ"),
-           "checkpoint of other models": (foreign_models, "node b do not fit")}
+CORRUPT = {
+    "truncated checkpoint": (truncate_checkpoint, "truncated or corrupt"),
+    "garbled checkpoint": (garble_checkpoint, "truncated or corrupt"),
+    "checkpoint of another graph": (foreign_checkpoint, "another graph (its edges differ"),
+    "checkpoint of other models": (foreign_models, "node b do not fit"),
+}
 
 
 @pytest.mark.parametrize("case", sorted(CORRUPT))
@@ -117,8 +166,13 @@ def test_resume_from_what_is_not_this_run_exits_2_and_touches_nothing(case, run,
 
 # What the run's data are, and another value of each: other data of the same shape, on which the
 # weights would load and the run would go on silently.
-OTHER_DATA = {"dataset": TINY.replace("test=40", "test=48"), "split": "search", "train_fraction": 0.5,
-              "val_fraction": 0.25, "seed": 1}
+OTHER_DATA = {
+    "dataset": TINY.replace("test=40", "test=48"),
+    "split": "search",
+    "train_fraction": 0.5,
+    "val_fraction": 0.25,
+    "seed": 1,
+}
 
 
 @pytest.mark.parametrize("field", sorted(OTHER_DATA))
@@ -156,8 +210,9 @@ def test_resume_with_a_flag_that_disagrees_with_the_run_exits_2(run, tmp_path, c
     (run / "config.json").write_text('{"dataset": ')
     assert resume(run) == 2
     one_line(capsys.readouterr().err, "config.json")
-    assert {k: v for k, v in files(run).items() if k != "config.json"} == \
-        {k: v for k, v in before.items() if k != "config.json"}
+    assert {k: v for k, v in files(run).items() if k != "config.json"} == {
+        k: v for k, v in before.items() if k != "config.json"
+    }
 
 
 def test_resume_with_agreeing_flags_continues(run, finished_run):
@@ -169,7 +224,8 @@ def test_resume_with_agreeing_flags_continues(run, finished_run):
 
 # ---- a diverging loss --------------------------------------------------------------------------
 def test_a_non_finite_loss_exits_3_naming_node_and_epoch_and_keeps_the_last_finite_checkpoint(
-        tmp_path, capsys, monkeypatch):
+    tmp_path, capsys, monkeypatch
+):
     kept = {}
     train_epoch = Trainer.train_epoch
 
@@ -194,9 +250,11 @@ def test_fp16_skipped_steps_are_counted_in_the_metrics_row(tmp_path):
     trainer = build_trainer(Graph.from_dict(heavy), cfg, out=tmp_path, progress=False)
     # A CPU run has no fp16 scaler. This one starts at a scale that overflows Σ L_t × scale, and halves
     # it at every skipped step (never growing it back): the row must count exactly those halvings.
-    trainer.scaler = trainer.step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, growth_interval=10 ** 6)
+    trainer.scaler = trainer.step.scaler = torch.amp.GradScaler(
+        "cpu", init_scale=2.0**127, growth_interval=10**6
+    )
     [row] = trainer.fit()
-    halvings = math.log2(2.0 ** 127 / trainer.scaler.get_scale())
+    halvings = math.log2(2.0**127 / trainer.scaler.get_scale())
     assert row["skipped_steps"] == halvings > 0
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["skipped_steps"] == row["skipped_steps"]
 
@@ -205,19 +263,28 @@ def test_fp16_skipped_steps_are_counted_in_the_metrics_row(tmp_path):
 def limited_resume(run: Path, max_file_bytes: int) -> subprocess.CompletedProcess:
     """`ktfast train --resume` in a process whose writes fail past `max_file_bytes` per file (EFBIG
     from the write itself, as a full disk fails it with ENOSPC)."""
+
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the process dying
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
 
-    return subprocess.run([sys.executable, "-m", "ktfast", "train", "--resume", str(run), "--quiet"],
-                          preexec_fn=limit, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ktfast", "train", "--resume", str(run), "--quiet"],
+        preexec_fn=limit,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("what", ["checkpoint", "metrics row"])
 def test_a_failed_write_keeps_the_previous_checkpoint_and_rows(what, run):
     before = files(run)
-    size = (run / "checkpoint.pt").stat().st_size // 2 if what == "checkpoint" else \
-        (run / "metrics.jsonl").stat().st_size + 40  # the row fails part-way through
+    size = (
+        (run / "checkpoint.pt").stat().st_size // 2
+        if what == "checkpoint"
+        else (run / "metrics.jsonl").stat().st_size + 40
+    )  # the row fails part-way through
     proc = limited_resume(run, size)
     assert proc.returncode == 1, proc.stderr
     one_line(proc.stderr, "cannot write", "checkpoint.pt" if what == "checkpoint" else "metrics.jsonl")

@@ -1,5 +1,6 @@
 """Image-file datasets (ktfast.data.folders): real JPEG and PNG files in the Tiny ImageNet and class-folder
 layouts, their labels, sizes and cache, the exploration split, and a training run on one."""
+
 import json
 import os
 import shutil
@@ -12,9 +13,8 @@ import torch
 from PIL import Image
 
 from ktfast import data
-from ktfast.data import datasets, decode, folders
 from ktfast.cli import main
-from ktfast.data import DatasetError, dataset_info, load_arrays, make_loader
+from ktfast.data import DatasetError, dataset_info, datasets, decode, folders, load_arrays, make_loader
 
 COLOURS = [(220, 30, 30), (30, 190, 40), (40, 60, 220)]  # one per class: the label can be read off the pixels
 # Train/test images per class: odd counts make the halves of the exploration split uneven.
@@ -29,7 +29,7 @@ def write_image(path: Path, colour, size=(48, 32), grey=False):
     side = min(w, h)
     pixels = np.zeros((h, w, 3), np.uint8)
     top, left = (h - side) // 2, (w - side) // 2
-    pixels[top:top + side, left:left + side] = colour
+    pixels[top : top + side, left : left + side] = colour
     image = Image.fromarray(pixels)
     path.parent.mkdir(parents=True, exist_ok=True)
     (image.convert("L") if grey else image).save(path)
@@ -142,9 +142,13 @@ def test_cache_is_written_once_reused_and_rebuilt_when_the_folder_changes(tmp_pa
 
     decoded = []  # the files decoded, by PIL or DALI
     real_decode = folders._decode_all
-    monkeypatch.setattr(folders, "_decode_all", lambda items, size: decoded.extend(items) or real_decode(items, size))
+    monkeypatch.setattr(
+        folders, "_decode_all", lambda items, size: decoded.extend(items) or real_decode(items, size)
+    )
     again = reload("tinyimagenet", tmp_path)
-    assert not decoded and torch.equal(again.train_x, first.train_x) and torch.equal(again.test_y, first.test_y)
+    assert (
+        not decoded and torch.equal(again.train_x, first.train_x) and torch.equal(again.test_y, first.test_y)
+    )
 
     write_image(folder / "train" / "n0300" / "images" / "n0300_9.JPEG", COLOURS[2], (64, 64))
     grown = reload("tinyimagenet", tmp_path)
@@ -237,14 +241,19 @@ def test_a_folder_without_train_and_test_is_all_training_data(tmp_path):
     assert make_loader(dataset, "search_val", 4, "cpu", 0, data_dir=tmp_path).num_samples == 7
 
 
-@pytest.mark.parametrize("dataset, expected", [
-    ("tinyimagenet", "none/tiny-imagenet-200"),
-    ("imagefolder:path=dogs", "none/dogs"),
-    ("imagefolder", "path=DIR"),
-])
+@pytest.mark.parametrize(
+    "dataset, expected",
+    [
+        ("tinyimagenet", "none/tiny-imagenet-200"),
+        ("imagefolder:path=dogs", "none/dogs"),
+        ("imagefolder", "path=DIR"),
+    ],
+)
 def test_a_missing_folder_is_one_line_naming_the_path(tmp_path, dataset, expected):
-    for call in (lambda: dataset_info(dataset, tmp_path / "none"),
-                 lambda: make_loader(dataset, "train", 4, "cpu", 0, data_dir=tmp_path / "none")):
+    for call in (
+        lambda: dataset_info(dataset, tmp_path / "none"),
+        lambda: make_loader(dataset, "train", 4, "cpu", 0, data_dir=tmp_path / "none"),
+    ):
         with pytest.raises(DatasetError) as info:
             call()
         assert "\n" not in str(info.value) and expected in str(info.value)
@@ -266,8 +275,29 @@ def test_train_a_graph_end_to_end_on_a_folder_set(birds, monkeypatch):
     monkeypatch.setenv("KTFAST_CACHE", str(root / "cache"))
     monkeypatch.setenv("KTFAST_KERNELS", "0")
     out = root / "run"
-    assert main(["train", "--graph", str(EXAMPLES / "dml2.json"), "--dataset", dataset, "--data-dir", str(root),
-                 "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--graph",
+                str(EXAMPLES / "dml2.json"),
+                "--dataset",
+                dataset,
+                "--data-dir",
+                str(root),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "config.json").read_text())["dataset"] == dataset
     assert os.listdir(out)
 
@@ -275,7 +305,7 @@ def test_train_a_graph_end_to_end_on_a_folder_set(birds, monkeypatch):
 def _plan_boxes_hold_torchvision_rules(plan, stored):
     (top, left), (h, w) = plan.offsets.T, plan.sizes.T
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= stored).all() and (left + w <= stored).all()
-    area, ratio = h * w / stored ** 2, w / h
+    area, ratio = h * w / stored**2, w / h
     whole = (h == stored) & (w == stored)  # the fallback when no draw fits
     assert ((area >= 0.08 - 0.02) & (area <= 1) | whole).all()
     assert ((ratio >= 0.75 - 0.05) & (ratio <= 4 / 3 + 0.05) | whole).all()
@@ -286,7 +316,9 @@ def test_folder_sets_train_on_random_resized_crops_and_evaluate_the_centre(birds
     dataset += ",crop=24"  # stored 32 px, the networks see 24 px
     train = make_loader(dataset, "train", 5, "cpu", 0, data_dir=root, loader="gpu")
     plan = train.plan(0)
-    assert isinstance(make_loader(dataset, "train", 5, "cpu", 0, data_dir=root), data.TorchLoader)  # auto, on a CPU
+    assert isinstance(
+        make_loader(dataset, "train", 5, "cpu", 0, data_dir=root), data.TorchLoader
+    )  # auto, on a CPU
     _plan_boxes_hold_torchvision_rules(plan, 32)
     assert plan.sizes.unique(dim=0).shape[0] > 1 and torch.equal(train.plan(0).offsets, plan.offsets)
     assert not torch.equal(train.plan(1).sizes, plan.sizes)

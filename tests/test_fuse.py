@@ -14,6 +14,7 @@ other branch on one side only, which parts the gradients by O(|g|) at once (2e-4
 in three steps, on an AVX2 CPU), and ResNet-18 at 16 px is unstable outright (an input scaled by
 1 + 1e-7 moves its fp32 gradients by up to 17 %, in float64 by 2e-7).
 """
+
 import argparse
 from contextlib import contextmanager
 
@@ -23,11 +24,11 @@ import torch
 from ktfast import Graph
 from ktfast.args import add_recipe_args, config_from_args
 from ktfast.config import TrainConfig
+from ktfast.engine.build import build_trainer
 from ktfast.engine.fuse import FusedGroup, fusion_groups
+from ktfast.engine.trainer import Trainer
 from ktfast.internals import uncompiled
 from ktfast.models import build_model
-from ktfast.engine.build import build_trainer
-from ktfast.engine.trainer import Trainer
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
 RTOL = 1e-9
@@ -72,7 +73,10 @@ class Float64Batches:
 def fitting_trainer(g: Graph, out=None, **kw) -> Trainer:
     """A Trainer for `fit()` in float64."""
     trainer = build_trainer(g, cfg(**kw), out=out, progress=False)
-    trainer.train_loader, trainer.eval_loader = Float64Batches(trainer.train_loader), Float64Batches(trainer.eval_loader)
+    trainer.train_loader, trainer.eval_loader = (
+        Float64Batches(trainer.train_loader),
+        Float64Batches(trainer.eval_loader),
+    )
     return trainer
 
 
@@ -91,14 +95,24 @@ def graph(model: str, n: int = 2, extra_nodes=(), extra_edges=()) -> Graph:
     names = [f"n{i}" for i in range(n)]
     side = build_model(model, 4, 16)(torch.zeros(2, 3, 16, 16), return_attention=True)[1].shape[-1]
     edges = [{"from": "label", "to": a, "loss": "ce", "gate": "through"} for a in names]
-    edges += [{"from": names[1], "to": names[0], "loss": "kl+att_mse", "gate": "linear", "crops": [side]},
-              {"from": names[0], "to": names[1], "loss": "kl", "gate": "through", "temperature": 2.0}]
+    edges += [
+        {"from": names[1], "to": names[0], "loss": "kl+att_mse", "gate": "linear", "crops": [side]},
+        {"from": names[0], "to": names[1], "loss": "kl", "gate": "through", "temperature": 2.0},
+    ]
     if model.startswith("branch"):
-        edges += [{"from": names[1], "to": f"{names[0]}.b1", "loss": "kl+mse", "gate": "through"},
-                  {"from": f"{names[1]}.b0", "to": names[0], "loss": "kl", "gate": "through"}]
-    return Graph.from_dict({"version": 1, "name": "g", "target": names[0],
-                            "nodes": [{"name": a, "model": model} for a in names] + list(extra_nodes),
-                            "edges": edges + list(extra_edges)})
+        edges += [
+            {"from": names[1], "to": f"{names[0]}.b1", "loss": "kl+mse", "gate": "through"},
+            {"from": f"{names[1]}.b0", "to": names[0], "loss": "kl", "gate": "through"},
+        ]
+    return Graph.from_dict(
+        {
+            "version": 1,
+            "name": "g",
+            "target": names[0],
+            "nodes": [{"name": a, "model": model} for a in names] + list(extra_nodes),
+            "edges": edges + list(extra_edges),
+        }
+    )
 
 
 def record(trainer: Trainer) -> list:
@@ -108,9 +122,18 @@ def record(trainer: Trainer) -> list:
 
     def recording(logits, labels, step, total_steps, attention, scratch):
         losses, total = losses_of(logits, labels, step, total_steps, attention, scratch)
-        seen.append({k: v.detach().clone() for k, v in (*logits.items(), *(("L_" + t, L) for t, L in losses.items()),
-                                                        *(("att_" + a, m) for a, m in (attention or {}).items()))})
+        seen.append(
+            {
+                k: v.detach().clone()
+                for k, v in (
+                    *logits.items(),
+                    *(("L_" + t, L) for t, L in losses.items()),
+                    *(("att_" + a, m) for a, m in (attention or {}).items()),
+                )
+            }
+        )
         return losses, total
+
     trainer.step.seed_losses = recording
     return seen
 
@@ -138,7 +161,9 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = RTOL
     assert (a - b).abs().max().item() <= rtol * scale, f"{what}: {(a - b).abs().max().item() / scale:.2e}"
 
 
-def assert_same_run(plain: Trainer, fused: Trainer, seen_plain: list, seen_fused: list, rtol: float = RTOL) -> None:
+def assert_same_run(
+    plain: Trainer, fused: Trainer, seen_plain: list, seen_fused: list, rtol: float = RTOL
+) -> None:
     assert len(seen_plain) == len(seen_fused) > 0
     for step, (p, f) in enumerate(zip(seen_plain, seen_fused)):
         assert p.keys() == f.keys()
@@ -175,8 +200,11 @@ def test_fused_adam_steps_as_unfused():
     a step of ±lr either way: fp32 runs differ there by up to 2·lr (measured: 4e-2 of that bias).
     In float64 a gradient perturbation δ moves a step by at most lr·δ/ε (ε = 1e-8, at g → 0); with
     δ ≤ 1e-13 (a thousand float64 ulps) that is 1e-7 · lr, so 1e-8 bounds it (measured: 1e-14)."""
-    g = graph("resnet8", 3, extra_edges=[{"from": "n0", "to": "n2", "loss": "att_mse", "gate": "through",
-                                          "crops": [1]}])
+    g = graph(
+        "resnet8",
+        3,
+        extra_edges=[{"from": "n0", "to": "n2", "loss": "att_mse", "gate": "through", "crops": [1]}],
+    )
     plain, seen_plain = run(g, optimizer="adam", lr=0.01, fuse=False)
     fused, seen_fused = run(g, optimizer="adam", lr=0.01, fuse=True)
     assert [len(u.nodes) for u in fused.units] == [3]
@@ -209,10 +237,15 @@ def teacher_checkpoint(path, seed: int) -> dict:
 
 def test_frozen_and_trainable_nodes_never_share_a_group(tmp_path):
     teachers = {f"t{i}": teacher_checkpoint(tmp_path / f"t{i}.pt", i) for i in range(2)}
-    g = graph("resnet8", 2,
-              extra_nodes=[{"name": t, "model": "resnet8", "init": {"checkpoint": str(tmp_path / f"{t}.pt")}}
-                           for t in teachers],
-              extra_edges=[{"from": t, "to": "n0", "loss": "kl", "gate": "through"} for t in teachers])
+    g = graph(
+        "resnet8",
+        2,
+        extra_nodes=[
+            {"name": t, "model": "resnet8", "init": {"checkpoint": str(tmp_path / f"{t}.pt")}}
+            for t in teachers
+        ],
+        extra_edges=[{"from": t, "to": "n0", "loss": "kl", "gate": "through"} for t in teachers],
+    )
     assert [n.name for n in g.model_nodes if n.frozen] == ["t0", "t1"]
     groups = [[n.name for n in group] for group in fusion_groups(g, set(), set())]
     assert groups == [["n0", "n1"], ["t0", "t1"]]
@@ -235,10 +268,19 @@ def test_groups_part_on_attention_and_branch_needs():
 
 def test_one_node_of_each_architecture_runs_as_before():
     nodes = [{"name": f"m{i}", "model": m} for i, m in enumerate(FAMILIES)]
-    g = Graph.from_dict({"version": 1, "name": "mixed", "target": "m0", "nodes": nodes,
-                         "edges": [{"from": "label", "to": n["name"], "loss": "ce", "gate": "through"} for n in nodes]
-                         + [{"from": "m3", "to": "m0", "loss": "kl+att_mse", "gate": "through", "crops": [1]},
-                            {"from": "m0", "to": "m4.b0", "loss": "kl", "gate": "through"}]})
+    g = Graph.from_dict(
+        {
+            "version": 1,
+            "name": "mixed",
+            "target": "m0",
+            "nodes": nodes,
+            "edges": [{"from": "label", "to": n["name"], "loss": "ce", "gate": "through"} for n in nodes]
+            + [
+                {"from": "m3", "to": "m0", "loss": "kl+att_mse", "gate": "through", "crops": [1]},
+                {"from": "m0", "to": "m4.b0", "loss": "kl", "gate": "through"},
+            ],
+        }
+    )
     plain, seen_plain = run(g, steps=2, fuse=False, dtype=torch.float32)  # as users train: bit for bit
     fused, seen_fused = run(g, steps=2, fuse=True, dtype=torch.float32)
     assert not any(isinstance(u.module, FusedGroup) for u in fused.units)
@@ -314,7 +356,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @cuda
-@pytest.mark.parametrize("flags", [dict(), dict(compile=True), dict(amp=True)], ids=["streams", "compile", "amp"])
+@pytest.mark.parametrize(
+    "flags", [dict(), dict(compile=True), dict(amp=True)], ids=["streams", "compile", "amp"]
+)
 def test_cuda_fused_fast_step_matches_unfused(flags):
     """The CUDA fast step (streams, kernels, CUDA graph), fused and unfused: the per-step losses it
     adds to the epoch sums and the weights after 4 steps. The losses are read from what the step

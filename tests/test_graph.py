@@ -11,15 +11,22 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def base():
     return {
-        "version": 1, "name": "t", "target": "n1",
-        "nodes": [{"name": "n1", "model": "resnet8"}, {"name": "n2", "model": "resnet14"},
-                  {"name": "n3", "model": "wrn16_1"},
-                  {"name": "ens", "ensemble": ["n1", "n2"], "reduce": "mean", "detach": True}],
-        "edges": [{"from": "label", "to": "n1", "loss": "ce", "gate": "through"},
-                  {"from": "n2", "to": "n1", "loss": "kl", "gate": "linear", "temperature": 2.0},
-                  {"from": "n3", "to": "n1", "loss": "kl", "gate": "correct"},
-                  {"from": "label", "to": "n2", "loss": "ce", "gate": "correct"},
-                  {"from": "n1", "to": "n2", "loss": "kl+att_mse", "gate": "through", "crops": [3, 5]}],
+        "version": 1,
+        "name": "t",
+        "target": "n1",
+        "nodes": [
+            {"name": "n1", "model": "resnet8"},
+            {"name": "n2", "model": "resnet14"},
+            {"name": "n3", "model": "wrn16_1"},
+            {"name": "ens", "ensemble": ["n1", "n2"], "reduce": "mean", "detach": True},
+        ],
+        "edges": [
+            {"from": "label", "to": "n1", "loss": "ce", "gate": "through"},
+            {"from": "n2", "to": "n1", "loss": "kl", "gate": "linear", "temperature": 2.0},
+            {"from": "n3", "to": "n1", "loss": "kl", "gate": "correct"},
+            {"from": "label", "to": "n2", "loss": "ce", "gate": "correct"},
+            {"from": "n1", "to": "n2", "loss": "kl+att_mse", "gate": "through", "crops": [3, 5]},
+        ],
     }
 
 
@@ -40,7 +47,14 @@ def test_parse_fields_and_frozen_rule():
     assert not g.nodes["n1"].frozen and g.nodes["n1"].init == "scratch"
     assert g.targets == ["n1", "n2"]
     e = g.edges[1]
-    assert (e.source, e.target, e.terms, e.gate, e.temperature, e.weight) == ("n2", "n1", ("kl",), "linear", 2.0, 1.0)
+    assert (e.source, e.target, e.terms, e.gate, e.temperature, e.weight) == (
+        "n2",
+        "n1",
+        ("kl",),
+        "linear",
+        2.0,
+        1.0,
+    )
     assert g.edges[4].terms == ("kl", "att_mse") and g.uses_attention
 
 
@@ -54,10 +68,16 @@ def test_all_cutoff_incoming_edges_freeze_a_node_and_checkpoint_init_is_kept():
 
 
 def test_non_detached_ensemble_target_trains_its_members():
-    d = {"version": 1, "target": "ens",
-         "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"},
-                   {"name": "ens", "ensemble": ["a", "b"], "reduce": "sum", "detach": False}],
-         "edges": [{"from": "label", "to": "ens", "loss": "ce", "gate": "through"}]}
+    d = {
+        "version": 1,
+        "target": "ens",
+        "nodes": [
+            {"name": "a", "model": "resnet8"},
+            {"name": "b", "model": "resnet8"},
+            {"name": "ens", "ensemble": ["a", "b"], "reduce": "sum", "detach": False},
+        ],
+        "edges": [{"from": "label", "to": "ens", "loss": "ce", "gate": "through"}],
+    }
     g = Graph.from_dict(d)
     assert not g.nodes["a"].frozen and not g.nodes["b"].frozen
     d["nodes"][2]["detach"] = True
@@ -85,14 +105,24 @@ def test_soften_lr_scale_and_gamma_parse_and_round_trip():
 
 def test_dkd_dist_standardize_and_warmup_parse_and_round_trip():
     d = base()
-    d["edges"][1].update(loss="dkd+att_mse", alpha=0.0, beta=2.5, standardize=True, gate="warmup", warmup=1 / 12)
+    d["edges"][1].update(
+        loss="dkd+att_mse", alpha=0.0, beta=2.5, standardize=True, gate="warmup", warmup=1 / 12
+    )
     d["edges"][2].update(loss="dist", temperature=4.0)
-    d["edges"].append({"from": "n3", "to": "n2", "loss": "kl", "gate": "warmup", "warmup": 1, "standardize": False})
+    d["edges"].append(
+        {"from": "n3", "to": "n2", "loss": "kl", "gate": "warmup", "warmup": 1, "standardize": False}
+    )
     d["edges"].append({"from": "n2", "to": "n3", "loss": "dkd", "gate": "through"})
     g = Graph.from_dict(d)
     e1, e2, e3, e4 = g.edges[1], g.edges[2], g.edges[5], g.edges[6]
     assert (e1.terms, e1.alpha, e1.beta, e1.standardize, e1.gate, e1.warmup) == (
-        ("dkd", "att_mse"), 0.0, 2.5, True, "warmup", 1 / 12)
+        ("dkd", "att_mse"),
+        0.0,
+        2.5,
+        True,
+        "warmup",
+        1 / 12,
+    )
     assert (e2.terms, e2.standardize, e2.warmup) == (("dist",), False, None)
     assert (e3.warmup, e3.standardize) == (1.0, False)
     assert (e4.alpha, e4.beta) == (1.0, 8.0)  # DKD's defaults
@@ -140,14 +170,24 @@ BAD = {
     "unknown edge field": (lambda d: d["edges"][1].update(temprature=2), "temprature"),
     "unknown init": (lambda d: d["nodes"][0].update(init="imagenet"), "init"),
     "detach not bool": (lambda d: d["nodes"][3].update(detach="yes"), "detach"),
-    "self loop": (lambda d: d["edges"].append({"from": "n1", "to": "n1", "loss": "kl", "gate": "through"}), "itself"),
-    "attention on ensemble": (lambda d: d["edges"].append({"from": "ens", "to": "n2", "loss": "att_cos", "gate": "through"}), "ens"),
+    "self loop": (
+        lambda d: d["edges"].append({"from": "n1", "to": "n1", "loss": "kl", "gate": "through"}),
+        "itself",
+    ),
+    "attention on ensemble": (
+        lambda d: d["edges"].append({"from": "ens", "to": "n2", "loss": "att_cos", "gate": "through"}),
+        "ens",
+    ),
     "bad crops": (lambda d: d["edges"][4].update(crops=[0]), "crops"),
     "version": (lambda d: d.update(version=2), "version"),
     "duplicate edge": (lambda d: d["edges"].append(dict(d["edges"][1])), "duplicate"),
     "soften on a ce edge": (lambda d: d["edges"][0].update(soften="source"), "soften"),
-    "soften on a cos edge": (lambda d: d["edges"].append({"from": "n3", "to": "n2", "loss": "cos", "gate": "through",
-                                                         "soften": "both"}), "soften"),
+    "soften on a cos edge": (
+        lambda d: d["edges"].append(
+            {"from": "n3", "to": "n2", "loss": "cos", "gate": "through", "soften": "both"}
+        ),
+        "soften",
+    ),
     "unknown soften": (lambda d: d["edges"][1].update(soften="target"), "soften"),
     "soften not a string": (lambda d: d["edges"][1].update(soften=1), "soften"),
     "lr_scale zero": (lambda d: d["nodes"][0].update(lr_scale=0), "lr_scale"),
@@ -157,30 +197,62 @@ BAD = {
     "gamma zero": (lambda d: d["edges"][1].update(gate="gamma", gamma=0), "gamma"),
     "gamma negative": (lambda d: d["edges"][1].update(gate="negative_gamma", gamma=-2.0), "gamma"),
     "gamma on a linear gate": (lambda d: d["edges"][1].update(gamma=2.0), "gamma"),
-    "gamma on a negative_linear gate": (lambda d: d["edges"][1].update(gate="negative_linear", gamma=2.0), "gamma"),
+    "gamma on a negative_linear gate": (
+        lambda d: d["edges"][1].update(gate="negative_linear", gamma=2.0),
+        "gamma",
+    ),
     # The fields of the modern logit distillation: each error names the edge and the field.
-    "alpha negative": (lambda d: d["edges"][1].update(loss="dkd", alpha=-0.5), "edges[n2->n1].alpha: must be >= 0"),
-    "beta negative": (lambda d: d["edges"][1].update(loss="dkd+mse", beta=-8), "edges[n2->n1].beta: must be >= 0"),
+    "alpha negative": (
+        lambda d: d["edges"][1].update(loss="dkd", alpha=-0.5),
+        "edges[n2->n1].alpha: must be >= 0",
+    ),
+    "beta negative": (
+        lambda d: d["edges"][1].update(loss="dkd+mse", beta=-8),
+        "edges[n2->n1].beta: must be >= 0",
+    ),
     "beta infinite": (lambda d: d["edges"][1].update(loss="dkd", beta=float("inf")), "edges[n2->n1].beta"),
     "alpha not a number": (lambda d: d["edges"][1].update(loss="dkd", alpha="1"), "edges[n2->n1].alpha"),
-    "alpha on a kl edge": (lambda d: d["edges"][1].update(alpha=1.0), "edges[n2->n1].alpha: only edges with a 'dkd'"),
+    "alpha on a kl edge": (
+        lambda d: d["edges"][1].update(alpha=1.0),
+        "edges[n2->n1].alpha: only edges with a 'dkd'",
+    ),
     "beta on a dist edge": (lambda d: d["edges"][1].update(loss="dist", beta=8.0), "edges[n2->n1].beta"),
-    "standardize on an mse edge": (lambda d: d["edges"].append({"from": "n3", "to": "n2", "loss": "mse",
-                                                                "gate": "through", "standardize": True}),
-                                   "edges[n3->n2].standardize"),
-    "standardize on cos+att_cos": (lambda d: d["edges"][4].update(loss="cos+att_cos", standardize=True),
-                                   "edges[n1->n2].standardize"),
-    "standardize on a ce edge": (lambda d: d["edges"][0].update(standardize=True), "edges[label->n1].standardize"),
+    "standardize on an mse edge": (
+        lambda d: d["edges"].append(
+            {"from": "n3", "to": "n2", "loss": "mse", "gate": "through", "standardize": True}
+        ),
+        "edges[n3->n2].standardize",
+    ),
+    "standardize on cos+att_cos": (
+        lambda d: d["edges"][4].update(loss="cos+att_cos", standardize=True),
+        "edges[n1->n2].standardize",
+    ),
+    "standardize on a ce edge": (
+        lambda d: d["edges"][0].update(standardize=True),
+        "edges[label->n1].standardize",
+    ),
     "standardize not a bool": (lambda d: d["edges"][1].update(standardize=1), "edges[n2->n1].standardize"),
     "dkd from label": (lambda d: d["edges"][0].update(loss="dkd"), "edges[label->n1].loss: 'dkd'"),
     "ce+dkd from label": (lambda d: d["edges"][0].update(loss="ce+dkd"), "edges[label->n1].loss"),
     "warmup gate without warmup": (lambda d: d["edges"][1].update(gate="warmup"), "edges[n2->n1].warmup"),
-    "warmup zero": (lambda d: d["edges"][1].update(gate="warmup", warmup=0), "edges[n2->n1].warmup: must be in (0, 1]"),
+    "warmup zero": (
+        lambda d: d["edges"][1].update(gate="warmup", warmup=0),
+        "edges[n2->n1].warmup: must be in (0, 1]",
+    ),
     "warmup negative": (lambda d: d["edges"][1].update(gate="warmup", warmup=-0.1), "edges[n2->n1].warmup"),
     "warmup above one": (lambda d: d["edges"][1].update(gate="warmup", warmup=1.01), "edges[n2->n1].warmup"),
-    "warmup nan": (lambda d: d["edges"][1].update(gate="warmup", warmup=float("nan")), "edges[n2->n1].warmup"),
-    "warmup not a number": (lambda d: d["edges"][1].update(gate="warmup", warmup="0.1"), "edges[n2->n1].warmup"),
-    "warmup on a linear gate": (lambda d: d["edges"][1].update(warmup=0.5), "edges[n2->n1].warmup: only the warmup"),
+    "warmup nan": (
+        lambda d: d["edges"][1].update(gate="warmup", warmup=float("nan")),
+        "edges[n2->n1].warmup",
+    ),
+    "warmup not a number": (
+        lambda d: d["edges"][1].update(gate="warmup", warmup="0.1"),
+        "edges[n2->n1].warmup",
+    ),
+    "warmup on a linear gate": (
+        lambda d: d["edges"][1].update(warmup=0.5),
+        "edges[n2->n1].warmup: only the warmup",
+    ),
     "warmup on a through ce edge": (lambda d: d["edges"][0].update(warmup=0.5), "edges[label->n1].warmup"),
 }
 
@@ -210,14 +282,25 @@ def test_literature_recipes_are_what_the_readme_says():
     dkd = Graph.load(EXAMPLES / "dkd.json")
     e = dkd.edges[1]
     assert (dkd.nodes["student"].model, dkd.nodes["teacher"].model, dkd.nodes["teacher"].frozen) == (
-        "resnet8x4", "resnet32x4", True)
+        "resnet8x4",
+        "resnet32x4",
+        True,
+    )
     assert (e.terms, e.alpha, e.beta, e.temperature, e.gate) == (("dkd",), 1.0, 8.0, 4.0, "warmup")
     assert round(e.warmup * 240) == 20  # mdistiller's 20 of 240 epochs
     ls = Graph.load(EXAMPLES / "kd_ls.json")
-    assert [(x.terms, x.weight, x.standardize) for x in ls.edges] == [(("ce",), 0.1, False), (("kl",), 9.0, True)]
+    assert [(x.terms, x.weight, x.standardize) for x in ls.edges] == [
+        (("ce",), 0.1, False),
+        (("kl",), 9.0, True),
+    ]
     assert ls.edges[1].temperature == 2.0
     # The README's command line decays the lr at mdistiller's epochs 150, 180 and 210 of 240.
     from ktfast.config import TrainConfig
+
     readme = (EXAMPLES.parent / "README.md").read_text().split("## Distillation recipes of the literature")[1]
     at = readme.split("--lr-decay-at ", 1)[1].split()[0]
-    assert TrainConfig(epochs=240, lr_decay_at=tuple(map(float, at.split(",")))).milestones() == [150, 180, 210]
+    assert TrainConfig(epochs=240, lr_decay_at=tuple(map(float, at.split(",")))).milestones() == [
+        150,
+        180,
+        210,
+    ]

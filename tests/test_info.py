@@ -1,4 +1,5 @@
 """`ktfast info [--json]`: the versions, GPUs and paths a bug report needs, as this machine has them."""
+
 import importlib.metadata
 import json
 import platform
@@ -35,19 +36,37 @@ def pip_version(name: str) -> str:
 
 
 def expected_versions() -> dict:
-    return {"ktfast": ktfast.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda or "none", "triton": pip_version("triton"),
-            "dali": pip_version("nvidia-dali"), "optuna": pip_version("optuna"),
-            "timm": pip_version("timm"), "torchvision": torchvision.__version__,  # with its local part (+cu130), as torch's
-            "numpy": pip_version("numpy")}
+    return {
+        "ktfast": ktfast.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "triton": pip_version("triton"),
+        "dali": pip_version("nvidia-dali"),
+        "optuna": pip_version("optuna"),
+        "timm": pip_version("timm"),
+        "torchvision": torchvision.__version__,  # with its local part (+cu130), as torch's
+        "numpy": pip_version("numpy"),
+    }
 
 
 def test_json_gives_the_versions_gpus_and_paths_of_this_machine(capsys):
     facts = json.loads(info(capsys, "--json"))
     assert set(facts) == {"versions", "platform", "gpus", "device", "paths"}
     versions = facts.pop("versions")
-    assert list(versions) == ["ktfast", "python", "torch", "cuda", "driver", "triton", "dali", "optuna", "timm",
-                              "torchvision", "numpy"]
+    assert list(versions) == [
+        "ktfast",
+        "python",
+        "torch",
+        "cuda",
+        "driver",
+        "triton",
+        "dali",
+        "optuna",
+        "timm",
+        "torchvision",
+        "numpy",
+    ]
     assert {k: v for k, v in versions.items() if k != "driver"} == expected_versions()
     if shutil.which("nvidia-smi") is None:
         assert versions["driver"] == "none"
@@ -58,7 +77,10 @@ def test_json_gives_the_versions_gpus_and_paths_of_this_machine(capsys):
     if not torch.cuda.is_available():
         assert facts["device"] == "cpu" and facts["gpus"] == []
         assert facts["paths"]["cuda_graph"] == {"path": "off", "reason": "CPU"}
-        assert facts["paths"]["kernels"] == {"path": "reference", "reason": "CPU (KTFAST_KERNELS=1 for the interpreter)"}
+        assert facts["paths"]["kernels"] == {
+            "path": "reference",
+            "reason": "CPU (KTFAST_KERNELS=1 for the interpreter)",
+        }
         assert facts["paths"]["loader"] == {"path": "gpu", "reason": ""}  # digits, resident in host memory
     else:
         assert facts["device"] == "cuda" and facts["paths"]["kernels"]["path"] == "triton"
@@ -88,8 +110,9 @@ def test_gpus_and_the_driver_as_torch_reports_them(capsys, monkeypatch):
     monkeypatch.setattr(collect_env, "get_nvidia_driver_version", lambda run: "550.54.15")
     facts = json.loads(info(capsys, "--json"))
     assert facts["versions"]["driver"] == "550.54.15"
-    assert facts["gpus"] == [{"index": i, "name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "memory_gib": 79.6}
-                             for i in (0, 1)]
+    assert facts["gpus"] == [
+        {"index": i, "name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "memory_gib": 79.6} for i in (0, 1)
+    ]
     lines = info(capsys).splitlines()
     assert "GPU 1        NVIDIA H100 80GB HBM3, capability 9.0, 79.6 GiB" in lines
     assert "driver       550.54.15" in lines

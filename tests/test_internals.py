@@ -1,5 +1,6 @@
 """The torch and Optuna internals ktfast/internals.py reads still exist and mean what it takes them
 to mean: a torch or Optuna upgrade that changes one fails here, not in a training run."""
+
 import optuna
 import torch
 from torch import nn
@@ -17,8 +18,9 @@ def test_scaler_tensors_are_the_device_scale_and_growth_tracker_it_updates_in_pl
     """Powers of two throughout: every compared value is exact."""
     w = nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([w], lr=0.0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=16.0, growth_factor=2.0, backoff_factor=0.5,
-                                  growth_interval=2)
+    scaler = torch.amp.GradScaler(
+        "cpu", init_scale=16.0, growth_factor=2.0, backoff_factor=0.5, growth_interval=2
+    )
     assert scaler_tensors(scaler) == [] and initial_scale(scaler) == 16.0
 
     def step(grad_factor: float) -> list[float]:

@@ -1,6 +1,7 @@
 """The fused Triton kernels against the reference losses (`ktfast.losses`): values and gradients,
 every loss kind and gate, on random graphs and shapes. Without CUDA the kernels run through
 Triton's interpreter; with CUDA the same comparisons run natively (the "cuda" cases)."""
+
 import os
 
 import torch
@@ -18,13 +19,22 @@ import pytest  # noqa: E402
 from ktfast import Graph, GraphError  # noqa: E402
 from ktfast.graph import TEMPERED_TERMS, EnsembleNode  # noqa: E402
 from ktfast.kernels import edge_loss_fn, edge_losses, fused_graph_losses, fused_loss_vector  # noqa: E402
-from ktfast.losses import (NORMALIZE_EPS, STANDARDIZE_EPS, loss_targets, node_logits, owner,  # noqa: E402
-                           reference_graph_losses, standardize)
+from ktfast.losses import (  # noqa: E402
+    NORMALIZE_EPS,
+    STANDARDIZE_EPS,
+    loss_targets,
+    node_logits,
+    owner,
+    reference_graph_losses,
+    standardize,
+)
 from ktfast.models import is_model_name  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(CUDA, reason="the interpreter runs where CUDA does not")),
-           pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA"))]
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(CUDA, reason="the interpreter runs where CUDA does not")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs CUDA")),
+]
 KINDS = ["kl", "cos", "mse", "kl+mse", "cos+mse", "kl+cos", "att_mse", "att_cos", "kl+att_mse", "cos+att_cos"]
 GATES = ["through", "linear", "correct"]
 
@@ -44,7 +54,9 @@ def run(fn, g, z, a, y, step, total):
     losses = fn(g, zz, y, step, total, aa)
     if not losses:
         return losses, []
-    grads = torch.autograd.grad(sum(losses.values()), list(zz.values()) + list(aa.values()), allow_unused=True)
+    grads = torch.autograd.grad(
+        sum(losses.values()), list(zz.values()) + list(aa.values()), allow_unused=True
+    )
     return losses, grads
 
 
@@ -57,7 +69,7 @@ def crop_norms(att_s, att_t, k):
     flat = att_s.reshape(b, -1).argmax(1)
     top = (flat // w - k // 2).clamp(0, h - k)
     left = (flat % w - k // 2).clamp(0, w - k)
-    return torch.stack([att_t[i, top[i]:top[i] + k, left[i]:left[i] + k].norm() for i in range(b)])
+    return torch.stack([att_t[i, top[i] : top[i] + k, left[i] : left[i] + k].norm() for i in range(b)])
 
 
 def bounds(g, z, a, y):
@@ -134,10 +146,12 @@ def bounds(g, z, a, y):
         return loss, grad
 
     for e in g.active_edges:
-        t, w = e.temperature, abs(e.weight) * ulp
-        terms = {"ce": (2 * big + log_c, 2 * big + log_c),
-                 "cos": (4 * (2 * big + log_c), 8 * (2 * big + log_c)),
-                 "mse": (4 * big * big, 4 * big / classes)}
+        w = abs(e.weight) * ulp
+        terms = {
+            "ce": (2 * big + log_c, 2 * big + log_c),
+            "cos": (4 * (2 * big + log_c), 8 * (2 * big + log_c)),
+            "mse": (4 * big * big, 4 * big / classes),
+        }
         if any(term in TEMPERED_TERMS for term in e.terms):
             terms["tempered"] = tempered(e)
         for term in e.terms:
@@ -147,8 +161,9 @@ def bounds(g, z, a, y):
                 loss_bound[owner(e.target)] += w * terms[term][0]
                 give(e.target, w * terms[term][1] / batch)
             else:
-                smallest = min(crop_norms(a[e.source].double(), a[e.target].double(), k).min().item()
-                               for k in e.crops)
+                smallest = min(
+                    crop_norms(a[e.source].double(), a[e.target].double(), k).min().item() for k in e.crops
+                )
                 loss_bound[owner(e.target)] += w * 4
                 grad_bound[f"att:{e.target}"] += w * 4 / max(smallest, NORMALIZE_EPS) / batch
         if "tempered" in terms:
@@ -168,11 +183,20 @@ def compare(d, z, a, y, step=2, total=7):
     every loss and every gradient ("no gradient" is a zero gradient). Gradients come back in the
     inputs' dtype: half inputs add that one rounding, eps(dtype)·|exact|."""
     g = Graph.from_dict(d)
-    exact, exact_grads = run(reference_graph_losses, g, {k: v.double() for k, v in z.items()},
-                             {k: v.double() for k, v in a.items()}, y, step, total)
+    exact, exact_grads = run(
+        reference_graph_losses,
+        g,
+        {k: v.double() for k, v in z.items()},
+        {k: v.double() for k, v in a.items()},
+        y,
+        step,
+        total,
+    )
     loss_bound, grad_bound = bounds(g, z, a, y)
-    results = {"fused": run(fused_graph_losses, g, z, a, y, step, total),
-               "reference": run(reference_graph_losses, g, z, a, y, step, total)}
+    results = {
+        "fused": run(fused_graph_losses, g, z, a, y, step, total),
+        "reference": run(reference_graph_losses, g, z, a, y, step, total),
+    }
     inputs = list(z.values()) + list(a.values())
     for name, (losses, grads) in results.items():
         assert list(losses) == list(exact) == loss_targets(g)
@@ -207,11 +231,22 @@ def some_correct(z, y, n=3):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind,gate", list(itertools.product(KINDS, GATES)))
 def test_every_kind_and_gate(kind, gate, device):
-    d = graph(models("a", "b"),
-              [{"from": "label", "to": "a", "loss": "ce", "gate": gate},
-               {"from": "b", "to": "a", "loss": kind, "gate": gate, "temperature": 2.5, "weight": 0.8,
-                "crops": [2, 3]},
-               {"from": "label", "to": "b", "loss": "ce", "gate": "through", "weight": -1.5}])
+    d = graph(
+        models("a", "b"),
+        [
+            {"from": "label", "to": "a", "loss": "ce", "gate": gate},
+            {
+                "from": "b",
+                "to": "a",
+                "loss": kind,
+                "gate": gate,
+                "temperature": 2.5,
+                "weight": 0.8,
+                "crops": [2, 3],
+            },
+            {"from": "label", "to": "b", "loss": "ce", "gate": "through", "weight": -1.5},
+        ],
+    )
     z, a, y = inputs("ab", 6, 9, seed=len(kind) + 7 * len(gate), device=device)
     some_correct(z["b"], y)
     compare(d, z, a, y)
@@ -223,8 +258,14 @@ def random_nodes(rng, most, p_ensemble):
     names = [f"n{i}" for i in range(rng.randint(2, most))]
     nodes = models(*names)
     if rng.random() < p_ensemble:
-        nodes.append({"name": "ens", "ensemble": rng.sample(names, 2), "reduce": rng.choice(["mean", "sum"]),
-                      "detach": rng.random() < 0.5})
+        nodes.append(
+            {
+                "name": "ens",
+                "ensemble": rng.sample(names, 2),
+                "reduce": rng.choice(["mean", "sum"]),
+                "detach": rng.random() < 0.5,
+            }
+        )
     return names, nodes, [n["name"] for n in nodes]
 
 
@@ -233,12 +274,22 @@ def random_nodes(rng, most, p_ensemble):
 def test_random_graphs(seed, device):
     rng = random.Random(seed)
     names, nodes, endpoints = random_nodes(rng, 5, 0.7)
-    edges = [{"from": "label", "to": n, "loss": "ce", "gate": rng.choice(GATES + ["cutoff"])} for n in endpoints]
+    edges = [
+        {"from": "label", "to": n, "loss": "ce", "gate": rng.choice(GATES + ["cutoff"])} for n in endpoints
+    ]
     for s, t in itertools.permutations(endpoints, 2):
         kinds = KINDS if s in names and t in names else ["kl", "cos", "mse", "kl+mse"]
-        edges.append({"from": s, "to": t, "loss": rng.choice(kinds), "gate": rng.choice(GATES + ["cutoff"]),
-                      "temperature": rng.choice([1.0, 2.0, 10.0]), "weight": rng.uniform(0.2, 2),  # > 0: no cancellation in L_t
-                      "crops": rng.sample([1, 2, 3, 4], rng.randint(1, 3))})
+        edges.append(
+            {
+                "from": s,
+                "to": t,
+                "loss": rng.choice(kinds),
+                "gate": rng.choice(GATES + ["cutoff"]),
+                "temperature": rng.choice([1.0, 2.0, 10.0]),
+                "weight": rng.uniform(0.2, 2),  # > 0: no cancellation in L_t
+                "crops": rng.sample([1, 2, 3, 4], rng.randint(1, 3)),
+            }
+        )
     batch, classes = rng.choice([(1, 10), (7, 13), (16, 100)])
     z, a, y = inputs(names, batch, classes, size=4, seed=seed, device=device)
     some_correct(z[names[1]], y, n=batch // 2)
@@ -249,14 +300,28 @@ NEW_KINDS = ["dkd", "dist", "kl+dkd", "dkd+dist+mse", "dist+cos+att_mse"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind,gate,std", list(itertools.product(NEW_KINDS, ["through", "correct", "warmup"],
-                                                                 [False, True])))
+@pytest.mark.parametrize(
+    "kind,gate,std", list(itertools.product(NEW_KINDS, ["through", "correct", "warmup"], [False, True]))
+)
 def test_new_kinds_gates_and_standardize(kind, gate, std, device):
-    d = graph(models("a", "b"),
-              [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-               {"from": "b", "to": "a", "loss": kind, "gate": gate, "temperature": 2.5, "weight": 0.8, "crops": [2, 3],
-                "standardize": std, **({"alpha": 0.5, "beta": 4.0} if "dkd" in kind else {}),
-                **({"warmup": 0.6} if gate == "warmup" else {})}])
+    d = graph(
+        models("a", "b"),
+        [
+            {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+            {
+                "from": "b",
+                "to": "a",
+                "loss": kind,
+                "gate": gate,
+                "temperature": 2.5,
+                "weight": 0.8,
+                "crops": [2, 3],
+                "standardize": std,
+                **({"alpha": 0.5, "beta": 4.0} if "dkd" in kind else {}),
+                **({"warmup": 0.6} if gate == "warmup" else {}),
+            },
+        ],
+    )
     z, a, y = inputs("ab", 6, 9, seed=len(kind) + 7 * len(gate) + std, device=device)
     some_correct(z["b"], y)
     compare(d, z, a, y, step=2, total=7)
@@ -265,11 +330,29 @@ def test_new_kinds_gates_and_standardize(kind, gate, std, device):
 def random_edge(rng, s, t, attention: bool) -> dict:
     """An edge of any logit kind, old or new, and sometimes standardized, with random T (0.5 to 10),
     α (0 included), β, weight and gate (the warmup gate included)."""
-    kinds = ["kl", "cos", "mse", "kl+mse", "dkd", "dist", "kl+dkd", "dkd+mse", "dist+cos", "kl+dist", "dkd+dist"]
+    kinds = [
+        "kl",
+        "cos",
+        "mse",
+        "kl+mse",
+        "dkd",
+        "dist",
+        "kl+dkd",
+        "dkd+mse",
+        "dist+cos",
+        "kl+dist",
+        "dkd+dist",
+    ]
     kind = rng.choice(kinds + (["att_mse", "dkd+att_mse", "dist+att_cos"] if attention else []))
-    edge = {"from": s, "to": t, "loss": kind, "gate": rng.choice(GATES + ["cutoff", "warmup"]),
-            "temperature": rng.choice([0.5, 1.0, 2.0, 4.0, 10.0]), "weight": rng.uniform(0.2, 2),
-            "crops": rng.sample([1, 2, 3], rng.randint(1, 2))}
+    edge = {
+        "from": s,
+        "to": t,
+        "loss": kind,
+        "gate": rng.choice(GATES + ["cutoff", "warmup"]),
+        "temperature": rng.choice([0.5, 1.0, 2.0, 4.0, 10.0]),
+        "weight": rng.uniform(0.2, 2),
+        "crops": rng.sample([1, 2, 3], rng.randint(1, 2)),
+    }
     if edge["gate"] == "warmup":
         edge["warmup"] = rng.choice([0.1, 0.5, 1.0])
     if "dkd" in kind:
@@ -289,7 +372,9 @@ def test_random_graphs_mixing_old_and_new_kinds(seed, device):
     rng = random.Random(100 + seed)
     names, nodes, endpoints = random_nodes(rng, 4, 0.5)
     edges = [{"from": "label", "to": n, "loss": "ce", "gate": rng.choice(GATES)} for n in endpoints]
-    edges += [random_edge(rng, s, t, s in names and t in names) for s, t in itertools.permutations(endpoints, 2)]
+    edges += [
+        random_edge(rng, s, t, s in names and t in names) for s, t in itertools.permutations(endpoints, 2)
+    ]
     batch, classes = rng.choice([(1, 10), (7, 13), (16, 100)])
     z, a, y = inputs(names, batch, classes, size=4, seed=seed, device=device)
     some_correct(z[names[1]], y, n=batch // 2)
@@ -304,9 +389,20 @@ def test_standardize_at_constant_logits_is_finite(device, monkeypatch):
     dist at a constant target has |b| ≈ 0 (its gradient a/ε ~ 1e8, rounding-dominated in fp32): only
     its finiteness is asserted."""
     monkeypatch.setattr(edge_losses, "MAX_BLOCK_C", 8)
-    d = graph(models("a", "b"), [{"from": "b", "to": "a", "loss": "kl+dkd", "gate": "through", "standardize": True,
-                                  "temperature": 2.0},
-                                 {"from": "a", "to": "b", "loss": "dkd+mse", "gate": "through", "standardize": True}])
+    d = graph(
+        models("a", "b"),
+        [
+            {
+                "from": "b",
+                "to": "a",
+                "loss": "kl+dkd",
+                "gate": "through",
+                "standardize": True,
+                "temperature": 2.0,
+            },
+            {"from": "a", "to": "b", "loss": "dkd+mse", "gate": "through", "standardize": True},
+        ],
+    )
     z, a, y = inputs("ab", 6, 20, device=device)
     with torch.no_grad():
         z["a"][:2] = 1.5
@@ -314,7 +410,9 @@ def test_standardize_at_constant_logits_is_finite(device, monkeypatch):
     losses, grads = compare(d, z, a, y)
     d["edges"][0]["loss"] = "dist"
     losses, grads = run(fused_graph_losses, Graph.from_dict(d), z, a, y, 1, 1)
-    assert all(torch.isfinite(v).all() for v in losses.values()) and all(torch.isfinite(g_).all() for g_ in grads[:2])
+    assert all(torch.isfinite(v).all() for v in losses.values()) and all(
+        torch.isfinite(g_).all() for g_ in grads[:2]
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -323,8 +421,10 @@ def test_dkd_where_p_y_rounds_to_one(device):
     non-label log-sum-exp, keeps full precision. With β = 0 the gradient off the label is
     T·α·(b_t - b_s)·q_t, b = 1 - p_y, no cancellation (b_t ≪ b_s): each element within 3 rounding
     bounds of the probabilities, relative, 3·κ·eps·(2Z/T + log C). 1 - exp(log p_y) would give 0."""
-    d = graph(models("a", "b"), [{"from": "b", "to": "a", "loss": "dkd", "gate": "through", "alpha": 2.0,
-                                  "beta": 0.0}])
+    d = graph(
+        models("a", "b"),
+        [{"from": "b", "to": "a", "loss": "dkd", "gate": "through", "alpha": 2.0, "beta": 0.0}],
+    )
     z, a, y = inputs("ab", 5, 10, device=device)
     with torch.no_grad():
         z["a"].clamp_(-3, 3)
@@ -346,11 +446,15 @@ def test_dkd_where_p_y_rounds_to_one(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch,classes", [(1, 10), (3, 1000), (5, 200), (33, 10)])
 def test_sizes(batch, classes, device):
-    d = graph(models("a", "b", "c"),
-              [{"from": "label", "to": "a", "loss": "ce", "gate": "correct"},
-               {"from": "b", "to": "a", "loss": "kl", "gate": "through", "temperature": 10.0},
-               {"from": "c", "to": "a", "loss": "cos+mse", "gate": "correct"},
-               {"from": "a", "to": "b", "loss": "kl", "gate": "linear"}])
+    d = graph(
+        models("a", "b", "c"),
+        [
+            {"from": "label", "to": "a", "loss": "ce", "gate": "correct"},
+            {"from": "b", "to": "a", "loss": "kl", "gate": "through", "temperature": 10.0},
+            {"from": "c", "to": "a", "loss": "cos+mse", "gate": "correct"},
+            {"from": "a", "to": "b", "loss": "kl", "gate": "linear"},
+        ],
+    )
     z, a, y = inputs("abc", batch, classes, device=device)
     some_correct(z["c"], y, n=(batch + 1) // 2)
     compare(d, z, a, y)
@@ -362,11 +466,15 @@ def test_class_blocks_and_row_blocks(device, monkeypatch):
     batches spread over several programs, at sizes the interpreter runs quickly."""
     monkeypatch.setattr(edge_losses, "MAX_BLOCK_C", 16)
     monkeypatch.setattr(edge_losses, "GPU_TILE", 32)
-    d = graph(models("a", "b", "c"),
-              [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-               {"from": "b", "to": "a", "loss": "kl+cos", "gate": "correct", "temperature": 3.0},
-               {"from": "c", "to": "a", "loss": "kl+mse", "gate": "through"},
-               {"from": "a", "to": "c", "loss": "kl", "gate": "correct", "temperature": 3.0}])
+    d = graph(
+        models("a", "b", "c"),
+        [
+            {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+            {"from": "b", "to": "a", "loss": "kl+cos", "gate": "correct", "temperature": 3.0},
+            {"from": "c", "to": "a", "loss": "kl+mse", "gate": "through"},
+            {"from": "a", "to": "c", "loss": "kl", "gate": "correct", "temperature": 3.0},
+        ],
+    )
     z, a, y = inputs("abc", 20, 37, device=device)
     with torch.no_grad():  # b's max is tied at classes 3 and 20 (two blocks): the first one counts
         z["b"][:, 20] = z["b"].max(1).values + 1
@@ -383,16 +491,24 @@ def test_loss_vector_and_its_total(device, monkeypatch):
     (and its counter left ready: the second call computes the same), with gradients through either."""
     monkeypatch.setattr(edge_losses, "GPU_TILE", 32)
     monkeypatch.setattr(edge_losses, "MAX_BLOCK_C", 16)
-    g = Graph.from_dict(graph(models("a", "b", "c"),
-                              [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-                               {"from": "a", "to": "b", "loss": "kl+att_mse", "gate": "linear", "crops": [2]},
-                               {"from": "b", "to": "c", "loss": "cos+mse", "gate": "through", "weight": 0.5}]))
+    g = Graph.from_dict(
+        graph(
+            models("a", "b", "c"),
+            [
+                {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+                {"from": "a", "to": "b", "loss": "kl+att_mse", "gate": "linear", "crops": [2]},
+                {"from": "b", "to": "c", "loss": "cos+mse", "gate": "through", "weight": 0.5},
+            ],
+        )
+    )
     z, a, y = inputs("abc", 40, 20, size=4, device=device)
     z64 = {k: v.double().requires_grad_() for k, v in z.items()}
     exact = reference_graph_losses(g, z64, y, 3, 8, {k: v.double() for k, v in a.items()})
     weights = torch.tensor([1.0, -2.0, 3.0], device=device)  # dL/dL_t = weight + 2 below: at most 5
-    exact_grads = torch.autograd.grad((torch.stack(list(exact.values())) * weights.double()).sum()
-                                      + 2 * sum(exact.values()), list(z64.values()))
+    exact_grads = torch.autograd.grad(
+        (torch.stack(list(exact.values())) * weights.double()).sum() + 2 * sum(exact.values()),
+        list(z64.values()),
+    )
     loss_bound, grad_bound = bounds(g, z, a, y)
     zz = {k: v.clone().requires_grad_() for k, v in z.items()}
     for _ in range(2):
@@ -408,21 +524,29 @@ def test_loss_vector_and_its_total(device, monkeypatch):
 def test_more_endpoints_than_linked(device, monkeypatch):
     """Past MAX_LINKED endpoints the logits are stacked into one buffer first."""
     monkeypatch.setattr(edge_losses, "MAX_LINKED", 2)
-    d = graph(models("a", "b", "c"),
-              [{"from": "label", "to": "c", "loss": "ce", "gate": "through"},
-               {"from": "b", "to": "a", "loss": "kl", "gate": "through", "temperature": 2.0},
-               {"from": "a", "to": "c", "loss": "mse+cos", "gate": "linear"}])
+    d = graph(
+        models("a", "b", "c"),
+        [
+            {"from": "label", "to": "c", "loss": "ce", "gate": "through"},
+            {"from": "b", "to": "a", "loss": "kl", "gate": "through", "temperature": 2.0},
+            {"from": "a", "to": "c", "loss": "mse+cos", "gate": "linear"},
+        ],
+    )
     compare(d, *inputs("abc", 4, 10, device=device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduce,detach", list(itertools.product(["mean", "sum"], [True, False])))
 def test_ensemble_sources_and_targets(reduce, detach, device):
-    d = graph(models("a", "b", "c") + [{"name": "e", "ensemble": ["b", "c"], "reduce": reduce, "detach": detach}],
-              [{"from": "e", "to": "a", "loss": "kl", "gate": "correct", "temperature": 2.0},
-               {"from": "label", "to": "e", "loss": "ce", "gate": "through"},
-               {"from": "a", "to": "e", "loss": "kl+mse", "gate": "linear"},
-               {"from": "label", "to": "b", "loss": "ce", "gate": "through"}])
+    d = graph(
+        models("a", "b", "c") + [{"name": "e", "ensemble": ["b", "c"], "reduce": reduce, "detach": detach}],
+        [
+            {"from": "e", "to": "a", "loss": "kl", "gate": "correct", "temperature": 2.0},
+            {"from": "label", "to": "e", "loss": "ce", "gate": "through"},
+            {"from": "a", "to": "e", "loss": "kl+mse", "gate": "linear"},
+            {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
+        ],
+    )
     z, a, y = inputs("abc", 6, 10, device=device)
     some_correct(z["b"], y)
     some_correct(z["c"], y)
@@ -432,8 +556,13 @@ def test_ensemble_sources_and_targets(reduce, detach, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_correct_gate_masking_every_sample(device):
-    d = graph(models("a", "b"), [{"from": "b", "to": "a", "loss": "kl+att_mse", "gate": "correct", "crops": [3]},
-                                 {"from": "label", "to": "b", "loss": "ce", "gate": "through"}])
+    d = graph(
+        models("a", "b"),
+        [
+            {"from": "b", "to": "a", "loss": "kl+att_mse", "gate": "correct", "crops": [3]},
+            {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
+        ],
+    )
     z, a, y = inputs("ab", 6, 10, device=device)
     with torch.no_grad():
         z["b"][:] = 0
@@ -445,7 +574,9 @@ def test_correct_gate_masking_every_sample(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_identical_source_and_target(device):
-    d = graph(models("a", "b"), [{"from": "b", "to": "a", "loss": "kl+mse", "gate": "through", "temperature": 4.0}])
+    d = graph(
+        models("a", "b"), [{"from": "b", "to": "a", "loss": "kl+mse", "gate": "through", "temperature": 4.0}]
+    )
     z, a, y = inputs("ab", 6, 10, device=device)
     z["b"] = z["a"].clone()
     losses, grads = compare(d, z, a, y)
@@ -455,9 +586,13 @@ def test_identical_source_and_target(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_attention_crops_at_borders_and_full_size(device):
-    d = graph(models("a", "b"),
-              [{"from": "b", "to": "a", "loss": "att_mse+att_cos", "gate": "through", "crops": [1, 3, 6]},
-               {"from": "a", "to": "b", "loss": "kl+att_cos", "gate": "linear", "crops": [2, 5], "weight": 3.0}])
+    d = graph(
+        models("a", "b"),
+        [
+            {"from": "b", "to": "a", "loss": "att_mse+att_cos", "gate": "through", "crops": [1, 3, 6]},
+            {"from": "a", "to": "b", "loss": "kl+att_cos", "gate": "linear", "crops": [2, 5], "weight": 3.0},
+        ],
+    )
     z, a, y = inputs("ab", 7, 5, size=6, device=device)
     with torch.no_grad():
         for i, (r, c) in enumerate([(0, 0), (5, 5), (0, 5), (5, 0), (2, 0), (0, 3), (3, 3)]):
@@ -486,8 +621,13 @@ def test_one_pixel_crop_has_exactly_zero_gradient(loss, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_attention_maps_up_to_32(device):
-    d = graph(models("a", "b"), [{"from": "b", "to": "a", "loss": "att_mse", "gate": "correct", "crops": [3, 32]},
-                                 {"from": "a", "to": "b", "loss": "att_cos", "gate": "through", "crops": [5]}])
+    d = graph(
+        models("a", "b"),
+        [
+            {"from": "b", "to": "a", "loss": "att_mse", "gate": "correct", "crops": [3, 32]},
+            {"from": "a", "to": "b", "loss": "att_cos", "gate": "through", "crops": [5]},
+        ],
+    )
     z, a, y = inputs("ab", 3, 10, size=32, device=device)
     some_correct(z["b"], y, n=2)
     compare(d, z, a, y)
@@ -496,10 +636,14 @@ def test_attention_maps_up_to_32(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_within_bound(dtype, device):
-    d = graph(models("a", "b", "c"),
-              [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-               {"from": "c", "to": "a", "loss": "kl", "gate": "correct", "temperature": 2.0},
-               {"from": "a", "to": "b", "loss": "cos+mse", "gate": "linear"}])
+    d = graph(
+        models("a", "b", "c"),
+        [
+            {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+            {"from": "c", "to": "a", "loss": "kl", "gate": "correct", "temperature": 2.0},
+            {"from": "a", "to": "b", "loss": "cos+mse", "gate": "linear"},
+        ],
+    )
     z, a, y = inputs("abc", 8, 100, device=device)
     some_correct(z["c"], y)
     # Both read the same half-precision logits and accumulate in fp32: the float64 computation from
@@ -514,25 +658,50 @@ def test_soften_source_against_a_direct_computation(device):
     # same T, so the backward switches the target's softmax from T = 1 to T and back; into b: source
     # softened at T = 3.
     T, w = 10.0, 0.6
-    d = graph(models("a", "b", "c", "d"),
-              [{"from": "b", "to": "a", "loss": "kl+mse", "gate": "through", "temperature": T, "soften": "source",
-                "weight": w},
-               {"from": "c", "to": "a", "loss": "kl", "gate": "through", "temperature": T},
-               {"from": "d", "to": "a", "loss": "kl", "gate": "through", "temperature": 5.0, "soften": "source",
-                "weight": 0.3},
-               {"from": "a", "to": "b", "loss": "kl", "gate": "linear", "temperature": 3.0, "soften": "source"},
-               {"from": "label", "to": "b", "loss": "ce", "gate": "through"}])
+    d = graph(
+        models("a", "b", "c", "d"),
+        [
+            {
+                "from": "b",
+                "to": "a",
+                "loss": "kl+mse",
+                "gate": "through",
+                "temperature": T,
+                "soften": "source",
+                "weight": w,
+            },
+            {"from": "c", "to": "a", "loss": "kl", "gate": "through", "temperature": T},
+            {
+                "from": "d",
+                "to": "a",
+                "loss": "kl",
+                "gate": "through",
+                "temperature": 5.0,
+                "soften": "source",
+                "weight": 0.3,
+            },
+            {"from": "a", "to": "b", "loss": "kl", "gate": "linear", "temperature": 3.0, "soften": "source"},
+            {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
+        ],
+    )
     z, a, y = inputs("abcd", 9, 13, device=device)
     fused, grads = compare(d, z, a, y, step=2, total=7)
 
     def kl(source, target):  # Σ_k softmax(source)_k (log softmax(source)_k - log softmax(target)_k), per row
-        return (torch.softmax(source, 1) * (torch.log_softmax(source, 1) - torch.log_softmax(target, 1))).sum(1)
+        return (torch.softmax(source, 1) * (torch.log_softmax(source, 1) - torch.log_softmax(target, 1))).sum(
+            1
+        )
 
     zz = {k: v.double().detach().requires_grad_() for k, v in z.items()}
     za, zb, zc, zd = zz["a"], zz["b"], zz["c"], zz["d"]
-    want_a = (w * (kl(zb.detach() / T, za) + ((za - zb.detach()) ** 2).mean(1))
-              + T * T * kl(zc.detach() / T, za / T) + 0.3 * kl(zd.detach() / 5.0, za)).mean()
-    want_b = (2 / 7 * kl(za.detach() / 3.0, zb) + torch.nn.functional.cross_entropy(zb, y, reduction="none")).mean()
+    want_a = (
+        w * (kl(zb.detach() / T, za) + ((za - zb.detach()) ** 2).mean(1))
+        + T * T * kl(zc.detach() / T, za / T)
+        + 0.3 * kl(zd.detach() / 5.0, za)
+    ).mean()
+    want_b = (
+        2 / 7 * kl(za.detach() / 3.0, zb) + torch.nn.functional.cross_entropy(zb, y, reduction="none")
+    ).mean()
     torch.testing.assert_close(fused["a"].double(), want_a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused["b"].double(), want_b, rtol=1e-5, atol=1e-6)
     want_grads = torch.autograd.grad(want_a + want_b, [za, zb, zc, zd], allow_unused=True)
@@ -543,8 +712,12 @@ def test_soften_source_against_a_direct_computation(device):
 
 # k / k_end = 0.1, 0.5, 1 at steps 1, k_end / 2, k_end of k_end = 10, and γ = 2.5: 1/γ = 0.4.
 # warmup, w = 0.25: k / (w k_end) = 0.4, then capped at 1.
-TIME_GATE_WEIGHTS = {"negative_linear": [0.9, 0.5, 0.0], "gamma": [0.1 ** 0.4, 0.5 ** 0.4, 1.0],
-                     "negative_gamma": [0.9 ** 0.4, 0.5 ** 0.4, 0.0], "warmup": [0.4, 1.0, 1.0]}
+TIME_GATE_WEIGHTS = {
+    "negative_linear": [0.9, 0.5, 0.0],
+    "gamma": [0.1**0.4, 0.5**0.4, 1.0],
+    "negative_gamma": [0.9**0.4, 0.5**0.4, 0.0],
+    "warmup": [0.4, 1.0, 1.0],
+}
 GATE_FIELDS = {"gamma": {"gamma": 2.5}, "negative_gamma": {"gamma": 2.5}, "warmup": {"warmup": 0.25}}
 
 
@@ -552,11 +725,27 @@ GATE_FIELDS = {"gamma": {"gamma": 2.5}, "negative_gamma": {"gamma": 2.5}, "warmu
 @pytest.mark.parametrize("gate", sorted(TIME_GATE_WEIGHTS))
 def test_time_gates_at_the_first_middle_and_last_step(gate, device):
     fields = GATE_FIELDS.get(gate, {})
-    edges = [{"from": "b", "to": "a", "loss": "kl+cos+att_mse", "gate": gate, "temperature": 2.0, "crops": [2],
-              **fields},
-             {"from": "c", "to": "a", "loss": "dkd+dist", "gate": gate, "standardize": True, "temperature": 3.0,
-              **fields},
-             {"from": "label", "to": "a", "loss": "ce", "gate": gate, "weight": 0.5, **fields}]
+    edges = [
+        {
+            "from": "b",
+            "to": "a",
+            "loss": "kl+cos+att_mse",
+            "gate": gate,
+            "temperature": 2.0,
+            "crops": [2],
+            **fields,
+        },
+        {
+            "from": "c",
+            "to": "a",
+            "loss": "dkd+dist",
+            "gate": gate,
+            "standardize": True,
+            "temperature": 3.0,
+            **fields,
+        },
+        {"from": "label", "to": "a", "loss": "ce", "gate": gate, "weight": 0.5, **fields},
+    ]
     plain = [{k: v for k, v in e.items() if k not in fields} | {"gate": "through"} for e in edges]
     z, a, y = inputs("abc", 6, 9, device=device)
     plain_graph = Graph.from_dict(graph(models("a", "b", "c"), plain))
@@ -572,8 +761,11 @@ def test_time_gates_at_the_first_middle_and_last_step(gate, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("gate", ["linear", "negative_linear", "gamma", "negative_gamma", "warmup"])
 def test_time_gate_factor_from_a_device_tensor(gate, device):
-    edge = {"from": "b", "to": "a", "loss": "kl", "gate": gate} | {"gamma": {"gamma": 0.7}, "negative_gamma": {
-        "gamma": 0.7}, "warmup": {"warmup": 0.5}}.get(gate, {})
+    edge = {"from": "b", "to": "a", "loss": "kl", "gate": gate} | {
+        "gamma": {"gamma": 0.7},
+        "negative_gamma": {"gamma": 0.7},
+        "warmup": {"warmup": 0.5},
+    }.get(gate, {})
     g = Graph.from_dict(graph(models("a", "b"), [edge]))
     z, a, y = inputs("ab", 4, 10, device=device)
     as_int = fused_graph_losses(g, z, y, 3, 12)["a"]
@@ -587,18 +779,31 @@ def test_time_gate_factor_from_a_device_tensor(gate, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("label_edge", [True, False])  # without it, s is trained through its branches only
 def test_branch_endpoints(device, label_edge):
-    d = {"version": 1, "target": "s", "nodes": [{"name": "s", "model": "branch2_resnet8"}, *models("t")],
-         "edges": [{"from": "t", "to": "s.b0", "loss": "kl+mse", "gate": "through", "temperature": 3.0},
-                   {"from": "s.b0", "to": "s.b1", "loss": "kl", "gate": "correct"},
-                   {"from": "label", "to": "s", "loss": "ce", "gate": "through"}][:3 if label_edge else 2]}
+    d = {
+        "version": 1,
+        "target": "s",
+        "nodes": [{"name": "s", "model": "branch2_resnet8"}, *models("t")],
+        "edges": [
+            {"from": "t", "to": "s.b0", "loss": "kl+mse", "gate": "through", "temperature": 3.0},
+            {"from": "s.b0", "to": "s.b1", "loss": "kl", "gate": "correct"},
+            {"from": "label", "to": "s", "loss": "ce", "gate": "through"},
+        ][: 3 if label_edge else 2],
+    }
     z, a, y = inputs(["s", "t", "s.b0", "s.b1"], 5, 10, device=device)
     compare(d, z, {}, y)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_steps_do_not_recompile():
-    g = Graph.from_dict(graph(models("a", "b"), [{"from": "b", "to": "a", "loss": "kl", "gate": "linear"},
-                                                  {"from": "label", "to": "b", "loss": "ce", "gate": "correct"}]))
+    g = Graph.from_dict(
+        graph(
+            models("a", "b"),
+            [
+                {"from": "b", "to": "a", "loss": "kl", "gate": "linear"},
+                {"from": "label", "to": "b", "loss": "ce", "gate": "correct"},
+            ],
+        )
+    )
     z, a, y = inputs("ab", 64, 100, device="cuda")
     z = {k: v.requires_grad_() for k, v in z.items()}
 
@@ -624,14 +829,21 @@ class LaunchSpy:
         def launch(*args, **kwargs):
             self.launches.append((args, kwargs))
             return self.kernel[grid](*args, **kwargs)
+
         return launch
 
 
 def scratch_graph():
-    return Graph.from_dict(graph(models("a", "b", "c"),
-                                 [{"from": "label", "to": "a", "loss": "ce", "gate": "correct"},
-                                  {"from": "a", "to": "b", "loss": "kl+cos", "gate": "linear"},
-                                  {"from": "b", "to": "c", "loss": "mse", "gate": "through", "weight": 0.5}]))
+    return Graph.from_dict(
+        graph(
+            models("a", "b", "c"),
+            [
+                {"from": "label", "to": "a", "loss": "ce", "gate": "correct"},
+                {"from": "a", "to": "b", "loss": "kl+cos", "gate": "linear"},
+                {"from": "b", "to": "c", "loss": "mse", "gate": "through", "weight": 0.5},
+            ],
+        )
+    )
 
 
 def scratch_args(spy) -> list[tuple[int, int]]:
@@ -665,7 +877,9 @@ def test_each_caller_owns_its_scratch(device, monkeypatch):
     for losses, total, grads in results[1:]:
         assert torch.equal(losses, results[0][0]) and torch.equal(total, results[0][1])
         assert all(torch.equal(a, b) for a, b in zip(grads, results[0][2]))
-    assert torch.equal(torch.stack(list(fused_graph_losses(g, z, y, 3, 8, scratch=mine).values())), results[0][0])
+    assert torch.equal(
+        torch.stack(list(fused_graph_losses(g, z, y, 3, 8, scratch=mine).values())), results[0][0]
+    )
 
 
 def test_scratch_is_not_made_inside_a_capture(monkeypatch):
@@ -715,15 +929,20 @@ def test_endpoint_offsets_do_not_select_the_compiled_kernel(kernel, monkeypatch)
     z, _, y = inputs("abc", 8, 10)
     _, total = fused_loss_vector(scratch_graph(), {k: v.requires_grad_() for k, v in z.items()}, y, 3, 8)
     total.backward()
-    (args, kwargs), = spy.launches
-    fn = spy.kernel if isinstance(spy.kernel, JITFunction) else JITFunction(spy.kernel.fn, **spy.kernel.kwargs)
+    ((args, kwargs),) = spy.launches
+    fn = (
+        spy.kernel if isinstance(spy.kernel, JITFunction) else JITFunction(spy.kernel.fn, **spy.kernel.kwargs)
+    )
     bind = create_function_from_signature(fn.signature, fn.params, make_backend(GPUTarget("cuda", 90, 32)))
     first, n = fn.arg_names.index("node_stride") + 1, edge_losses.OFFSET_ARGS
-    patterns = [[0] * n, [16 * k for k in range(n)],
-                [1, 17, -3, 2**31 + 5, -(2**40)] + [4096 * k + 7 for k in range(n - 5)]]
+    patterns = [
+        [0] * n,
+        [16 * k for k in range(n)],
+        [1, 17, -3, 2**31 + 5, -(2**40)] + [4096 * k + 7 for k in range(n - 5)],
+    ]
     keys = []
     for offsets in patterns:
-        _, specialization, _ = bind(*args[:first], *offsets, *args[first + n:], **kwargs)
+        _, specialization, _ = bind(*args[:first], *offsets, *args[first + n :], **kwargs)
         keys.append(specialization)
     assert keys[0] == keys[1] == keys[2]
 
@@ -739,9 +958,13 @@ def test_launch_plans_keep_few_elements_per_thread_and_fill_the_gpu(sms):
     per_thread = plans.THREAD_ELEMENTS
     for batch in (1, 7, 64, 100, 256, 1000, 1024, 4097, 8192, 65536):
         for classes in (2, 10, 100, 1000, 4000):
-            rows, block_c, warps, programs = plans.edge_plan(batch, classes, sms, edge_losses.MAX_BLOCK_C,
-                                                             edge_losses.GPU_TILE)
-            assert block_c >= min(classes, edge_losses.MAX_BLOCK_C) and (programs - 1) * rows < batch <= programs * rows
+            rows, block_c, warps, programs = plans.edge_plan(
+                batch, classes, sms, edge_losses.MAX_BLOCK_C, edge_losses.GPU_TILE
+            )
+            assert (
+                block_c >= min(classes, edge_losses.MAX_BLOCK_C)
+                and (programs - 1) * rows < batch <= programs * rows
+            )
             assert rows * block_c <= 32 * warps * per_thread
             assert programs >= min(batch, sms)
     for side in range(1, 65):

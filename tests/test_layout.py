@@ -1,6 +1,7 @@
 """The house: no import circle among the package's modules (lazy imports inside functions
 included), the layers of pyproject.toml's import contract kept, no module too long to read, and the
 code's citations of the contracts pointing at docs/ARCHITECTURE.md's sections, inside the repository."""
+
 import ast
 import re
 import subprocess
@@ -60,8 +61,13 @@ def test_only_the_engine_imports_the_kernels():
     users = set()
     for path in ROOT.joinpath("ktfast").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0
-                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
             if any(n == "ktfast.kernels" or n.startswith("ktfast.kernels.") for n in names):
                 users.add(path.relative_to(ROOT / "ktfast").parts[0])
     assert users and users <= set(KERNEL_USERS), users
@@ -75,15 +81,29 @@ def test_the_kernels_install_as_ktfast_kernels():
 
 
 def test_the_import_contract_holds():
-    run = subprocess.run([str(Path(sys.executable).with_name("lint-imports")), "--no-cache"], cwd=ROOT,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("lint-imports")), "--no-cache"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stdout[-3000:]
     assert "0 broken" in run.stdout
 
 
+def test_ruff_finds_nothing():
+    """pyproject.toml's ruff rules hold and the code is as ruff formats it (CI runs the same first)."""
+    ruff = str(Path(sys.executable).with_name("ruff"))
+    for args in (["check", "."], ["format", "--check", "."]):
+        run = subprocess.run([ruff, *args], cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout[-3000:]
+
+
 def test_no_module_is_longer_than_400_lines():
     sources = [*ROOT.joinpath("ktfast").rglob("*.py"), *ROOT.joinpath("kernels").rglob("*.py")]
-    long = {str(p.relative_to(ROOT)): n for p in sources if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(ROOT)): n for p in sources if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert long == {}
 
 
@@ -97,8 +117,11 @@ STALE = ("DESIGN" + " §", "shared/" + "DESIGN")
 
 def cited_files() -> list[Path]:
     """The .py files of the project and README.md."""
-    files = {p.resolve() for folder in ("ktfast", "kernels", "benchmarks", "tests", "examples")
-             for p in ROOT.joinpath(folder).rglob("*.py")}
+    files = {
+        p.resolve()
+        for folder in ("ktfast", "kernels", "benchmarks", "tests", "examples")
+        for p in ROOT.joinpath(folder).rglob("*.py")
+    }
     return sorted(files) + [ROOT / "README.md"]
 
 
@@ -108,15 +131,18 @@ def architecture_sections(text: str) -> set[int]:
 
 
 def bad_citations(files: list[Path], sections: set[int]) -> list[str]:
-    """"file:line: why" for every citation of the old file, and of a section the page does not have."""
+    """ "file:line: why" for every citation of the old file, and of a section the page does not have."""
     bad = []
     for path in files:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             where = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{number}"
             bad += [f"{where}: cites {stale!r}" for stale in STALE if stale in line]
             for cited in CITATION.findall(line):
-                bad += [f"{where}: no section {n} in docs/ARCHITECTURE.md" for n in map(int, re.findall(r"\d+", cited))
-                        if n not in sections]
+                bad += [
+                    f"{where}: no section {n} in docs/ARCHITECTURE.md"
+                    for n in map(int, re.findall(r"\d+", cited))
+                    if n not in sections
+                ]
     return bad
 
 
@@ -132,9 +158,13 @@ def test_the_code_cites_sections_of_docs_architecture_that_exist():
 def test_a_citation_of_a_missing_section_or_of_the_old_file_is_found(tmp_path):
     """The check itself: each kind of bad citation in a file is reported, the good ones are not."""
     sample = tmp_path / "sample.py"
-    sample.write_text('"""Fine (docs/ARCHITECTURE.md §1, §8), fine (ARCHITECTURE §6).\n'
-                      f'Gone (docs/ARCHITECTURE.md §2, §{13}).\n'  # §{13}: this file cites no §13
-                      f'Old ({STALE[0]}2), old ({STALE[1]}.md).\n"""\n')
+    sample.write_text(
+        '"""Fine (docs/ARCHITECTURE.md §1, §8), fine (ARCHITECTURE §6).\n'
+        f"Gone (docs/ARCHITECTURE.md §2, §{13}).\n"  # §{13}: this file cites no §13
+        f'Old ({STALE[0]}2), old ({STALE[1]}.md).\n"""\n'
+    )
     assert bad_citations([sample], set(range(1, 13))) == [
         f"{sample}:2: no section 13 in docs/ARCHITECTURE.md",
-        f"{sample}:3: cites {STALE[0]!r}", f"{sample}:3: cites {STALE[1]!r}"]
+        f"{sample}:3: cites {STALE[0]!r}",
+        f"{sample}:3: cites {STALE[1]!r}",
+    ]

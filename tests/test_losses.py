@@ -1,5 +1,6 @@
 """graph_losses held to an independent per-sample computation (float64 NumPy loops, written from the
 formulas of docs/ARCHITECTURE.md §1), and its gradients to where they may and may not go."""
+
 import math
 
 import logit_reference as paper
@@ -10,8 +11,21 @@ import torch
 from ktfast import Graph, GraphError
 from ktfast.losses import graph_losses, reference_graph_losses
 
-LOSSES = ["kl", "cos", "mse", "att_mse", "att_cos", "kl+att_mse", "cos+att_cos", "kl+mse", "dkd", "dist",
-          "dkd+att_mse", "dist+mse", "dkd+dist"]
+LOSSES = [
+    "kl",
+    "cos",
+    "mse",
+    "att_mse",
+    "att_cos",
+    "kl+att_mse",
+    "cos+att_cos",
+    "kl+mse",
+    "dkd",
+    "dist",
+    "dkd+att_mse",
+    "dist+mse",
+    "dkd+dist",
+]
 GATES = ["through", "linear", "correct", "negative_linear", "gamma", "negative_gamma", "warmup"]
 TEMPERED = ("kl", "dkd", "dist")  # the terms that see standardized logits under `standardize`
 
@@ -31,7 +45,7 @@ def crop(a, i, j, k):
     h, w = a.shape
     top = min(max(i - k // 2, 0), h - k)
     left = min(max(j - k // 2, 0), w - k)
-    c = a[top:top + k, left:left + k].reshape(-1)
+    c = a[top : top + k, left : left + k].reshape(-1)
     return c / max(np.sqrt((c * c).sum()), 1e-12)
 
 
@@ -39,7 +53,9 @@ def term_loss(term, edge, zs, zt, y, att_s, att_t):
     if term in TEMPERED and edge.get("standardize"):
         zs, zt = paper.standardize(zs), paper.standardize(zt)
     if term == "dkd":
-        return paper.dkd(zs, zt, y, edge.get("temperature", 1.0), edge.get("alpha", 1.0), edge.get("beta", 8.0))
+        return paper.dkd(
+            zs, zt, y, edge.get("temperature", 1.0), edge.get("alpha", 1.0), edge.get("beta", 8.0)
+        )
     if term == "dist":
         return paper.dist(zs, zt, edge.get("temperature", 1.0))
     if term == "ce":
@@ -66,8 +82,14 @@ def term_loss(term, edge, zs, zt, y, att_s, att_t):
 
 def time_gate(gate, x, gamma=1.0, warmup=None):
     """The gates of docs/ARCHITECTURE.md §1 that depend only on x = k / k_end."""
-    return {"through": 1.0, "linear": x, "negative_linear": 1 - x, "gamma": x ** (1 / gamma),
-            "negative_gamma": (1 - x) ** (1 / gamma), "warmup": warmup and min(1.0, x / warmup)}[gate]
+    return {
+        "through": 1.0,
+        "linear": x,
+        "negative_linear": 1 - x,
+        "gamma": x ** (1 / gamma),
+        "negative_gamma": (1 - x) ** (1 / gamma),
+        "warmup": warmup and min(1.0, x / warmup),
+    }[gate]
 
 
 def expected_losses(d, logits, labels, step, total, attention):
@@ -90,9 +112,18 @@ def expected_losses(d, logits, labels, step, total, attention):
                 g = time_gate(e["gate"], step / total, e.get("gamma", 1.0), e.get("warmup"))
             else:
                 g = 1.0 if zs is None or int(np.argmax(zs)) == y[b] else 0.0
-            loss = sum(term_loss(t, e, zs, z[e["to"]][b], y[b],
-                                 att.get(e["from"], [None] * batch)[b], att.get(e["to"], [None] * batch)[b])
-                       for t in e["loss"].split("+"))
+            loss = sum(
+                term_loss(
+                    t,
+                    e,
+                    zs,
+                    z[e["to"]][b],
+                    y[b],
+                    att.get(e["from"], [None] * batch)[b],
+                    att.get(e["to"], [None] * batch)[b],
+                )
+                for t in e["loss"].split("+")
+            )
             total_b += g * loss
         out[e["to"]] = out.get(e["to"], 0.0) + e.get("weight", 1.0) * total_b / batch
     return out
@@ -128,10 +159,14 @@ def models(*names):
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_every_loss_and_gate_against_independent_computation(loss, gate):
-    gamma = {"gamma": 2.5} if gate in ("gamma", "negative_gamma") else {"warmup": 0.4} if gate == "warmup" else {}
-    edges = [{"from": "label", "to": "n1", "loss": "ce", "gate": gate, **gamma},
-             {"from": "n2", "to": "n1", "loss": loss, "gate": gate, "crops": [3, 5], **gamma},
-             {"from": "label", "to": "n2", "loss": "ce", "gate": "through"}]
+    gamma = (
+        {"gamma": 2.5} if gate in ("gamma", "negative_gamma") else {"warmup": 0.4} if gate == "warmup" else {}
+    )
+    edges = [
+        {"from": "label", "to": "n1", "loss": "ce", "gate": gate, **gamma},
+        {"from": "n2", "to": "n1", "loss": loss, "gate": gate, "crops": [3, 5], **gamma},
+        {"from": "label", "to": "n2", "loss": "ce", "gate": "through"},
+    ]
     logits, labels, attention = make_inputs(["n1", "n2"], seed=10 * LOSSES.index(loss) + GATES.index(gate))
     # Make the correct gate select some samples and not others.
     with torch.no_grad():
@@ -141,20 +176,31 @@ def test_every_loss_and_gate_against_independent_computation(loss, gate):
 
 
 def test_temperature_weights_and_several_edges_into_one_target():
-    edges = [{"from": "label", "to": "n1", "loss": "ce", "gate": "through", "weight": 0.5},
-             {"from": "n2", "to": "n1", "loss": "kl", "gate": "through", "temperature": 10.0, "weight": 0.6},
-             {"from": "n3", "to": "n1", "loss": "kl+mse", "gate": "linear", "temperature": 2.0, "weight": -0.3},
-             {"from": "n1", "to": "n3", "loss": "cos", "gate": "correct", "weight": 2.0}]
+    edges = [
+        {"from": "label", "to": "n1", "loss": "ce", "gate": "through", "weight": 0.5},
+        {"from": "n2", "to": "n1", "loss": "kl", "gate": "through", "temperature": 10.0, "weight": 0.6},
+        {"from": "n3", "to": "n1", "loss": "kl+mse", "gate": "linear", "temperature": 2.0, "weight": -0.3},
+        {"from": "n1", "to": "n3", "loss": "cos", "gate": "correct", "weight": 2.0},
+    ]
     logits, labels, _ = make_inputs(["n1", "n2", "n3"], seed=5)
     check(graph(models("n1", "n2", "n3"), edges), logits, labels, step=7, total=7)
 
 
 def test_soften_source_against_independent_computation():
     # EKD's Eq. 8 (soften source) next to Hinton's (both) on the same target, at two temperatures.
-    edges = [{"from": "n2", "to": "n1", "loss": "kl+mse", "gate": "through", "temperature": 10.0,
-              "soften": "source", "weight": 0.6},
-             {"from": "n3", "to": "n1", "loss": "kl", "gate": "linear", "temperature": 10.0, "weight": 0.4},
-             {"from": "n1", "to": "n2", "loss": "kl", "gate": "correct", "temperature": 3.0, "soften": "source"}]
+    edges = [
+        {
+            "from": "n2",
+            "to": "n1",
+            "loss": "kl+mse",
+            "gate": "through",
+            "temperature": 10.0,
+            "soften": "source",
+            "weight": 0.6,
+        },
+        {"from": "n3", "to": "n1", "loss": "kl", "gate": "linear", "temperature": 10.0, "weight": 0.4},
+        {"from": "n1", "to": "n2", "loss": "kl", "gate": "correct", "temperature": 3.0, "soften": "source"},
+    ]
     logits, labels, _ = make_inputs(["n1", "n2", "n3"], seed=11, scale=4.0)
     check(graph(models("n1", "n2", "n3"), edges), logits, labels, step=4, total=9)
 
@@ -164,23 +210,47 @@ def test_soften_source_against_independent_computation():
 def test_modern_terms_temperature_alpha_beta_and_standardize(loss, standardize):
     # standardize changes the kl, dkd and dist terms and leaves mse, cos and att_* as they were.
     extra = {"alpha": 0.0, "beta": 2.0} if "dkd" in loss else {}
-    edges = [{"from": "n2", "to": "n1", "loss": loss, "gate": "warmup", "warmup": 0.5, "temperature": 4.0,
-              "standardize": standardize, "weight": 0.7, **extra},
-             {"from": "n1", "to": "n2", "loss": loss.split("+")[0], "gate": "correct", "temperature": 0.5,
-              "standardize": standardize},
-             {"from": "label", "to": "n1", "loss": "ce", "gate": "through"}]
+    edges = [
+        {
+            "from": "n2",
+            "to": "n1",
+            "loss": loss,
+            "gate": "warmup",
+            "warmup": 0.5,
+            "temperature": 4.0,
+            "standardize": standardize,
+            "weight": 0.7,
+            **extra,
+        },
+        {
+            "from": "n1",
+            "to": "n2",
+            "loss": loss.split("+")[0],
+            "gate": "correct",
+            "temperature": 0.5,
+            "standardize": standardize,
+        },
+        {"from": "label", "to": "n1", "loss": "ce", "gate": "through"},
+    ]
     logits, labels, attention = make_inputs(["n1", "n2"], seed=13, scale=5.0)
     check(graph(models("n1", "n2"), edges), logits, labels, attention, step=2, total=10)
 
 
 # k / k_end = 0.1, 0.5 at w = 0.4: 0.25 and 1 (the gate holds at 1 after the warm-up); the first step of
 # DKD's 1/12 over 240 steps is 1/20.
-@pytest.mark.parametrize("warmup,steps,weights", [(0.4, (1, 2, 4, 5, 10), (0.25, 0.5, 1.0, 1.0, 1.0)),
-                                                  (1 / 12, (1, 10, 20, 21, 240), (0.05, 0.5, 1.0, 1.0, 1.0)),
-                                                  (1.0, (1, 5, 10), (0.1, 0.5, 1.0))])
+@pytest.mark.parametrize(
+    "warmup,steps,weights",
+    [
+        (0.4, (1, 2, 4, 5, 10), (0.25, 0.5, 1.0, 1.0, 1.0)),
+        (1 / 12, (1, 10, 20, 21, 240), (0.05, 0.5, 1.0, 1.0, 1.0)),
+        (1.0, (1, 5, 10), (0.1, 0.5, 1.0)),
+    ],
+)
 def test_warmup_gate_rises_linearly_to_one_and_stays(warmup, steps, weights):
     total = 240 if warmup == 1 / 12 else 10
-    edges = [{"from": "n2", "to": "n1", "loss": "dkd", "gate": "warmup", "warmup": warmup, "temperature": 4.0}]
+    edges = [
+        {"from": "n2", "to": "n1", "loss": "dkd", "gate": "warmup", "warmup": warmup, "temperature": 4.0}
+    ]
     plain = [{"from": "n2", "to": "n1", "loss": "dkd", "gate": "through", "temperature": 4.0}]
     gated, through = (Graph.from_dict(graph(models("n1", "n2"), e)) for e in (edges, plain))
     logits, labels, _ = make_inputs(["n1", "n2"], seed=8)
@@ -194,8 +264,20 @@ def test_soften_source_gradient_is_the_difference_of_the_two_softmaxes():
     # d/dz_t Σ p_s log(p_s / softmax(z_t)) = softmax(z_t) - softmax(z_s / T): no factor T, unlike
     # T² · KL at T on both sides, whose gradient is T · (softmax(z_t / T) - softmax(z_s / T)).
     T, weight = 10.0, 0.6
-    d = graph(models("n1", "n2"), [{"from": "n2", "to": "n1", "loss": "kl", "gate": "through",
-                                    "temperature": T, "soften": "source", "weight": weight}])
+    d = graph(
+        models("n1", "n2"),
+        [
+            {
+                "from": "n2",
+                "to": "n1",
+                "loss": "kl",
+                "gate": "through",
+                "temperature": T,
+                "soften": "source",
+                "weight": weight,
+            }
+        ],
+    )
     logits, labels, _ = make_inputs(["n1", "n2"], batch=5, classes=7, seed=3, scale=4.0)
     z1 = logits["n1"].detach().double().requires_grad_()
     z2 = logits["n2"].detach().double()
@@ -204,23 +286,32 @@ def test_soften_source_gradient_is_the_difference_of_the_two_softmaxes():
     want = weight / 5 * (torch.softmax(z1.detach(), 1) - torch.softmax(z2 / T, 1))
     torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-14)
     assert torch.autograd.gradcheck(
-        lambda z: graph_losses(Graph.from_dict(d), {"n1": z, "n2": z2}, labels, 1, 1)["n1"], (z1,))
+        lambda z: graph_losses(Graph.from_dict(d), {"n1": z, "n2": z2}, labels, 1, 1)["n1"], (z1,)
+    )
 
 
 # k / k_end = 0.1, 0.5, 1 at steps 1, k_end / 2, k_end of k_end = 10, and γ = 2.5: 1/γ = 0.4.
-TIME_GATE_WEIGHTS = {"negative_linear": [0.9, 0.5, 0.0], "gamma": [0.1 ** 0.4, 0.5 ** 0.4, 1.0],
-                     "negative_gamma": [0.9 ** 0.4, 0.5 ** 0.4, 0.0]}
+TIME_GATE_WEIGHTS = {
+    "negative_linear": [0.9, 0.5, 0.0],
+    "gamma": [0.1**0.4, 0.5**0.4, 1.0],
+    "negative_gamma": [0.9**0.4, 0.5**0.4, 0.0],
+}
 
 
 @pytest.mark.parametrize("gate", sorted(TIME_GATE_WEIGHTS))
 def test_time_gates_at_the_first_middle_and_last_step(gate):
     gamma = {"gamma": 2.5} if "gamma" in gate else {}
-    edges = [{"from": "n2", "to": "n1", "loss": "kl+mse", "gate": gate, "temperature": 2.0, **gamma},
-             {"from": "label", "to": "n1", "loss": "ce", "gate": gate, "weight": 0.5, **gamma}]
+    edges = [
+        {"from": "n2", "to": "n1", "loss": "kl+mse", "gate": gate, "temperature": 2.0, **gamma},
+        {"from": "label", "to": "n1", "loss": "ce", "gate": gate, "weight": 0.5, **gamma},
+    ]
     plain = [dict(e, gate="through") for e in edges]
     for e in plain:
         e.pop("gamma", None)
-    gated, through = Graph.from_dict(graph(models("n1", "n2"), edges)), Graph.from_dict(graph(models("n1", "n2"), plain))
+    gated, through = (
+        Graph.from_dict(graph(models("n1", "n2"), edges)),
+        Graph.from_dict(graph(models("n1", "n2"), plain)),
+    )
     logits, labels, _ = make_inputs(["n1", "n2"], seed=8)
     for step, weight in zip((1, 5, 10), TIME_GATE_WEIGHTS[gate]):
         got = graph_losses(gated, logits, labels, step, 10)["n1"]
@@ -234,12 +325,15 @@ def test_time_gates_at_the_first_middle_and_last_step(gate):
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
 @pytest.mark.parametrize("detach", [True, False])
 def test_ensemble_nodes_as_source_and_target(reduce, detach):
-    nodes = models("n1", "n2", "n3") + [{"name": "ens", "ensemble": ["n1", "n2"], "reduce": reduce,
-                                         "detach": detach}]
-    edges = [{"from": "label", "to": "ens", "loss": "ce", "gate": "through"},
-             {"from": "ens", "to": "n3", "loss": "kl", "gate": "correct", "temperature": 3.0},
-             {"from": "n3", "to": "ens", "loss": "kl+mse", "gate": "linear"},
-             {"from": "label", "to": "n3", "loss": "ce", "gate": "through"}]
+    nodes = models("n1", "n2", "n3") + [
+        {"name": "ens", "ensemble": ["n1", "n2"], "reduce": reduce, "detach": detach}
+    ]
+    edges = [
+        {"from": "label", "to": "ens", "loss": "ce", "gate": "through"},
+        {"from": "ens", "to": "n3", "loss": "kl", "gate": "correct", "temperature": 3.0},
+        {"from": "n3", "to": "ens", "loss": "kl+mse", "gate": "linear"},
+        {"from": "label", "to": "n3", "loss": "ce", "gate": "through"},
+    ]
     logits, labels, _ = make_inputs(["n1", "n2", "n3"], seed=11)
     got = check(graph(nodes, edges, target="ens"), logits, labels)
     grads = torch.autograd.grad(sum(got.values()), [logits[n] for n in ("n1", "n2", "n3")], allow_unused=True)
@@ -250,8 +344,10 @@ def test_ensemble_nodes_as_source_and_target(reduce, detach):
 
 
 def test_correct_gate_that_masks_every_sample_still_divides_by_batch():
-    edges = [{"from": "label", "to": "n1", "loss": "ce", "gate": "through"},
-             {"from": "n2", "to": "n1", "loss": "kl", "gate": "correct"}]
+    edges = [
+        {"from": "label", "to": "n1", "loss": "ce", "gate": "through"},
+        {"from": "n2", "to": "n1", "loss": "kl", "gate": "correct"},
+    ]
     logits, labels, _ = make_inputs(["n1", "n2"], seed=3)
     with torch.no_grad():
         logits["n2"].zero_()
@@ -267,7 +363,9 @@ def test_correct_gate_that_masks_every_sample_still_divides_by_batch():
     got = check(d, logits, labels)
     g = Graph.from_dict(d)
     one = reference_graph_losses(g, {k: v[:1] for k, v in logits.items()}, labels[:1], 1, 1)["n1"]
-    assert got["n1"].item() == pytest.approx(ce_only["n1"].item() + (one.item() - ce_only_first(logits, labels)) / 6)
+    assert got["n1"].item() == pytest.approx(
+        ce_only["n1"].item() + (one.item() - ce_only_first(logits, labels)) / 6
+    )
 
 
 def ce_only_first(logits, labels):
@@ -311,8 +409,10 @@ def test_even_crops_away_from_the_border(loss):
 
 
 def test_cutoff_edges_are_not_computed_and_their_targets_absent():
-    edges = [{"from": "label", "to": "n1", "loss": "ce", "gate": "through"},
-             {"from": "n1", "to": "n2", "loss": "kl", "gate": "cutoff"}]
+    edges = [
+        {"from": "label", "to": "n1", "loss": "ce", "gate": "through"},
+        {"from": "n1", "to": "n2", "loss": "kl", "gate": "cutoff"},
+    ]
     logits, labels, _ = make_inputs(["n1", "n2"])
     got = check(graph(models("n1", "n2"), edges), logits, labels)
     assert list(got) == ["n1"]
@@ -320,15 +420,23 @@ def test_cutoff_edges_are_not_computed_and_their_targets_absent():
 
 # ---- gradients ------------------------------------------------------------------------------
 def test_gradients_reach_only_targets():
-    edges = [{"from": "label", "to": "n1", "loss": "ce", "gate": "through"},
-             {"from": "n2", "to": "n1", "loss": "kl+att_mse", "gate": "through"},
-             {"from": "n3", "to": "n1", "loss": "cos+att_cos", "gate": "correct"},
-             {"from": "n1", "to": "n2", "loss": "mse", "gate": "linear"}]
+    edges = [
+        {"from": "label", "to": "n1", "loss": "ce", "gate": "through"},
+        {"from": "n2", "to": "n1", "loss": "kl+att_mse", "gate": "through"},
+        {"from": "n3", "to": "n1", "loss": "cos+att_cos", "gate": "correct"},
+        {"from": "n1", "to": "n2", "loss": "mse", "gate": "linear"},
+    ]
     logits, labels, attention = make_inputs(["n1", "n2", "n3"], size=8)
-    got = graph_losses(Graph.from_dict(graph(models("n1", "n2", "n3"), edges)), logits, labels, 2, 4, attention)
+    got = graph_losses(
+        Graph.from_dict(graph(models("n1", "n2", "n3"), edges)), logits, labels, 2, 4, attention
+    )
     # Each target's loss reaches that target alone: n2's loss reaches n2, not its source n1.
-    g_n1 = torch.autograd.grad(got["n1"], [logits["n1"], logits["n2"], logits["n3"], attention["n1"],
-                                          attention["n2"], attention["n3"]], retain_graph=True, allow_unused=True)
+    g_n1 = torch.autograd.grad(
+        got["n1"],
+        [logits["n1"], logits["n2"], logits["n3"], attention["n1"], attention["n2"], attention["n3"]],
+        retain_graph=True,
+        allow_unused=True,
+    )
     assert g_n1[0] is not None and g_n1[3] is not None
     assert all(g is None for g in (g_n1[1], g_n1[2], g_n1[4], g_n1[5]))
     g_n2 = torch.autograd.grad(got["n2"], [logits["n1"], logits["n2"]], allow_unused=True)
@@ -337,9 +445,13 @@ def test_gradients_reach_only_targets():
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_gradients_match_finite_differences(loss):
-    d = graph(models("n1", "n2"), [{"from": "n2", "to": "n1", "loss": loss, "gate": "correct",
-                                    "temperature": 2.0, "crops": [2, 3]},
-                                   {"from": "label", "to": "n1", "loss": "ce", "gate": "linear"}])
+    d = graph(
+        models("n1", "n2"),
+        [
+            {"from": "n2", "to": "n1", "loss": loss, "gate": "correct", "temperature": 2.0, "crops": [2, 3]},
+            {"from": "label", "to": "n1", "loss": "ce", "gate": "linear"},
+        ],
+    )
     g = Graph.from_dict(d)
     logits, labels, attention = make_inputs(["n1", "n2"], batch=4, classes=5, size=5, seed=2)
     z2, a2 = logits["n2"].detach().double(), attention["n2"].detach().double()

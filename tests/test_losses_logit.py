@@ -4,6 +4,7 @@ C = 2, a label probability that rounds to 1 in fp32, constant logits, logits of 
 10, α = 0. fp32 is held to the conditioning bounds derived in the docstrings of ktfast/losses.py,
 with u = 2⁻²⁴; the float64 reference to the same bounds at u = 2⁻⁵³. Against another computation, the
 sum of the two bounds (each is off the exact value by at most its own)."""
+
 import math
 
 import logit_reference as paper
@@ -13,7 +14,7 @@ import torch
 
 from ktfast.losses import dist, dkd, standardize
 
-U32, U64 = 2.0 ** -24, 2.0 ** -53
+U32, U64 = 2.0**-24, 2.0**-53
 TEMPERATURES = (0.5, 1.0, 2.0, 4.0, 10.0)
 WEIGHTS = ((1.0, 8.0), (0.0, 8.0), (1.0, 0.0))
 
@@ -75,12 +76,20 @@ def dist_bound(z_s, z_t, t, u, standardized):
     p_s, p_t = torch.softmax(s / t, 1), torch.softmax(q / t, 1)
     a, b = p_s - p_s.mean(1, keepdim=True), p_t - p_t.mean(1, keepdim=True)
     na, nb = a.norm(dim=1), b.norm(dim=1)
-    return t * t * (6 * e * (p_s.norm(dim=1) * nb + na * p_t.norm(dim=1)) / (na * nb + 1e-8)
-                    + 3 * (math.log2(c) + 4) * u)
+    return (
+        t
+        * t
+        * (
+            6 * e * (p_s.norm(dim=1) * nb + na * p_t.norm(dim=1)) / (na * nb + 1e-8)
+            + 3 * (math.log2(c) + 4) * u
+        )
+    )
 
 
 def per_sample(fn, z_s, z_t, y):
-    return torch.tensor([fn(z_s[i].numpy(), z_t[i].numpy(), int(y[i])) for i in range(len(y))], dtype=torch.float64)
+    return torch.tensor(
+        [fn(z_s[i].numpy(), z_t[i].numpy(), int(y[i])) for i in range(len(y))], dtype=torch.float64
+    )
 
 
 def loss_and_grad(fn, z_s, z_t):
@@ -101,11 +110,16 @@ def assert_matches_paper(name, standardized, cases):
     z_s, z_t, y = scenario(name)
     s64, t64 = z_s.double(), z_t.double()
     for where, loss, reference, bounds in cases:
-        want = per_sample(lambda a, b, k: reference(*[paper.standardize(v) if standardized else v for v in (a, b)], k),
-                          s64, t64, y)
+        want = per_sample(
+            lambda a, b, k: reference(*[paper.standardize(v) if standardized else v for v in (a, b)], k),
+            s64,
+            t64,
+            y,
+        )
 
         def fn(s, q):
             return loss(maybe_std(s, standardized), maybe_std(q, standardized))
+
         v32, g32 = loss_and_grad(fn, z_s, z_t)
         v64, g64 = loss_and_grad(fn, s64, t64)
         (b32, gb32), (b64, gb64) = bounds(s64, t64, U32), bounds(s64, t64, U64)
@@ -113,28 +127,50 @@ def assert_matches_paper(name, standardized, cases):
         assert ((v64 - want).abs() <= 2 * b64).all(), (where, v64, want)
         assert ((v32.double() - want).abs() <= b32 + b64).all(), (where, v32, want, b32)
         if gb32 is not None:
-            assert ((g32.double() - g64).abs() <= gb32 + gb64).all(), (where, (g32.double() - g64).abs().max())
+            assert ((g32.double() - g64).abs() <= gb32 + gb64).all(), (
+                where,
+                (g32.double() - g64).abs().max(),
+            )
 
 
 @pytest.mark.parametrize("standardized", [False, True], ids=["raw", "standardized"])
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_dkd_against_the_paper_in_fp32_and_float64(name, standardized):
     y = scenario(name)[2]
-    assert_matches_paper(name, standardized, [
-        (f"T={t} alpha={alpha} beta={beta}",
-         lambda s, q, t=t, alpha=alpha, beta=beta: dkd(s, q, y, t, alpha, beta),
-         lambda a, b, k, t=t, alpha=alpha, beta=beta: paper.dkd(a, b, k, t, alpha, beta),
-         lambda z_s, z_t, u, t=t, alpha=alpha, beta=beta: dkd_bounds(z_s, z_t, t, alpha, beta, u, standardized))
-        for t in TEMPERATURES for alpha, beta in WEIGHTS])
+    assert_matches_paper(
+        name,
+        standardized,
+        [
+            (
+                f"T={t} alpha={alpha} beta={beta}",
+                lambda s, q, t=t, alpha=alpha, beta=beta: dkd(s, q, y, t, alpha, beta),
+                lambda a, b, k, t=t, alpha=alpha, beta=beta: paper.dkd(a, b, k, t, alpha, beta),
+                lambda z_s, z_t, u, t=t, alpha=alpha, beta=beta: dkd_bounds(
+                    z_s, z_t, t, alpha, beta, u, standardized
+                ),
+            )
+            for t in TEMPERATURES
+            for alpha, beta in WEIGHTS
+        ],
+    )
 
 
 @pytest.mark.parametrize("standardized", [False, True], ids=["raw", "standardized"])
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_dist_against_the_paper_in_fp32_and_float64(name, standardized):
-    assert_matches_paper(name, standardized, [
-        (f"T={t}", lambda s, q, t=t: dist(s, q, t), lambda a, b, k, t=t: paper.dist(a, b, t),
-         lambda z_s, z_t, u, t=t: (dist_bound(z_s, z_t, t, u, standardized), None))
-        for t in TEMPERATURES])
+    assert_matches_paper(
+        name,
+        standardized,
+        [
+            (
+                f"T={t}",
+                lambda s, q, t=t: dist(s, q, t),
+                lambda a, b, k, t=t: paper.dist(a, b, t),
+                lambda z_s, z_t, u, t=t: (dist_bound(z_s, z_t, t, u, standardized), None),
+            )
+            for t in TEMPERATURES
+        ],
+    )
 
 
 def test_dkd_of_two_classes_has_no_nckd():
@@ -148,8 +184,16 @@ def test_dkd_of_two_classes_has_no_nckd():
         both = dkd(z_s, z_t, y, t, alpha=1.0, beta=8.0)
         torch.testing.assert_close(both, tckd, rtol=0, atol=0)  # TCKD is all of DKD at C = 2
         # At C = 2 the binary distribution is the softmax itself: TCKD · T² is KD's KL · T².
-        kd = torch.nn.functional.kl_div(torch.log_softmax(z_t / t, 1), torch.log_softmax(z_s / t, 1),
-                                        reduction="none", log_target=True).sum(1) * t * t
+        kd = (
+            torch.nn.functional.kl_div(
+                torch.log_softmax(z_t / t, 1),
+                torch.log_softmax(z_s / t, 1),
+                reduction="none",
+                log_target=True,
+            ).sum(1)
+            * t
+            * t
+        )
         torch.testing.assert_close(tckd, kd, rtol=1e-5, atol=1e-6 * t * t)
 
 
@@ -182,12 +226,17 @@ def test_constant_logits_standardize_to_exact_zeros_with_finite_gradients():
             # (1e-7 itself is rounded to a relative u, within the same bound.)
             want = (torch.arange(classes, dtype=dtype) - (classes - 1) / 2) / 1e-7
             u = U32 if dtype == torch.float32 else U64
-            torch.testing.assert_close(grad, want.expand(3, -1), rtol=0,
-                                       atol=(math.log2(classes) + 3) * u * (classes - 1) / 1e-7)
+            torch.testing.assert_close(
+                grad, want.expand(3, -1), rtol=0, atol=(math.log2(classes) + 3) * u * (classes - 1) / 1e-7
+            )
     # Against Sun et al.'s formula in float64 where it is well conditioned.
     z = 4 * torch.randn(5, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    torch.testing.assert_close(standardize(z), torch.tensor(np.stack([paper.standardize(r) for r in z.numpy()])),
-                               rtol=0, atol=float(std_input_error(z, U64).max()) * 2)
+    torch.testing.assert_close(
+        standardize(z),
+        torch.tensor(np.stack([paper.standardize(r) for r in z.numpy()])),
+        rtol=0,
+        atol=float(std_input_error(z, U64).max()) * 2,
+    )
 
 
 @pytest.mark.parametrize("t", TEMPERATURES)
@@ -195,7 +244,9 @@ def test_dkd_matches_mdistiller_where_its_mask_is_accurate(t):
     """mdistiller's −1000 mask and probability-space sums are exact enough at |z|/T ≤ 30 (e^(−970)
     underflows; p_\\y ≥ e^(−60)): there the two formulations agree to the float64 bound."""
     gen = torch.Generator().manual_seed(int(10 * t))
-    z_s, z_t = (min(3.0, 30 * t / 4) * torch.randn(6, 10, generator=gen, dtype=torch.float64) for _ in range(2))
+    z_s, z_t = (
+        min(3.0, 30 * t / 4) * torch.randn(6, 10, generator=gen, dtype=torch.float64) for _ in range(2)
+    )
     y = torch.randint(0, 10, (6,), generator=gen)
     for alpha, beta in WEIGHTS + ((2.0, 0.5),):
         ours = dkd(z_s, z_t, y, t, alpha, beta)
@@ -214,7 +265,11 @@ def test_gradcheck_in_float64(name):
     for t in (0.5, 4.0):
         for standardized in (False, True):
             assert torch.autograd.gradcheck(
-                lambda q: dkd(maybe_std(z_s, standardized), maybe_std(q, standardized), y, t, 0.0 if t < 1 else 1.0),
-                (z_t,))
+                lambda q: dkd(
+                    maybe_std(z_s, standardized), maybe_std(q, standardized), y, t, 0.0 if t < 1 else 1.0
+                ),
+                (z_t,),
+            )
             assert torch.autograd.gradcheck(
-                lambda q: dist(maybe_std(z_s, standardized), maybe_std(q, standardized), t), (z_t,))
+                lambda q: dist(maybe_std(z_s, standardized), maybe_std(q, standardized), t), (z_t,)
+            )

@@ -2,6 +2,7 @@
 one by one; a killed packed worker's K trials come back, each once; the global RNG is taken in turn; the
 launcher packs as asked; the CUDA MPS daemon is started with private folders and stopped after the
 workers (Ctrl-C and kill included), or one line says why it cannot run. The GPU tests skip without one."""
+
 import json
 import os
 import random
@@ -18,16 +19,24 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from test_search import (
+    EXIT_TIMEOUT_S,
+    HOLD_TIMEOUT_S,
+    SEARCH,
+    SEARCH_TIMEOUT_S,
+    counted,
+    load,
+    queue,
+    storage_url,
+)
 
 from ktfast.cli import main
 from ktfast.config import TrainConfig
+from ktfast.engine.nodes import build_models
 from ktfast.graph import Graph
 from ktfast.graph_search.packing import MPS_CONTROL, MPSDaemon, Slots
 from ktfast.graph_search.search import COUNTED, worker_study
 from ktfast.graph_search.study import open_storage, requeue
-from ktfast.engine.nodes import build_models
-from test_search import (EXIT_TIMEOUT_S, HOLD_TIMEOUT_S, SEARCH, SEARCH_TIMEOUT_S, counted, load, queue,
-                         storage_url)
 
 RUNNING, FAIL = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL
 
@@ -65,8 +74,23 @@ def test_trials_packed_as_threads_score_as_they_do_one_by_one(kind, tmp_path, ho
     scores = {}
     for pack, workers in (("processes", 1), ("threads", 3)):
         name = f"{pack}-{uuid.uuid4().hex[:8]}"
-        cli = [*SEARCH, "--epochs", "2", "--trials", "4", "--pruner", "none", "--workers", str(workers),
-               "--pack", pack, "--storage", url, "--study", name]
+        cli = [
+            *SEARCH,
+            "--epochs",
+            "2",
+            "--trials",
+            "4",
+            "--pruner",
+            "none",
+            "--workers",
+            str(workers),
+            "--pack",
+            pack,
+            "--storage",
+            url,
+            "--study",
+            name,
+        ]
         for p in params:
             queue(cli, p)
         if pack == "threads":  # the 3 slots are held in their first trials until all 3 are there
@@ -76,7 +100,9 @@ def test_trials_packed_as_threads_score_as_they_do_one_by_one(kind, tmp_path, ho
         assert main(cli) == 0
         trials = counted(load(url, name))
         assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
-        others = [t for t in load(url, name).get_trials() if t.state not in COUNTED]  # slots that asked at once
+        others = [
+            t for t in load(url, name).get_trials() if t.state not in COUNTED
+        ]  # slots that asked at once
         assert all(t.user_attrs["fail_reason"].startswith("surplus") for t in others)
         scores[pack] = {key(t.params): (t.intermediate_values, t.value) for t in trials}
         if pack == "threads":  # one worker process, whose 3 slots each had a trial in training at once
@@ -101,11 +127,33 @@ def release_when_held(hold, count: int) -> None:
 @pytest.mark.parametrize("kind", ["sqlite", "journal", "postgres"])
 def test_a_killed_packed_worker_has_its_trials_retried_and_none_lost(kind, tmp_path, hold):
     url, name, epochs = storage_url(kind, tmp_path), f"packkill-{uuid.uuid4().hex[:8]}", 6
-    cmd = [sys.executable, "-m", "ktfast", *SEARCH, "--epochs", str(epochs), "--trials", "4", "--workers", "2",
-           "--pack", "threads", "--pruner", "none", "--storage", url, "--study", name,
-           "--heartbeat-interval", "1", "--grace-period", "3"]
-    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, **hold.env})
+    cmd = [
+        sys.executable,
+        "-m",
+        "ktfast",
+        *SEARCH,
+        "--epochs",
+        str(epochs),
+        "--trials",
+        "4",
+        "--workers",
+        "2",
+        "--pack",
+        "threads",
+        "--pruner",
+        "none",
+        "--storage",
+        url,
+        "--study",
+        name,
+        "--heartbeat-interval",
+        "1",
+        "--grace-period",
+        "3",
+    ]
+    launcher = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **hold.env}
+    )
     try:
         # Both slots of the one worker stop in their trial's second epoch (or its teacher's, being
         # pre-trained) and stay there: the kill finds two trials in flight, however the two threads
@@ -128,7 +176,9 @@ def test_a_killed_packed_worker_has_its_trials_retried_and_none_lost(kind, tmp_p
         assert trials[victim.number].state == FAIL
         retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
         assert len(retries) == 1 and retries[0].params == victim.params and retries[0].state in COUNTED
-        assert sorted(retries[0].intermediate_values) == list(range(1, epochs + 1))  # trained again from epoch 1
+        assert sorted(retries[0].intermediate_values) == list(
+            range(1, epochs + 1)
+        )  # trained again from epoch 1
     assert len(counted(load(url, name))) == 4
     assert all(t.state in (*COUNTED, FAIL) for t in trials)
 
@@ -164,8 +214,15 @@ def test_slots_asking_at_once_never_take_the_same_queued_trial(tmp_path):
     turn (without, about one round in five here hands a trial to two slots)."""
     url = f"sqlite:///{tmp_path}/s.db"
     optuna.create_study(storage=open_storage(url), study_name="s", direction="maximize")
-    spec = {"storage": url, "study": "s", "heartbeat_interval": None, "grace_period": None, "sampler": "random",
-            "pruner": "none", "min_resource": 1}
+    spec = {
+        "storage": url,
+        "study": "s",
+        "heartbeat_interval": None,
+        "grace_period": None,
+        "sampler": "random",
+        "pruner": "none",
+        "min_resource": 1,
+    }
     study = worker_study(spec, TrainConfig(), Slots(8, cuda=False))
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
@@ -190,9 +247,15 @@ def test_slots_asking_at_once_never_take_the_same_queued_trial(tmp_path):
 
 
 def test_models_built_in_threads_are_the_ones_built_alone():
-    graph = Graph.from_dict({"version": 1, "name": "g", "target": "a",
-                             "nodes": [{"name": n, "model": "resnet8"} for n in "abc"],
-                             "edges": [{"from": "label", "to": n, "loss": "ce", "gate": "through"} for n in "abc"]})
+    graph = Graph.from_dict(
+        {
+            "version": 1,
+            "name": "g",
+            "target": "a",
+            "nodes": [{"name": n, "model": "resnet8"} for n in "abc"],
+            "edges": [{"from": "label", "to": n, "loss": "ce", "gate": "through"} for n in "abc"],
+        }
+    )
     cfg = TrainConfig(seed=3)
     alone = build_models(graph, cfg, 4, 16).state_dict()
     built, start = [None] * 4, threading.Barrier(4)
@@ -269,7 +332,9 @@ def trace(path) -> list[list[str]]:
 
 
 def test_mps_runs_a_private_daemon_for_the_workers_and_stops_it_on_ctrl_c(fake_mps, monkeypatch, capsys):
-    monkeypatch.setattr("ktfast.graph_search.packing.PROBE", "pass")  # no GPU here: a client that always gets through
+    monkeypatch.setattr(
+        "ktfast.graph_search.packing.PROBE", "pass"
+    )  # no GPU here: a client that always gets through
     with pytest.raises(KeyboardInterrupt):
         with MPSDaemon("1", 4) as mps:
             folders = mps.env
@@ -282,8 +347,9 @@ def test_mps_runs_a_private_daemon_for_the_workers_and_stops_it_on_ctrl_c(fake_m
     assert not os.path.exists(pipe) and capsys.readouterr().err == ""
 
 
-def test_an_mps_daemon_that_will_not_quit_keeps_its_pipe_and_one_line_says_how_to_stop_it(fake_mps, monkeypatch,
-                                                                                          capsys):
+def test_an_mps_daemon_that_will_not_quit_keeps_its_pipe_and_one_line_says_how_to_stop_it(
+    fake_mps, monkeypatch, capsys
+):
     monkeypatch.setattr("ktfast.graph_search.packing.PROBE", "pass")
     monkeypatch.setenv("MPS_STUCK", "Cannot find MPS control daemon process")
     with MPSDaemon("0", 2) as mps:
@@ -305,16 +371,31 @@ def test_mps_that_cannot_run_says_why_in_one_line(case, fake_mps, monkeypatch, c
     with MPSDaemon("0", 4) as mps:
         assert mps.env is None
     err = capsys.readouterr().err
-    why = {"missing": f"{MPS_CONTROL} not found", "refused": "already running", "no client": "no CUDA device"}[case]
+    why = {
+        "missing": f"{MPS_CONTROL} not found",
+        "refused": "already running",
+        "no client": "no CUDA device",
+    }[case]
     assert err.count("\n") == 1 and why in err and "4 trials of each GPU run as separate processes" in err
     calls = trace(fake_mps) if fake_mps.exists() else []
-    assert [c[0] for c in calls] == {"missing": [], "refused": ["-d"], "no client": ["-d", "stdin", "quit"]}[case]
+    assert [c[0] for c in calls] == {"missing": [], "refused": ["-d"], "no client": ["-d", "stdin", "quit"]}[
+        case
+    ]
 
 
-@pytest.mark.parametrize("pack, devices", [("processes", ["0", "0"]), ("threads", ["0", "0", "1", "1"]),
-                                           ("mps", ["0", "0"]), ("mps", ["0"]), ("no mps", ["0", "0"])])
-def test_the_launcher_packs_as_asked_and_a_kill_stops_workers_then_daemon(pack, devices, fake_mps, monkeypatch,
-                                                                         capsys):
+@pytest.mark.parametrize(
+    "pack, devices",
+    [
+        ("processes", ["0", "0"]),
+        ("threads", ["0", "0", "1", "1"]),
+        ("mps", ["0", "0"]),
+        ("mps", ["0"]),
+        ("no mps", ["0", "0"]),
+    ],
+)
+def test_the_launcher_packs_as_asked_and_a_kill_stops_workers_then_daemon(
+    pack, devices, fake_mps, monkeypatch, capsys
+):
     """The launcher's wiring, without GPUs: fake workers (sleeping processes), a fake MPS program, and a
     SIGTERM to the launcher while it watches."""
     import ktfast.graph_search.search as search
@@ -325,8 +406,12 @@ def test_the_launcher_packs_as_asked_and_a_kill_stops_workers_then_daemon(pack, 
     started = {}
 
     def launch(spec, devices, extra_env=None):
-        started.update(spec=spec, devices=devices, env=extra_env, trace=trace(fake_mps) if fake_mps.exists() else [])
-        started["procs"] = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in devices]
+        started.update(
+            spec=spec, devices=devices, env=extra_env, trace=trace(fake_mps) if fake_mps.exists() else []
+        )
+        started["procs"] = [
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in devices
+        ]
         return started["procs"]
 
     def watch(*_):
@@ -371,8 +456,13 @@ ON_GPU = [*(a if a != "cpu" else "cuda" for a in SEARCH), "--gpus", "0"]
 
 
 def mps_processes() -> set[int]:
-    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
-            and (p / "comm").exists() and (p / "comm").read_text().startswith("nvidia-cuda-mps")}
+    return {
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit()
+        and (p / "comm").exists()
+        and (p / "comm").read_text().startswith("nvidia-cuda-mps")
+    }
 
 
 @gpu
@@ -380,8 +470,23 @@ def test_on_a_gpu_trials_packed_as_threads_share_it_and_score_as_one_by_one(tmp_
     monkeypatch.delenv("KTFAST_KERNELS")  # the fused kernels, as a search on a GPU runs
     url, params, scores = f"sqlite:///{tmp_path}/s.db", fixed_params(4), {}
     for pack, k in (("processes", 1), ("threads", 2)):
-        cli = [*ON_GPU, "--trials-per-gpu", str(k), "--epochs", "2", "--trials", "4", "--pruner", "none",
-               "--pack", pack, "--storage", url, "--study", pack]
+        cli = [
+            *ON_GPU,
+            "--trials-per-gpu",
+            str(k),
+            "--epochs",
+            "2",
+            "--trials",
+            "4",
+            "--pruner",
+            "none",
+            "--pack",
+            pack,
+            "--storage",
+            url,
+            "--study",
+            pack,
+        ]
         for p in params:
             queue(cli, p)
         assert main(cli) == 0
@@ -399,9 +504,29 @@ def test_on_a_gpu_trials_packed_as_threads_share_it_and_score_as_one_by_one(tmp_
 @pytest.mark.skipif(shutil.which(MPS_CONTROL) is None, reason=f"no {MPS_CONTROL}")
 def test_on_a_gpu_mps_runs_the_search_and_is_stopped_after_it(tmp_path):
     before = mps_processes()
-    run = subprocess.run([sys.executable, "-m", "ktfast", *ON_GPU, "--trials-per-gpu", "2", "--epochs", "1",
-                          "--trials", "4", "--pack", "mps", "--storage", f"sqlite:///{tmp_path}/s.db", "--study", "m"],
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ktfast",
+            *ON_GPU,
+            "--trials-per-gpu",
+            "2",
+            "--epochs",
+            "1",
+            "--trials",
+            "4",
+            "--pack",
+            "mps",
+            "--storage",
+            f"sqlite:///{tmp_path}/s.db",
+            "--study",
+            "m",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if "MPS cannot run" in run.stderr:
         pytest.skip(run.stderr.strip().splitlines()[-1])
     assert run.returncode == 0, run.stderr

@@ -1,5 +1,6 @@
 """The path each fast switch takes, and fallbacks that are seen: one line, the record in config.json,
 and with KTFAST_STRICT=1 an error (one line, no traceback) instead."""
+
 import json
 
 import pytest
@@ -11,19 +12,31 @@ from ktfast import paths as P
 from ktfast.cli import main
 from ktfast.config import TrainConfig
 from ktfast.data import TensorLoader, TorchLoader, load_arrays, make_loader
+from ktfast.engine.build import build_trainer
 from ktfast.graph import Graph
 from ktfast.paths import Compiled, FallbackError, fall_back, resolve_paths
-from ktfast.engine.build import build_trainer
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
-PAIR = {"version": 1, "name": "pair", "target": "a",
-        "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"}],
-        "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-                  {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
-                  {"from": "b", "to": "a", "loss": "kl", "gate": "through"}]}
+PAIR = {
+    "version": 1,
+    "name": "pair",
+    "target": "a",
+    "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"}],
+    "edges": [
+        {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+        {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
+        {"from": "b", "to": "a", "loss": "kl", "gate": "through"},
+    ],
+}
 # What a run on this CPU records with the flags of `run` below (no --compile, no fallback).
-CPU_PATHS = {"kernels": "reference", "compile": "off", "cuda_graph": "off", "fuse": "off", "loader": "gpu",
-             "amp": "off"}
+CPU_PATHS = {
+    "kernels": "reference",
+    "compile": "off",
+    "cuda_graph": "off",
+    "fuse": "off",
+    "loader": "gpu",
+    "amp": "off",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -35,18 +48,28 @@ def lenient(monkeypatch):
 # ---- fall_back ----------------------------------------------------------------------------------
 def test_a_fallback_records_its_path_and_says_why_in_one_short_line():
     paths, lines = {"compile": "on"}, []
-    fall_back(paths, "compile", "off", "BackendCompilerFailed: inductor\n  raised:\n\tno compiler " + "x" * 2000,
-              lines.append)
+    fall_back(
+        paths,
+        "compile",
+        "off",
+        "BackendCompilerFailed: inductor\n  raised:\n\tno compiler " + "x" * 2000,
+        lines.append,
+    )
     assert paths == {"compile": "off"}
     assert len(lines) == 1 and "\n" not in lines[0] and len(lines[0]) < 300
-    assert lines[0].startswith("ktfast: compile falls back to off: BackendCompilerFailed: inductor raised: no compiler x")
+    assert lines[0].startswith(
+        "ktfast: compile falls back to off: BackendCompilerFailed: inductor raised: no compiler x"
+    )
     assert lines[0].endswith("…")
 
 
 def test_under_strict_a_fallback_is_an_error_and_records_nothing(monkeypatch):
     monkeypatch.setenv("KTFAST_STRICT", "1")
     paths, lines = {"kernels": "triton"}, []
-    with pytest.raises(FallbackError, match=r"^kernels: CompilationError: at 3:4 \(KTFAST_STRICT=1: no fallback to reference\)$"):
+    with pytest.raises(
+        FallbackError,
+        match=r"^kernels: CompilationError: at 3:4 \(KTFAST_STRICT=1: no fallback to reference\)$",
+    ):
         fall_back(paths, "kernels", "reference", "CompilationError:\nat 3:4", lines.append)
     assert paths == {"kernels": "triton"} and lines == []
 
@@ -63,18 +86,30 @@ def test_the_default_config_on_a_cpu_takes_the_reference_paths_and_says_why():
         "cuda_graph": ("off", "CPU"),
         "fuse": ("off", "CPU (--fuse to turn it on)"),
         "loader": ("gpu", ""),  # resident in host memory
-        "amp": ("off", "not asked (--amp)")}
+        "amp": ("off", "not asked (--amp)"),
+    }
 
 
-@pytest.mark.parametrize("env, changes, expected", [
-    ({}, dict(reference=True), {"kernels": ("reference", "--reference"), "fuse": ("off", "--reference")}),
-    ({"KTFAST_KERNELS": "1"}, {}, {"kernels": ("triton", "")}),
-    ({"KTFAST_KERNELS": "0"}, {}, {"kernels": ("reference", "KTFAST_KERNELS=0")}),
-    ({}, dict(compile=True, amp=True, fuse=True), {"compile": ("on", ""), "amp": ("bf16", ""), "fuse": ("on", "")}),
-    ({}, dict(fuse=True, sync_bn=True), {"fuse": ("off", "--sync-bn (the global BatchNorm's all-reduce does "
-                                                           "not run under vmap)")}),
-    ({}, dict(loader="torch"), {"loader": ("torch", "")}),
-], ids=["reference", "kernels-forced", "kernels-off", "asked", "sync-bn", "loader-named"])
+@pytest.mark.parametrize(
+    "env, changes, expected",
+    [
+        ({}, dict(reference=True), {"kernels": ("reference", "--reference"), "fuse": ("off", "--reference")}),
+        ({"KTFAST_KERNELS": "1"}, {}, {"kernels": ("triton", "")}),
+        ({"KTFAST_KERNELS": "0"}, {}, {"kernels": ("reference", "KTFAST_KERNELS=0")}),
+        (
+            {},
+            dict(compile=True, amp=True, fuse=True),
+            {"compile": ("on", ""), "amp": ("bf16", ""), "fuse": ("on", "")},
+        ),
+        (
+            {},
+            dict(fuse=True, sync_bn=True),
+            {"fuse": ("off", "--sync-bn (the global BatchNorm's all-reduce does not run under vmap)")},
+        ),
+        ({}, dict(loader="torch"), {"loader": ("torch", "")}),
+    ],
+    ids=["reference", "kernels-forced", "kernels-off", "asked", "sync-bn", "loader-named"],
+)
 def test_flags_and_environment_on_a_cpu(monkeypatch, env, changes, expected):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -93,11 +128,19 @@ def test_the_paths_on_a_gpu(monkeypatch):
     monkeypatch.setattr(P, "dali_available", lambda: False)
 
     def on_gpu(**changes):
-        return {k: (v["path"], v["reason"]) for k, v in resolve_paths(TrainConfig(device="cuda", **changes), data).items()}
+        return {
+            k: (v["path"], v["reason"])
+            for k, v in resolve_paths(TrainConfig(device="cuda", **changes), data).items()
+        }
 
-    assert on_gpu(amp=True) == {"kernels": ("triton", ""), "compile": ("off", "not asked (--compile)"),
-                                "cuda_graph": ("on", ""), "fuse": ("on", ""), "loader": ("gpu", ""),
-                                "amp": ("fp16", "no bf16 on this GPU")}
+    assert on_gpu(amp=True) == {
+        "kernels": ("triton", ""),
+        "compile": ("off", "not asked (--compile)"),
+        "cuda_graph": ("on", ""),
+        "fuse": ("on", ""),
+        "loader": ("gpu", ""),
+        "amp": ("fp16", "no bf16 on this GPU"),
+    }
     assert on_gpu(cuda_graph=False)["cuda_graph"] == ("off", "--no-cuda-graph")
     assert on_gpu(world_size=2)["cuda_graph"] == ("off", "several processes (the step holds collectives)")
     assert on_gpu(reference=True)["cuda_graph"] == ("off", "--reference")
@@ -109,7 +152,9 @@ def test_the_paths_on_a_gpu(monkeypatch):
 
 # ---- the loader's fallback ------------------------------------------------------------------------
 def test_auto_falls_back_to_torchvision_where_dali_is_missing_or_fails(monkeypatch, capsys):
-    monkeypatch.setattr(ktfast.data, "loader_path", lambda loader, device, data: ("torch", "DALI not installed"))
+    monkeypatch.setattr(
+        ktfast.data, "loader_path", lambda loader, device, data: ("torch", "DALI not installed")
+    )
     record = {"loader": "dali"}
     assert isinstance(make_loader(TINY, "train", 16, "cpu", 0, paths=record), TorchLoader)
     assert record == {"loader": "torch"}
@@ -123,7 +168,10 @@ def test_auto_falls_back_to_torchvision_where_dali_is_missing_or_fails(monkeypat
     record = {"loader": "dali"}
     assert isinstance(make_loader(TINY, "train", 16, "cpu", 0, paths=record), TorchLoader)
     assert record == {"loader": "torch"}
-    assert capsys.readouterr().out == "ktfast: loader falls back to torch: DALI: RuntimeError: nvJPEG: no such device\n"
+    assert (
+        capsys.readouterr().out
+        == "ktfast: loader falls back to torch: DALI: RuntimeError: nvJPEG: no such device\n"
+    )
     with pytest.raises(RuntimeError, match="nvJPEG"):  # asked for by name: no fallback
         make_loader(TINY, "train", 16, "cpu", 0, loader="dali")
     monkeypatch.setenv("KTFAST_STRICT", "1")
@@ -135,6 +183,7 @@ def test_auto_falls_back_to_torchvision_where_dali_is_missing_or_fails(monkeypat
 # ---- compile, or eagerly --------------------------------------------------------------------------
 class Failing:
     """What torch.compile hands back where it cannot compile: a module whose calls raise."""
+
     calls = 0
 
     def __init__(self, module):
@@ -160,8 +209,10 @@ def test_a_module_that_fails_to_compile_runs_eagerly_and_the_run_says_it_once(mo
     assert torch.equal(ca(x), a(x)) and torch.equal(cb(x), b(x)) and torch.equal(ca(x), a(x))
     assert Failing.calls == 1  # once off, no Compiled of the run tries again
     assert record == {"compile": "off"}
-    assert lines == ["ktfast: compile falls back to off: RuntimeError: BackendCompilerFailed: backend='inductor' "
-                     "raised: CppCompileError: no compiler"]
+    assert lines == [
+        "ktfast: compile falls back to off: RuntimeError: BackendCompilerFailed: backend='inductor' "
+        "raised: CppCompileError: no compiler"
+    ]
 
 
 def test_inside_a_cuda_graph_capture_a_compile_error_is_the_capture_s_to_handle(monkeypatch):
@@ -170,7 +221,9 @@ def test_inside_a_cuda_graph_capture_a_compile_error_is_the_capture_s_to_handle(
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     record = {"compile": "on"}
     with pytest.raises(RuntimeError, match="BackendCompilerFailed"):
-        Compiled(nn.Linear(3, 2), record, lambda e: pytest.fail("no fallback inside a capture"))(torch.randn(1, 3))
+        Compiled(nn.Linear(3, 2), record, lambda e: pytest.fail("no fallback inside a capture"))(
+            torch.randn(1, 3)
+        )
     assert record == {"compile": "on"}
 
 
@@ -190,6 +243,7 @@ def cli(tmp_path, monkeypatch, capsys):
         code = main(list(argv))
         captured = capsys.readouterr()
         return code, captured.out, captured.err
+
     return run
 
 
@@ -200,8 +254,27 @@ def train(tmp_path, cli):
     graph.write_text(json.dumps(PAIR))
 
     def run(*flags, out="run"):
-        return (*cli("train", "--graph", str(graph), "--dataset", TINY, "--epochs", "1", "--batch-size", "32",
-                     "--device", "cpu", "--quiet", "--out", out, *flags), tmp_path / out)
+        return (
+            *cli(
+                "train",
+                "--graph",
+                str(graph),
+                "--dataset",
+                TINY,
+                "--epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                out,
+                *flags,
+            ),
+            tmp_path / out,
+        )
+
     return run
 
 
@@ -213,14 +286,18 @@ def test_a_run_whose_compile_fails_finishes_eagerly_says_it_once_and_records_it(
     monkeypatch.setattr(torch, "compile", Failing)
     code, out, err, path = train("--compile")
     assert code == 0, err
-    assert fallback_lines(out) == ["ktfast: compile falls back to off: RuntimeError: BackendCompilerFailed: "
-                                   "backend='inductor' raised: CppCompileError: no compiler"]
+    assert fallback_lines(out) == [
+        "ktfast: compile falls back to off: RuntimeError: BackendCompilerFailed: "
+        "backend='inductor' raised: CppCompileError: no compiler"
+    ]
     assert json.loads((path / "config.json").read_text())["paths"] == {**CPU_PATHS, "compile": "off"}
     assert len((path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_a_run_where_dali_is_missing_takes_torchvision_says_it_once_and_records_it(train, monkeypatch):
-    monkeypatch.setattr(ktfast.data, "loader_path", lambda loader, device, data: ("torch", "DALI not installed"))
+    monkeypatch.setattr(
+        ktfast.data, "loader_path", lambda loader, device, data: ("torch", "DALI not installed")
+    )
     code, out, err, path = train()
     assert code == 0, err
     assert fallback_lines(out) == ["ktfast: loader falls back to torch: DALI not installed"]
@@ -232,13 +309,20 @@ def test_under_strict_a_fallback_ends_the_run_with_one_line_and_no_traceback(tra
     monkeypatch.setattr(torch, "compile", Failing)
     code, out, err, path = train("--compile")
     assert code == 1 and fallback_lines(out) == []
-    assert err == ("ktfast: error: compile: RuntimeError: BackendCompilerFailed: backend='inductor' raised: "
-                   "CppCompileError: no compiler (KTFAST_STRICT=1: no fallback to off)\n")
+    assert err == (
+        "ktfast: error: compile: RuntimeError: BackendCompilerFailed: backend='inductor' raised: "
+        "CppCompileError: no compiler (KTFAST_STRICT=1: no fallback to off)\n"
+    )
     assert not (path / "metrics.jsonl").exists()
     # A fallback the Trainer meets while it is built: before the run directory exists.
-    monkeypatch.setattr(ktfast.data, "loader_path", lambda loader, device, data: ("torch", "DALI not installed"))
+    monkeypatch.setattr(
+        ktfast.data, "loader_path", lambda loader, device, data: ("torch", "DALI not installed")
+    )
     code, out, err, path = train(out="run2")
-    assert code == 1 and err == "ktfast: error: loader: DALI not installed (KTFAST_STRICT=1: no fallback to torch)\n"
+    assert (
+        code == 1
+        and err == "ktfast: error: loader: DALI not installed (KTFAST_STRICT=1: no fallback to torch)\n"
+    )
     assert not path.exists()
 
 
@@ -256,7 +340,9 @@ def test_paths_are_a_record_not_the_run_s_identity(train, cli, monkeypatch):
 
     (path / "config.json").write_text(elsewhere)
     (path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    monkeypatch.setattr(ktfast.data, "loader_path", lambda loader, device, data: ("torch", "DALI not installed"))
+    monkeypatch.setattr(
+        ktfast.data, "loader_path", lambda loader, device, data: ("torch", "DALI not installed")
+    )
     code, out, err = cli("train", "--resume", str(path), "--quiet")
     assert code == 2 and "cannot read the checkpoint" in err
     assert (path / "config.json").read_text() == elsewhere
@@ -273,24 +359,35 @@ def test_a_fallback_before_the_run_trains_is_written_when_it_trains(tmp_path, ca
     trainer = build_trainer(Graph.from_dict(PAIR), cfg, out=out, progress=False)
     trainer.fall_back("fuse", "off", RuntimeError("cuDNN: batch norm under vmap"))
     assert (out / "config.json").read_bytes() == before
-    assert capsys.readouterr().out == "ktfast: fuse falls back to off: RuntimeError: cuDNN: batch norm under vmap\n"
+    assert (
+        capsys.readouterr().out
+        == "ktfast: fuse falls back to off: RuntimeError: cuDNN: batch norm under vmap\n"
+    )
     trainer.fit()
-    assert json.loads((out / "config.json").read_text()) == {**cfg.to_dict(), "paths": {**CPU_PATHS, "fuse": "off"}}
+    assert json.loads((out / "config.json").read_text()) == {
+        **cfg.to_dict(),
+        "paths": {**CPU_PATHS, "fuse": "off"},
+    }
 
 
-def test_a_run_whose_kernels_fail_finishes_on_the_reference_losses_says_it_once_and_records_it(train, monkeypatch):
+def test_a_run_whose_kernels_fail_finishes_on_the_reference_losses_says_it_once_and_records_it(
+    train, monkeypatch
+):
     """KTFAST_KERNELS=1 on this CPU: the kernels through Triton's interpreter, made to fail as a
     kernel that cannot compile would."""
     from ktfast.kernels import EdgeLossFn
 
     def broken(*args):
         raise RuntimeError("PTX .version 9.9 does not support .target sm_120")
+
     monkeypatch.setenv("KTFAST_KERNELS", "1")
     monkeypatch.setattr(EdgeLossFn, "apply", broken)
     code, out, err, path = train()
     assert code == 0, err
-    assert fallback_lines(out) == ["ktfast: kernels falls back to reference: RuntimeError: PTX .version 9.9 does "
-                                   "not support .target sm_120"]
+    assert fallback_lines(out) == [
+        "ktfast: kernels falls back to reference: RuntimeError: PTX .version 9.9 does "
+        "not support .target sm_120"
+    ]
     assert json.loads((path / "config.json").read_text())["paths"] == {**CPU_PATHS, "kernels": "reference"}
     assert len((path / "metrics.jsonl").read_text().splitlines()) == 1
 
@@ -302,18 +399,23 @@ def test_a_fused_group_that_does_not_run_as_its_nodes_is_unfused_says_it_and_rec
 
     def broken(self, x, **options):
         raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")
+
     computes = FusedGroup.forward
 
     def shifted(self, x, **options):  # a wrong computation: every logit off by 1
         out = computes(self, x, **options)
         return out + 1 if torch.is_tensor(out) else (out[0] + 1, *out[1:])
+
     monkeypatch.setattr(FusedGroup, "forward", broken)
     code, out, err, path = train("--fuse")
     assert code == 0, err
-    assert fallback_lines(out) == ["ktfast: fuse falls back to off: RuntimeError: a, b: RuntimeError: cuDNN error: "
-                                   "CUDNN_STATUS_NOT_SUPPORTED"]
+    assert fallback_lines(out) == [
+        "ktfast: fuse falls back to off: RuntimeError: a, b: RuntimeError: cuDNN error: "
+        "CUDNN_STATUS_NOT_SUPPORTED"
+    ]
     assert json.loads((path / "config.json").read_text())["paths"] == {**CPU_PATHS, "fuse": "off"}
     monkeypatch.setattr(FusedGroup, "forward", shifted)
     code, out, err, path = train("--fuse", out="run2")
-    assert code == 0 and fallback_lines(out) == ["ktfast: fuse falls back to off: RuntimeError: a, b: node a's "
-                                                 "fused output differs from its own"]
+    assert code == 0 and fallback_lines(out) == [
+        "ktfast: fuse falls back to off: RuntimeError: a, b: node a's fused output differs from its own"
+    ]

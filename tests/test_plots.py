@@ -1,5 +1,6 @@
 """Pictures: `ktfast show`, `ktfast attention`, `ktfast report` write PNGs that depend on their input;
 `show --model` counts parameters and FLOPs; bad input exits 2 with one line and writes nothing."""
+
 import json
 import re
 import shutil
@@ -20,17 +21,32 @@ from ktfast.pictures.plots import attention_samples, curves_figure, read_metrics
 
 TINY = "synthetic:classes=4,size=16,train=32,test=12"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PAIR = {"version": 1, "name": "pair", "target": "a",
-        "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"},
-                  {"name": "ens", "ensemble": ["a", "b"], "reduce": "mean"}],
-        "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-                  {"from": "label", "to": "b", "loss": "ce", "gate": "correct"},
-                  {"from": "b", "to": "a", "loss": "kl", "gate": "linear", "temperature": 2.0},
-                  {"from": "a", "to": "b", "loss": "kl", "gate": "cutoff"}]}
-KD = {"version": 1, "name": "kd", "target": "student",
-      "nodes": [{"name": "student", "model": "resnet8"}, {"name": "teacher", "model": "resnet14"}],
-      "edges": [{"from": "label", "to": "student", "loss": "ce", "gate": "through"},
-                {"from": "teacher", "to": "student", "loss": "kl", "gate": "through", "weight": 0.5}]}
+PAIR = {
+    "version": 1,
+    "name": "pair",
+    "target": "a",
+    "nodes": [
+        {"name": "a", "model": "resnet8"},
+        {"name": "b", "model": "resnet8"},
+        {"name": "ens", "ensemble": ["a", "b"], "reduce": "mean"},
+    ],
+    "edges": [
+        {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+        {"from": "label", "to": "b", "loss": "ce", "gate": "correct"},
+        {"from": "b", "to": "a", "loss": "kl", "gate": "linear", "temperature": 2.0},
+        {"from": "a", "to": "b", "loss": "kl", "gate": "cutoff"},
+    ],
+}
+KD = {
+    "version": 1,
+    "name": "kd",
+    "target": "student",
+    "nodes": [{"name": "student", "model": "resnet8"}, {"name": "teacher", "model": "resnet14"}],
+    "edges": [
+        {"from": "label", "to": "student", "loss": "ce", "gate": "through"},
+        {"from": "teacher", "to": "student", "loss": "kl", "gate": "through", "weight": 0.5},
+    ],
+}
 
 
 def write_json(path, data):
@@ -57,8 +73,31 @@ def runs(tmp_path_factory):
     out = []
     for seed in (0, 1):
         run = root / f"seed{seed}"
-        assert main(["train", "--graph", str(graph), "--dataset", TINY, "--epochs", "2", "--batch-size", "8",
-                     "--lr", "0.05", "--seeds", str(seed), "--out", str(run), "--quiet", "--device", "cpu"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--graph",
+                    str(graph),
+                    "--dataset",
+                    TINY,
+                    "--epochs",
+                    "2",
+                    "--batch-size",
+                    "8",
+                    "--lr",
+                    "0.05",
+                    "--seeds",
+                    str(seed),
+                    "--out",
+                    str(run),
+                    "--quiet",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
         out.append(run)
     return out
 
@@ -71,7 +110,12 @@ def test_show_draws_each_graph_differently(tmp_path, capsys):
         assert capsys.readouterr().out.strip() == str(png)
         pictures.append(read_png(png))
     assert differ(*pictures)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kd.json", "kd.png", "pair.json", "pair.png"]  # no temporaries
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "kd.json",
+        "kd.png",
+        "pair.json",
+        "pair.png",
+    ]  # no temporaries
 
 
 def test_graph_figure_shows_what_the_graph_says():
@@ -83,23 +127,44 @@ def test_graph_figure_shows_what_the_graph_says():
     assert len(arrows) == 3  # the cut-off edge a -> b is omitted
     assert "kl · linear\nT=2" in texts and "ce · correct" in texts and not any("cutoff" in t for t in texts)
     assert "Label" in texts and "ens\nmean of 2" in texts
-    target = next(p for p in ax.patches if not isinstance(p, FancyArrowPatch) and p.get_facecolor()[:3] ==
-                  pytest.approx(matplotlib.colors.to_rgb(TARGET)))
+    target = next(
+        p
+        for p in ax.patches
+        if not isinstance(p, FancyArrowPatch)
+        and p.get_facecolor()[:3] == pytest.approx(matplotlib.colors.to_rgb(TARGET))
+    )
     assert target.get_linewidth() > 2
     kd = [t.get_text() for t in graph_figure(Graph.from_dict(KD)).axes[0].texts]
     assert "teacher\nresnet14*" in kd and "kl · through\nw=0.5" in kd  # frozen teacher, non-default weight
 
 
 def test_edge_labels_name_the_time_gates_gamma_and_soften():
-    d = {"version": 1, "target": "a", "nodes": [{"name": n, "model": "resnet8"} for n in "abc"],
-         "edges": [{"from": "b", "to": "a", "loss": "kl", "gate": "gamma", "gamma": 2.5, "temperature": 10.0,
-                    "soften": "source"},
-                   {"from": "c", "to": "a", "loss": "kl", "gate": "negative_gamma", "soften": "source"},
-                   {"from": "a", "to": "b", "loss": "mse", "gate": "negative_linear"},
-                   {"from": "label", "to": "c", "loss": "ce", "gate": "gamma"}]}
+    d = {
+        "version": 1,
+        "target": "a",
+        "nodes": [{"name": n, "model": "resnet8"} for n in "abc"],
+        "edges": [
+            {
+                "from": "b",
+                "to": "a",
+                "loss": "kl",
+                "gate": "gamma",
+                "gamma": 2.5,
+                "temperature": 10.0,
+                "soften": "source",
+            },
+            {"from": "c", "to": "a", "loss": "kl", "gate": "negative_gamma", "soften": "source"},
+            {"from": "a", "to": "b", "loss": "mse", "gate": "negative_linear"},
+            {"from": "label", "to": "c", "loss": "ce", "gate": "gamma"},
+        ],
+    }
     texts = [t.get_text() for t in graph_figure(Graph.from_dict(d)).axes[0].texts]
-    for label in ("kl · gamma γ=2.5\nT=10 (source)", "kl · negative_gamma γ=1\nT=1 (source)",
-                  "mse · negative_linear", "ce · gamma γ=1"):
+    for label in (
+        "kl · gamma γ=2.5\nT=10 (source)",
+        "kl · negative_gamma γ=1\nT=1 (source)",
+        "mse · negative_linear",
+        "ce · gamma γ=1",
+    ):
         assert label in texts
 
 
@@ -110,7 +175,10 @@ def test_show_with_run_adds_final_test_accuracies(runs, tmp_path):
     assert main(["show", str(graph), "-o", str(with_run), "--run", str(runs[0])]) == 0
     assert differ(read_png(plain), read_png(with_run))
     final = read_metrics(runs[0])[-1]["test"]
-    texts = [t.get_text() for t in graph_figure(Graph.from_dict(PAIR), {n: v["acc"] for n, v in final.items()}).axes[0].texts]
+    texts = [
+        t.get_text()
+        for t in graph_figure(Graph.from_dict(PAIR), {n: v["acc"] for n, v in final.items()}).axes[0].texts
+    ]
     assert f"a\nresnet8\n({100 * final['a']['acc']:.2f})" in texts
     assert f"ens\nmean of 2\n({100 * final['ens']['acc']:.2f})" in texts
 
@@ -140,10 +208,14 @@ def test_attention_depends_on_the_checkpoint(runs, tmp_path, capsys):
     graph["nodes"][0]["attention"] = "stages.0"
     write_json(layered / "graph.json", graph)
     other = attention_samples(layered, 3)
-    assert not torch.equal(other.maps["a"], samples.maps["a"]) and torch.equal(other.maps["b"], samples.maps["b"])
+    assert not torch.equal(other.maps["a"], samples.maps["a"]) and torch.equal(
+        other.maps["b"], samples.maps["b"]
+    )
     for name in ("a", "b"):
         assert samples.maps[name].shape == (3, 16, 16)
-        assert float(samples.maps[name].min()) == 0.0 and float(samples.maps[name].max()) == pytest.approx(1.0)
+        assert float(samples.maps[name].min()) == 0.0 and float(samples.maps[name].max()) == pytest.approx(
+            1.0
+        )
         assert all(0 <= h <= np.log(4) + 1e-6 for h in samples.entropies[name])
 
 
@@ -187,7 +259,7 @@ def test_report_of_several_seeds_draws_each_seed_and_the_band_of_mean_and_std(ru
         assert list(lines[label].get_ydata()) == pytest.approx(mean, rel=1e-12)
         [band] = [c for c in test_acc.collections if c.get_gid() == f"{node} band"]
         ys = band.get_paths()[0].vertices[:, 1]
-        std = [abs(x - y) / 2 ** 0.5 for x, y in zip(*per_seed)]  # the sample std of two values
+        std = [abs(x - y) / 2**0.5 for x, y in zip(*per_seed)]  # the sample std of two values
         assert min(ys) == pytest.approx(min(m - d for m, d in zip(mean, std)), abs=1e-9)
         assert max(ys) == pytest.approx(max(m + d for m, d in zip(mean, std)), abs=1e-9)
 

@@ -1,6 +1,7 @@
 """One table per concept (`ktfast.graph.gates`, `ktfast.graph.loss_kinds`): for every row, its torch formula, the
 reference's graph losses (`ktfast.losses`) and the fused kernels (`ktfast.kernels`) agree, and the
 codes the kernels know the rows by are one per row."""
+
 import functools
 import operator
 
@@ -11,9 +12,9 @@ from test_kernels import DEVICES, compare, graph, inputs, models, some_correct
 from ktfast import Graph
 from ktfast import graph as graph_module
 from ktfast.graph.gates import GATES
+from ktfast.graph.loss_kinds import LOSS_KINDS, standardize
 from ktfast.kernels.edge_table import ATTENTION_TERMS, LOGIT_TERMS, STD
 from ktfast.kernels.edge_table import GATES as KERNEL_GATES
-from ktfast.graph.loss_kinds import LOSS_KINDS, standardize
 from ktfast.losses import reference_graph_losses
 
 PARAMS = {"gamma": 2.5, "warmup": 0.4}  # a value of each field a gate may read
@@ -54,8 +55,9 @@ def check_row(edge: dict, device: str, seed: int):
 def test_every_gate(name, device):
     gate = GATES[name]
     extra = {gate.param: PARAMS[gate.param]} if gate.param else {}
-    check_row({"from": "b", "to": "a", "loss": "mse", "gate": name, "weight": 0.8, **extra}, device,
-              seed=gate.code)
+    check_row(
+        {"from": "b", "to": "a", "loss": "mse", "gate": name, "weight": 0.8, **extra}, device, seed=gate.code
+    )
 
 
 def kind_cases():

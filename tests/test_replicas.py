@@ -11,24 +11,24 @@ batch, labels or gradient, a momentum buffer of the wrong seed) moves them by 1e
 branch on one side only and part the runs by O(|g|). The graph's losses are continuous in the
 logits and maps (no arg-max gate), so rounding cannot flip a choice.
 """
+
 import json
 
 import pytest
 import torch
-
-from ktfast import Graph
-from ktfast.engine import replicas as replicas_module
-from ktfast.cli import main
-from ktfast.engine import session
-from ktfast.config import TrainConfig
-from ktfast.models import build_model
-from ktfast.engine.fast import StreamBank
-from ktfast.engine.replicas import ReplicaGroup, Replicas, seed_groups
-from ktfast.engine.build import build_trainer
-from ktfast.engine.trainer import Trainer
-
 from test_fast_step import Streams, pool
 from test_fuse import Float64Batches, assert_close, record, teacher_checkpoint
+
+from ktfast import Graph
+from ktfast.cli import main
+from ktfast.config import TrainConfig
+from ktfast.engine import replicas as replicas_module
+from ktfast.engine import session
+from ktfast.engine.build import build_trainer
+from ktfast.engine.fast import StreamBank
+from ktfast.engine.replicas import ReplicaGroup, Replicas, seed_groups
+from ktfast.engine.trainer import Trainer
+from ktfast.models import build_model
 
 TINY = "synthetic:classes=4,size=16,train=48,test=16"
 SEEDS = [0, 1]
@@ -69,22 +69,34 @@ def graph(tmp_path) -> Graph:
     """Two resnet8 students with attention edges both ways, a frozen resnet8 teacher, an ensemble of
     the students teaching a third resnet8 (without attention: a group of its own when fused)."""
     teacher_checkpoint(tmp_path / "t.pt", 5)
-    return Graph.from_dict({
-        "version": 1, "name": "g", "target": "a",
-        "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"},
-                  {"name": "c", "model": "resnet8"},
-                  {"name": "t", "model": "resnet8", "init": {"checkpoint": str(tmp_path / "t.pt")}},
-                  {"name": "ens", "ensemble": ["a", "b"], "reduce": "mean", "detach": True}],
-        "edges": [{"from": "label", "to": n, "loss": "ce", "gate": "through"} for n in "abc"]
-        + [{"from": "b", "to": "a", "loss": "kl+att_mse", "gate": "linear", "crops": [4]},
-           {"from": "a", "to": "b", "loss": "att_mse", "gate": "through", "crops": [2, 4]},
-           {"from": "t", "to": "a", "loss": "kl", "gate": "through", "temperature": 2.0},
-           {"from": "ens", "to": "c", "loss": "kl", "gate": "through"},
-           {"from": "c", "to": "b", "loss": "kl", "gate": "linear"}]})
+    return Graph.from_dict(
+        {
+            "version": 1,
+            "name": "g",
+            "target": "a",
+            "nodes": [
+                {"name": "a", "model": "resnet8"},
+                {"name": "b", "model": "resnet8"},
+                {"name": "c", "model": "resnet8"},
+                {"name": "t", "model": "resnet8", "init": {"checkpoint": str(tmp_path / "t.pt")}},
+                {"name": "ens", "ensemble": ["a", "b"], "reduce": "mean", "detach": True},
+            ],
+            "edges": [{"from": "label", "to": n, "loss": "ce", "gate": "through"} for n in "abc"]
+            + [
+                {"from": "b", "to": "a", "loss": "kl+att_mse", "gate": "linear", "crops": [4]},
+                {"from": "a", "to": "b", "loss": "att_mse", "gate": "through", "crops": [2, 4]},
+                {"from": "t", "to": "a", "loss": "kl", "gate": "through", "temperature": 2.0},
+                {"from": "ens", "to": "c", "loss": "kl", "gate": "through"},
+                {"from": "c", "to": "b", "loss": "kl", "gate": "linear"},
+            ],
+        }
+    )
 
 
 def cfg(seed: int, **kw) -> TrainConfig:
-    return TrainConfig(**{**dict(dataset=TINY, epochs=2, batch_size=16, device="cpu", lr=0.05, seed=seed), **kw})
+    return TrainConfig(
+        **{**dict(dataset=TINY, epochs=2, batch_size=16, device="cpu", lr=0.05, seed=seed), **kw}
+    )
 
 
 def trainer(g, seed, out=None, **kw) -> Trainer:
@@ -133,15 +145,19 @@ def test_each_replica_steps_as_its_seed_alone(solos, fuse):
     rep = Replicas(group)
     # Fused: the students a, b of every replica in one group, c's, the teachers'; unfused: one per node.
     assert [[n.name for n in u.nodes] for u in rep.units] == (
-        [["0/a", "0/b", "1/a", "1/b"], ["0/c", "1/c"], ["0/t", "1/t"]] if fuse
-        else [[f"{s}/{n}" for s in SEEDS] for n in "abct"])
+        [["0/a", "0/b", "1/a", "1/b"], ["0/c", "1/c"], ["0/t", "1/t"]]
+        if fuse
+        else [[f"{s}/{n}" for s in SEEDS] for n in "abct"]
+    )
     assert all(isinstance(u.module, ReplicaGroup) for u in rep.units)
     calls = record(rep)
     steps(rep.train_step, [t.train_loader for t in group])
     seen = by_seed(calls, len(SEEDS))
     for solo, replica, a, b in zip(runs, group, seen_solo, seen):
         assert_same_replica(solo, replica, a, b)
-        assert not replica.models["t"].training and not any(p.requires_grad for p in replica.models["t"].parameters())
+        assert not replica.models["t"].training and not any(
+            p.requires_grad for p in replica.models["t"].parameters()
+        )
 
 
 @pytest.mark.usefixtures("float64")
@@ -204,29 +220,55 @@ def test_seed_groups_are_as_few_and_even_as_fit():
     assert seed_groups([7, 8], 1) == [[7], [8]]
 
 
-GOOD = {"version": 1, "name": "pair", "target": "a",
-        "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"}],
-        "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-                  {"from": "b", "to": "a", "loss": "kl", "gate": "linear"},
-                  {"from": "label", "to": "b", "loss": "ce", "gate": "through"}]}
+GOOD = {
+    "version": 1,
+    "name": "pair",
+    "target": "a",
+    "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"}],
+    "edges": [
+        {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+        {"from": "b", "to": "a", "loss": "kl", "gate": "linear"},
+        {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
+    ],
+}
 
 
 def train(tmp_path, *flags) -> int:
     path = tmp_path / "g.json"
     path.write_text(json.dumps(GOOD))
-    return main(["train", "--graph", str(path), "--dataset", TINY, "--epochs", "1", "--batch-size", "32",
-                 "--quiet", "--device", "cpu", "--train-fraction", "0.5", *flags])
+    return main(
+        [
+            "train",
+            "--graph",
+            str(path),
+            "--dataset",
+            TINY,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--train-fraction",
+            "0.5",
+            *flags,
+        ]
+    )
 
 
 @pytest.mark.usefixtures("in_tmp")
 def test_replicas_that_do_not_fit_train_in_groups_said_in_one_line(tmp_path, capsys, monkeypatch):
     built = []
     monkeypatch.setattr(replicas_module, "replicas_per_group", lambda trainer, count: 1)
-    monkeypatch.setattr(session, "Replicas", lambda ts: built.append([t.cfg.seed for t in ts]) or Replicas(ts))
+    monkeypatch.setattr(
+        session, "Replicas", lambda ts: built.append([t.cfg.seed for t in ts]) or Replicas(ts)
+    )
     assert train(tmp_path, "--seeds", "4,5", "--out", "run") == 0
     out = capsys.readouterr().out
     assert [line for line in out.splitlines() if "groups" in line] == [
-        "--seeds: 2 replicas do not fit in GPU memory together: they train in 2 groups, seeds 4 then 5"]
+        "--seeds: 2 replicas do not fit in GPU memory together: they train in 2 groups, seeds 4 then 5"
+    ]
     assert built == [[4], [5]]
     for s in (4, 5):
         assert len((tmp_path / "run" / f"seed{s}" / "metrics.jsonl").read_text().splitlines()) == 1
@@ -239,6 +281,7 @@ def test_seeds_train_one_by_one_where_asked_or_needed(tmp_path, capsys, monkeypa
     monkeypatch.setattr(replicas_module.Replicas, "__init__", lambda *a: pytest.fail("replicas were built"))
     assert train(tmp_path, "--seeds", "0,1", "--out", "run", *flags) == 0
     said = [x for x in capsys.readouterr().out.splitlines() if x.startswith("--seeds")]
-    assert said == ([f"--seeds: the 2 seeds train one by one: {line} (the reference path stacks nothing)"]
-                    if line else [])
+    assert said == (
+        [f"--seeds: the 2 seeds train one by one: {line} (the reference path stacks nothing)"] if line else []
+    )
     assert all((tmp_path / "run" / f"seed{s}" / "checkpoint.pt").is_file() for s in (0, 1))

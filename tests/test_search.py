@@ -1,6 +1,7 @@
 """`ktfast search` and `ktfast export`: a study run by several worker processes on one storage (SQLite,
 a journal file, PostgreSQL), ASHA's rungs, exact trial counts, a killed worker's trial retried, the
 exported graph trained, and bad input ending with exit 2 and one line."""
+
 import json
 import os
 import signal
@@ -13,13 +14,29 @@ import optuna
 import pytest
 
 from ktfast.cli import main
-from ktfast.internals import ASHA_RUNG_PREFIX
 from ktfast.graph_search.search import COUNTED
 from ktfast.graph_search.study import open_storage
+from ktfast.internals import ASHA_RUNG_PREFIX
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
-SEARCH = ["search", "--nodes", "3", "--target-model", "resnet8", "--models", "resnet8,resnet14", "--dataset", TINY,
-          "--batch-size", "32", "--lr", "0.05", "--device", "cpu", "--quiet"]
+SEARCH = [
+    "search",
+    "--nodes",
+    "3",
+    "--target-model",
+    "resnet8",
+    "--models",
+    "resnet8,resnet14",
+    "--dataset",
+    TINY,
+    "--batch-size",
+    "32",
+    "--lr",
+    "0.05",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 # Bounds on hangs, never the point where a slow run fails: about 8 times what each step takes on one
 # CPU core shared with a busy process (measured: workers started and at the test hold in 21 s, a
 # search of 4 trials of 6 epochs in 45 s, a launcher's exit within seconds of its worker's).
@@ -86,16 +103,53 @@ def test_search_prunes_at_rungs_counts_exactly_and_exports_a_trainable_graph(kin
     best = max(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: t.value)
     exported = json.loads((tmp_path / "best.json").read_text())
     assert {k: v for k, v in exported.items() if k != "description"} == best.user_attrs["graph"]
-    assert main(["train", "--graph", "best.json", "--dataset", TINY, "--epochs", "1", "--device", "cpu",
-                 "--quiet", "--out", "run"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--graph",
+                "best.json",
+                "--dataset",
+                TINY,
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                "run",
+            ]
+        )
+        == 0
+    )
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_min_resource_moves_the_first_pruning_decision(tmp_path, capsys):
     url, name = f"sqlite:///{tmp_path}/search.db", "late"
     gates = "through,cutoff,linear,correct,negative_linear,gamma,negative_gamma"
-    assert main([*SEARCH, "--epochs", "4", "--trials", "12", "--workers", "2", "--storage", url, "--study", name,
-                 "--min-resource", "3", "--gates", gates]) == 0
+    assert (
+        main(
+            [
+                *SEARCH,
+                "--epochs",
+                "4",
+                "--trials",
+                "12",
+                "--workers",
+                "2",
+                "--storage",
+                url,
+                "--study",
+                name,
+                "--min-resource",
+                "3",
+                "--gates",
+                gates,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     study = load(url, name)
     pruned = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.PRUNED]
@@ -114,10 +168,31 @@ def test_min_resource_moves_the_first_pruning_decision(tmp_path, capsys):
 @pytest.mark.parametrize("kind", ["sqlite", "journal", "postgres"])
 def test_a_killed_worker_trial_is_failed_then_retried_with_the_same_graph(kind, tmp_path, hold):
     url, name, epochs = storage_url(kind, tmp_path), f"kill-{uuid.uuid4().hex[:8]}", 4
-    cmd = [sys.executable, "-m", "ktfast", *SEARCH, "--epochs", str(epochs), "--trials", "4", "--workers", "2",
-           "--pruner", "none", "--storage", url, "--study", name, "--heartbeat-interval", "1", "--grace-period", "3"]
-    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, **hold.env})
+    cmd = [
+        sys.executable,
+        "-m",
+        "ktfast",
+        *SEARCH,
+        "--epochs",
+        str(epochs),
+        "--trials",
+        "4",
+        "--workers",
+        "2",
+        "--pruner",
+        "none",
+        "--storage",
+        url,
+        "--study",
+        name,
+        "--heartbeat-interval",
+        "1",
+        "--grace-period",
+        "3",
+    ]
+    launcher = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **hold.env}
+    )
     try:
         # Each worker stops in the second epoch of its trial (or of its teacher, being pre-trained):
         # the kill lands on a trial in training.
@@ -132,8 +207,11 @@ def test_a_killed_worker_trial_is_failed_then_retried_with_the_same_graph(kind, 
     study = load(url, name)
     trials = study.get_trials()
     # The trial it was killed in; trials it gave up with a reason (a frozen target) are not that one.
-    [victim] = [t for t in trials if t.user_attrs.get("worker", "").endswith(f":{pid}")
-                and "fail_reason" not in t.user_attrs]
+    [victim] = [
+        t
+        for t in trials
+        if t.user_attrs.get("worker", "").endswith(f":{pid}") and "fail_reason" not in t.user_attrs
+    ]
     assert victim.state == optuna.trial.TrialState.FAIL
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].params == victim.params and retries[0].state in COUNTED
@@ -157,11 +235,13 @@ def test_a_study_is_joined_only_by_the_same_search(tmp_path):
     old = join()  # as an older ktfast recorded it: with the retired config field `extra`, always {}
     old.set_user_attr("ktfast", {**old.user_attrs["ktfast"], "extra": {}})
     assert len(join().get_trials(deepcopy=False)) == 1
-    for extra, needle in ((["--pruner", "median"], "pruner='asha', not 'median'"),
-                          (["--min-resource", "2"], "min_resource=1, not 2"),
-                          (["--lr", "0.1"], "lr=0.05, not 0.1"),
-                          (["--gates", "through,cutoff"], "gates"),
-                          (["--standardize", "search"], "standardize='off', not 'search'")):
+    for extra, needle in (
+        (["--pruner", "median"], "pruner='asha', not 'median'"),
+        (["--min-resource", "2"], "min_resource=1, not 2"),
+        (["--lr", "0.1"], "lr=0.05, not 0.1"),
+        (["--gates", "through,cutoff"], "gates"),
+        (["--standardize", "search"], "standardize='off', not 'search'"),
+    ):
         with pytest.raises(UsageError, match=needle):
             join(*extra)
     optuna.create_study(storage=open_storage(url), study_name="foreign").enqueue_trial({})
@@ -179,8 +259,9 @@ def study_of(cli: list[str]) -> optuna.Study:
 
     args = build_parser().parse_args(cli)
     cfg = config_from_args(args).replace(split="search")
-    return open_study(open_storage(args.storage), args.study, space_from_args(args), cfg, args.pruner,
-                      args.min_resource)
+    return open_study(
+        open_storage(args.storage), args.study, space_from_args(args), cfg, args.pruner, args.min_resource
+    )
 
 
 def queue(cli: list[str], params: dict) -> None:
@@ -192,12 +273,29 @@ def test_a_trial_trains_on_the_search_train_part_and_reports_its_search_val_accu
     # 4 classes of 24 training images: a class-balanced fifth (5 of each) is search_val, 76 images are
     # search_train. 39 test images: an accuracy on the test set (k/39) is a count of 20 only at 0 and 1.
     url, dataset = f"sqlite:///{tmp_path}/s.db", "synthetic:classes=4,size=16,train=96,test=39"
-    cli = [*SEARCH, "--dataset", dataset, "--epochs", "2", "--trials", "1", "--pruner", "none", "--storage", url,
-           "--study", "split"]
+    cli = [
+        *SEARCH,
+        "--dataset",
+        dataset,
+        "--epochs",
+        "2",
+        "--trials",
+        "1",
+        "--pruner",
+        "none",
+        "--storage",
+        url,
+        "--study",
+        "split",
+    ]
     assert main(cli) == 0
     [trial] = counted(load(url, "split"))
-    assert trial.user_attrs["data"] == {"train": "search_train", "train_images": 76,
-                                        "scored_on": "search_val", "scored_images": 20}
+    assert trial.user_attrs["data"] == {
+        "train": "search_train",
+        "train_images": 76,
+        "scored_on": "search_val",
+        "scored_images": 20,
+    }
     assert sorted(trial.intermediate_values) == [1, 2] and trial.value == trial.intermediate_values[2]
     for acc in trial.intermediate_values.values():  # a count of the 20 search_val images
         assert acc * 20 == pytest.approx(round(acc * 20), abs=1e-9)
@@ -205,8 +303,21 @@ def test_a_trial_trains_on_the_search_train_part_and_reports_its_search_val_accu
 
 def test_a_frozen_target_is_rejected_and_not_counted(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
-    cli = [*SEARCH[:2], "1", *SEARCH[3:], "--gates", "cutoff,through", "--epochs", "1", "--trials", "2",
-           "--storage", url, "--study", "frozen"]
+    cli = [
+        *SEARCH[:2],
+        "1",
+        *SEARCH[3:],
+        "--gates",
+        "cutoff,through",
+        "--epochs",
+        "1",
+        "--trials",
+        "2",
+        "--storage",
+        url,
+        "--study",
+        "frozen",
+    ]
     queue(cli, {"gate label->n1": "cutoff"})
     assert main(cli) == 0
     trials = load(url, "frozen").get_trials()
@@ -218,17 +329,44 @@ def test_a_frozen_target_is_rejected_and_not_counted(tmp_path):
 
 def test_ensemble_objective_scores_an_ensemble_node_whose_members_may_all_be_frozen(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
-    cli = [*SEARCH[:2], "2", *SEARCH[3:], "--objective", "ensemble", "--epochs", "1", "--trials", "2",
-           "--losses", "kl,cos", "--storage", url, "--study", "ens"]
-    queue(cli, {"model n2": "resnet8", **{f"gate {s}->{t}": "cutoff" for s, t in
-                                          [("label", "n1"), ("n2", "n1"), ("label", "n2"), ("n1", "n2")]}})
+    cli = [
+        *SEARCH[:2],
+        "2",
+        *SEARCH[3:],
+        "--objective",
+        "ensemble",
+        "--epochs",
+        "1",
+        "--trials",
+        "2",
+        "--losses",
+        "kl,cos",
+        "--storage",
+        url,
+        "--study",
+        "ens",
+    ]
+    queue(
+        cli,
+        {
+            "model n2": "resnet8",
+            **{
+                f"gate {s}->{t}": "cutoff"
+                for s, t in [("label", "n1"), ("n2", "n1"), ("label", "n2"), ("n1", "n2")]
+            },
+        },
+    )
     assert main(cli) == 0
     trials = load(url, "ens").get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
     for t in trials:
         graph = t.user_attrs["graph"]
         assert graph["target"] == "ens" and graph["nodes"][-1] == {
-            "name": "ens", "ensemble": ["n1", "n2"], "reduce": "mean", "detach": True}
+            "name": "ens",
+            "ensemble": ["n1", "n2"],
+            "reduce": "mean",
+            "detach": True,
+        }
         assert 0 <= t.value <= 1
     # Every member cut off: two pre-trained teachers, an independent ensemble; kl/cos only on edges that are on.
     assert not any(k.startswith("loss") for k in trials[0].params)
@@ -274,14 +412,49 @@ def test_a_search_of_modern_losses_on_digits_exports_every_field_and_the_export_
     from ktfast.graph import Graph
 
     url, name = f"sqlite:///{tmp_path}/s.db", "modern"
-    recipe = ["--dataset", "digits", "--train-fraction", "0.05", "--batch-size", "32", "--device", "cpu", "--quiet"]
-    cli = [*SEARCH[:2], "2", *SEARCH[3:7], "--losses", "kl,dkd,dist,dkd+att_mse", "--standardize", "search",
-           "--gates", "through,cutoff", "--epochs", "1", "--trials", "3", "--storage", url, "--study", name,
-           *recipe]
-    first = {"model n2": "resnet8", "gate label->n1": "through", "gate n2->n1": "through",
-             "loss n2->n1": "dkd+att_mse", "beta n2->n1": 2.0, "standardize n2->n1": True,
-             "gate label->n2": "through", "gate n1->n2": "through", "loss n1->n2": "dist",
-             "standardize n1->n2": False}
+    recipe = [
+        "--dataset",
+        "digits",
+        "--train-fraction",
+        "0.05",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    cli = [
+        *SEARCH[:2],
+        "2",
+        *SEARCH[3:7],
+        "--losses",
+        "kl,dkd,dist,dkd+att_mse",
+        "--standardize",
+        "search",
+        "--gates",
+        "through,cutoff",
+        "--epochs",
+        "1",
+        "--trials",
+        "3",
+        "--storage",
+        url,
+        "--study",
+        name,
+        *recipe,
+    ]
+    first = {
+        "model n2": "resnet8",
+        "gate label->n1": "through",
+        "gate n2->n1": "through",
+        "loss n2->n1": "dkd+att_mse",
+        "beta n2->n1": 2.0,
+        "standardize n2->n1": True,
+        "gate label->n2": "through",
+        "gate n1->n2": "through",
+        "loss n1->n2": "dist",
+        "standardize n1->n2": False,
+    }
     queue(cli, first)
     assert main(cli) == 0
     assert "3 of 3 trials finished" in capsys.readouterr().out
@@ -293,11 +466,26 @@ def test_a_search_of_modern_losses_on_digits_exports_every_field_and_the_export_
     exported = json.loads((tmp_path / "g.json").read_text())
     assert {k: v for k, v in exported.items() if k != "description"} == trial0.user_attrs["graph"]
     edges = {(e["from"], e["to"]): e for e in exported["edges"]}
-    assert edges["n2", "n1"] == {"from": "n2", "to": "n1", "loss": "dkd+att_mse", "gate": "through", "alpha": 1.0,
-                                 "beta": 2.0, "standardize": True}
-    assert edges["n1", "n2"] == {"from": "n1", "to": "n2", "loss": "dist", "gate": "through", "standardize": False}
+    assert edges["n2", "n1"] == {
+        "from": "n2",
+        "to": "n1",
+        "loss": "dkd+att_mse",
+        "gate": "through",
+        "alpha": 1.0,
+        "beta": 2.0,
+        "standardize": True,
+    }
+    assert edges["n1", "n2"] == {
+        "from": "n1",
+        "to": "n2",
+        "loss": "dist",
+        "gate": "through",
+        "standardize": False,
+    }
     assert main(["train", "--graph", "g.json", "--epochs", "1", "--out", "run", *recipe]) == 0
-    assert Graph.load(tmp_path / "run" / "graph.json").edges == Graph.from_dict(exported).edges  # what it trained
+    assert (
+        Graph.load(tmp_path / "run" / "graph.json").edges == Graph.from_dict(exported).edges
+    )  # what it trained
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
@@ -316,8 +504,10 @@ BAD = {
     "unknown dataset": (["--dataset", "mnist"], "mnist"),
     "min resource zero": (["--min-resource", "0"], "--min-resource"),
     "min resource past the epochs": (["--epochs", "3", "--min-resource", "4"], "--min-resource"),
-    "standardize with losses that allow it nowhere": (["--losses", "cos,mse", "--standardize", "on"],
-                                                      "--standardize on"),
+    "standardize with losses that allow it nowhere": (
+        ["--losses", "cos,mse", "--standardize", "on"],
+        "--standardize on",
+    ),
     "standardize search with one node": (["--nodes", "1", "--standardize", "search"], "1-node"),
     "unknown standardize": (["--standardize", "maybe"], "--standardize"),
     "warmup gate": (["--gates", "through,warmup"], "warmup"),
@@ -335,8 +525,11 @@ def test_bad_search_input_exits_2_with_one_line(case, tmp_path, capsys):
 def test_bad_export_input_exits_2_with_one_line(tmp_path, capsys):
     url = f"sqlite:///{tmp_path}/s.db"
     optuna.create_study(storage=url, study_name="empty", direction="maximize")
-    for args, needle in ((["--study", "other"], "'other'"), ([], "no complete trial"),
-                         (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "--storage")):
+    for args, needle in (
+        (["--study", "other"], "'other'"),
+        ([], "no complete trial"),
+        (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "--storage"),
+    ):
         assert main(["export", "--storage", url, "-o", "g.json", *args]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err and "Traceback" not in err
@@ -368,8 +561,11 @@ def test_asha_first_decides_at_epoch_1(monkeypatch):
     monkeypatch.setattr(search, "make_trainer", Scripted)
     space = Space(3, "resnet8", ("resnet8",), ("through",), None, "target")
     cfg = TrainConfig(dataset=TINY, epochs=3, split="search")
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0),
-                                pruner=make_pruner("asha", cfg.epochs))
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        pruner=make_pruner("asha", cfg.epochs),
+    )
     study.optimize(lambda trial: objective(trial, space, cfg, 2), n_trials=2)
     first, second = study.get_trials()
     assert first.state == optuna.trial.TrialState.COMPLETE and first.value == 0.9

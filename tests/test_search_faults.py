@@ -2,6 +2,7 @@
 mid-search (the real server `.ci/run` starts), an SQLite file locked by another process past the
 workers' lock timeout. The workers wait and carry on: every trial completes once, none is lost or
 failed by the fault, none runs twice."""
+
 import os
 import shlex
 import sqlite3
@@ -19,9 +20,28 @@ from ktfast.graph_search.storage_retry import RetryingRDBStorage, transient
 from ktfast.graph_search.study import open_storage
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
-SEARCH = ["search", "--nodes", "2", "--target-model", "resnet8", "--models", "resnet8", "--dataset", TINY,
-          "--batch-size", "32", "--lr", "0.05", "--device", "cpu", "--quiet", "--pruner", "none",
-          "--gates", "through,correct"]  # no cutoff: no graph is refused (a frozen target), every trial trains
+SEARCH = [
+    "search",
+    "--nodes",
+    "2",
+    "--target-model",
+    "resnet8",
+    "--models",
+    "resnet8",
+    "--dataset",
+    TINY,
+    "--batch-size",
+    "32",
+    "--lr",
+    "0.05",
+    "--device",
+    "cpu",
+    "--quiet",
+    "--pruner",
+    "none",
+    "--gates",
+    "through,correct",
+]  # no cutoff: no graph is refused (a frozen target), every trial trains
 EPOCHS, TRIALS = 4, 4
 # Bounds the wait for a worker's first retry once the fault is there (it comes within seconds: the
 # end of the held epoch, or the launcher's next poll); within the ~76 s the workers wait at least.
@@ -52,8 +72,22 @@ def pg_ctl(action: str) -> None:
 
 def search(url: str, name: str, workers: int, errors, env: dict) -> subprocess.Popen:
     """The search, its workers' stderr in the file `errors` (read while they run)."""
-    cmd = [sys.executable, "-m", "ktfast", *SEARCH, "--epochs", str(EPOCHS), "--trials", str(TRIALS),
-           "--workers", str(workers), "--storage", url, "--study", name]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ktfast",
+        *SEARCH,
+        "--epochs",
+        str(EPOCHS),
+        "--trials",
+        str(TRIALS),
+        "--workers",
+        str(workers),
+        "--storage",
+        url,
+        "--study",
+        name,
+    ]
     with open(errors, "w") as err:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, **env})
 
@@ -77,8 +111,9 @@ def assert_every_trial_complete_once(url: str, name: str) -> None:
     # Nothing else failed but the search's own give-way: a worker that finds --trials already running
     # fails its fresh trial untrained ("surplus"), which is not counted.
     others = [(t.state, t.user_attrs.get("fail_reason", "")) for t in trials if t not in complete]
-    assert all(state == optuna.trial.TrialState.FAIL and reason.startswith("surplus") for state, reason in others), \
-        others
+    assert all(
+        state == optuna.trial.TrialState.FAIL and reason.startswith("surplus") for state, reason in others
+    ), others
 
 
 def test_postgres_restarted_mid_search_the_workers_reconnect_and_lose_no_trial(tmp_path, hold):
@@ -159,7 +194,9 @@ def test_sqlite_lets_one_worker_only_move_a_trial(move, tmp_path, monkeypatch):
 
     monkeypatch.setattr(RetryingRDBStorage, "check_trial_is_updatable", read_then_wait)
     moved = []
-    workers = [threading.Thread(target=lambda s=s: moved.append(take(s, trial_id, state))) for s in (first, second)]
+    workers = [
+        threading.Thread(target=lambda s=s: moved.append(take(s, trial_id, state))) for s in (first, second)
+    ]
     for w in workers:
         w.start()
     for w in workers:

@@ -2,6 +2,7 @@
 temperature of every model-to-model edge whose loss reads one from the list and its weight
 log-uniformly from the range; the export writes them and `ktfast train` accepts it; the study picture
 shows them; bad lists and ranges exit 2 with one line; a study is joined only with the same choices."""
+
 import json
 import math
 import re
@@ -10,6 +11,7 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
+from test_search import SEARCH, load, study_of
 
 from ktfast.args import UsageError
 from ktfast.cli import main
@@ -17,7 +19,6 @@ from ktfast.graph import LABEL, TEMPERED_TERMS, Graph
 from ktfast.graph_search.search import Space
 from ktfast.graph_search.study import open_storage
 from ktfast.pictures.study_figure import study_figure
-from test_search import SEARCH, load, study_of
 
 pytestmark = pytest.mark.usefixtures("private_cache", "in_tmp")
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
@@ -34,8 +35,16 @@ def test_sampling_draws_t_where_the_loss_reads_it_and_weights_log_uniformly_on_t
     binomial sd of that fraction is ≤ 0.5/√600 = 0.02, so the bound 0.5 ± 0.1 is 5 sd wide and fails
     only for another distribution."""
     losses = ("kl", "cos", "dkd+att_mse", "dist")
-    space = Space(3, "resnet8", ("resnet8",), ("through", "cutoff"), losses, "target",
-                  temperatures=(1.0, 2.0, 4.0), weights=(0.1, 10.0))
+    space = Space(
+        3,
+        "resnet8",
+        ("resnet8",),
+        ("through", "cutoff"),
+        losses,
+        "target",
+        temperatures=(1.0, 2.0, 4.0),
+        weights=(0.1, 10.0),
+    )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     weights, temperatures = [], set()
     for i in range(300):
@@ -72,11 +81,37 @@ def test_searched_t_and_weights_are_exported_and_the_export_trains(tmp_path, cap
 
     url, name = f"sqlite:///{tmp_path}/s.db", "tw"
     recipe = ["--dataset", TINY, "--batch-size", "16", "--device", "cpu", "--quiet"]
-    cli = [*SEARCH[:2], "2", *SEARCH[3:7], "--gates", "through", "--temperatures", "1,2,4", "--weights", "0.1:10",
-           "--epochs", "1", "--trials", "1", "--storage", url, "--study", name, *recipe]
-    first = {"model n2": "resnet8", "gate label->n1": "through", "gate n2->n1": "through",
-             "weight n2->n1": 0.25, "temperature n2->n1": 4.0, "gate label->n2": "through",
-             "gate n1->n2": "through", "weight n1->n2": 3.0, "temperature n1->n2": 2.0}
+    cli = [
+        *SEARCH[:2],
+        "2",
+        *SEARCH[3:7],
+        "--gates",
+        "through",
+        "--temperatures",
+        "1,2,4",
+        "--weights",
+        "0.1:10",
+        "--epochs",
+        "1",
+        "--trials",
+        "1",
+        "--storage",
+        url,
+        "--study",
+        name,
+        *recipe,
+    ]
+    first = {
+        "model n2": "resnet8",
+        "gate label->n1": "through",
+        "gate n2->n1": "through",
+        "weight n2->n1": 0.25,
+        "temperature n2->n1": 4.0,
+        "gate label->n2": "through",
+        "gate n1->n2": "through",
+        "weight n1->n2": 3.0,
+        "temperature n1->n2": 2.0,
+    }
     study = study_of(cli)
     study.enqueue_trial(first)
     args = build_parser().parse_args(cli)
@@ -88,8 +123,15 @@ def test_searched_t_and_weights_are_exported_and_the_export_trains(tmp_path, cap
     assert trial.state == TrialState.COMPLETE and trial.params == first
     assert main(["export", "--storage", url, "--study", name, "-o", "g.json"]) == 0
     edges = {(e["from"], e["to"]): e for e in json.loads((tmp_path / "g.json").read_text())["edges"]}
-    assert edges["n2", "n1"] == {"from": "n2", "to": "n1", "loss": "kl", "gate": "through", "weight": 0.25,
-                                 "temperature": 4.0, "standardize": False}
+    assert edges["n2", "n1"] == {
+        "from": "n2",
+        "to": "n1",
+        "loss": "kl",
+        "gate": "through",
+        "weight": 0.25,
+        "temperature": 4.0,
+        "standardize": False,
+    }
     assert edges["n1", "n2"]["weight"] == 3.0 and edges["n1", "n2"]["temperature"] == 2.0
     assert "weight" not in edges["label", "n1"] and "temperature" not in edges["label", "n1"]
     assert main(["train", "--graph", "g.json", "--epochs", "1", "--out", "run", *recipe]) == 0
@@ -98,15 +140,20 @@ def test_searched_t_and_weights_are_exported_and_the_export_trains(tmp_path, cap
     assert (trained["n1", "n2"].weight, trained["n1", "n2"].temperature) == (3.0, 2.0)
 
 
-BAD = {"temperature zero": (["--temperatures", "1,0"], "every temperature must be > 0, got 0.0"),
-       "temperature negative": (["--temperatures", "-2"], "must be > 0, got -2.0"),
-       "temperature not a number": (["--temperatures", "1,hot"], "--temperatures"),
-       "weights reversed": (["--weights", "10:0.1"], "--weights"),
-       "weights from zero": (["--weights", "0:1"], "--weights"),
-       "weights without a colon": (["--weights", "1"], "--weights"),
-       "weights not numbers": (["--weights", "a:b"], "--weights"),
-       "weights with one node": (["--nodes", "1", "--weights", "0.1:10"], "1-node"),
-       "temperatures without a tempered loss": (["--losses", "cos,mse", "--temperatures", "1,2"], "--temperatures")}
+BAD = {
+    "temperature zero": (["--temperatures", "1,0"], "every temperature must be > 0, got 0.0"),
+    "temperature negative": (["--temperatures", "-2"], "must be > 0, got -2.0"),
+    "temperature not a number": (["--temperatures", "1,hot"], "--temperatures"),
+    "weights reversed": (["--weights", "10:0.1"], "--weights"),
+    "weights from zero": (["--weights", "0:1"], "--weights"),
+    "weights without a colon": (["--weights", "1"], "--weights"),
+    "weights not numbers": (["--weights", "a:b"], "--weights"),
+    "weights with one node": (["--nodes", "1", "--weights", "0.1:10"], "1-node"),
+    "temperatures without a tempered loss": (
+        ["--losses", "cos,mse", "--temperatures", "1,2"],
+        "--temperatures",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -122,23 +169,39 @@ def test_a_study_is_joined_only_with_the_same_temperatures_and_weights(tmp_path)
     cli = [*SEARCH, "--trials", "2", "--storage", f"sqlite:///{tmp_path}/s.db", "--study", "s"]
     study_of(cli)  # made without them: they are recorded as nothing, a search without them joins
     study_of(cli)
-    for extra, needle in ((["--weights", "0.1:10"], "weights=None, not [0.1, 10.0]"),
-                          (["--temperatures", "1,2"], "temperatures=None, not [1.0, 2.0]")):
+    for extra, needle in (
+        (["--weights", "0.1:10"], "weights=None, not [0.1, 10.0]"),
+        (["--temperatures", "1,2"], "temperatures=None, not [1.0, 2.0]"),
+    ):
         with pytest.raises(UsageError, match=re.escape(needle)):
             study_of([*cli, *extra])
 
 
 def test_the_study_picture_shows_each_t_and_each_weight_against_the_objective(tmp_path):
-    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/s.db"), study_name="s",
-                                direction="maximize")
+    study = optuna.create_study(
+        storage=open_storage(f"sqlite:///{tmp_path}/s.db"), study_name="s", direction="maximize"
+    )
     study.set_user_attr("ktfast", {"losses": None, "temperatures": [1.0, 4.0], "weights": [0.1, 10.0]})
-    dists = {"temperature n2->n1": CategoricalDistribution([1.0, 4.0]),
-             "weight n2->n1": FloatDistribution(0.1, 10.0, log=True)}
-    drawn = [(1.0, 0.2, 0.6), (4.0, 5.0, 0.8), (4.0, 1.5, 0.7), (1.0, 0.5, None)]  # T, weight, value (None: pruned)
+    dists = {
+        "temperature n2->n1": CategoricalDistribution([1.0, 4.0]),
+        "weight n2->n1": FloatDistribution(0.1, 10.0, log=True),
+    }
+    drawn = [
+        (1.0, 0.2, 0.6),
+        (4.0, 5.0, 0.8),
+        (4.0, 1.5, 0.7),
+        (1.0, 0.5, None),
+    ]  # T, weight, value (None: pruned)
     for t, w, value in drawn:
-        study.add_trial(optuna.trial.create_trial(
-            params={"temperature n2->n1": t, "weight n2->n1": w}, distributions=dists, intermediate_values={1: 0.5},
-            state=TrialState.COMPLETE if value is not None else TrialState.PRUNED, value=value))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"temperature n2->n1": t, "weight n2->n1": w},
+                distributions=dists,
+                intermediate_values={1: 0.5},
+                state=TrialState.COMPLETE if value is not None else TrialState.PRUNED,
+                value=value,
+            )
+        )
     fig = study_figure(study)
     assert len(fig.axes) == 5
     marks = {line.get_gid(): line.get_xdata()[0] for line in fig.axes[3].get_lines()}

@@ -1,6 +1,7 @@
 """`ktfast report --storage URL --study NAME -o study.png`: each trial by epoch (pruned ones ending at
 their rung), the best so far, the parameters that matter most; a PNG that depends on the study; bad
 storage or study exits 2 with one line and writes nothing."""
+
 import random
 
 import matplotlib.image
@@ -9,16 +10,18 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
+from test_search import postgres_url
 
 from ktfast.cli import main
 from ktfast.graph_search.study import open_storage
 from ktfast.pictures.study_figure import MIN_IMPORTANCE_TRIALS, study_figure
-from test_search import postgres_url
 
 EPOCHS = 4
-SPACE = {"model n2": CategoricalDistribution(["resnet8", "resnet14"]),
-         "gate label->n1": CategoricalDistribution(["through", "linear", "correct"]),
-         "gate n2->n1": CategoricalDistribution(["through", "cutoff"])}
+SPACE = {
+    "model n2": CategoricalDistribution(["resnet8", "resnet14"]),
+    "gate label->n1": CategoricalDistribution(["through", "linear", "correct"]),
+    "gate n2->n1": CategoricalDistribution(["through", "cutoff"]),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +41,15 @@ def make_study(url: str, name: str, seed: int, trials: int = 12) -> optuna.Study
         last = rng.choice([1, 2]) if i % 3 == 2 else EPOCHS
         values = {e: final * (0.6 + 0.4 * e / EPOCHS) for e in range(1, last + 1)}
         done = last == EPOCHS
-        study.add_trial(optuna.trial.create_trial(
-            params=params, distributions=SPACE, intermediate_values=values,
-            state=TrialState.COMPLETE if done else TrialState.PRUNED, value=values[EPOCHS] if done else None))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions=SPACE,
+                intermediate_values=values,
+                state=TrialState.COMPLETE if done else TrialState.PRUNED,
+                value=values[EPOCHS] if done else None,
+            )
+        )
     return study
 
 
@@ -53,7 +62,9 @@ def test_the_figure_draws_each_trial_by_epoch_the_best_so_far_and_what_matters(t
     for t in trials:
         epochs = sorted(t.intermediate_values)
         assert list(lines[f"trial {t.number}"].get_xdata()) == epochs  # a pruned trial ends at its rung
-        assert np.allclose(lines[f"trial {t.number}"].get_ydata(), [100 * t.intermediate_values[e] for e in epochs])
+        assert np.allclose(
+            lines[f"trial {t.number}"].get_ydata(), [100 * t.intermediate_values[e] for e in epochs]
+        )
     assert any(t.state == TrialState.PRUNED for t in trials)
     [best] = [line for line in by_trial.get_lines() if line.get_gid() == "best so far"]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -67,7 +78,9 @@ def test_too_few_complete_trials_for_importance_are_said_not_drawn(tmp_path):
     study = make_study(f"sqlite:///{tmp_path}/s.db", "s", seed=0, trials=MIN_IMPORTANCE_TRIALS)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) < MIN_IMPORTANCE_TRIALS
     params = study_figure(study).axes[2]
-    assert not params.patches and f"needs {MIN_IMPORTANCE_TRIALS} complete trials" in params.texts[0].get_text()
+    assert (
+        not params.patches and f"needs {MIN_IMPORTANCE_TRIALS} complete trials" in params.texts[0].get_text()
+    )
 
 
 def storage(kind: str, tmp_path, tag: str) -> str:
@@ -93,11 +106,17 @@ def test_report_draws_each_study_differently(kind, tmp_path, capsys):
 BAD = {
     "missing sqlite file": (["--storage", "sqlite:///missing.db", "--study", "s"], "no such file"),
     "missing journal file": (["--storage", "journal:missing.log", "--study", "s"], "no such file"),
-    "unreachable server": (["--storage", "postgresql://nobody@127.0.0.1:1/none", "--study", "s"], "--storage"),
+    "unreachable server": (
+        ["--storage", "postgresql://nobody@127.0.0.1:1/none", "--study", "s"],
+        "--storage",
+    ),
     "unknown study": (["--storage", "sqlite:///s.db", "--study", "other"], "'other'"),
     "no -o": (["--storage", "sqlite:///s.db", "--study", "s"], "-o"),
     "a run and a storage": (["somerun", "--storage", "sqlite:///s.db"], "exactly one"),
-    "unknown picture format": (["--storage", "sqlite:///s.db", "--study", "s", "-o", "study.xyz"], "study.xyz"),
+    "unknown picture format": (
+        ["--storage", "sqlite:///s.db", "--study", "s", "-o", "study.xyz"],
+        "study.xyz",
+    ),
 }
 
 
@@ -112,13 +131,15 @@ def test_bad_study_report_exits_2_with_one_line_and_writes_nothing(case, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.db"]  # no picture, no new storage file
 
 
-CHOICES = {"gate n2->n1": CategoricalDistribution(["through", "cutoff"]),
-           "loss n2->n1": CategoricalDistribution(["dkd", "kl", "cos"]),
-           "loss n1->n2": CategoricalDistribution(["dkd", "kl", "cos"]),
-           "beta n2->n1": CategoricalDistribution([1.0, 2.0, 4.0, 8.0]),
-           "beta n1->n2": CategoricalDistribution([1.0, 2.0, 4.0, 8.0]),
-           "standardize n2->n1": CategoricalDistribution([False, True]),
-           "standardize n1->n2": CategoricalDistribution([False, True])}
+CHOICES = {
+    "gate n2->n1": CategoricalDistribution(["through", "cutoff"]),
+    "loss n2->n1": CategoricalDistribution(["dkd", "kl", "cos"]),
+    "loss n1->n2": CategoricalDistribution(["dkd", "kl", "cos"]),
+    "beta n2->n1": CategoricalDistribution([1.0, 2.0, 4.0, 8.0]),
+    "beta n1->n2": CategoricalDistribution([1.0, 2.0, 4.0, 8.0]),
+    "standardize n2->n1": CategoricalDistribution([False, True]),
+    "standardize n1->n2": CategoricalDistribution([False, True]),
+}
 
 
 def test_the_loss_choices_are_drawn_with_the_mean_objective_of_the_edges_that_drew_each(tmp_path):
@@ -126,8 +147,9 @@ def test_the_loss_choices_are_drawn_with_the_mean_objective_of_the_edges_that_dr
     β only with dkd, standardize only with dkd or kl): a fourth panel, one row per value, its ◆ at the
     mean objective over the edges that drew it, counted once per edge."""
     rng = random.Random(0)
-    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/s.db"), study_name="s",
-                                direction="maximize")
+    study = optuna.create_study(
+        storage=open_storage(f"sqlite:///{tmp_path}/s.db"), study_name="s", direction="maximize"
+    )
     study.set_user_attr("ktfast", {"losses": ["dkd", "kl", "cos"], "standardize": "search"})
     for i in range(10):
         params = {"gate n2->n1": rng.choice(["through", "cutoff"])}
@@ -138,16 +160,29 @@ def test_the_loss_choices_are_drawn_with_the_mean_objective_of_the_edges_that_dr
             if loss != "cos":
                 params[f"standardize {edge}"] = rng.choice([False, True])
         value = rng.uniform(0.5, 0.9)
-        study.add_trial(optuna.trial.create_trial(
-            params=params, distributions={k: CHOICES[k] for k in params}, intermediate_values={1: value},
-            state=TrialState.COMPLETE if i % 4 else TrialState.PRUNED, value=value if i % 4 else None))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions={k: CHOICES[k] for k in params},
+                intermediate_values={1: value},
+                state=TrialState.COMPLETE if i % 4 else TrialState.PRUNED,
+                value=value if i % 4 else None,
+            )
+        )
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     expected = {}
     for t in complete:  # the rows, from the parameters as written
         for name, v in t.params.items():
             kind = name.split()[0]
-            row = (f"loss {v}" if kind == "loss" else f"dkd β {v:g}" if kind == "beta"
-                   else f"standardize {'on' if v else 'off'}" if kind == "standardize" else None)
+            row = (
+                f"loss {v}"
+                if kind == "loss"
+                else f"dkd β {v:g}"
+                if kind == "beta"
+                else f"standardize {'on' if v else 'off'}"
+                if kind == "standardize"
+                else None
+            )
             if row:
                 expected.setdefault(row, []).append(100 * t.value)
     assert {"loss dkd", "loss kl", "standardize off", "standardize on"} <= set(expected)
@@ -160,8 +195,11 @@ def test_the_loss_choices_are_drawn_with_the_mean_objective_of_the_edges_that_dr
     labels = [label.get_text() for label in choices.get_yticklabels()][::-1]  # top row first
     listed = [r for r in ("loss dkd", "loss kl", "loss cos") if r in expected]  # in the order of --losses
     steps = sorted(r for r in expected if r.startswith("dkd β"))
-    order = [*listed, *[r for r in ("standardize off", "standardize on") if r in expected],
-             *sorted(steps, key=lambda r: float(r.split()[-1]))]
+    order = [
+        *listed,
+        *[r for r in ("standardize off", "standardize on") if r in expected],
+        *sorted(steps, key=lambda r: float(r.split()[-1])),
+    ]
     assert labels == [f"{row} ({len(expected[row])})" for row in order]
 
 

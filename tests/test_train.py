@@ -1,4 +1,5 @@
 """The trainer: one forward per node per step, joint update, frozen teachers, the run directory."""
+
 import json
 
 import pytest
@@ -6,9 +7,9 @@ import torch
 
 from ktfast import Graph
 from ktfast.config import TrainConfig
+from ktfast.engine.build import build_trainer
 from ktfast.engine.pretrain import cache_path
 from ktfast.engine.run import make_trainer
-from ktfast.engine.build import build_trainer
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
 
@@ -23,14 +24,21 @@ def cfg(**kw):
 
 
 def dml(model="resnet8", extra_nodes=(), extra_edges=()):
-    return Graph.from_dict({
-        "version": 1, "name": "dml", "target": "a",
-        "nodes": [{"name": "a", "model": model}, {"name": "b", "model": model}, *extra_nodes],
-        "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-                  {"from": "label", "to": "b", "loss": "ce", "gate": "correct"},
-                  {"from": "b", "to": "a", "loss": "kl", "gate": "linear"},
-                  {"from": "a", "to": "b", "loss": "kl+att_mse", "gate": "through", "crops": [1, 2]},
-                  *extra_edges]})
+    return Graph.from_dict(
+        {
+            "version": 1,
+            "name": "dml",
+            "target": "a",
+            "nodes": [{"name": "a", "model": model}, {"name": "b", "model": model}, *extra_nodes],
+            "edges": [
+                {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+                {"from": "label", "to": "b", "loss": "ce", "gate": "correct"},
+                {"from": "b", "to": "a", "loss": "kl", "gate": "linear"},
+                {"from": "a", "to": "b", "loss": "kl+att_mse", "gate": "through", "crops": [1, 2]},
+                *extra_edges,
+            ],
+        }
+    )
 
 
 def test_run_directory_rows_and_checkpoint(tmp_path):
@@ -59,7 +67,8 @@ def test_one_forward_per_node_per_step_and_joint_update():
     for name in calls:
         # Training forwards only: evaluation runs in eval mode.
         trainer.models[name].register_forward_hook(
-            lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + m.training))
+            lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + m.training)
+        )
     before = {n: [p.detach().clone() for p in trainer.models[n].parameters()] for n in calls}
     trainer.fit()
     steps = trainer.steps_per_epoch
@@ -81,9 +90,13 @@ def test_frozen_teacher_never_changes_weights_or_batchnorm_statistics(tmp_path):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1)
     torch.save(t.state_dict(), teacher)
-    g = dml(extra_nodes=[{"name": "t", "model": "resnet8", "init": {"checkpoint": str(teacher)}}],
-            extra_edges=[{"from": "t", "to": "a", "loss": "kl", "gate": "through", "temperature": 2.0},
-                         {"from": "a", "to": "t", "loss": "kl", "gate": "cutoff"}])
+    g = dml(
+        extra_nodes=[{"name": "t", "model": "resnet8", "init": {"checkpoint": str(teacher)}}],
+        extra_edges=[
+            {"from": "t", "to": "a", "loss": "kl", "gate": "through", "temperature": 2.0},
+            {"from": "a", "to": "t", "loss": "kl", "gate": "cutoff"},
+        ],
+    )
     assert g.nodes["t"].frozen
     trainer = build_trainer(g, cfg(), out=None, progress=False)
     trainer.fit()
@@ -95,10 +108,17 @@ def test_frozen_teacher_never_changes_weights_or_batchnorm_statistics(tmp_path):
 
 
 def test_pretrained_init_fills_the_cache_once(capsys):
-    g = Graph.from_dict({"version": 1, "target": "s",
-                         "nodes": [{"name": "s", "model": "resnet8"}, {"name": "t", "model": "resnet8"}],
-                         "edges": [{"from": "label", "to": "s", "loss": "ce", "gate": "through"},
-                                   {"from": "t", "to": "s", "loss": "kl", "gate": "through"}]})
+    g = Graph.from_dict(
+        {
+            "version": 1,
+            "target": "s",
+            "nodes": [{"name": "s", "model": "resnet8"}, {"name": "t", "model": "resnet8"}],
+            "edges": [
+                {"from": "label", "to": "s", "loss": "ce", "gate": "through"},
+                {"from": "t", "to": "s", "loss": "kl", "gate": "through"},
+            ],
+        }
+    )
     assert g.nodes["t"].init == "pretrained"
     c = cfg(epochs=1)
     first = make_trainer(g, c, out=None, progress=False)
@@ -113,14 +133,22 @@ def test_pretrained_init_fills_the_cache_once(capsys):
     assert "training it first" not in capsys.readouterr().out
 
 
-
 def test_a_node_after_a_pretrained_one_starts_the_same_with_or_without_the_cache():
-    g = Graph.from_dict({"version": 1, "target": "s",
-                         "nodes": [{"name": "t", "model": "resnet8"}, {"name": "s", "model": "resnet8"}],
-                         "edges": [{"from": "label", "to": "s", "loss": "ce", "gate": "through"},
-                                   {"from": "t", "to": "s", "loss": "kl", "gate": "through"}]})
+    g = Graph.from_dict(
+        {
+            "version": 1,
+            "target": "s",
+            "nodes": [{"name": "t", "model": "resnet8"}, {"name": "s", "model": "resnet8"}],
+            "edges": [
+                {"from": "label", "to": "s", "loss": "ce", "gate": "through"},
+                {"from": "t", "to": "s", "loss": "kl", "gate": "through"},
+            ],
+        }
+    )
     # Seed 1: the pretraining (seed 0) leaves the global generator elsewhere than it found it.
-    fresh = make_trainer(g, cfg(epochs=1, seed=1), out=None, progress=False).models["s"].state_dict()  # pretrains t
+    fresh = (
+        make_trainer(g, cfg(epochs=1, seed=1), out=None, progress=False).models["s"].state_dict()
+    )  # pretrains t
     cached = make_trainer(g, cfg(epochs=1, seed=1), out=None, progress=False).models["s"].state_dict()
     for k, v in fresh.items():
         assert torch.equal(cached[k], v), k
@@ -133,8 +161,9 @@ def test_with_a_train_fraction_each_seed_has_a_teacher_of_its_own_subset():
     from ktfast.engine.pretrain import pretrain
 
     for seed in (0, 1):
-        stored = torch.load(pretrain("resnet8", c.replace(seed=seed), log=lambda *a: None, progress=False),
-                            weights_only=True)
+        stored = torch.load(
+            pretrain("resnet8", c.replace(seed=seed), log=lambda *a: None, progress=False), weights_only=True
+        )
         assert stored["config"]["seed"] == seed and stored["config"]["train_fraction"] == 0.5
 
 
@@ -165,9 +194,17 @@ def test_training_learns_real_digits():
     and the target beats chance (10 %) by far on the test split. Gradient ascent does neither."""
     from ktfast.engine.trainer import evaluate
 
-    g = Graph.from_dict({"version": 1, "target": "a", "nodes": [{"name": "a", "model": "resnet8"}],
-                         "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"}]})
-    trainer = build_trainer(g, cfg(dataset="digits", epochs=10, optimizer="adam", lr=3e-3), out=None, progress=False)
+    g = Graph.from_dict(
+        {
+            "version": 1,
+            "target": "a",
+            "nodes": [{"name": "a", "model": "resnet8"}],
+            "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"}],
+        }
+    )
+    trainer = build_trainer(
+        g, cfg(dataset="digits", epochs=10, optimizer="adam", lr=3e-3), out=None, progress=False
+    )
     trainer.train_loader.set_epoch(0)
     losses, previous = [], 0.0
     for k, (x, y) in zip(range(40), trainer.train_loader):
@@ -193,8 +230,10 @@ def test_the_loop_hands_every_step_its_1_based_index_and_the_run_its_total():
 
 def scaled(scales: dict) -> Graph:
     """Three trained nodes with the given lr_scale (1 where not given)."""
-    d = dml(extra_nodes=[{"name": "c", "model": "resnet8"}],
-            extra_edges=[{"from": "label", "to": "c", "loss": "ce", "gate": "through"}]).to_dict()
+    d = dml(
+        extra_nodes=[{"name": "c", "model": "resnet8"}],
+        extra_edges=[{"from": "label", "to": "c", "loss": "ce", "gate": "through"}],
+    ).to_dict()
     for node in d["nodes"]:
         if node["name"] in scales:
             node["lr_scale"] = scales[node["name"]]
@@ -205,15 +244,18 @@ def scaled(scales: dict) -> Graph:
 @pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_lr_scale_gives_each_node_its_lr_through_the_schedule(optimizer):
-    trainer = build_trainer(scaled({"b": 0.1, "c": 0.25}), cfg(epochs=10, optimizer=optimizer), out=None,
-                            progress=False)
+    trainer = build_trainer(
+        scaled({"b": 0.1, "c": 0.25}), cfg(epochs=10, optimizer=optimizer), out=None, progress=False
+    )
     group_of = {id(p): i for i, g in enumerate(trainer.optimizer.param_groups) for p in g["params"]}
     for _ in range(10):
         decay = 0.1 ** sum(trainer.scheduler.last_epoch >= m for m in cfg(epochs=10).milestones())
         for name, scale in {"a": 1.0, "b": 0.1, "c": 0.25}.items():
             groups = {group_of[id(p)] for p in trainer.models[name].parameters()}
             assert len(groups) == 1, name
-            assert trainer.optimizer.param_groups[groups.pop()]["lr"] == pytest.approx(0.05 * scale * decay), name
+            assert trainer.optimizer.param_groups[groups.pop()]["lr"] == pytest.approx(
+                0.05 * scale * decay
+            ), name
         trainer.scheduler.step()
     assert trainer.scheduler.last_epoch == 10
 
@@ -228,15 +270,19 @@ def test_lr_scale_scales_each_nodes_step_and_survives_resume(tmp_path):
         before = {n: [p.detach().clone() for p in m.parameters()] for n, m in trainer.models.items()}
         x, y = next(iter(trainer.train_loader))
         trainer.train_step(x, y, 1)
-        steps[bool(scales)] = {n: [(p.detach() - p0, p0) for p, p0 in zip(m.parameters(), before[n])]
-                               for n, m in trainer.models.items()}
+        steps[bool(scales)] = {
+            n: [(p.detach() - p0, p0) for p, p0 in zip(m.parameters(), before[n])]
+            for n, m in trainer.models.items()
+        }
     eps = torch.finfo(torch.float32).eps
     for name, ratio in {"a": 1.0, "b": 0.1, "c": 1.0}.items():
         for (full, p0), (scaled_step, _) in zip(steps[False][name], steps[True][name]):
             # A step read as new - old weight carries the rounding of the new weight: ≤ eps · |w| / 2.
             bound = 2 * eps * max(p0.abs().max().item(), full.abs().max().item())
             torch.testing.assert_close(scaled_step, ratio * full, rtol=0, atol=bound)
-            assert ratio == 1.0 or full.abs().max() > 100 * eps * p0.abs().max()  # the step is more than rounding
+            assert (
+                ratio == 1.0 or full.abs().max() > 100 * eps * p0.abs().max()
+            )  # the step is more than rounding
 
     out = tmp_path / "run"
     out.mkdir()

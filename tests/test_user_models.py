@@ -1,23 +1,23 @@
 """Models from the user's code (docs/ARCHITECTURE.md §3): `py:MODULE:FACTORY` nodes (a file of tests/, and
 torchvision's resnet18 as code no one here wrote), `"attention": "LAYER"` taken by torch.fx, the
 entry-point group `ktfast.models`, fusion of two py: nodes, and every bad input as one line."""
+
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-
 import user_nets
+from test_fuse import assert_same_run, default_dtype, record
+
 from ktfast import Graph, usercode
 from ktfast.cli import main
 from ktfast.config import TrainConfig
-from ktfast.engine.fuse import FusedGroup
-from ktfast.graph import GraphError
-from ktfast.models import build_model, is_model_name
 from ktfast.engine.build import build_trainer
+from ktfast.engine.fuse import FusedGroup
 from ktfast.engine.trainer import Trainer
-from test_fuse import assert_same_run, default_dtype, record
+from ktfast.models import build_model, is_model_name
 
 NETS = Path(user_nets.__file__).resolve()
 TINY = f"py:{NETS}:tiny_net"
@@ -28,17 +28,27 @@ def mixed(a=None, b=None, crops=(8,)) -> dict:
     """A py: node and a resnet8 teaching each other, attention edges both ways. The crop is the whole
     8x8 map and no gate reads an arg-max, so rounding cannot flip a choice between two paths."""
     a = a or {"model": TINY, "attention": "features.5"}
-    return {"version": 1, "name": "mixed", "target": "a",
-            "nodes": [dict(a, name="a"), dict(b or {"model": "resnet8"}, name="b")],
-            "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-                      {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
-                      {"from": "b", "to": "a", "loss": "kl+att_mse", "gate": "linear", "crops": list(crops)},
-                      {"from": "a", "to": "b", "loss": "kl+att_cos", "gate": "through", "crops": list(crops)}]}
+    return {
+        "version": 1,
+        "name": "mixed",
+        "target": "a",
+        "nodes": [dict(a, name="a"), dict(b or {"model": "resnet8"}, name="b")],
+        "edges": [
+            {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+            {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
+            {"from": "b", "to": "a", "loss": "kl+att_mse", "gate": "linear", "crops": list(crops)},
+            {"from": "a", "to": "b", "loss": "kl+att_cos", "gate": "through", "crops": list(crops)},
+        ],
+    }
 
 
 def steps(g: Graph, n: int, **kw) -> tuple[Trainer, list]:
-    cfg = TrainConfig(**{**dict(dataset="digits", train_fraction=0.05, epochs=1, batch_size=16, device="cpu",
-                                lr=0.05), **kw})
+    cfg = TrainConfig(
+        **{
+            **dict(dataset="digits", train_fraction=0.05, epochs=1, batch_size=16, device="cpu", lr=0.05),
+            **kw,
+        }
+    )
     trainer = build_trainer(g, cfg, out=None, progress=False)
     seen = record(trainer)
     for k, (x, y) in zip(range(n), trainer.train_loader):
@@ -64,9 +74,14 @@ def test_py_and_registry_nodes_train_through_the_kernels_as_the_reference_step_b
 def test_attention_is_the_channel_mean_of_the_named_layer_and_the_state_dict_stays_plain():
     x = torch.randn(2, 3, 32, 32)
     for name, layer, features in (
-            (TINY, "features.5", lambda m: m.net.features(x)),
-            ("resnet8", "stages.1", lambda m: m.stages[1](m.stages[0](m.stem(x)))),
-            ("torchvision:resnet18", "layer3", lambda m: torch.nn.Sequential(*list(raw_resnet18(m).children())[:-3])(x))):
+        (TINY, "features.5", lambda m: m.net.features(x)),
+        ("resnet8", "stages.1", lambda m: m.stages[1](m.stages[0](m.stem(x)))),
+        (
+            "torchvision:resnet18",
+            "layer3",
+            lambda m: torch.nn.Sequential(*list(raw_resnet18(m).children())[:-3])(x),
+        ),
+    ):
         torch.manual_seed(0)
         plain = build_model(name, 10, 32).eval()
         torch.manual_seed(1)
@@ -103,7 +118,9 @@ def test_a_relative_file_is_relative_to_the_graph_file(tmp_path, monkeypatch):
     (tmp_path / "sub" / "g.json").write_text(json.dumps(mixed({"model": "py:net.py:tiny_net"})))
     monkeypatch.chdir(tmp_path)
     g = Graph.load("sub/g.json")
-    assert g.nodes["a"].model == f"py:{tmp_path / 'sub' / 'net.py'}:tiny_net" and g.user_code == [g.nodes["a"].model]
+    assert g.nodes["a"].model == f"py:{tmp_path / 'sub' / 'net.py'}:tiny_net" and g.user_code == [
+        g.nodes["a"].model
+    ]
     assert Graph.from_dict(g.to_dict()).to_dict() == g.to_dict()  # the run's graph.json means the same
 
 
@@ -155,24 +172,46 @@ def test_an_installed_package_registers_names(tmp_path, monkeypatch):
     assert build_model("tinyreg", 5, 32)(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
 
 
-@pytest.mark.parametrize("node,field,needle", [
-    ({"model": "py:missing_file.py:f"}, "model", "file not found"),
-    ({"model": "py:no_such_module_xyz:f"}, "model", "cannot import no_such_module_xyz"),
-    ({"model": "py:user_nets"}, "model", "expected py:MODULE:FACTORY"),
-    ({"model": f"py:{NETS}:nothing"}, "model", "has no callable 'nothing'"),
-    ({"model": f"py:{NETS}:raises"}, "model", "the factory raised RuntimeError: no weights here"),
-    ({"model": f"py:{NETS}:not_a_module"}, "model", "returned str, not a torch.nn.Module"),
-    ({"model": f"py:{NETS}:wrong_logits"}, "model", "to (2, 11), not logits [2, 10]"),
-    ({"model": TINY, "attention": "features.55"}, "attention", "unknown attention layer 'features.55' "
-                                                               "(did you mean 'features.5'"),
-    ({"model": TINY}, "model", "name the layer"),  # an attention edge, and no layer named
-    ({"model": TINY, "attention": "features.0"}, "loss", "differ in size"),  # 16x16 against 8x8
-])
+@pytest.mark.parametrize(
+    "node,field,needle",
+    [
+        ({"model": "py:missing_file.py:f"}, "model", "file not found"),
+        ({"model": "py:no_such_module_xyz:f"}, "model", "cannot import no_such_module_xyz"),
+        ({"model": "py:user_nets"}, "model", "expected py:MODULE:FACTORY"),
+        ({"model": f"py:{NETS}:nothing"}, "model", "has no callable 'nothing'"),
+        ({"model": f"py:{NETS}:raises"}, "model", "the factory raised RuntimeError: no weights here"),
+        ({"model": f"py:{NETS}:not_a_module"}, "model", "returned str, not a torch.nn.Module"),
+        ({"model": f"py:{NETS}:wrong_logits"}, "model", "to (2, 11), not logits [2, 10]"),
+        (
+            {"model": TINY, "attention": "features.55"},
+            "attention",
+            "unknown attention layer 'features.55' (did you mean 'features.5'",
+        ),
+        ({"model": TINY}, "model", "name the layer"),  # an attention edge, and no layer named
+        ({"model": TINY, "attention": "features.0"}, "loss", "differ in size"),  # 16x16 against 8x8
+    ],
+)
 def test_bad_user_models_exit_2_naming_the_node(node, field, needle, tmp_path, capsys):
     (tmp_path / "g.json").write_text(json.dumps(mixed(node)))
     out = tmp_path / "run"
-    code = main(["train", "--graph", str(tmp_path / "g.json"), "--dataset", "digits", "--epochs", "1",
-                 "--train-fraction", "0.05", "--device", "cpu", "--quiet", "--out", str(out)])
+    code = main(
+        [
+            "train",
+            "--graph",
+            str(tmp_path / "g.json"),
+            "--dataset",
+            "digits",
+            "--epochs",
+            "1",
+            "--train-fraction",
+            "0.05",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     where = "edges[b->a]" if field == "loss" else "nodes[a]"
@@ -184,9 +223,29 @@ def test_show_and_the_run_say_the_graph_runs_user_code(tmp_path, capsys):
     (tmp_path / "g.json").write_text(json.dumps(mixed()))
     assert main(["show", str(tmp_path / "g.json"), "-o", str(tmp_path / "g.png")]) == 0
     assert f"runs: {TINY}" in capsys.readouterr().out and (tmp_path / "g.png").is_file()
-    assert main(["train", "--graph", str(tmp_path / "g.json"), "--dataset", "digits", "--epochs", "1",
-                 "--train-fraction", "0.05", "--batch-size", "16", "--device", "cpu", "--quiet",
-                 "--out", str(tmp_path / "run")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--graph",
+                str(tmp_path / "g.json"),
+                "--dataset",
+                "digits",
+                "--epochs",
+                "1",
+                "--train-fraction",
+                "0.05",
+                "--batch-size",
+                "16",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     first = capsys.readouterr().out.splitlines()[0]
     assert first == f"graph mixed runs user code: {TINY}"
     [row] = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -197,7 +256,12 @@ def test_show_and_the_run_say_the_graph_runs_user_code(tmp_path, capsys):
 
 def test_the_custom_example_names_a_layer_of_resnet8s_map_size():
     g = Graph.load(Path(__file__).parents[1] / "examples" / "custom" / "graph.json")
-    assert g.user_code == [f"py:{Path(__file__).parents[1].resolve() / 'examples' / 'custom' / 'tiny_net.py'}:tiny_net"]
+    assert g.user_code == [
+        f"py:{Path(__file__).parents[1].resolve() / 'examples' / 'custom' / 'tiny_net.py'}:tiny_net"
+    ]
     x = torch.zeros(2, 3, 32, 32)
-    maps = [build_model(n.model, 10, 32, attention=n.attention)(x, return_attention=True)[1].shape for n in g.model_nodes]
+    maps = [
+        build_model(n.model, 10, 32, attention=n.attention)(x, return_attention=True)[1].shape
+        for n in g.model_nodes
+    ]
     assert maps == [(2, 8, 8), (2, 8, 8)]

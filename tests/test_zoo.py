@@ -1,6 +1,7 @@
 """Zoo models as graph nodes (docs/ARCHITECTURE.md §1): `timm:NAME` and `torchvision:NAME` validated against their
 zoo, their attention map the channel mean of the last feature map before pooling, `"init": "zoo"`
 for the published weights (offline: one line naming the node). No test downloads anything."""
+
 import json
 import socket
 
@@ -26,15 +27,40 @@ def env(tmp_path, monkeypatch):
 
 
 def pair(a: dict, b: dict, edges=()) -> dict:
-    return {"version": 1, "name": "zoo", "target": "a", "nodes": [dict(a, name="a"), dict(b, name="b")],
-            "edges": [{"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-                      {"from": "label", "to": "b", "loss": "ce", "gate": "through"}, *edges]}
+    return {
+        "version": 1,
+        "name": "zoo",
+        "target": "a",
+        "nodes": [dict(a, name="a"), dict(b, name="b")],
+        "edges": [
+            {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
+            {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
+            *edges,
+        ],
+    }
 
 
 def train(tmp_path, graph: dict, *extra: str) -> int:
     (tmp_path / "g.json").write_text(json.dumps(graph))
-    return main(["train", "--graph", "g.json", "--dataset", SMALL, "--epochs", "1", "--batch-size", "32",
-                 "--device", "cpu", "--quiet", "--out", "run", *extra])
+    return main(
+        [
+            "train",
+            "--graph",
+            "g.json",
+            "--dataset",
+            SMALL,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out",
+            "run",
+            *extra,
+        ]
+    )
 
 
 def one_line(err: str, *needles: str) -> None:
@@ -45,9 +71,14 @@ def one_line(err: str, *needles: str) -> None:
 
 def test_a_timm_and_a_torchvision_node_train_one_epoch(tmp_path, capsys):
     pytest.importorskip("timm")
-    graph = pair({"model": "timm:resnet10t"}, {"model": "torchvision:mobilenet_v3_small"},
-                 [{"from": "b", "to": "a", "loss": "kl", "gate": "through"},
-                  {"from": "a", "to": "b", "loss": "kl", "gate": "linear"}])
+    graph = pair(
+        {"model": "timm:resnet10t"},
+        {"model": "torchvision:mobilenet_v3_small"},
+        [
+            {"from": "b", "to": "a", "loss": "kl", "gate": "through"},
+            {"from": "a", "to": "b", "loss": "kl", "gate": "linear"},
+        ],
+    )
     assert train(tmp_path, graph) == 0
     [row] = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for split in ("train", "test"):
@@ -85,25 +116,51 @@ def test_torchvision_attention_is_the_channel_mean_of_the_last_stage_before_pool
 
 def test_attention_edges_between_zoo_nodes_train(tmp_path):
     pytest.importorskip("timm")
-    graph = pair({"model": "timm:mobilenetv3_small_050"}, {"model": "torchvision:resnet18"},
-                 [{"from": "b", "to": "a", "loss": "kl+att_mse", "gate": "through", "crops": [1, 2]}])
+    graph = pair(
+        {"model": "timm:mobilenetv3_small_050"},
+        {"model": "torchvision:resnet18"},
+        [{"from": "b", "to": "a", "loss": "kl+att_mse", "gate": "through", "crops": [1, 2]}],
+    )
     (tmp_path / "g.json").write_text(json.dumps(graph))
-    assert main(["train", "--graph", "g.json", "--dataset", "synthetic:classes=4,size=64,train=32,test=16",
-                 "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--quiet", "--out", "run"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--graph",
+                "g.json",
+                "--dataset",
+                "synthetic:classes=4,size=64,train=32,test=16",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                "run",
+            ]
+        )
+        == 0
+    )
 
 
 def test_zoo_names_are_validated_against_the_zoo(monkeypatch):
     assert is_model_name("torchvision:mobilenet_v3_small")
     assert not is_model_name("torchvision:fasterrcnn_resnet50_fpn")  # a detector, not a classifier
     assert not is_model_name("keras:resnet50")
-    for model, needle in (("torchvision:resnet19", "'torchvision:resnet19'"),
-                          ("torchvision:fasterrcnn_resnet50_fpn", "classification")):
+    for model, needle in (
+        ("torchvision:resnet19", "'torchvision:resnet19'"),
+        ("torchvision:fasterrcnn_resnet50_fpn", "classification"),
+    ):
         with pytest.raises(GraphError, match=r"nodes\[b\]\.model: .*" + needle):
             Graph.from_dict(pair({"model": "resnet8"}, {"model": model}))
     with pytest.raises(GraphError, match=r"nodes\[b\]\.init: \"zoo\".*'resnet8'"):
         Graph.from_dict(pair({"model": "resnet8"}, {"model": "resnet8", "init": "zoo"}))
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)  # as if timm were not installed
-    with pytest.raises(GraphError, match=r"nodes\[a\]\.model: timm:resnet10t: timm is not installed \(pip install"):
+    with pytest.raises(
+        GraphError, match=r"nodes\[a\]\.model: timm:resnet10t: timm is not installed \(pip install"
+    ):
         Graph.from_dict(pair({"model": "timm:resnet10t"}, {"model": "resnet8"}))
 
 
@@ -148,8 +205,8 @@ def test_zoo_weights_load_every_tensor_but_the_classifier(monkeypatch):
     model = build_model("torchvision:mobilenet_v3_small", 4, zoo_weights=True)
     assert fetched == [torchvision.models.MobileNet_V3_Small_Weights.DEFAULT]
     mine = model.net.state_dict()
-    differ = sorted(k for k in published if not torch.equal(mine[k], published[k])
-                    if mine[k].shape == published[k].shape) + \
-        sorted(k for k in published if mine[k].shape != published[k].shape)
+    differ = sorted(
+        k for k in published if not torch.equal(mine[k], published[k]) if mine[k].shape == published[k].shape
+    ) + sorted(k for k in published if mine[k].shape != published[k].shape)
     assert differ == ["classifier.3.bias", "classifier.3.weight"]  # the head, sized for 4 classes
     assert mine["classifier.3.weight"].shape == (4, 1024)

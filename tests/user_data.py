@@ -1,5 +1,6 @@
 """Data sets a user might write, for `--dataset py:` (tests/test_user_data.py): torch Datasets that
 know nothing of ktfast, and factories that go wrong."""
+
 import torch
 from torch.utils.data import Dataset
 

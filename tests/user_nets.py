@@ -1,6 +1,6 @@
 """Networks a user might write, for `py:` model nodes (tests/test_user_models.py): plain nn.Modules
 that know nothing of ktfast, and factories that go wrong in each way docs/ARCHITECTURE.md §3 names."""
-import torch
+
 from torch import nn
 
 BUILT = []  # the keywords of every call, for the test of what the factory is handed
@@ -9,9 +9,14 @@ BUILT = []  # the keywords of every call, for the test of what the factory is ha
 class TinyNet(nn.Module):
     def __init__(self, num_classes, width=8):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                                      nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
-                                      nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(2 * width, num_classes)
 
     def forward(self, x):
@@ -27,7 +32,7 @@ def no_image_size(num_classes):
     return TinyNet(num_classes)
 
 
-def growing(num_classes, _calls=[]):
+def growing(num_classes, _calls=[]):  # noqa: B006 (the list counts the calls, on purpose)
     """Another width on each call: two nodes of it cannot be stacked."""
     _calls.append(1)
     return TinyNet(num_classes, width=4 * len(_calls))

@@ -2,12 +2,16 @@
 found beside the graph file). It knows nothing of ktfast: ktfast calls the factory with the number
 of classes (and the image size, since it names that keyword), and takes the node's attention map
 from the layer the graph names, `"attention": "stage2"`."""
+
 from torch import nn
 
 
 def block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
 
 
 class TinyNet(nn.Module):

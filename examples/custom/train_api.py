@@ -7,6 +7,7 @@ one's own with the same transfer step.
 It prints each epoch's test accuracies (from a callback: the place for W&B or MLflow), reads the run
 back, and runs one more epoch of `ktfast.TransferStep` over the trained models.
 """
+
 import argparse
 from pathlib import Path
 
@@ -31,8 +32,16 @@ def main() -> None:
         accs = ", ".join(f"{node} {v['acc']:.1%}" for node, v in row["test"].items())
         print(f"epoch {row['epoch']}: test {accs}", flush=True)
 
-    run = ktfast.train(args.graph, dataset=args.dataset, epochs=args.epochs, batch_size=32, lr=0.05,
-                       train_fraction=args.train_fraction, out=args.out, callbacks=[report])
+    run = ktfast.train(
+        args.graph,
+        dataset=args.dataset,
+        epochs=args.epochs,
+        batch_size=32,
+        lr=0.05,
+        train_fraction=args.train_fraction,
+        out=args.out,
+        callbacks=[report],
+    )
     run = ktfast.load_run(run.dir)  # what a later session would do
     graph, cfg = run.graph, run.config
 
@@ -40,8 +49,9 @@ def main() -> None:
     models = run.models
     trainable = [p for node in graph.trainable for p in models[node.name].parameters()]
     optimizer = torch.optim.SGD(trainable, lr=0.005, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    loader = make_loader(cfg.dataset, "train", cfg.batch_size, cfg.device, seed=1,
-                         train_fraction=cfg.train_fraction)
+    loader = make_loader(
+        cfg.dataset, "train", cfg.batch_size, cfg.device, seed=1, train_fraction=cfg.train_fraction
+    )
     step = ktfast.TransferStep(graph, models, optimizer, total_steps=len(loader))
     for x, y in loader:
         losses = step(x, y)

@@ -1,6 +1,7 @@
 """`ktfast info [--json]`: what a bug report needs about this machine, as torch's collect_env gives
 it: the versions of ktfast and what it runs on, the GPUs, and the path each fast switch takes here
 for the default config, with the reason where one is off."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,14 @@ from ktfast.data import load_arrays
 from ktfast.paths import SWITCHES, one_line, resolve_paths
 
 # name in the report -> module whose __version__ it is (imported here only: a broken install is reported)
-PACKAGES = {"triton": "triton", "dali": "nvidia.dali", "optuna": "optuna", "timm": "timm",
-            "torchvision": "torchvision", "numpy": "numpy"}
+PACKAGES = {
+    "triton": "triton",
+    "dali": "nvidia.dali",
+    "optuna": "optuna",
+    "timm": "timm",
+    "torchvision": "torchvision",
+    "numpy": "numpy",
+}
 
 KEYS = """\
 --json prints one object:
@@ -33,8 +40,12 @@ KEYS = """\
 
 
 def register(sub) -> None:
-    p = sub.add_parser("info", help="versions, GPUs and the path each fast switch takes here (for bug reports)",
-                       epilog=KEYS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "info",
+        help="versions, GPUs and the path each fast switch takes here (for bug reports)",
+        epilog=KEYS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--json", action="store_true", help="one JSON object (keys below)")
     p.set_defaults(func=cmd_info)
 
@@ -46,7 +57,9 @@ def package_version(module: str) -> str:
         if e.name is not None and (module == e.name or module.startswith(e.name + ".")):
             return "not installed"
         return f"import fails: {one_line(e)}"
-    except Exception as e:  # a package whose import raises (missing libraries, a wrong CUDA) must not end info
+    except (
+        Exception
+    ) as e:  # a package whose import raises (missing libraries, a wrong CUDA) must not end info
         return f"import fails: {one_line(f'{type(e).__name__}: {e}')}"
     return str(getattr(imported, "__version__", "unknown"))
 
@@ -65,27 +78,46 @@ def gpus() -> list[dict]:
     out = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        out.append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
-                    "memory_gib": round(p.total_memory / 2**30, 1)})
+        out.append(
+            {
+                "index": i,
+                "name": p.name,
+                "capability": f"{p.major}.{p.minor}",
+                "memory_gib": round(p.total_memory / 2**30, 1),
+            }
+        )
     return out
 
 
 def collect() -> dict:
     cfg = TrainConfig(device="cuda" if torch.cuda.is_available() else "cpu")
-    versions = {"ktfast": ktfast.__version__, "python": platform.python_version(), "torch": torch.__version__,
-                "cuda": torch.version.cuda or "none", "driver": driver_version()}
+    versions = {
+        "ktfast": ktfast.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "driver": driver_version(),
+    }
     versions.update((name, package_version(module)) for name, module in PACKAGES.items())
-    return {"versions": versions, "platform": platform.platform(), "gpus": gpus(), "device": cfg.device,
-            "paths": resolve_paths(cfg, load_arrays(cfg.dataset, cfg.data_dir))}
+    return {
+        "versions": versions,
+        "platform": platform.platform(),
+        "gpus": gpus(),
+        "device": cfg.device,
+        "paths": resolve_paths(cfg, load_arrays(cfg.dataset, cfg.data_dir)),
+    }
 
 
 def text(facts: dict) -> str:
     lines = [f"{name:<12} {version}" for name, version in facts["versions"].items()]
     lines.append(f"{'platform':<12} {facts['platform']}")
     for gpu in facts["gpus"] or [None]:
-        lines.append(f"{'GPUs':<12} no CUDA device" if gpu is None else
-                     f"{'GPU ' + str(gpu['index']):<12} {gpu['name']}, capability {gpu['capability']}, "
-                     f"{gpu['memory_gib']} GiB")
+        lines.append(
+            f"{'GPUs':<12} no CUDA device"
+            if gpu is None
+            else f"{'GPU ' + str(gpu['index']):<12} {gpu['name']}, capability {gpu['capability']}, "
+            f"{gpu['memory_gib']} GiB"
+        )
     lines.append(f"paths of the default config here (device {facts['device']}):")
     for switch in SWITCHES:
         path = facts["paths"][switch]

@@ -1,5 +1,6 @@
 """`ktfast show`, `ktfast attention`, `ktfast report`: a graph drawn as in the papers (or a model's
 parameters and FLOPs), a run's attention maps, a run's curves or a search's study."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -9,22 +10,37 @@ from ktfast.args import UsageError, positive_int
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info
 from ktfast.graph import Graph
-from ktfast.pictures.graph_figure import graph_figure
-from ktfast.models import is_model_name
-from ktfast.pictures.plots import (attention_figure, attention_samples, check_nodes, curves_figure, model_cost,
-                          picture_format, read_metrics, read_seed_runs, run_file, save_figure)
 from ktfast.graph_search.study import find_study
+from ktfast.models import is_model_name
+from ktfast.pictures.graph_figure import graph_figure
+from ktfast.pictures.plots import (
+    attention_figure,
+    attention_samples,
+    check_nodes,
+    curves_figure,
+    model_cost,
+    picture_format,
+    read_metrics,
+    read_seed_runs,
+    run_file,
+    save_figure,
+)
 from ktfast.pictures.study_figure import study_figure
 
 
 def register(sub) -> None:
-    p = sub.add_parser("show", help="draw a graph file as the papers do, or print a model's parameters and FLOPs")
+    p = sub.add_parser(
+        "show", help="draw a graph file as the papers do, or print a model's parameters and FLOPs"
+    )
     p.add_argument("graph", nargs="?", help="graph file (JSON)")
     p.add_argument("-o", "--output", help="picture to write (.png, .pdf, .svg, …)")
     p.add_argument("--run", metavar="DIR", help="show each node's final test accuracy from this run")
     p.add_argument("--model", help="instead of a graph: a model name, to print its parameters and FLOPs")
-    p.add_argument("--dataset", help="with --model: the dataset whose image size and classes to use "
-                   f"(default {TrainConfig().dataset})")
+    p.add_argument(
+        "--dataset",
+        help="with --model: the dataset whose image size and classes to use "
+        f"(default {TrainConfig().dataset})",
+    )
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=cmd_show)
 
@@ -38,7 +54,9 @@ def register(sub) -> None:
     p.add_argument("run", metavar="RUN", nargs="?", help="run directory")
     p.add_argument("--storage", help="instead of a run: the storage of a search (as ktfast search takes it)")
     p.add_argument("--study", help="with --storage: the study (default: the storage's only study)")
-    p.add_argument("-o", "--output", help="picture to write (default RUN/curves.png; required with --storage)")
+    p.add_argument(
+        "-o", "--output", help="picture to write (default RUN/curves.png; required with --storage)"
+    )
     p.set_defaults(func=cmd_report)
 
 
@@ -62,7 +80,9 @@ def cmd_show(args) -> int:
         accuracies = {name: rows[-1]["test"][name]["acc"] for name in graph.nodes}
         title = f"{graph.name}: test accuracy (%) after epoch {rows[-1]['epoch']}"
     if graph.user_code:  # drawing runs none of it, training would: say so before anyone does
-        print(f"graph {graph.name} names user code, which training imports and runs: {', '.join(graph.user_code)}")
+        print(
+            f"graph {graph.name} names user code, which training imports and runs: {', '.join(graph.user_code)}"
+        )
     save_figure(graph_figure(graph, accuracies, title), output)
     print(output)
     return 0
@@ -77,10 +97,14 @@ def _show_model(args) -> int:
     dataset = args.dataset or TrainConfig().dataset
     info = dataset_info(dataset, args.data_dir)
     params, flops = model_cost(args.model, info.num_classes, info.image_size)
-    print(f"model       {args.model}, {info.num_classes} classes, one 3x{info.image_size}x{info.image_size} "
-          f"image ({dataset})")
+    print(
+        f"model       {args.model}, {info.num_classes} classes, one 3x{info.image_size}x{info.image_size} "
+        f"image ({dataset})"
+    )
     print(f"parameters  {params:,} ({params / 1e6:.2f} M)")
-    print(f"FLOPs       {flops:,} ({flops / 1e6:.2f} M), 2 per multiply-add of convolutions and matrix products")
+    print(
+        f"FLOPs       {flops:,} ({flops / 1e6:.2f} M), 2 per multiply-add of convolutions and matrix products"
+    )
     print(f"MACs        {flops // 2:,} ({flops / 2e6:.2f} M), multiply-adds: what the EKD paper calls FLOPs")
     return 0
 
@@ -90,7 +114,9 @@ def cmd_attention(args) -> int:
     picture_format(output)
     run = Path(args.run)
     samples = attention_samples(run, args.images)
-    save_figure(attention_figure(samples, f"{run.name}: attention map, prediction and entropy H (nats)"), output)
+    save_figure(
+        attention_figure(samples, f"{run.name}: attention map, prediction and entropy H (nats)"), output
+    )
     print(output)
     return 0
 

@@ -10,6 +10,7 @@ Bottom to top, each module importing only those above it in this list:
 * `plan`: splits, epoch plans (order, crops, flips) and the `Loader` every kind shares;
 * `resident`, `torchvision`, `dali`: the three loader kinds, which yield the same batches.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,14 +27,42 @@ from ktfast.usercode import is_user_code
 
 LOADERS = ("auto", "dali", "gpu", "torch")
 KIND_NAMES = {"gpu": "device-resident", "dali": "DALI", "torch": "torch"}
-__all__ = ["DATASETS", "LOADERS", "PAD", "SPLITS", "Arrays", "DaliLoader", "DatasetError", "DatasetInfo", "Loader",
-           "TensorLoader", "TorchLoader", "class_balanced_subset", "data_root", "dataset_info", "load_arrays",
-           "make_loader", "split_indices"]
+__all__ = [
+    "DATASETS",
+    "LOADERS",
+    "PAD",
+    "SPLITS",
+    "Arrays",
+    "DaliLoader",
+    "DatasetError",
+    "DatasetInfo",
+    "Loader",
+    "TensorLoader",
+    "TorchLoader",
+    "class_balanced_subset",
+    "data_root",
+    "dataset_info",
+    "load_arrays",
+    "make_loader",
+    "split_indices",
+]
 
 
-def make_loader(dataset: str, split: str, batch_size: int, device, seed: int, *, data_dir=None,
-                loader: str = "auto", train_fraction: float | None = None, num_workers: int = 0,
-                shard: tuple[int, int] = (0, 1), paths: dict | None = None, val_fraction: float | None = None):
+def make_loader(
+    dataset: str,
+    split: str,
+    batch_size: int,
+    device,
+    seed: int,
+    *,
+    data_dir=None,
+    loader: str = "auto",
+    train_fraction: float | None = None,
+    num_workers: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    paths: dict | None = None,
+    val_fraction: float | None = None,
+):
     """Batches `(x, y)` of a split on `device`: x float32 [B, 3, H, W] normalised, y int64 [B].
     `train_fraction` keeps that class-balanced fraction (drawn with `seed`) of a training split;
     `shard` (rank, world size) keeps rank's share of every batch (`Loader._shard`); `val_fraction` holds
@@ -61,16 +90,24 @@ def make_loader(dataset: str, split: str, batch_size: int, device, seed: int, *,
             fall_back(paths, "loader", kind, missing)
     lazy = isinstance(arrays.train_x, LazyImages)
     if lazy and kind != "torch":
-        raise DatasetError(f"--loader {kind}: dataset {dataset} is larger than the memory budget ({MEMORY_ENV} "
-                           f"or a quarter of the available memory): only the torch loader reads it")
+        raise DatasetError(
+            f"--loader {kind}: dataset {dataset} is larger than the memory budget ({MEMORY_ENV} "
+            f"or a quarter of the available memory): only the torch loader reads it"
+        )
     if lazy:
         num_workers = num_workers or min(4, os.cpu_count() or 1)
     if announce and is_user_code(dataset):
         size = (arrays.train_x.numel() + arrays.test_x.numel()) / 2**20
-        where = (f"read on demand by the torch loader with {num_workers} workers" if lazy else
-                 f"in memory, the {KIND_NAMES.get(kind, kind)} loader")
-        print(f"ktfast: dataset {dataset}: {len(arrays.train_y)} train and {len(arrays.test_y)} test images "
-              f"({size:.1f} MiB as uint8) {where}", flush=True)
+        where = (
+            f"read on demand by the torch loader with {num_workers} workers"
+            if lazy
+            else f"in memory, the {KIND_NAMES.get(kind, kind)} loader"
+        )
+        print(
+            f"ktfast: dataset {dataset}: {len(arrays.train_y)} train and {len(arrays.test_y)} test images "
+            f"({size:.1f} MiB as uint8) {where}",
+            flush=True,
+        )
     if kind == "dali":
         try:
             return DaliLoader(*args)

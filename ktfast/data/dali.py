@@ -10,6 +10,7 @@ crops and flips are fed to DALI per sample. Two pipelines, as the dataset asks:
   loader's roi_align does; the evaluation's centre crop is a box of the output size.
 DALI's decoding of image files into a folder set's cache is in `ktfast.data.decode`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,25 +34,51 @@ class DaliLoader(Loader):
             images = images[:, :, pos[:, None], pos[None, :]]  # reflect-padded
         self._images = np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())  # DALI reads HWC
         gpu = self.device.type == "cuda"
-        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu \
+        device_id = (
+            (self.device.index if self.device.index is not None else torch.cuda.current_device())
+            if gpu
             else None
+        )
         # Synchronous: the inputs of a batch are fed right before it runs.
-        self._pipe = dali.pipeline.Pipeline(batch_size=self.batch_size, num_threads=num_threads, device_id=device_id,
-                                            exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+        self._pipe = dali.pipeline.Pipeline(
+            batch_size=self.batch_size,
+            num_threads=num_threads,
+            device_id=device_id,
+            exec_async=False,
+            exec_pipelined=False,
+            prefetch_queue_depth=1,
+        )
         with self._pipe:
             images = fn.external_source(name="images", layout="HWC")
             images = images.gpu() if gpu else images
-            normalise = dict(mirror=fn.external_source(name="mirror"), mean=(255 * self.mean.flatten()).tolist(),
-                             std=(255 * self.std.flatten()).tolist(), dtype=types.FLOAT, output_layout="CHW")
+            normalise = dict(
+                mirror=fn.external_source(name="mirror"),
+                mean=(255 * self.mean.flatten()).tolist(),
+                std=(255 * self.std.flatten()).tolist(),
+                dtype=types.FLOAT,
+                output_layout="CHW",
+            )
             if self.stored_size:
                 # ROI corners in the layout's (y, x) order, in pixels of the stored image.
-                boxes = fn.resize(images, size=(size, size), roi_start=fn.external_source(name="roi_start"),
-                                  roi_end=fn.external_source(name="roi_end"), roi_relative=False,
-                                  interp_type=types.INTERP_LINEAR, antialias=False, dtype=types.FLOAT)
+                boxes = fn.resize(
+                    images,
+                    size=(size, size),
+                    roi_start=fn.external_source(name="roi_start"),
+                    roi_end=fn.external_source(name="roi_end"),
+                    roi_relative=False,
+                    interp_type=types.INTERP_LINEAR,
+                    antialias=False,
+                    dtype=types.FLOAT,
+                )
                 out = fn.crop_mirror_normalize(boxes, **normalise)
             else:
-                out = fn.crop_mirror_normalize(images, crop=(size, size), crop_pos_x=fn.external_source(name="crop_x"),
-                                               crop_pos_y=fn.external_source(name="crop_y"), **normalise)
+                out = fn.crop_mirror_normalize(
+                    images,
+                    crop=(size, size),
+                    crop_pos_x=fn.external_source(name="crop_x"),
+                    crop_pos_y=fn.external_source(name="crop_y"),
+                    **normalise,
+                )
             self._pipe.set_outputs(out)
         self._pipe.build()
 

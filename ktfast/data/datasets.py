@@ -5,24 +5,27 @@ Environment: `KTFAST_DATA` is the default data directory (else ~/.cache/ktfast/d
 `KTFAST_OFFLINE=1` never tries a download (a missing dataset fails at once instead of waiting on
 the network).
 """
+
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ktfast.data import folders, user
-from ktfast.usercode import is_user_code
 from ktfast.data.types import PAD, Arrays, DatasetError, DatasetInfo, to_uint8
+from ktfast.usercode import is_user_code
 
 # A dataset is an entry of DATASETS: how to describe it from its name alone, how to read it, and
 # the options `name:key=value,...` it takes (with their defaults): positive integers, or strings
 # where the default is one.
+
 
 def _digits_info(name: str, options: dict, root: Path) -> DatasetInfo:
     return DatasetInfo(name, 10, 32, flip=False)  # handwritten digits are not mirror-symmetric
@@ -55,8 +58,12 @@ def _read_synthetic(info: DatasetInfo, options: dict, root: Path):
     float32 draws whatever torch's default dtype: float64 draws other numbers)."""
     gen = torch.Generator().manual_seed(12345)
     size, classes = options["size"], options["classes"]
-    protos = F.interpolate(torch.rand(classes, 3, 4, 4, generator=gen, dtype=torch.float32), size=(size, size),
-                           mode="bilinear", align_corners=False)
+    protos = F.interpolate(
+        torch.rand(classes, 3, 4, 4, generator=gen, dtype=torch.float32),
+        size=(size, size),
+        mode="bilinear",
+        align_corners=False,
+    )
 
     def sample(n):
         y = (torch.arange(n) % classes)[torch.randperm(n, generator=gen)]  # balanced classes
@@ -83,14 +90,16 @@ def _read_cifar(info: DatasetInfo, options: dict, root: Path):
         train, test = read(download=False)
     except RuntimeError:  # missing or corrupt (torchvision checks every file's MD5)
         if os.environ.get("KTFAST_OFFLINE"):
-            raise DatasetError(f"dataset {info.name} not found in {root} (KTFAST_OFFLINE is set: "
-                               f"no download tried)") from None
+            raise DatasetError(
+                f"dataset {info.name} not found in {root} (KTFAST_OFFLINE is set: no download tried)"
+            ) from None
         try:
             train, test = read(download=True)
         except Exception as e:  # no network, a full disk, ...: one line either way
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise DatasetError(f"dataset {info.name} not found in {root} and its download failed: "
-                               f"{reason}") from None
+            raise DatasetError(
+                f"dataset {info.name} not found in {root} and its download failed: {reason}"
+            ) from None
 
     def tensors(ds):  # torchvision holds HWC uint8 numpy images
         return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
@@ -106,12 +115,15 @@ class _Dataset(NamedTuple):
 
 DATASETS = {
     "digits": _Dataset(_digits_info, _read_digits),
-    "synthetic": _Dataset(_synthetic_info, _read_synthetic, {"classes": 10, "size": 32, "train": 1024, "test": 256}),
+    "synthetic": _Dataset(
+        _synthetic_info, _read_synthetic, {"classes": 10, "size": 32, "train": 1024, "test": 256}
+    ),
     "cifar10": _Dataset(_cifar_info, _read_cifar),
     "cifar100": _Dataset(_cifar_info, _read_cifar),
     "tinyimagenet": _Dataset(folders.tinyimagenet_info, folders.read_tinyimagenet),
-    "imagefolder": _Dataset(folders.imagefolder_info, folders.read_imagefolder,
-                            {"path": "", "size": 256, "crop": 224}),
+    "imagefolder": _Dataset(
+        folders.imagefolder_info, folders.read_imagefolder, {"path": "", "size": 256, "crop": 224}
+    ),
 }
 
 
@@ -120,8 +132,9 @@ def _resolve(dataset: str) -> tuple[_Dataset, dict]:
     base, _, params = dataset.partition(":")
     entry = DATASETS.get(base)
     if entry is None:
-        raise DatasetError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)}, "
-                           "or py:MODULE:FACTORY)")
+        raise DatasetError(
+            f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)}, or py:MODULE:FACTORY)"
+        )
     options = dict(entry.options)
     for item in filter(None, params.split(",")):
         key, _, value = (s.strip() for s in item.partition("="))

@@ -2,6 +2,7 @@
 that agree within a few levels: PIL (any machine), and NVIDIA DALI's (nvJPEG on the GPU with its
 mixed decoder; its CPU decoder elsewhere). Folder sets use them to fill their cache; the DALI
 loader takes `import_dali` from here too."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -66,19 +67,35 @@ def dali_images(paths: list, size: int, gpu: bool, batch_size: int = 128, num_th
     dali = import_dali()
     from nvidia.dali import fn, types
 
-    pipe = dali.pipeline.Pipeline(batch_size=batch_size, num_threads=num_threads,
-                                  device_id=torch.cuda.current_device() if gpu else None,
-                                  exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+    pipe = dali.pipeline.Pipeline(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=torch.cuda.current_device() if gpu else None,
+        exec_async=False,
+        exec_pipelined=False,
+        prefetch_queue_depth=1,
+    )
     with pipe:
-        images = fn.decoders.image(fn.external_source(name="files"), device="mixed" if gpu else "cpu",
-                                   output_type=types.RGB)
-        pipe.set_outputs(fn.resize(images, size=(size, size), roi_start=fn.external_source(name="roi_start"),
-                                   roi_end=fn.external_source(name="roi_end"), roi_relative=False,
-                                   interp_type=types.INTERP_LINEAR, antialias=True))
+        images = fn.decoders.image(
+            fn.external_source(name="files"), device="mixed" if gpu else "cpu", output_type=types.RGB
+        )
+        pipe.set_outputs(
+            fn.resize(
+                images,
+                size=(size, size),
+                roi_start=fn.external_source(name="roi_start"),
+                roi_end=fn.external_source(name="roi_end"),
+                roi_relative=False,
+                interp_type=types.INTERP_LINEAR,
+                antialias=True,
+            )
+        )
     pipe.build()
     out = np.empty((len(paths), 3, size, size), np.uint8)
     for start in range(0, len(paths), batch_size):
-        batch = paths[start:start + batch_size]  # the last one may be smaller: DALI takes any size up to batch_size
+        batch = paths[
+            start : start + batch_size
+        ]  # the last one may be smaller: DALI takes any size up to batch_size
         starts, ends = [], []
         for path in batch:
             top, left, side = centre_square(path)
@@ -91,5 +108,5 @@ def dali_images(paths: list, size: int, gpu: bool, batch_size: int = 128, num_th
         (decoded,) = pipe.run()
         if gpu:
             decoded = decoded.as_cpu()
-        out[start:start + len(batch)] = decoded.as_array().transpose(0, 3, 1, 2)
+        out[start : start + len(batch)] = decoded.as_array().transpose(0, 3, 1, 2)
     return out

@@ -18,6 +18,7 @@ Their registry entries are in `ktfast.data.datasets.DATASETS`:
   the centre crop in evaluation. The path is part of the dataset's name, so two folders never
   share a pretrain cache entry or a search study name; it cannot contain a comma.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -43,8 +44,10 @@ _CACHE_VERSION = 1  # bump when decoding changes: older caches are then rebuilt
 def _tiny_folder(root: Path) -> Path:
     folder = root / TINY_FOLDER
     if not (folder / "wnids.txt").is_file():
-        raise DatasetError(f"dataset tinyimagenet not found: expected {folder} with train/, val/ and wnids.txt "
-                           f"(the unzipped tiny-imagenet-200.zip; it is never downloaded)")
+        raise DatasetError(
+            f"dataset tinyimagenet not found: expected {folder} with train/, val/ and wnids.txt "
+            f"(the unzipped tiny-imagenet-200.zip; it is never downloaded)"
+        )
     return folder
 
 
@@ -71,7 +74,9 @@ def read_tinyimagenet(info: DatasetInfo, options: dict, root: Path):
         for line in filter(str.strip, annotations.read_text().splitlines()):
             file, wnid, *_ = line.split("\t") + [""]  # a line without a class gets "": an error below
             if wnid not in label:
-                raise DatasetError(f"dataset tinyimagenet: {annotations} names class {wnid!r}, not in wnids.txt")
+                raise DatasetError(
+                    f"dataset tinyimagenet: {annotations} names class {wnid!r}, not in wnids.txt"
+                )
             test.append((folder / "val" / "images" / file, label[wnid]))
         return train, test
 
@@ -82,16 +87,21 @@ def read_tinyimagenet(info: DatasetInfo, options: dict, root: Path):
 def _image_folder(name: str, options: dict, root: Path) -> tuple[Path, Path, Path | None]:
     """The folder, its training folder and its test folder (None when it has no train/test split)."""
     if not options["path"]:
-        raise DatasetError(f"dataset {name!r} needs path=DIR: a folder of class folders, relative to the "
-                           f"data directory")
+        raise DatasetError(
+            f"dataset {name!r} needs path=DIR: a folder of class folders, relative to the data directory"
+        )
     folder = root / Path(options["path"]).expanduser()
     if not folder.is_dir():
-        raise DatasetError(f"dataset {name!r}: no folder {folder} (expected train/<class>/ and test/<class>/ "
-                           f"image folders, or <class>/ folders)")
+        raise DatasetError(
+            f"dataset {name!r}: no folder {folder} (expected train/<class>/ and test/<class>/ "
+            f"image folders, or <class>/ folders)"
+        )
     if (folder / "train").is_dir():
         if not (folder / "test").is_dir():
-            raise DatasetError(f"dataset {name!r}: {folder} has train/ but no test/ (for a folder without "
-                               f"a test set, name its train/ folder as the path)")
+            raise DatasetError(
+                f"dataset {name!r}: {folder} has train/ but no test/ (for a folder without "
+                f"a test set, name its train/ folder as the path)"
+            )
         return folder, folder / "train", folder / "test"
     return folder, folder, None
 
@@ -108,8 +118,13 @@ def imagefolder_info(name: str, options: dict, root: Path) -> DatasetInfo:
         raise DatasetError(f"dataset {name!r}: size must be at least {2 * PAD}")
     _, train, _ = _image_folder(name, options, root)
     crop = min(options["crop"], options["size"])  # crop=size: CIFAR's pad, crop and flip instead
-    return DatasetInfo(name, len(_classes(name, train)), crop, stored_size=options["size"],
-                       val_fraction=FINE_GRAINED_VAL_FRACTION)
+    return DatasetInfo(
+        name,
+        len(_classes(name, train)),
+        crop,
+        stored_size=options["size"],
+        val_fraction=FINE_GRAINED_VAL_FRACTION,
+    )
 
 
 def read_imagefolder(info: DatasetInfo, options: dict, root: Path):
@@ -140,7 +155,11 @@ def _images(folder: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath, f) for f in filenames if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")]
+        found += [
+            Path(dirpath, f)
+            for f in filenames
+            if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")
+        ]
     return sorted(found)
 
 
@@ -187,8 +206,11 @@ def _cached(folder: Path, size: int, files):
     try:
         lock = open(cache.with_name(cache.name + ".lock"), "w")
     except OSError as e:  # a read-only data directory: no cache, decode every time
-        print(f"cannot write the image cache beside {folder} ({e.strerror}): decoding the images every run",
-              file=sys.stderr, flush=True)
+        print(
+            f"cannot write the image cache beside {folder} ({e.strerror}): decoding the images every run",
+            file=sys.stderr,
+            flush=True,
+        )
         return _decode_sets(files(), size)
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent runs (search workers) wait for the one that decodes
@@ -198,16 +220,32 @@ def _cached(folder: Path, size: int, files):
             if stored["version"] == _CACHE_VERSION and stored["fingerprint"] == fingerprint:
                 return stored["train_x"], stored["train_y"], stored["test_x"], stored["test_y"]
         train_test = files()
-        print(f"decoding {sum(map(len, train_test))} images of {folder} once, into {cache}",
-              file=sys.stderr, flush=True)
+        print(
+            f"decoding {sum(map(len, train_test))} images of {folder} once, into {cache}",
+            file=sys.stderr,
+            flush=True,
+        )
         arrays = _decode_sets(train_test, size)
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
         try:
-            torch.save({"version": _CACHE_VERSION, "fingerprint": fingerprint,
-                        **dict(zip(("train_x", "train_y", "test_x", "test_y"), arrays))}, tmp)
+            torch.save(
+                {
+                    "version": _CACHE_VERSION,
+                    "fingerprint": fingerprint,
+                    **dict(zip(("train_x", "train_y", "test_x", "test_y"), arrays)),
+                },
+                tmp,
+            )
             os.replace(tmp, cache)  # readers see the old cache or the new one, never half of one
-        except (OSError, RuntimeError) as e:  # a full disk (RuntimeError from torch's writer) costs the cache only
-            print(f"could not write the image cache {cache}: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+        except (
+            OSError,
+            RuntimeError,
+        ) as e:  # a full disk (RuntimeError from torch's writer) costs the cache only
+            print(
+                f"could not write the image cache {cache}: {str(e).splitlines()[0]}",
+                file=sys.stderr,
+                flush=True,
+            )
         finally:
             tmp.unlink(missing_ok=True)
         return arrays

@@ -3,6 +3,7 @@ crops, flips) as a pure function of (seed, epoch), drawn on the CPU, so that a r
 exactly the batches an uninterrupted one would, on any device and with any loader kind. `Loader`
 is what every loader kind shares: the split, its plans, the batch boundaries.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -28,7 +29,7 @@ def class_balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> t
     keep = []
     for c in labels.unique():
         idx = (labels == c).nonzero().flatten()
-        keep.append(idx[torch.randperm(len(idx), generator=gen)[:max(1, round(fraction * len(idx)))]])
+        keep.append(idx[torch.randperm(len(idx), generator=gen)[: max(1, round(fraction * len(idx)))]])
     return torch.cat(keep).sort().values
 
 
@@ -37,8 +38,10 @@ def held_out(labels: torch.Tensor, fraction: float) -> torch.Tensor:
     constant seed (every seed of a run, every run, sees the same part); each class keeps a sample."""
     for c, n in enumerate(torch.bincount(labels).tolist()):
         if n and n - max(1, round(fraction * n)) < 1:  # what class_balanced_subset holds out of the class
-            raise DatasetError(f"val fraction {fraction} holds out every training sample of class {c} "
-                               f"({n} of {n}): none of it is left to train on")
+            raise DatasetError(
+                f"val fraction {fraction} holds out every training sample of class {c} "
+                f"({n} of {n}): none of it is left to train on"
+            )
     return class_balanced_subset(labels, fraction, _SPLIT_SEED)
 
 
@@ -49,14 +52,19 @@ def split_indices(arrays: Arrays, split: str, val_fraction: float | None = None)
     part of the training set and "train" the rest."""
     if split == "test":
         if not len(arrays.test_y):  # a folder of class folders without a test/ folder
-            raise DatasetError(f"dataset {arrays.info.name} has no test set: use its search splits (--split search)")
+            raise DatasetError(
+                f"dataset {arrays.info.name} has no test set: use its search splits (--split search)"
+            )
         return torch.arange(len(arrays.test_y))
     if split in ("train", "val") and val_fraction is None:
         if split == "val":
             raise DatasetError("the val split is held out only with a val fraction (--val-fraction)")
         return torch.arange(len(arrays.train_y))
-    val = (held_out(arrays.train_y, val_fraction) if split in ("train", "val")
-           else class_balanced_subset(arrays.train_y, arrays.info.val_fraction, _SPLIT_SEED))
+    val = (
+        held_out(arrays.train_y, val_fraction)
+        if split in ("train", "val")
+        else class_balanced_subset(arrays.train_y, arrays.info.val_fraction, _SPLIT_SEED)
+    )
     if split in ("val", "search_val"):
         return val
     keep = torch.ones(len(arrays.train_y), dtype=torch.bool)
@@ -66,6 +74,7 @@ def split_indices(arrays: Arrays, split: str, val_fraction: float | None = None)
 
 class EpochPlan(NamedTuple):
     """The random choices of one epoch, drawn on the CPU: the same on every device and loader."""
+
     order: torch.Tensor  # [N] positions in the split, in batch order
     # [N, 2] crop corner (top, left): in the padded image, in [0, 2 * PAD]; with resized crops, in
     # the stored image.
@@ -101,8 +110,17 @@ class Loader:
     `x`, `y` are the split's images and labels on the CPU (uint8, int64), `indices` their
     positions in the dataset's test set (split "test") or training set (every other split)."""
 
-    def __init__(self, arrays: Arrays, split: str, batch_size: int, device, seed: int, train_fraction,
-                 shard: tuple[int, int] = (0, 1), val_fraction: float | None = None):
+    def __init__(
+        self,
+        arrays: Arrays,
+        split: str,
+        batch_size: int,
+        device,
+        seed: int,
+        train_fraction,
+        shard: tuple[int, int] = (0, 1),
+        val_fraction: float | None = None,
+    ):
         info = arrays.info
         self.dataset, self.num_classes, self.image_size = info.name, info.num_classes, info.image_size
         self.split, self.batch_size, self.device, self.seed = split, batch_size, torch.device(device), seed
@@ -110,7 +128,9 @@ class Loader:
         self.flip = info.flip
         self.stored_size = info.stored_size if info.resized_crops else 0
         self.indices = split_indices(arrays, split, val_fraction)
-        source_x, source_y = (arrays.test_x, arrays.test_y) if split == "test" else (arrays.train_x, arrays.train_y)
+        source_x, source_y = (
+            (arrays.test_x, arrays.test_y) if split == "test" else (arrays.train_x, arrays.train_y)
+        )
         if train_fraction is not None and self.train:
             self.indices = self.indices[class_balanced_subset(source_y[self.indices], train_fraction, seed)]
         self.x, self.y = source_x[self.indices], source_y[self.indices]
@@ -130,14 +150,16 @@ class Loader:
         an evaluation split, a contiguous block, each sample evaluated once."""
         if not self.train:
             n = self.num_samples
-            self.positions = torch.arange(n)[rank * n // world:(rank + 1) * n // world]
+            self.positions = torch.arange(n)[rank * n // world : (rank + 1) * n // world]
             return
         if self.batch_size % world or not self.drop_last:
-            raise DatasetError(f"batch size {self.batch_size} does not split into {world} equal shares of a "
-                               f"training set of {self.num_samples} images")
+            raise DatasetError(
+                f"batch size {self.batch_size} does not split into {world} equal shares of a "
+                f"training set of {self.num_samples} images"
+            )
         share = self.batch_size // world
         steps = torch.arange(len(self) * self.batch_size).view(len(self), self.batch_size)
-        self.positions = steps[:, rank * share:(rank + 1) * share].reshape(-1)
+        self.positions = steps[:, rank * share : (rank + 1) * share].reshape(-1)
         self.batch_size = share
 
     def set_epoch(self, epoch: int) -> None:
@@ -155,7 +177,9 @@ class Loader:
         if not self.train:
             if stored:  # the centre crop, not resized
                 side = torch.full((n, 2), self.image_size)
-                return EpochPlan(torch.arange(n), (stored - side) // 2, torch.zeros(n, dtype=torch.bool), side)
+                return EpochPlan(
+                    torch.arange(n), (stored - side) // 2, torch.zeros(n, dtype=torch.bool), side
+                )
             return EpochPlan(torch.arange(n), torch.full((n, 2), PAD), torch.zeros(n, dtype=torch.bool))
         gen = generator(EPOCH_KEY, self.seed, epoch)
         order = torch.randperm(n, generator=gen)

@@ -1,5 +1,6 @@
 """The device-resident loader (`--loader gpu`): the whole split in (GPU) memory; crop, flip and
 normalisation as one batched gather and one affine map per batch."""
+
 from __future__ import annotations
 
 import torch
@@ -26,14 +27,16 @@ class TensorLoader(Loader):
         ar = torch.arange(size, device=self.device)
         channels = torch.arange(3, device=self.device)[None, :, None, None]
         for start in range(0, len(self) * bs, bs):
-            idx = order[start:start + bs]
+            idx = order[start : start + bs]
             if self.train:
                 # Padded-image coordinates of the crop, mapped back through the reflection; a flip
                 # reads the crop's columns right to left.
-                o, f = offsets[start:start + bs], flips[start:start + bs, None]
+                o, f = offsets[start : start + bs], flips[start : start + bs, None]
                 rows = reflect(o[:, :1] + ar - PAD, size)
                 cols = reflect(o[:, 1:] + torch.where(f, size - 1 - ar, ar) - PAD, size)
-                x = self._x[idx[:, None, None, None], channels, rows[:, None, :, None], cols[:, None, None, :]]
+                x = self._x[
+                    idx[:, None, None, None], channels, rows[:, None, :, None], cols[:, None, None, :]
+                ]
             else:
                 x = self._x[idx]
             yield (x.float() / 255 - self._mean) / self._std, self._y[idx]
@@ -46,10 +49,16 @@ class TensorLoader(Loader):
         order, offsets, flips, sizes = (t.to(self.device) for t in self.plan(self.epoch))
         size, bs = self.image_size, self.batch_size
         for start in range(0, len(self) * bs, bs):
-            idx = order[start:start + bs]
-            top_left = offsets[start:start + bs].flip(1).float()  # (x1, y1)
-            boxes = torch.cat([torch.arange(len(idx), device=self.device)[:, None].float(), top_left,
-                               top_left + sizes[start:start + bs].flip(1).float()], 1)
+            idx = order[start : start + bs]
+            top_left = offsets[start : start + bs].flip(1).float()  # (x1, y1)
+            boxes = torch.cat(
+                [
+                    torch.arange(len(idx), device=self.device)[:, None].float(),
+                    top_left,
+                    top_left + sizes[start : start + bs].flip(1).float(),
+                ],
+                1,
+            )
             x = roi_align(self._x[idx].float(), boxes, size, sampling_ratio=1, aligned=True)
-            x = torch.where(flips[start:start + bs, None, None, None], x.flip(3), x)
+            x = torch.where(flips[start : start + bs, None, None, None], x.flip(3), x)
             yield (x / 255 - self._mean) / self._std, self._y[idx]

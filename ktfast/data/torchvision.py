@@ -1,5 +1,6 @@
 """The torchvision loader (`--loader torch`): torchvision transforms in a torch DataLoader on the CPU,
 batches moved to the device."""
+
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,7 @@ from ktfast.data.types import PAD, generator
 class _EpochDataset(torch.utils.data.Dataset):
     """One epoch of a TorchLoader: item i is the i-th sample of the plan, transformed with torchvision."""
 
-    def __init__(self, loader: "TorchLoader", plan: EpochPlan):
+    def __init__(self, loader: TorchLoader, plan: EpochPlan):
         self.loader, self.plan = loader, plan
 
     def __len__(self):
@@ -48,8 +49,13 @@ class TorchLoader(Loader):
         # An explicit generator: else every DataLoader iterator draws its base seed from (and
         # so moves) the global RNG, which the training step's own randomness depends on.
         dl = torch.utils.data.DataLoader(
-            _EpochDataset(self, self.plan(self.epoch)), batch_size=self.batch_size, shuffle=False,
-            drop_last=self.drop_last, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-            generator=generator(WORKERS_KEY, self.seed, self.epoch))
+            _EpochDataset(self, self.plan(self.epoch)),
+            batch_size=self.batch_size,
+            shuffle=False,
+            drop_last=self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=generator(WORKERS_KEY, self.seed, self.epoch),
+        )
         for x, y in dl:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -1,5 +1,6 @@
 """What every part of the data layer shares: its error, what a dataset is, the arrays it is read
 into, and the seeded generators its random choices come from. Imports nothing of ktfast."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class DatasetInfo:
 @dataclass
 class Arrays:
     """A dataset read into CPU tensors, with its per-channel statistics (in [0, 1] units)."""
+
     info: DatasetInfo
     train_x: torch.Tensor  # uint8 [N, 3, H, W]
     train_y: torch.Tensor  # int64 [N]

@@ -10,6 +10,7 @@ demand, for the torch loader's workers; its labels come from a `targets` attribu
 (else one pass reads them), its normalisation statistics from `STATS_SAMPLE` images drawn with a
 constant seed.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,10 @@ def _image(item, name: str, where: str) -> tuple[torch.Tensor, int]:
         if not x.is_floating_point():
             raise DatasetError(f"dataset {name}: {where}'s image is {x.dtype}, not uint8 or float")
         if x.numel() and not 0 <= float(x.min()) <= float(x.max()) <= 1:
-            raise DatasetError(f"dataset {name}: {where}'s float image has values outside [0, 1] "
-                               "(hand over unnormalised images: ktfast normalises them)")
+            raise DatasetError(
+                f"dataset {name}: {where}'s float image has values outside [0, 1] "
+                "(hand over unnormalised images: ktfast normalises them)"
+            )
         x = to_uint8(x)
     try:
         label = int(y)
@@ -67,7 +70,12 @@ class LazyImages:
     `[N, 3, S, S]` (indexing by a position or by a tensor of positions, len, shape, numel)."""
 
     def __init__(self, dataset, positions: torch.Tensor, image_shape: tuple, name: str):
-        self.dataset, self.positions, self.image_shape, self.name = dataset, positions, tuple(image_shape), name
+        self.dataset, self.positions, self.image_shape, self.name = (
+            dataset,
+            positions,
+            tuple(image_shape),
+            name,
+        )
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -85,8 +93,10 @@ class LazyImages:
         position = int(self.positions[index])
         x, _ = _image(self.dataset[position], self.name, f"item {position}")
         if tuple(x.shape) != self.image_shape:
-            raise DatasetError(f"dataset {self.name}: item {position}'s image is {list(x.shape)}, "
-                               f"not {list(self.image_shape)} as the first")
+            raise DatasetError(
+                f"dataset {self.name}: item {position}'s image is {list(x.shape)}, "
+                f"not {list(self.image_shape)} as the first"
+            )
         return x
 
     def sample(self, n: int) -> torch.Tensor:
@@ -101,12 +111,16 @@ def _load(name: str):
     except usercode.UserCodeError as e:
         raise DatasetError(f"dataset {e}") from None
     if not isinstance(sets, (tuple, list)) or len(sets) != 2:
-        raise DatasetError(f"dataset {name}: the factory returned {type(sets).__name__}, not a pair (train, test) "
-                           "of torch Datasets")
+        raise DatasetError(
+            f"dataset {name}: the factory returned {type(sets).__name__}, not a pair (train, test) "
+            "of torch Datasets"
+        )
     for which, ds in zip(("train", "test"), sets):
         if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
-            raise DatasetError(f"dataset {name}: its {which} set is {type(ds).__name__}, not a torch Dataset "
-                               "(with __len__ and __getitem__)")
+            raise DatasetError(
+                f"dataset {name}: its {which} set is {type(ds).__name__}, not a torch Dataset "
+                "(with __len__ and __getitem__)"
+            )
     if not len(sets[0]):
         raise DatasetError(f"dataset {name}: its train set is empty")
     return sets
@@ -117,8 +131,9 @@ def _read_all(ds, name: str, which: str, shape) -> tuple[torch.Tensor, torch.Ten
     for i in range(len(ds)):
         x, y = _image(ds[i], name, f"{which} item {i}")
         if tuple(x.shape) != shape:
-            raise DatasetError(f"dataset {name}: {which} item {i}'s image is {list(x.shape)}, not {list(shape)} "
-                               "as the first")
+            raise DatasetError(
+                f"dataset {name}: {which} item {i}'s image is {list(x.shape)}, not {list(shape)} as the first"
+            )
         images.append(x)
         labels.append(y)
     if not images:
@@ -131,7 +146,9 @@ def _labels(ds, name: str, which: str) -> torch.Tensor:
     targets = getattr(ds, "targets", None)
     if targets is not None and len(targets) == len(ds):
         return torch.as_tensor(np.asarray(targets), dtype=torch.int64)
-    return torch.tensor([_image(ds[i], name, f"{which} item {i}")[1] for i in range(len(ds))], dtype=torch.int64)
+    return torch.tensor(
+        [_image(ds[i], name, f"{which} item {i}")[1] for i in range(len(ds))], dtype=torch.int64
+    )
 
 
 def read(name: str):
@@ -141,20 +158,29 @@ def read(name: str):
     first, _ = _image(train[0], name, "train item 0")
     shape = tuple(first.shape)
     if shape[1] != shape[2] or shape[1] < 2 * PAD:
-        raise DatasetError(f"dataset {name}: images must be square, at least {2 * PAD} pixels, not {list(shape)}")
+        raise DatasetError(
+            f"dataset {name}: images must be square, at least {2 * PAD} pixels, not {list(shape)}"
+        )
     resident = (len(train) + len(test)) * math.prod(shape) <= memory_budget()
     if resident:
         train_x, train_y = _read_all(train, name, "train", shape)
         test_x, test_y = _read_all(test, name, "test", shape)
     else:
-        train_x, train_y = LazyImages(train, torch.arange(len(train)), shape, name), _labels(train, name, "train")
+        train_x, train_y = (
+            LazyImages(train, torch.arange(len(train)), shape, name),
+            _labels(train, name, "train"),
+        )
         test_x, test_y = LazyImages(test, torch.arange(len(test)), shape, name), _labels(test, name, "test")
     largest = int(max(train_y.max(), test_y.max() if len(test_y) else 0))
     classes = getattr(train, "classes", None)
-    num_classes = classes if isinstance(classes, int) else len(classes) if classes is not None else largest + 1
+    num_classes = (
+        classes if isinstance(classes, int) else len(classes) if classes is not None else largest + 1
+    )
     if num_classes < 2 or largest >= num_classes:
-        raise DatasetError(f"dataset {name}: {num_classes} classes (its 'classes' attribute or labels), "
-                           f"and the largest label is {largest}")
+        raise DatasetError(
+            f"dataset {name}: {num_classes} classes (its 'classes' attribute or labels), "
+            f"and the largest label is {largest}"
+        )
     flip = getattr(train, "flip", True)
     info = DatasetInfo(name, num_classes, shape[1], flip=flip if isinstance(flip, bool) else True)
     return info, train_x, train_y, test_x, test_y, resident

@@ -3,6 +3,7 @@ sync-bn, compiled where asked), the optimizer, schedule and grad scaler, the uni
 asked, each fused group checked) and the training step with its fast parts, and hands them to the
 Trainer; neither the Step nor the Trainer builds anything (docs/ARCHITECTURE.md §2).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,18 +15,31 @@ from ktfast.data import dataset_info, load_arrays, make_loader
 from ktfast.engine.distributed import Placement
 from ktfast.engine.fast import CudaStreams, stream_bank
 from ktfast.engine.fuse import Unit, fusion_fault, make_units, unfuse
-from ktfast.graph import Graph
-from ktfast.losses import loss_targets
-from ktfast.engine.nodes import attention_nodes, branch_nodes, build_models, check_attention_sizes, check_logits
+from ktfast.engine.nodes import (
+    attention_nodes,
+    branch_nodes,
+    build_models,
+    check_attention_sizes,
+    check_logits,
+)
 from ktfast.engine.optim import make_optimizer, param_groups
-from ktfast.paths import Compiled, amp_dtype, resolve_paths
 from ktfast.engine.step import Step, Sums
 from ktfast.engine.sync_bn import global_batchnorm
 from ktfast.engine.trainer import RunPaths, Trainer, splits
+from ktfast.graph import Graph
+from ktfast.losses import loss_targets
+from ktfast.paths import Compiled, amp_dtype, resolve_paths
 
 
-def build_trainer(graph: Graph, cfg: TrainConfig, out: Path | None, log=print, progress=True,
-                  pretrained: dict | None = None, placement: Placement | None = None) -> Trainer:
+def build_trainer(
+    graph: Graph,
+    cfg: TrainConfig,
+    out: Path | None,
+    log=print,
+    progress=True,
+    pretrained: dict | None = None,
+    placement: Placement | None = None,
+) -> Trainer:
     """The Trainer of one run of `graph` with `cfg`, writing `out` (None: nowhere). `pretrained`:
     the pretrain-cache file of each `"pretrained"` node (`ktfast.engine.run` finds or makes them);
     `placement`: this process's part in a run of several (`ktfast.engine.distributed`); there, rank 0
@@ -35,8 +49,11 @@ def build_trainer(graph: Graph, cfg: TrainConfig, out: Path | None, log=print, p
     out = out if placement.rank == 0 else None
     info = dataset_info(cfg.dataset, cfg.data_dir)
     # The path each switch takes (config.json's "paths"); a fallback changes it during the run.
-    paths = RunPaths({k: v["path"] for k, v in resolve_paths(cfg, load_arrays(cfg.dataset, cfg.data_dir)).items()},
-                     out, cfg)
+    paths = RunPaths(
+        {k: v["path"] for k, v in resolve_paths(cfg, load_arrays(cfg.dataset, cfg.data_dir)).items()},
+        out,
+        cfg,
+    )
     loaders = make_loaders(cfg, placement, paths)
     models = build_models(graph, cfg, info.num_classes, info.image_size, pretrained)
     if placement.sync_bn:
@@ -51,10 +68,13 @@ def build_trainer(graph: Graph, cfg: TrainConfig, out: Path | None, log=print, p
     want_attention, want_branches = attention_nodes(graph), branch_nodes(graph)
     groups = param_groups(graph, models, cfg.lr)
     optimizer = make_optimizer(cfg, groups) if groups else None
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones(), cfg.lr_decay) if optimizer else None
+    scheduler = (
+        torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones(), cfg.lr_decay) if optimizer else None
+    )
     scaler = torch.amp.GradScaler(enabled=cfg.amp and amp_dtype(cfg) == torch.float16)
     compile = None
     if cfg.compile:
+
         def compile(module):
             return Compiled(module, paths, lambda e: paths.fall_back("compile", "off", e))
 
@@ -64,41 +84,107 @@ def build_trainer(graph: Graph, cfg: TrainConfig, out: Path | None, log=print, p
     if fast:  # before fusion: the fused stacks keep the layout of the nodes' tensors
         for model in models.values():
             model.to(memory_format=torch.channels_last)
-    units = make_units(graph, models, want_attention, want_branches, fuse=cfg.fused(), compile=compile,
-                       runs=placement.owns, on_fault=lambda nodes, reason: paths.fall_back(
-                           "fuse", "off", RuntimeError(f"{', '.join(n.name for n in nodes)}: {reason}")))
+    units = make_units(
+        graph,
+        models,
+        want_attention,
+        want_branches,
+        fuse=cfg.fused(),
+        compile=compile,
+        runs=placement.owns,
+        on_fault=lambda nodes, reason: paths.fall_back(
+            "fuse", "off", RuntimeError(f"{', '.join(n.name for n in nodes)}: {reason}")
+        ),
+    )
     units = check_fusion(units, models, want_attention, info.image_size, cfg.device, paths.fall_back)
     placement.data_parallel(units)
     # Whether remote losses train this rank's nodes: a non-detached ensemble's loss (place nodes).
     exchange_grad = any(not n.detach and n.name in loss_targets(graph) for n in graph.ensemble_nodes)
-    step = Step(graph, units, models, optimizer, scaler, [Sums(graph, placement.metric_mask(cfg.device))],
-                paths=paths, fall_back=paths.fall_back, total_steps=cfg.epochs * len(loaders[0]),
-                want_attention=want_attention, device=cfg.device, amp=amp_dtype(cfg) if cfg.amp else None,
-                placement=placement, exchange_grad=exchange_grad, compiled=cfg.compile)
+    step = Step(
+        graph,
+        units,
+        models,
+        optimizer,
+        scaler,
+        [Sums(graph, placement.metric_mask(cfg.device))],
+        paths=paths,
+        fall_back=paths.fall_back,
+        total_steps=cfg.epochs * len(loaders[0]),
+        want_attention=want_attention,
+        device=cfg.device,
+        amp=amp_dtype(cfg) if cfg.amp else None,
+        placement=placement,
+        exchange_grad=exchange_grad,
+        compiled=cfg.compile,
+    )
     if fast:
         step.use_streams(CudaStreams(step.device), stream_bank(step.device))
-    return Trainer(graph, cfg, out, step=step, models=models, units=units, loaders=loaders, scheduler=scheduler,
-                   paths=paths, placement=placement, keeps_state=keeps_state, log=log, progress=progress)
+    return Trainer(
+        graph,
+        cfg,
+        out,
+        step=step,
+        models=models,
+        units=units,
+        loaders=loaders,
+        scheduler=scheduler,
+        paths=paths,
+        placement=placement,
+        keeps_state=keeps_state,
+        log=log,
+        progress=progress,
+    )
 
 
 def make_loaders(cfg: TrainConfig, placement: Placement, paths: dict) -> tuple:
     """(training, evaluation, validation or None) loaders of this rank's share of the data."""
     train_split, eval_split = splits(cfg)
     shard = (placement.rank, placement.world) if not placement.nodes else (0, 1)
-    train = make_loader(cfg.dataset, train_split, cfg.batch_size, cfg.device, cfg.seed, data_dir=cfg.data_dir,
-                        loader=cfg.loader, train_fraction=cfg.train_fraction, shard=shard, paths=paths,
-                        val_fraction=cfg.val_fraction)
+    train = make_loader(
+        cfg.dataset,
+        train_split,
+        cfg.batch_size,
+        cfg.device,
+        cfg.seed,
+        data_dir=cfg.data_dir,
+        loader=cfg.loader,
+        train_fraction=cfg.train_fraction,
+        shard=shard,
+        paths=paths,
+        val_fraction=cfg.val_fraction,
+    )
     # The kind the training loader took (after a fallback, if any): the fallback is said once.
-    test = make_loader(cfg.dataset, eval_split, max(cfg.batch_size, 256), cfg.device, cfg.seed,
-                       data_dir=cfg.data_dir, loader=paths["loader"], shard=shard)
-    val = make_loader(cfg.dataset, "val", max(cfg.batch_size, 256), cfg.device, cfg.seed, data_dir=cfg.data_dir,
-                      loader=paths["loader"], shard=shard,
-                      val_fraction=cfg.val_fraction) if cfg.val_fraction is not None else None
+    test = make_loader(
+        cfg.dataset,
+        eval_split,
+        max(cfg.batch_size, 256),
+        cfg.device,
+        cfg.seed,
+        data_dir=cfg.data_dir,
+        loader=paths["loader"],
+        shard=shard,
+    )
+    val = (
+        make_loader(
+            cfg.dataset,
+            "val",
+            max(cfg.batch_size, 256),
+            cfg.device,
+            cfg.seed,
+            data_dir=cfg.data_dir,
+            loader=paths["loader"],
+            shard=shard,
+            val_fraction=cfg.val_fraction,
+        )
+        if cfg.val_fraction is not None
+        else None
+    )
     return train, test, val
 
 
-def check_fusion(units: list[Unit], models, want_attention: set[str], image_size: int, device,
-                 fall_back) -> list[Unit]:
+def check_fusion(
+    units: list[Unit], models, want_attention: set[str], image_size: int, device, fall_back
+) -> list[Unit]:
     """`units`, each fused group checked to run as its nodes would; one that does not falls back
     (`fall_back`) to its nodes run one by one."""
     # A generator of its own: the global one belongs to the seeded initialisation, which trials

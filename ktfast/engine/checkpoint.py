@@ -1,5 +1,6 @@
 """The run directory's checkpoint and metrics rows (docs/ARCHITECTURE.md §2): written so that a failed write leaves
 the previous state whole, and read back only when they belong to the run that resumes them."""
+
 from __future__ import annotations
 
 import io
@@ -59,7 +60,7 @@ def append_line(path: Path, line: str) -> int:
         data = memoryview((line + "\n").encode())
         try:
             while data:  # a write may take only part of the data before the disk is full
-                data = data[os.write(fd, data):]
+                data = data[os.write(fd, data) :]
         except OSError as e:
             os.ftruncate(fd, size)
             raise _failed(path, e, "its previous rows are kept") from None
@@ -77,27 +78,35 @@ def read_checkpoint(path: Path, graph: dict, config: dict, device) -> dict:
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # a truncated zip, random bytes, a pickle of something else
-        raise CheckpointError(f"{path}: cannot read the checkpoint (truncated or corrupt?): "
-                              f"{_first_line(e)}") from None
-    if not isinstance(state, dict) or not {"epoch", "models", "optimizer", "scheduler", "scaler"} <= set(state):
+        raise CheckpointError(
+            f"{path}: cannot read the checkpoint (truncated or corrupt?): {_first_line(e)}"
+        ) from None
+    if not isinstance(state, dict) or not {"epoch", "models", "optimizer", "scheduler", "scaler"} <= set(
+        state
+    ):
         raise CheckpointError(f"{path}: not a ktfast checkpoint")
     theirs = state.get("graph", graph)
     if theirs != graph:
-        raise CheckpointError(f"{path}: the checkpoint is of another graph (its {_difference(theirs, graph)} "
-                              f"differ from {path.parent / 'graph.json'})")
+        raise CheckpointError(
+            f"{path}: the checkpoint is of another graph (its {_difference(theirs, graph)} "
+            f"differ from {path.parent / 'graph.json'})"
+        )
     saved = state.get("config", config)
     for key in data_fields():  # what the weights were trained on, the seed among them
         if saved.get(key) != config.get(key):
-            raise CheckpointError(f"{path}: the checkpoint was trained with {key} {saved.get(key)!r}, but "
-                                  f"{path.parent / 'config.json'} names {config.get(key)!r}")
+            raise CheckpointError(
+                f"{path}: the checkpoint was trained with {key} {saved.get(key)!r}, but "
+                f"{path.parent / 'config.json'} names {config.get(key)!r}"
+            )
     return state
 
 
 def load_models(state: dict, models: dict, path: Path) -> None:
     """Every node's weights, strictly: a node missing, extra or of another shape is another graph's."""
     if set(state["models"]) != set(models):
-        raise CheckpointError(f"{path}: the checkpoint holds nodes {sorted(state['models'])}, the graph "
-                              f"{sorted(models)}")
+        raise CheckpointError(
+            f"{path}: the checkpoint holds nodes {sorted(state['models'])}, the graph {sorted(models)}"
+        )
     for name, module in models.items():
         try:
             module.load_state_dict(state["models"][name])

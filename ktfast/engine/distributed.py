@@ -15,6 +15,7 @@
 
 Rank 0 alone writes the run directory; a rank whose peer is gone ends the run with one line.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,8 +35,11 @@ from ktfast.graph import Graph, owner
 
 # torch 2.14 renamed DDP's broadcast_buffers to forward_sync_buffers (the old name warns); torch 2.11,
 # on the GPU machines, knows only the old one.
-NO_BUFFER_SYNC = next(name for name in ("forward_sync_buffers", "broadcast_buffers")
-                      if name in inspect.signature(DistributedDataParallel).parameters)
+NO_BUFFER_SYNC = next(
+    name
+    for name in ("forward_sync_buffers", "broadcast_buffers")
+    if name in inspect.signature(DistributedDataParallel).parameters
+)
 
 PLACES = ("data", "nodes")
 # The bound on a collective that waits for a rank that neither answers nor dies (a dead rank's
@@ -87,7 +91,8 @@ def is_peer_failure(e: BaseException) -> bool:
         return False
     text = str(e)
     return isinstance(e, getattr(dist, "DistError", ())) or any(
-        s in text for s in ("gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe"))
+        s in text for s in ("gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe")
+    )
 
 
 def agree(check) -> None:
@@ -120,8 +125,10 @@ def check_same(value, what: str) -> None:
     dist.all_gather_object(values, value)
     for rank, theirs in enumerate(values):
         if theirs != values[0]:
-            raise UsageError(f"rank {rank} was started with another {what} than rank 0: start every rank "
-                             "with the same command")
+            raise UsageError(
+                f"rank {rank} was started with another {what} than rank 0: start every rank "
+                "with the same command"
+            )
 
 
 def from_rank_zero(make):
@@ -170,8 +177,10 @@ class Placement:
         lowest rank). A node's cost: its parameters, ×3 when trained (forward and backward)."""
         if not self.nodes:
             return
-        cost = {n.name: sum(p.numel() for p in models[n.name].parameters()) * (1 if n.frozen else 3)
-                for n in self.graph.model_nodes}
+        cost = {
+            n.name: sum(p.numel() for p in models[n.name].parameters()) * (1 if n.frozen else 3)
+            for n in self.graph.model_nodes
+        }
         load = [0] * self.world
         for name in sorted(cost, key=lambda k: -cost[k]):  # sorted() is stable: graph order on ties
             rank = min(range(self.world), key=lambda r: load[r])
@@ -203,8 +212,9 @@ class Placement:
         remote losses reach this rank's nodes; else detached, this rank's own tensors kept live."""
         if not self.nodes or self.world == 1:
             return logits, attention
-        own = [("logits", k, v) for k, v in sorted(logits.items())] + \
-              [("attention", k, v) for k, v in sorted(attention.items())]
+        own = [("logits", k, v) for k, v in sorted(logits.items())] + [
+            ("attention", k, v) for k, v in sorted(attention.items())
+        ]
         batch = own[0][2].shape[0] if own else 0
         key = (phase, batch)
         if key not in self._layouts:  # once per phase and batch size: every rank's names and shapes
@@ -216,7 +226,9 @@ class Placement:
         device = next(iter(logits.values())).device if logits else torch.device("cpu")
         # One buffer of the widest dtype any rank sends: fp32 for AMP's bf16 logits beside fp32
         # maps, float64 for float64 models (the same on every rank: it is read from the layouts).
-        dtype = functools.reduce(torch.promote_types, (d for layout in layouts for *_, d in layout), torch.float32)
+        dtype = functools.reduce(
+            torch.promote_types, (d for layout in layouts for *_, d in layout), torch.float32
+        )
         flat = _flatten([t.to(dtype) for _, _, t in own], dtype, device)
         longest = max(sum(_numel(shape) for _, _, shape, _ in layout) for layout in layouts)
         flat = torch.cat([flat, flat.new_zeros(longest - flat.numel())])
@@ -252,8 +264,13 @@ class Placement:
             if len(unit.nodes) == 1 and not unit.nodes[0].frozen and params:
                 device = params[0].device
                 unit.module = DistributedDataParallel(
-                    unit.module, device_ids=[device] if device.type == "cuda" else None, init_sync=False,
-                    gradient_as_bucket_view=True, static_graph=True, **{NO_BUFFER_SYNC: False})
+                    unit.module,
+                    device_ids=[device] if device.type == "cuda" else None,
+                    init_sync=False,
+                    gradient_as_bucket_view=True,
+                    static_graph=True,
+                    **{NO_BUFFER_SYNC: False},
+                )
                 self.held.update(id(p) for p in params)
 
     def average_gradients(self, params) -> None:
@@ -296,8 +313,10 @@ class Placement:
         follow its own shard), so that evaluation and the checkpoint agree."""
         if self.nodes or self.world == 1:
             return
-        in_one_buffer([b for m in models.values() for b in m.buffers() if b.is_floating_point()],
-                      lambda flat: dist.broadcast(flat, src=0))
+        in_one_buffer(
+            [b for m in models.values() for b in m.buffers() if b.is_floating_point()],
+            lambda flat: dist.broadcast(flat, src=0),
+        )
 
     def collect_state(self, models: dict, optimizer) -> None:
         """place nodes: rank 0's copies of the other ranks' nodes brought up to date — weights,
@@ -309,9 +328,17 @@ class Placement:
             if self.owner[name] == self.rank and self.rank != 0:
                 params = dict(model.named_parameters())
                 state = optimizer.state if optimizer is not None else {}
-                mine[name] = ({k: v.cpu() for k, v in model.state_dict().items()},
-                              {p: {k: (v.cpu(), v.device.type) if torch.is_tensor(v) else v for k, v in state[t].items()}
-                               for p, t in params.items() if t in state})
+                mine[name] = (
+                    {k: v.cpu() for k, v in model.state_dict().items()},
+                    {
+                        p: {
+                            k: (v.cpu(), v.device.type) if torch.is_tensor(v) else v
+                            for k, v in state[t].items()
+                        }
+                        for p, t in params.items()
+                        if t in state
+                    },
+                )
         parts = [None] * self.world if self.rank == 0 else None
         dist.gather_object(mine, parts, dst=0)
         if self.rank != 0:
@@ -322,8 +349,10 @@ class Placement:
                 params = dict(models[name].named_parameters())
                 for p, state in optim.items():
                     device = params[p].device
-                    optimizer.state[params[p]] = {k: v[0].to(device if v[1] != "cpu" else "cpu") if isinstance(v, tuple)
-                                                  else v for k, v in state.items()}
+                    optimizer.state[params[p]] = {
+                        k: v[0].to(device if v[1] != "cpu" else "cpu") if isinstance(v, tuple) else v
+                        for k, v in state.items()
+                    }
 
 
 def in_one_buffer(tensors: list, collective) -> None:
@@ -346,7 +375,7 @@ def _flatten(tensors: list, dtype=torch.float32, device="cpu") -> torch.Tensor:
 def _unflatten(flat: torch.Tensor, shapes: list) -> list[torch.Tensor]:
     """Views of `flat`'s start, one per shape, in `_flatten`'s layout (what follows is padding)."""
     sizes = [_numel(shape) for shape in shapes]
-    return [part.view(shape) for part, shape in zip(flat[:sum(sizes)].split(sizes), shapes)]
+    return [part.view(shape) for part, shape in zip(flat[: sum(sizes)].split(sizes), shapes)]
 
 
 def _numel(shape) -> int:

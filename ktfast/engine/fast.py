@@ -17,6 +17,7 @@ trials packed as threads run one step each): streams are leased from a `StreamBa
 owns its scratch. The stream bookkeeping is plain Python (`StreamBank`, `Streams`), so a CPU test
 runs the whole step with stand-in streams.
 """
+
 from __future__ import annotations
 
 import threading
@@ -24,8 +25,8 @@ import weakref
 
 import torch
 
-from ktfast.losses import loss_targets
 from ktfast.internals import initial_scale, scaler_tensors
+from ktfast.losses import loss_targets
 
 # One CUDA-graph capture at a time in a process (torch's caching allocator keeps one capture's
 # private pool per stream, and torch.compile is not thread-safe): packed trials hold this lock
@@ -78,8 +79,10 @@ class StreamBank:
                     got.append(stream)
                     seen.add(key)
             if not got:
-                raise RuntimeError(f"all {self._pool} CUDA streams of the pool are held by other steps of this "
-                                   "process: run fewer trials per GPU (--trials-per-gpu)")
+                raise RuntimeError(
+                    f"all {self._pool} CUDA streams of the pool are held by other steps of this "
+                    "process: run fewer trials per GPU (--trials-per-gpu)"
+                )
             self._held |= seen
             return got
 
@@ -143,11 +146,15 @@ def capturing() -> bool:
 # ---- what a capture's warm-up changes ---------------------------------------------------------------
 def snapshot(models, optimizer, scaler, sums: list) -> dict:
     """Copies of the weights, optimizer and grad-scaler state and the metric sums (`sums`, tensors)."""
-    return {"models": {k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in models.items()},
-            "optimizer": {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
-                          for p, s in (optimizer.state.items() if optimizer else ())},
-            "scaler": [v.clone() for v in scaler_tensors(scaler)],
-            "metrics": [v.clone() for v in sums]}
+    return {
+        "models": {k: {n: v.clone() for n, v in m.state_dict().items()} for k, m in models.items()},
+        "optimizer": {
+            id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+            for p, s in (optimizer.state.items() if optimizer else ())
+        },
+        "scaler": [v.clone() for v in scaler_tensors(scaler)],
+        "metrics": [v.clone() for v in sums],
+    }
 
 
 def restore(models, optimizer, scaler, sums: list, saved: dict) -> None:

@@ -14,6 +14,7 @@ node), a node's state dict is a plain state dict, and loading one writes into th
 stacked parameters are the leaves autograd accumulates into; a hook hands each row of their
 gradient to the node's parameter as a view, before the optimizer runs.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -30,6 +31,7 @@ from ktfast.internals import uncompiled
 @dataclass
 class Unit:
     """What runs as one forward: a single node's model, or a FusedGroup of several nodes."""
+
     nodes: list[ModelNode]
     module: nn.Module
     branches: bool  # the nodes hand over their branch logits (`node.b{i}`)
@@ -45,13 +47,27 @@ def fusion_groups(graph: Graph, want_attention: set[str], want_branches: set[str
     map and the branch logits are needed. Groups in the order of their first node, nodes in graph order."""
     groups: dict[tuple, list[ModelNode]] = {}
     for node in graph.model_nodes:
-        key = (node.model, node.frozen, node.attention, node.name in want_attention, node.name in want_branches)
+        key = (
+            node.model,
+            node.frozen,
+            node.attention,
+            node.name in want_attention,
+            node.name in want_branches,
+        )
         groups.setdefault(key, []).append(node)
     return list(groups.values())
 
 
-def make_units(graph: Graph, models, want_attention: set[str], want_branches: set[str], fuse: bool,
-               compile=None, runs=lambda name: True, on_fault=None) -> list[Unit]:
+def make_units(
+    graph: Graph,
+    models,
+    want_attention: set[str],
+    want_branches: set[str],
+    fuse: bool,
+    compile=None,
+    runs=lambda name: True,
+    on_fault=None,
+) -> list[Unit]:
     """The units of one step, of the nodes this process `runs` (all but with place nodes). With
     `fuse`, each group of two or more nodes becomes a FusedGroup, wrapped by `compile` (module ->
     compiled module) when given; single nodes are run by the module `models` holds, compiled or not.
@@ -108,8 +124,11 @@ def fusion_fault(unit: Unit, x: torch.Tensor, want_attention: bool) -> str | Non
             fused, _ = forward_unit(Unit(unit.nodes, group, unit.branches), x, want_attention)  # not compiled
             alone = {}
             for i, (node, member) in enumerate(zip(unit.nodes, group.members)):
-                alone.update(forward_unit(Unit([node], member, unit.branches), group.member_input(i, x),
-                                          want_attention)[0])
+                alone.update(
+                    forward_unit(
+                        Unit([node], member, unit.branches), group.member_input(i, x), want_attention
+                    )[0]
+                )
         for name, want in alone.items():
             scale = want.abs().max().item() or 1.0
             if not (fused[name] - want).abs().max().item() <= 1e-3 * scale:
@@ -132,8 +151,9 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The tensors stacked on a new leading dimension, each row laid out as the first tensor is
     (channels_last stays channels_last), so that the rows can stand in for the tensors."""
     proto = torch.empty_like(tensors[0])  # dense, in the first tensor's order of strides
-    out = torch.empty_strided((len(tensors), *proto.shape), (proto.numel(), *proto.stride()),
-                              dtype=proto.dtype, device=proto.device)
+    out = torch.empty_strided(
+        (len(tensors), *proto.shape), (proto.numel(), *proto.stride()), dtype=proto.dtype, device=proto.device
+    )
     for row, t in zip(out, tensors):
         row.copy_(t)
     return out
@@ -146,10 +166,14 @@ class FusedGroup(nn.Module):
     def __init__(self, members: list[nn.Module]):
         super().__init__()
         self.members = list(members)  # a plain list: the nodes' modules stay registered elsewhere only
-        shapes = [[(n, t.shape) for n, t in (*m.named_parameters(), *m.named_buffers())] for m in self.members]
+        shapes = [
+            [(n, t.shape) for n, t in (*m.named_parameters(), *m.named_buffers())] for m in self.members
+        ]
         if any(s != shapes[0] for s in shapes):
-            raise ValueError("only models of one architecture can be fused, and theirs differ in the names or "
-                             "shapes of their tensors")
+            raise ValueError(
+                "only models of one architecture can be fused, and theirs differ in the names or "
+                "shapes of their tensors"
+            )
         self.param_names = [n for n, _ in self.members[0].named_parameters()]
         self.buffer_names = [n for n, _ in self.members[0].named_buffers()]
         self.params = nn.ParameterList()
@@ -177,6 +201,7 @@ class FusedGroup(nn.Module):
         """The first member is the template: its training flag (the nodes' mode, which evaluation
         switches) decides how BatchNorm runs. `randomness="error"`: a model that draws random
         numbers cannot be fused exactly (each node would draw its own)."""
+
         def one(params, buffers):
             return functional_call(self.members[0], (params, buffers), (x,), options)
 
@@ -189,8 +214,10 @@ def _hand_out(own: list[nn.Parameter]):
     """The hook that gives each node's parameter its row of the stacked gradient, as the node's
     own backward would have accumulated it, and leaves the stack without a gradient, so that the
     next backward starts from none (the optimizer's zero_grad only sees the nodes' parameters)."""
+
     def hook(stacked: torch.Tensor) -> None:
         grad, stacked.grad = stacked.grad, None
         for p, g in zip(own, grad):
             p.grad = g if p.grad is None else p.grad + g
+
     return hook

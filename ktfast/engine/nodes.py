@@ -1,5 +1,6 @@
 """The model nodes of a run: built, seeded and initialised as the graph says, and what the edges ask
 of them (attention maps, branch logits)."""
+
 from __future__ import annotations
 
 import threading
@@ -17,8 +18,12 @@ INIT_LOCK = threading.Lock()
 
 
 def attention_nodes(graph: Graph) -> set[str]:
-    return {end for e in graph.active_edges if any(t in ATTENTION_TERMS for t in e.terms)
-            for end in (e.source, e.target)}
+    return {
+        end
+        for e in graph.active_edges
+        if any(t in ATTENTION_TERMS for t in e.terms)
+        for end in (e.source, e.target)
+    }
 
 
 def branch_nodes(graph: Graph) -> set[str]:
@@ -39,15 +44,18 @@ def load_state(node: ModelNode, path) -> dict:
         raise GraphError(f"nodes[{node.name}].init: cannot read checkpoint {path}: {e}") from None
     if isinstance(blob, dict) and "state_dict" in blob:
         if blob.get("model") not in (None, node.model):
-            raise GraphError(f"nodes[{node.name}].init: checkpoint holds {blob['model']}, node is {node.model}")
+            raise GraphError(
+                f"nodes[{node.name}].init: checkpoint holds {blob['model']}, node is {node.model}"
+            )
         return blob["state_dict"]
     return blob
 
 
 def _build(node: ModelNode, num_classes: int, image_size: int) -> torch.nn.Module:
     try:
-        return build_model(node.model, num_classes, image_size, zoo_weights=node.init == "zoo",
-                           attention=node.attention)
+        return build_model(
+            node.model, num_classes, image_size, zoo_weights=node.init == "zoo", attention=node.attention
+        )
     except ZooError as e:  # "init": "zoo" offline, say
         raise GraphError(f"nodes[{node.name}].init: {e}") from None
     except UserModelError as e:  # the user's module, factory or what it returns
@@ -56,15 +64,22 @@ def _build(node: ModelNode, num_classes: int, image_size: int) -> torch.nn.Modul
         raise GraphError(f"nodes[{node.name}].attention: {node.model}: {e}") from None
 
 
-def build_models(graph: Graph, cfg: TrainConfig, num_classes: int, image_size: int,
-                 pretrained: dict | None = None) -> torch.nn.ModuleDict:
+def build_models(
+    graph: Graph, cfg: TrainConfig, num_classes: int, image_size: int, pretrained: dict | None = None
+) -> torch.nn.ModuleDict:
     """Every model node, seeded, initialised as its `init` says, on the configured device.
     `pretrained` maps each `"init": "pretrained"` node to its pretrain-cache file (`ktfast.engine.run`
     finds or makes them first)."""
     pretrained = pretrained or {}
-    missing = [n.name for n in graph.model_nodes if n.init == "pretrained" and not n.checkpoint and n.name not in pretrained]
+    missing = [
+        n.name
+        for n in graph.model_nodes
+        if n.init == "pretrained" and not n.checkpoint and n.name not in pretrained
+    ]
     if missing:
-        raise ValueError(f"no pretrained checkpoint given for node {missing[0]!r}: build the run with ktfast.engine.run")
+        raise ValueError(
+            f"no pretrained checkpoint given for node {missing[0]!r}: build the run with ktfast.engine.run"
+        )
     with INIT_LOCK:
         torch.manual_seed(cfg.seed)
         built = [_build(node, num_classes, image_size) for node in graph.model_nodes]
@@ -80,7 +95,9 @@ def build_models(graph: Graph, cfg: TrainConfig, num_classes: int, image_size: i
             try:
                 model.load_state_dict(state)
             except RuntimeError:
-                raise GraphError(f"nodes[{node.name}].init: checkpoint does not fit model {node.model}") from None
+                raise GraphError(
+                    f"nodes[{node.name}].init: checkpoint does not fit model {node.model}"
+                ) from None
         if node.frozen:
             model.requires_grad_(False)
         models[node.name] = model.to(cfg.device)
@@ -102,14 +119,18 @@ def check_logits(graph: Graph, models, num_classes: int, image_size: int, device
                 out = model(x)
         except Exception as e:
             text = str(e).strip().splitlines()
-            raise GraphError(f"nodes[{node.name}].model: {node.model}: its forward fails on a batch of "
-                             f"[2, 3, {image_size}, {image_size}]: {type(e).__name__}: {text[0] if text else ''}") from None
+            raise GraphError(
+                f"nodes[{node.name}].model: {node.model}: its forward fails on a batch of "
+                f"[2, 3, {image_size}, {image_size}]: {type(e).__name__}: {text[0] if text else ''}"
+            ) from None
         finally:
             model.train(was_training)
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         if shape != (2, num_classes):
-            raise GraphError(f"nodes[{node.name}].model: {node.model} maps [2, 3, {image_size}, {image_size}] to "
-                             f"{shape}, not logits [2, {num_classes}]")
+            raise GraphError(
+                f"nodes[{node.name}].model: {node.model} maps [2, 3, {image_size}, {image_size}] to "
+                f"{shape}, not logits [2, {num_classes}]"
+            )
 
 
 def check_attention_sizes(graph: Graph, models, image_size: int, device) -> None:
@@ -132,9 +153,13 @@ def check_attention_sizes(graph: Graph, models, image_size: int, device) -> None
         if e.uses_attention:
             h, w = sizes[e.source]
             if sizes[e.target] != (h, w):  # the crop at the source's arg-max is taken from both maps
-                raise GraphError(f"edges[{e.source}->{e.target}].loss: the attention maps differ in size ({e.source} "
-                                 f"{h}x{w}, {e.target} {sizes[e.target][0]}x{sizes[e.target][1]}): name layers "
-                                 f"of one size (\"attention\": \"LAYER\")")
+                raise GraphError(
+                    f"edges[{e.source}->{e.target}].loss: the attention maps differ in size ({e.source} "
+                    f"{h}x{w}, {e.target} {sizes[e.target][0]}x{sizes[e.target][1]}): name layers "
+                    f'of one size ("attention": "LAYER")'
+                )
             if max(e.crops) > min(h, w):
-                raise GraphError(f"edges[{e.source}->{e.target}].crops: crop size {max(e.crops)} "
-                                 f"is larger than the {h}x{w} attention map")
+                raise GraphError(
+                    f"edges[{e.source}->{e.target}].crops: crop size {max(e.crops)} "
+                    f"is larger than the {h}x{w} attention map"
+                )

@@ -1,5 +1,6 @@
 """The optimizer of a run: one over every trainable node, a parameter group per `lr_scale`, and its
 state dict with plain-float learning rates (on the captured CUDA step each lr is a device tensor)."""
+
 from __future__ import annotations
 
 import torch
@@ -26,11 +27,22 @@ def make_optimizer(cfg: TrainConfig, params):
     if cuda and cfg.cuda_graph:  # on the device: a captured step reads the schedule's current lr
         params = [{**g, "lr": torch.tensor(float(g["lr"]), device=cfg.device)} for g in params]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay, fused=cuda or None)
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+            fused=cuda or None,
+        )
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda or None,
-                                capturable=cuda and cfg.cuda_graph)
+        return torch.optim.Adam(
+            params,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            fused=cuda or None,
+            capturable=cuda and cfg.cuda_graph,
+        )
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 

@@ -3,6 +3,7 @@
 A checkpoint is made once per (model, dataset, split, recipe) and shared by every run and search
 worker; a file lock makes concurrent workers wait for the one that trains it.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -15,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ktfast.config import TrainConfig, cache_key
-from ktfast.graph import Graph
 from ktfast.engine.build import build_trainer
+from ktfast.graph import Graph
 
 
 def cache_dir() -> Path:
@@ -37,9 +38,14 @@ def cache_path(model: str, cfg: TrainConfig) -> Path:
 
 
 def label_only_graph(model: str) -> Graph:
-    return Graph.from_dict({"name": f"pretrain-{model}", "target": "m",
-                            "nodes": [{"name": "m", "model": model}],
-                            "edges": [{"from": "label", "to": "m", "loss": "ce", "gate": "through"}]})
+    return Graph.from_dict(
+        {
+            "name": f"pretrain-{model}",
+            "target": "m",
+            "nodes": [{"name": "m", "model": model}],
+            "edges": [{"from": "label", "to": "m", "loss": "ce", "gate": "through"}],
+        }
+    )
 
 
 def pretrain(model: str, cfg: TrainConfig, log=print, progress=True) -> Path:
@@ -52,13 +58,25 @@ def pretrain(model: str, cfg: TrainConfig, log=print, progress=True) -> Path:
             return path
         log(f"pretraining {model} on {cfg.dataset} ({cfg.epochs} epochs) for the pretrain cache")
         seed = cfg.seed if cfg.train_fraction is not None else 0  # see cache_path
-        trainer = build_trainer(label_only_graph(model), cfg.replace(seed=seed, compile=False), out=None, log=log,
-                                progress=progress)
+        trainer = build_trainer(
+            label_only_graph(model),
+            cfg.replace(seed=seed, compile=False),
+            out=None,
+            log=log,
+            progress=progress,
+        )
         rows = trainer.fit()
         tmp = path.with_suffix(".tmp")
-        torch.save({"model": model, "dataset": cfg.dataset, "config": cfg.to_dict(),
-                    "test": rows[-1]["test"]["m"] if rows else None,
-                    "state_dict": trainer.models["m"].state_dict()}, tmp)
+        torch.save(
+            {
+                "model": model,
+                "dataset": cfg.dataset,
+                "config": cfg.to_dict(),
+                "test": rows[-1]["test"]["m"] if rows else None,
+                "state_dict": trainer.models["m"].state_dict(),
+            },
+            tmp,
+        )
         os.replace(tmp, path)
         log(f"saved {path}")
     return path

@@ -11,6 +11,7 @@ share no tensor, so each one's gradients are those of its own Σ_t L_t), every r
 stepped: the one training step (`ktfast.engine.step.Step`) with stacked units and a per-seed loss split;
 on CUDA with its fast parts (streams, fused kernels, the whole step as one CUDA graph).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,12 +26,12 @@ from ktfast.config import TrainConfig
 from ktfast.data import dataset_info
 from ktfast.engine.fast import CudaStreams, stream_bank
 from ktfast.engine.fuse import FusedGroup, Unit, fusion_fault, fusion_groups
-from ktfast.hold import hold
-from ktfast.internals import uncompiled
 from ktfast.engine.nodes import attention_nodes, branch_nodes
-from ktfast.paths import Compiled, amp_dtype, fall_back
 from ktfast.engine.step import Step, seed_name
 from ktfast.engine.trainer import Trainer, autocast, forward
+from ktfast.hold import hold
+from ktfast.internals import uncompiled
+from ktfast.paths import Compiled, amp_dtype, fall_back
 
 HEADROOM = 0.8  # the share of the free GPU memory the replicas of one group may take
 
@@ -75,8 +76,11 @@ def replicas_per_group(trainer: Trainer, count: int) -> int:
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     with autocast(trainer.cfg):
-        logits, _ = forward(trainer.units, x.to(device).contiguous(memory_format=torch.channels_last),
-                            attention_nodes(trainer.graph))
+        logits, _ = forward(
+            trainer.units,
+            x.to(device).contiguous(memory_format=torch.channels_last),
+            attention_nodes(trainer.graph),
+        )
     trained = [z.float().square().mean() for z in logits.values() if z.requires_grad]
     if trained:
         sum(trained).backward()
@@ -109,11 +113,14 @@ def train_replicas(configs: list, build, fit=None, say=print) -> dict[int, list[
     per_group = replicas_per_group(first, len(configs))
     groups = seed_groups(configs, per_group)
     if len(groups) > 1:
-        say(f"--seeds: {len(configs)} replicas do not fit in GPU memory together: they train in {len(groups)} "
-            f"groups, seeds {' then '.join(','.join(str(c.seed) for c in g) for g in groups)}", flush=True)
+        say(
+            f"--seeds: {len(configs)} replicas do not fit in GPU memory together: they train in {len(groups)} "
+            f"groups, seeds {' then '.join(','.join(str(c.seed) for c in g) for g in groups)}",
+            flush=True,
+        )
     rows = {}
     for i, group in enumerate(groups):
-        trainers = ([first] if i == 0 else []) + [build(cfg) for cfg in group[1 if i == 0 else 0:]]
+        trainers = ([first] if i == 0 else []) + [build(cfg) for cfg in group[1 if i == 0 else 0 :]]
         first = None  # a finished group's memory is free for the next
         rows.update(fit(trainers))
         del trainers
@@ -142,7 +149,9 @@ class ReplicaGroup(FusedGroup):
             return functional_call(self.members[0], (params, buffers), (x,), options)
 
         params = {name: p.unflatten(0, shape) for name, p in zip(self.param_names, self.params)}
-        buffers = {name: getattr(self, f"buffer{k}").unflatten(0, shape) for k, name in enumerate(self.buffer_names)}
+        buffers = {
+            name: getattr(self, f"buffer{k}").unflatten(0, shape) for k, name in enumerate(self.buffer_names)
+        }
         nodes = vmap(one, in_dims=(0, 0, None), randomness="error")  # a replica's nodes, on its batch
         return _flatten(vmap(nodes, randomness="error")(params, buffers, x))
 
@@ -193,17 +202,30 @@ class Replicas:
         self.trainers, self.graph, self.cfg, self.count = trainers, t.graph, t.cfg, len(trainers)
         units = self._units(dataset_info(t.cfg.dataset, t.cfg.data_dir).image_size)
         for r in trainers:  # each evaluates with its own nodes; its own fused groups are stale now
-            r.units = [Unit([n], r.models[n.name], n.name in branch_nodes(r.graph)) for n in r.graph.model_nodes]
+            r.units = [
+                Unit([n], r.models[n.name], n.name in branch_nodes(r.graph)) for n in r.graph.model_nodes
+            ]
             r.step = None  # (and its streams go back to the bank)
         models = {seed_name(s, k): m for s, r in enumerate(trainers) for k, m in r.models.items()}
         want_attention = {seed_name(s, n) for s in range(self.count) for n in attention_nodes(t.graph)}
-        self.step = Step(t.graph, units, models,
-                         Optimizers([r.optimizer for r in trainers]) if t.optimizer is not None else None,
-                         t.scaler,  # disabled: fp16's scaler trains one by one (replica_reason)
-                         [r.sums for r in trainers], paths=t.paths, fall_back=functools.partial(_fall_back, trainers),
-                         total_steps=t.total_steps, want_attention=want_attention, device=t.cfg.device,
-                         amp=amp_dtype(t.cfg) if t.cfg.amp else None, placement=t.placement, compiled=t.cfg.compile,
-                         per_seed=True, inputs=functools.partial(_replica_input, self.count))
+        self.step = Step(
+            t.graph,
+            units,
+            models,
+            Optimizers([r.optimizer for r in trainers]) if t.optimizer is not None else None,
+            t.scaler,  # disabled: fp16's scaler trains one by one (replica_reason)
+            [r.sums for r in trainers],
+            paths=t.paths,
+            fall_back=functools.partial(_fall_back, trainers),
+            total_steps=t.total_steps,
+            want_attention=want_attention,
+            device=t.cfg.device,
+            amp=amp_dtype(t.cfg) if t.cfg.amp else None,
+            placement=t.placement,
+            compiled=t.cfg.compile,
+            per_seed=True,
+            inputs=functools.partial(_replica_input, self.count),
+        )
         if torch.device(t.cfg.device).type == "cuda":
             self.step.use_streams(CudaStreams(self.step.device), stream_bank(self.step.device))
 
@@ -217,8 +239,11 @@ class Replicas:
         run one by one."""
         t, count = self.first, len(self.trainers)
         want_attention, want_branches = attention_nodes(t.graph), branch_nodes(t.graph)
-        groups = (fusion_groups(t.graph, want_attention, want_branches) if t.cfg.fused()
-                  else [[n] for n in t.graph.model_nodes])
+        groups = (
+            fusion_groups(t.graph, want_attention, want_branches)
+            if t.cfg.fused()
+            else [[n] for n in t.graph.model_nodes]
+        )
         x = torch.randn(count, 2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
         x = x.to(t.cfg.device)
         units = []
@@ -232,13 +257,18 @@ class Replicas:
             unit = Unit(nodes, ReplicaGroup(members, count), branches)
             fault = fusion_fault(unit, x, group[0].name in want_attention)
             if fault is not None:
-                _fall_back(self.trainers, "fuse", "off",
-                           RuntimeError(f"replicas of {', '.join(n.name for n in group)}: {fault}"))
+                _fall_back(
+                    self.trainers,
+                    "fuse",
+                    "off",
+                    RuntimeError(f"replicas of {', '.join(n.name for n in group)}: {fault}"),
+                )
                 units += [Unit([n], m, branches) for n, m in zip(nodes, members)]
                 continue
             if t.cfg.compile:
-                unit.module = Compiled(unit.module, t.paths,
-                                       functools.partial(_fall_back, self.trainers, "compile", "off"))
+                unit.module = Compiled(
+                    unit.module, t.paths, functools.partial(_fall_back, self.trainers, "compile", "off")
+                )
             units.append(unit)
         return units
 

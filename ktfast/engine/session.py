@@ -7,29 +7,31 @@ torchrun. The command line and the Python API both call `run_session`; neither t
 passes a silent one unless `progress=True`. Everything that can fail on bad input fails before a
 run directory exists.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from ktfast.engine import distributed
-from ktfast.engine import tensorboard
 from ktfast.args import UsageError, config_from_args, logger
 from ktfast.config import TrainConfig, resume_checked
 from ktfast.data import dataset_info
-from ktfast.engine.distributed import Placement, PeerLost
-from ktfast.graph import Graph
-from ktfast.internals import uncompiled
+from ktfast.engine import distributed, tensorboard
+from ktfast.engine.distributed import PeerLost, Placement
 from ktfast.engine.replicas import Replicas, replica_reason, train_replicas
 from ktfast.engine.run import make_trainer
 from ktfast.engine.summary import result_table, seed_dirs, write_summary
 from ktfast.engine.trainer import CHECKPOINT, METRICS
+from ktfast.graph import Graph
+from ktfast.internals import uncompiled
 
 Callback = Callable[[dict], None]
 
 
-def run_session(opts, say=print, progress: bool = True, callbacks: tuple[Callback, ...] = ()) -> tuple[Path, dict]:
+def run_session(
+    opts, say=print, progress: bool = True, callbacks: tuple[Callback, ...] = ()
+) -> tuple[Path, dict]:
     """(run directory, {node: model} of its first seed) of the session `opts` asks for; the callbacks
     get each epoch's metrics row (rank 0)."""
     with distributed.process_group(_device(opts)) as (rank, world):
@@ -40,14 +42,17 @@ def run_session(opts, say=print, progress: bool = True, callbacks: tuple[Callbac
         except Exception as e:
             if distributed.is_peer_failure(e):
                 first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise PeerLost(f"rank {rank} of {world}: another process of the run stopped ({first[:160]}); "
-                               "the run directory keeps its last whole epoch: continue it with --resume") from None
+                raise PeerLost(
+                    f"rank {rank} of {world}: another process of the run stopped ({first[:160]}); "
+                    "the run directory keeps its last whole epoch: continue it with --resume"
+                ) from None
             raise
 
 
 def run_dirs(path: Path) -> dict[int, Path]:
     """{seed: directory} of a run: the directory itself, or its `seed{s}/` directories (several seeds);
     empty where `path` holds no run (no graph.json and config.json)."""
+
     def is_run(d: Path) -> bool:
         return (d / "graph.json").is_file() and (d / "config.json").is_file()
 
@@ -116,10 +121,14 @@ def check_launch(graph: Graph, cfg: TrainConfig) -> None:
     """What a run of `cfg.world_size` processes cannot do (exit 2 on every rank, docs/ARCHITECTURE.md §10)."""
     world = cfg.world_size
     if cfg.place == "nodes" and world > len(graph.model_nodes):
-        raise UsageError(f"--place nodes: {world} processes for the {len(graph.model_nodes)} model nodes of "
-                         f"{graph.name} (at most one process per node)")
+        raise UsageError(
+            f"--place nodes: {world} processes for the {len(graph.model_nodes)} model nodes of "
+            f"{graph.name} (at most one process per node)"
+        )
     if cfg.sync_bn and cfg.place != "data":
-        raise UsageError("--sync-bn: only with --place data (with --place nodes each node sees the whole batch)")
+        raise UsageError(
+            "--sync-bn: only with --place data (with --place nodes each node sees the whole batch)"
+        )
     if cfg.place == "data" and cfg.batch_size % world:
         raise UsageError(f"--batch-size: {cfg.batch_size} does not split into {world} equal shares")
 
@@ -164,15 +173,23 @@ def train(opts, rank: int, world: int, say=print, progress=True, callbacks=()) -
     def start(cfg: TrainConfig):
         out = runs[cfg.seed]
         # Everything that can fail on bad input happens here, before the directory exists.
-        trainer = make_trainer(graph, cfg, out=out, log=logger(quiet), progress=not quiet,
-                               placement=Placement(graph, cfg.place, rank, world, cfg.sync_bn))
+        trainer = make_trainer(
+            graph,
+            cfg,
+            out=out,
+            log=logger(quiet),
+            progress=not quiet,
+            placement=Placement(graph, cfg.place, rank, world, cfg.sync_bn),
+        )
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             graph.save(out / "graph.json")
             cfg.save(out / "config.json")
-            say(f"run {out}: graph {graph.name}, {cfg.dataset}, seed {cfg.seed}, {cfg.epochs} epochs, "
+            say(
+                f"run {out}: graph {graph.name}, {cfg.dataset}, seed {cfg.seed}, {cfg.epochs} epochs, "
                 f"{cfg.device}{', amp' if cfg.amp else ''}{', compile' if cfg.compile else ''}"
-                f"{', fuse' if cfg.fuse else ''}{f', {world} processes, place {cfg.place}' if world > 1 else ''}")
+                f"{', fuse' if cfg.fuse else ''}{f', {world} processes, place {cfg.place}' if world > 1 else ''}"
+            )
         trainers.setdefault("first", trainer)
         return trainer
 
@@ -181,8 +198,12 @@ def train(opts, rank: int, world: int, say=print, progress=True, callbacks=()) -
         for cfg in configs:
             fit(start(cfg), with_tensorboard, callbacks)
     else:
-        train_replicas(configs, start, lambda group: fit_replicas(group, with_tensorboard, callbacks),
-                       say=lambda line, **_: say(line))
+        train_replicas(
+            configs,
+            start,
+            lambda group: fit_replicas(group, with_tensorboard, callbacks),
+            say=lambda line, **_: say(line),
+        )
     if rank == 0:  # every seed has finished: summary.json from their metrics.jsonl
         say(result_table(graph, write_summary(root, graph, runs), configs[0].split))
     return root, trained_models(trainers["first"])
@@ -194,13 +215,17 @@ def _check_resume_flags(run: Path, opts, cfg: TrainConfig) -> None:
     for key in resume_checked():
         given = getattr(opts, key, None)
         if given is not None and given != getattr(cfg, key):
-            raise UsageError(f"--{key.replace('_', '-')}: the run in {run} has {getattr(cfg, key)!r}, not "
-                             f"{given!r} (--resume continues a run as it was started)")
+            raise UsageError(
+                f"--{key.replace('_', '-')}: the run in {run} has {getattr(cfg, key)!r}, not "
+                f"{given!r} (--resume continues a run as it was started)"
+            )
     if opts.seeds is not None and opts.seeds != [cfg.seed]:
         raise UsageError(f"--seeds: the run in {run} has seed {cfg.seed}")
 
 
-def resume(run: Path, opts, rank: int = 0, world: int = 1, say=print, progress=True, callbacks=()) -> tuple[Path, dict]:
+def resume(
+    run: Path, opts, rank: int = 0, world: int = 1, say=print, progress=True, callbacks=()
+) -> tuple[Path, dict]:
     if opts.like:
         raise UsageError("--like: starts a new run; --resume continues one (give one of them)")
     cfg = _resumed_config(run)
@@ -211,8 +236,10 @@ def resume(run: Path, opts, rank: int = 0, world: int = 1, say=print, progress=T
     if opts.place not in (None, cfg.place):
         raise UsageError(f"--place: the run in {run} has place {cfg.place}")
     if cfg.place == "data" and cfg.world_size != world:
-        raise UsageError(f"--resume: the run in {run} was trained by {cfg.world_size} processes with place data: "
-                         f"resume it with as many (place nodes resumes with any number)")
+        raise UsageError(
+            f"--resume: the run in {run} was trained by {cfg.world_size} processes with place data: "
+            f"resume it with as many (place nodes resumes with any number)"
+        )
     started = cfg
     if opts.fuse is not None:  # fused or not, the run computes the same: either may resume the other
         cfg = cfg.replace(fuse=opts.fuse)
@@ -221,8 +248,14 @@ def resume(run: Path, opts, rank: int = 0, world: int = 1, say=print, progress=T
     if rank == 0 and user_code(graph, cfg):
         say(f"graph {graph.name} runs user code: {', '.join(user_code(graph, cfg))}")
     quiet = not progress or rank != 0
-    trainer = make_trainer(graph, cfg, out=run, log=logger(quiet), progress=not quiet,
-                           placement=Placement(graph, cfg.place, rank, world, cfg.sync_bn))
+    trainer = make_trainer(
+        graph,
+        cfg,
+        out=run,
+        log=logger(quiet),
+        progress=not quiet,
+        placement=Placement(graph, cfg.place, rank, world, cfg.sync_bn),
+    )
     done = 0
     if (run / CHECKPOINT).exists():
         trainer.load_checkpoint(run / CHECKPOINT)
@@ -248,8 +281,11 @@ def resume(run: Path, opts, rank: int = 0, world: int = 1, say=print, progress=T
 def _summary_runs(run: Path, seed: int) -> tuple[Path, dict[int, Path]]:
     """(top of the run, each seed's directory) for summary.json after a resume: a seed{s} directory
     beside others is one seed of a run of several, summarised over the seeds that have finished epochs."""
-    siblings = {int(d.name[4:]): d for d in run.parent.glob("seed*")
-                if d.name[4:].isdigit() and (d / METRICS).is_file() and (d / "config.json").is_file()}
+    siblings = {
+        int(d.name[4:]): d
+        for d in run.parent.glob("seed*")
+        if d.name[4:].isdigit() and (d / METRICS).is_file() and (d / "config.json").is_file()
+    }
     if run.name == f"seed{seed}" and len(siblings) > 1:
         return run.parent, dict(sorted(siblings.items()))
     return run, {seed: run}

@@ -13,6 +13,7 @@ The fast parts are its options, each a path of `ktfast.paths`:
   (`ktfast.engine.fast` says how). Nothing in a step reads a value back to the host.
 A kernel or a capture that fails here falls back to the next path (`fall_back`), in one line.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -20,11 +21,11 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from ktfast.engine.distributed import Placement
 from ktfast.engine.fast import CAPTURE_LOCK, Streams, capturing, restore, snapshot, step_losses
 from ktfast.engine.fuse import Unit, forward_unit
-from ktfast.engine.distributed import Placement
-from ktfast.losses import node_logits, reference_graph_losses
 from ktfast.internals import scaler_tensors
+from ktfast.losses import node_logits, reference_graph_losses
 
 
 class Sums:
@@ -50,11 +51,14 @@ class Sums:
         """A step's losses and correct counts, without reading anything back to the host."""
         z = node_logits(self.graph, {k: v.detach() for k, v in logits.items()})
         dtype = self.loss_sums.dtype  # fp32 (AMP's half-precision logits too), float64 for float64 models
-        per_node = [losses[name].detach().to(dtype) if name in losses else F.cross_entropy(z[name].to(dtype), y)
-                    for name in self.graph.nodes]
+        per_node = [
+            losses[name].detach().to(dtype) if name in losses else F.cross_entropy(z[name].to(dtype), y)
+            for name in self.graph.nodes
+        ]
         self.loss_sums += torch.stack(per_node) * self.mask
-        self.correct += torch.stack([(z[name].argmax(1) == y).sum() for name in self.graph.nodes]).float() \
-            * self.mask
+        self.correct += (
+            torch.stack([(z[name].argmax(1) == y).sum() for name in self.graph.nodes]).float() * self.mask
+        )
 
 
 class _Here:
@@ -84,14 +88,37 @@ class Step:
     step holds the models, optimizer and sums it is handed, nothing of whoever built it, so a
     finished run (a search trial's) is freed at once, with its CUDA graphs."""
 
-    def __init__(self, graph, units: list[Unit], models, optimizer, scaler, sums: list[Sums], *,
-                 paths: dict, fall_back, total_steps: int, want_attention: set[str], device,
-                 amp: torch.dtype | None = None, placement: Placement | None = None, exchange_grad: bool = False,
-                 compiled: bool = False, per_seed: bool = False, inputs=None):
+    def __init__(
+        self,
+        graph,
+        units: list[Unit],
+        models,
+        optimizer,
+        scaler,
+        sums: list[Sums],
+        *,
+        paths: dict,
+        fall_back,
+        total_steps: int,
+        want_attention: set[str],
+        device,
+        amp: torch.dtype | None = None,
+        placement: Placement | None = None,
+        exchange_grad: bool = False,
+        compiled: bool = False,
+        per_seed: bool = False,
+        inputs=None,
+    ):
         """`paths`: the path each switch takes (`ktfast.paths`), which `fall_back(switch, path,
         error)` changes; `amp`: the autocast dtype, None without; `compiled`: the models run
         through torch.compile (a warm-up before a capture then takes CAPTURE_LOCK)."""
-        self.graph, self.units, self.models, self.optimizer, self.scaler = graph, units, models, optimizer, scaler
+        self.graph, self.units, self.models, self.optimizer, self.scaler = (
+            graph,
+            units,
+            models,
+            optimizer,
+            scaler,
+        )
         self.sums, self.paths, self.fall_back, self.total_steps = sums, paths, fall_back, total_steps
         self.want_attention, self.device, self.amp = want_attention, torch.device(device), amp
         self.placement = placement or Placement(graph, "data", 0, 1)
@@ -146,7 +173,9 @@ class Step:
         logits, attention = self.forward(x)
         logits, attention = self.placement.exchange(logits, attention, grad=self.exchange_grad, phase="train")
         losses, loss = self.losses(logits, y, k, total, attention)
-        self.optimizer_step(loss if loss is not None and self.placement.world == 1 else self.placement.total(losses))
+        self.optimizer_step(
+            loss if loss is not None and self.placement.world == 1 else self.placement.total(losses)
+        )
         for sums, (z, labels, _), own in zip(self.sums, self.split(logits, y, {}), self.split_losses(losses)):
             sums.add(own, z, labels)
 
@@ -184,8 +213,10 @@ class Step:
     def split_losses(self, losses: dict) -> list[dict]:
         if not self.per_seed:
             return [losses]
-        return [{k.split("/", 1)[1]: v for k, v in losses.items() if k.startswith(f"{s}/")}
-                for s in range(len(self.sums))]
+        return [
+            {k.split("/", 1)[1]: v for k, v in losses.items() if k.startswith(f"{s}/")}
+            for s in range(len(self.sums))
+        ]
 
     def losses(self, logits: dict, y, k, total, attention: dict):
         """({target: L_t}, Σ_t L_t from the kernels or None), each seed's from its own logits and labels."""
@@ -208,7 +239,9 @@ class Step:
                 if capturing():
                     raise
                 self.fall_back("kernels", "reference", e)
-        return reference_graph_losses(self.graph, logits, y, step=k, total_steps=total, attention=attention), None
+        return reference_graph_losses(
+            self.graph, logits, y, step=k, total_steps=total, attention=attention
+        ), None
 
     def _zero_grad(self) -> None:
         if self.optimizer is not None:

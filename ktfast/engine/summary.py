@@ -2,6 +2,7 @@
 the target's best val accuracy, as mean ± sample std over the seeds and per seed, read back from each
 seed's metrics.jsonl once every seed has finished, however the seeds ran; and the table printed from it.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ from pathlib import Path
 
 from ktfast.args import UsageError
 from ktfast.engine.checkpoint import write_text_atomic
-from ktfast.graph import Graph
 from ktfast.engine.trainer import METRICS
+from ktfast.graph import Graph
 
 SUMMARY = "summary.json"
 
@@ -23,7 +24,9 @@ def seed_dirs(root: Path, seeds: list[int]) -> dict[int, Path]:
 
 def _rows(run: Path) -> list[dict]:
     path = run / METRICS
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    )
     if not rows:
         raise UsageError(f"{run} holds no finished epoch (no rows in its {METRICS})")
     return rows
@@ -37,8 +40,11 @@ def best_val_row(rows: list[dict], target: str) -> dict | None:
 
 
 def _stats(accs: list[float]) -> dict:
-    return {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "per_seed": accs}
+    return {
+        "mean": statistics.fmean(accs),
+        "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "per_seed": accs,
+    }
 
 
 def summarise(graph: Graph, runs: dict[int, Path]) -> dict:
@@ -51,8 +57,10 @@ def summarise(graph: Graph, runs: dict[int, Path]) -> dict:
     for name in graph.nodes:
         nodes[name] = {"last": _stats([r[-1]["test"][name]["acc"] for r in rows.values()])}
         if all(b is not None for b in best.values()):
-            nodes[name]["best_val"] = {**_stats([b["test"][name]["acc"] for b in best.values()]),
-                                       "epochs": [b["epoch"] for b in best.values()]}
+            nodes[name]["best_val"] = {
+                **_stats([b["test"][name]["acc"] for b in best.values()]),
+                "epochs": [b["epoch"] for b in best.values()],
+            }
     return {"target": graph.target, "seeds": list(runs), "nodes": nodes}
 
 
@@ -71,18 +79,26 @@ def result_table(graph: Graph, summary: dict, split: str = "train") -> str:
     with_val = "best_val" in summary["nodes"][graph.target]
     what = "validation accuracy on the search split" if split == "search" else "test accuracy"
     head = f"{what} (%){f', mean ± std of {seeds} seeds' if multi else ''}"
-    columns = [("last", "last epoch" if with_val else "accuracy")] + ([("best_val", "at best val")] if with_val else [])
+    columns = [("last", "last epoch" if with_val else "accuracy")] + (
+        [("best_val", "at best val")] if with_val else []
+    )
     lines = [head, f"{'node':<12} {'model':<22} " + " ".join(f"{title:>16}" for _, title in columns)]
     for name, node in graph.nodes.items():
         kind = getattr(node, "model", None) or f"{node.reduce} of {'+'.join(node.members)}"
-        mark = (" (target)" if name == graph.target else "") + (" (frozen)" if getattr(node, "frozen", False) else "")
+        mark = (" (target)" if name == graph.target else "") + (
+            " (frozen)" if getattr(node, "frozen", False) else ""
+        )
         cells = []
         for key, _ in columns:
             s = summary["nodes"][name][key]
-            cells.append(f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}" if multi else f"{100 * s['mean']:.2f}")
+            cells.append(
+                f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}" if multi else f"{100 * s['mean']:.2f}"
+            )
         lines.append(f"{name:<12} {kind:<22} " + " ".join(f"{c:>16}" for c in cells) + mark)
     if with_val:
         epochs = summary["nodes"][graph.target]["best_val"]["epochs"]
-        lines.append(f"best val epoch of {graph.target}: " + ", ".join(
-            f"{e} (seed {s})" if multi else str(e) for s, e in zip(summary["seeds"], epochs)))
+        lines.append(
+            f"best val epoch of {graph.target}: "
+            + ", ".join(f"{e} (seed {s})" if multi else str(e) for s, e in zip(summary["seeds"], epochs))
+        )
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 """`--sync-bn` with place data: BatchNorm over the global batch of every rank, on any device."""
+
 import warnings
 
 import torch
@@ -22,7 +23,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         reduce = with_grad.all_reduce
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()  # half precision: statistics in fp32
+        xf = (
+            x if x.dtype in (torch.float32, torch.float64) else x.float()
+        )  # half precision: statistics in fp32
         count = torch.full((1,), x.numel() / x.shape[1], dtype=xf.dtype, device=x.device)
         with warnings.catch_warnings():  # as in distributed.Placement.exchange
             warnings.simplefilter("ignore", FutureWarning)
@@ -45,8 +48,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 def global_batchnorm(module: nn.Module) -> nn.Module:
     """`module` with every BatchNorm replaced by a GlobalBatchNorm holding the same tensors."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        bn = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                             module.track_running_stats)
+        bn = GlobalBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         bn.load_state_dict(module.state_dict())
         return bn.to(next(iter(module.state_dict().values())).device)
     for name, child in module.named_children():

@@ -5,6 +5,7 @@ epoch's `loss/train`, `loss/test`, `acc/train`, `acc/test`, the run's `images_pe
 learning rate `lr` (model nodes that train). The values are those of metrics.jsonl, which stays the
 contract; they are stored in double precision, so that they read back equal.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,7 +30,11 @@ class TensorBoardLog:
     def __call__(self, epoch: int, row: dict) -> None:
         lrs = self.trainer.epoch_lrs
         for name, writer in self.writers.items():
-            scalars = {f"{what}/{split}": row[split][name][what] for what in ("loss", "acc") for split in ("train", "test")}
+            scalars = {
+                f"{what}/{split}": row[split][name][what]
+                for what in ("loss", "acc")
+                for split in ("train", "test")
+            }
             scalars["images_per_s"] = row["images_per_s"]
             if name in lrs:
                 scalars["lr"] = lrs[name]

@@ -5,31 +5,39 @@ config.json, metrics.jsonl, checkpoint.pt written atomically; with a val split, 
 at the target's best val accuracy). Over several processes (torchrun) the step's collectives are
 those of `ktfast.engine.distributed.Placement`.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ktfast.engine.checkpoint import (CheckpointError, append_line, load_models, read_checkpoint, save_atomic, truncate,
-                               write_text_atomic)
 from ktfast.config import TrainConfig
+from ktfast.engine.checkpoint import (
+    CheckpointError,
+    append_line,
+    load_models,
+    read_checkpoint,
+    save_atomic,
+    truncate,
+    write_text_atomic,
+)
 from ktfast.engine.distributed import Placement
-from ktfast.graph import Graph
 from ktfast.engine.fuse import Unit, forward_unit
+from ktfast.engine.optim import load_keeping_lr_tensors, plain_lrs, plain_schedule
+from ktfast.engine.step import Step
+from ktfast.graph import Graph
 from ktfast.hold import hold
 from ktfast.internals import uncompiled
 from ktfast.losses import node_logits
-from ktfast.engine.optim import load_keeping_lr_tensors, plain_lrs, plain_schedule
 from ktfast.paths import amp_dtype, fall_back
-from ktfast.engine.step import Step
 
 CHECKPOINT = "checkpoint.pt"
 BEST_CHECKPOINT = "checkpoint-best.pt"
@@ -64,8 +72,9 @@ def autocast(cfg: TrainConfig):
 
 
 @torch.no_grad()
-def evaluate(graph: Graph, models, units: list[Unit], loader, cfg: TrainConfig,
-             placement: Placement | None = None) -> dict:
+def evaluate(
+    graph: Graph, models, units: list[Unit], loader, cfg: TrainConfig, placement: Placement | None = None
+) -> dict:
     """{node: {"loss": cross-entropy, "acc": top-1}} for every model and ensemble node, the
     `units` (the nodes' models, fused or not) run in eval mode; over several ranks, each image of
     the split counted once (`placement`)."""
@@ -76,8 +85,15 @@ def evaluate(graph: Graph, models, units: list[Unit], loader, cfg: TrainConfig,
         with autocast(cfg):
             logits, _ = placement.exchange(*forward(units, x, set()), grad=False, phase="eval")
         z = node_logits(graph, logits)
-        per_node = [torch.stack([F.cross_entropy(z[name].to(sums.dtype), y, reduction="sum"),
-                                 (z[name].argmax(1) == y).sum().to(sums.dtype)]) for name in graph.nodes]
+        per_node = [
+            torch.stack(
+                [
+                    F.cross_entropy(z[name].to(sums.dtype), y, reduction="sum"),
+                    (z[name].argmax(1) == y).sum().to(sums.dtype),
+                ]
+            )
+            for name in graph.nodes
+        ]
         sums[:-1] += torch.cat(per_node)
         sums[-1] += y.shape[0]
     sums = placement.reduce_sums(sums).tolist()
@@ -86,7 +102,10 @@ def evaluate(graph: Graph, models, units: list[Unit], loader, cfg: TrainConfig,
         if node.frozen:
             models[node.name].eval()
     count = sums[-1]
-    return {name: {"loss": sums[2 * i] / count, "acc": sums[2 * i + 1] / count} for i, name in enumerate(graph.nodes)}
+    return {
+        name: {"loss": sums[2 * i] / count, "acc": sums[2 * i + 1] / count}
+        for i, name in enumerate(graph.nodes)
+    }
 
 
 class RunPaths(dict):
@@ -122,9 +141,23 @@ class Trainer:
     """One run of one graph with one seed: the epochs around its `Step`, evaluation, the run
     directory. `fit()` trains to the end. `ktfast.engine.build.build_trainer` builds one from a config."""
 
-    def __init__(self, graph: Graph, cfg: TrainConfig, out: Path | None, *, step: Step, models, units: list[Unit],
-                 loaders: tuple, scheduler, paths: RunPaths, placement: Placement, keeps_state: bool,
-                 log=print, progress=True):
+    def __init__(
+        self,
+        graph: Graph,
+        cfg: TrainConfig,
+        out: Path | None,
+        *,
+        step: Step,
+        models,
+        units: list[Unit],
+        loaders: tuple,
+        scheduler,
+        paths: RunPaths,
+        placement: Placement,
+        keeps_state: bool,
+        log=print,
+        progress=True,
+    ):
         """`out`: the run directory, None but on the rank that writes it (`keeps_state`: the run
         has one); `units`: the nodes' models as evaluation runs them; `loaders`: (train, eval, val
         or None)."""
@@ -179,18 +212,30 @@ class Trainer:
 
     def bar(self, batches):
         cfg = self.cfg
-        return tqdm(batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="img", unit_scale=cfg.batch_size,
-                    leave=False, disable=not self.progress, dynamic_ncols=True, total=self.steps_per_epoch)
+        return tqdm(
+            batches,
+            desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+            unit="img",
+            unit_scale=cfg.batch_size,
+            leave=False,
+            disable=not self.progress,
+            dynamic_ncols=True,
+            total=self.steps_per_epoch,
+        )
 
     def close_epoch(self, seen: int, steps: int, start: float) -> tuple[dict, float, int]:
         """The epoch's metrics (`train_epoch`) from the device sums, `seen` images in `steps` steps
         begun at `start`; the lr schedule steps."""
         graph = self.graph
         n = len(graph.nodes)
-        loss_sums, correct, skipped, seen = self.placement.reduce_epoch(self.loss_sums, self.correct, self.skipped, seen)
+        loss_sums, correct, skipped, seen = self.placement.reduce_epoch(
+            self.loss_sums, self.correct, self.skipped, seen
+        )
         sums = torch.cat([loss_sums, correct, skipped.view(1)]).tolist()  # the epoch's one sync
         elapsed = time.perf_counter() - start
-        train = {name: {"loss": sums[i] / steps, "acc": sums[n + i] / seen} for i, name in enumerate(graph.nodes)}
+        train = {
+            name: {"loss": sums[i] / steps, "acc": sums[n + i] / seen} for i, name in enumerate(graph.nodes)
+        }
         if self.scheduler is not None:
             self.scheduler.step()
         return train, seen / elapsed, int(sums[-1])
@@ -209,16 +254,30 @@ class Trainer:
         """An epoch trained since `start`: checked, evaluated, written, logged; its metrics row."""
         bad = [name for name, v in train.items() if not math.isfinite(v["loss"])]
         if bad:  # nothing of this epoch is written: the last checkpoint is the last finite one
-            raise NonFiniteLoss(f"non-finite training loss of node {', '.join(bad)} in epoch {self.epoch + 1}"
-                                + (f"; {self.out} keeps the checkpoint of epoch {self.epoch}"
-                                   if self.out is not None and self.epoch else ""))
+            raise NonFiniteLoss(
+                f"non-finite training loss of node {', '.join(bad)} in epoch {self.epoch + 1}"
+                + (
+                    f"; {self.out} keeps the checkpoint of epoch {self.epoch}"
+                    if self.out is not None and self.epoch
+                    else ""
+                )
+            )
         self.placement.share_buffers(self.models)
         test = evaluate(self.graph, self.models, self.units, self.eval_loader, self.cfg, self.placement)
-        val = (evaluate(self.graph, self.models, self.units, self.val_loader, self.cfg, self.placement)
-               if self.val_loader is not None else None)
+        val = (
+            evaluate(self.graph, self.models, self.units, self.val_loader, self.cfg, self.placement)
+            if self.val_loader is not None
+            else None
+        )
         self.epoch += 1
-        row = {"epoch": self.epoch, "time_s": time.perf_counter() - start, "images_per_s": images_per_s,
-               "train": train, "test": test, **({"val": val} if val else {})}
+        row = {
+            "epoch": self.epoch,
+            "time_s": time.perf_counter() - start,
+            "images_per_s": images_per_s,
+            "train": train,
+            "test": test,
+            **({"val": val} if val else {}),
+        }
         best = bool(val) and (self.best_val is None or val[self.graph.target]["acc"] > self.best_val["acc"])
         if best:
             self.best_val = {"epoch": self.epoch, "acc": val[self.graph.target]["acc"]}
@@ -248,13 +307,20 @@ class Trainer:
             raise
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "graph": self.graph.to_dict(), "config": self.cfg.to_dict(),
-                # Copies: a fused node's tensors are views of its group's stacks, which torch.save would write whole.
-                "models": {k: {n: v.clone() for n, v in uncompiled(m).state_dict().items()}
-                           for k, m in self.models.items()},
-                "optimizer": plain_lrs(self.optimizer.state_dict()) if self.optimizer else None,
-                "scheduler": plain_schedule(self.scheduler.state_dict()) if self.scheduler else None,
-                "scaler": self.scaler.state_dict(), "best_val": self.best_val}
+        return {
+            "epoch": self.epoch,
+            "graph": self.graph.to_dict(),
+            "config": self.cfg.to_dict(),
+            # Copies: a fused node's tensors are views of its group's stacks, which torch.save would write whole.
+            "models": {
+                k: {n: v.clone() for n, v in uncompiled(m).state_dict().items()}
+                for k, m in self.models.items()
+            },
+            "optimizer": plain_lrs(self.optimizer.state_dict()) if self.optimizer else None,
+            "scheduler": plain_schedule(self.scheduler.state_dict()) if self.scheduler else None,
+            "scaler": self.scaler.state_dict(),
+            "best_val": self.best_val,
+        }
 
     def save_checkpoint(self) -> None:
         save_atomic(self.state_dict(), self.out / CHECKPOINT)
@@ -277,5 +343,8 @@ class Trainer:
 
 def epoch_line(graph: Graph, row: dict, epochs: int) -> str:
     parts = [f"{name} {row['test'][name]['acc'] * 100:.2f}%" for name in graph.nodes]
-    return (f"epoch {row['epoch']}/{epochs}  test acc: " + ", ".join(parts)
-            + f"  ({row['images_per_s']:.0f} img/s, {row['time_s']:.1f}s)")
+    return (
+        f"epoch {row['epoch']}/{epochs}  test acc: "
+        + ", ".join(parts)
+        + f"  ({row['images_per_s']:.0f} img/s, {row['time_s']:.1f}s)"
+    )

@@ -3,6 +3,7 @@
 A `Graph` is immutable once loaded; every error is a `GraphError` whose one-line message names the
 offending field, so the command line can print it as it is.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,13 +12,28 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ktfast.graph.gates import GAMMA_GATES, GATE_NAMES, WARMUP_GATES
 from ktfast.graph.fields import GraphError, no_unknown_keys, typed
-from ktfast.graph.nodes import LABEL, REDUCES, USER_CODE, EnsembleNode, ModelNode, branch_count, parse_node
+from ktfast.graph.gates import GAMMA_GATES, GATE_NAMES, WARMUP_GATES
 from ktfast.graph.loss_kinds import ATTENTION_TERMS, LABEL_TERMS, LOSS_TERMS, TEMPERED_TERMS, TEMPERED_TEXT
+from ktfast.graph.nodes import LABEL, REDUCES, USER_CODE, EnsembleNode, ModelNode, branch_count, parse_node
 
-__all__ = ["ATTENTION_TERMS", "GAMMA_GATES", "GATES", "LABEL", "LOSS_TERMS", "REDUCES", "TEMPERED_TERMS",
-           "USER_CODE", "Edge", "EnsembleNode", "Graph", "GraphError", "ModelNode", "branch_count", "owner"]
+__all__ = [
+    "ATTENTION_TERMS",
+    "GAMMA_GATES",
+    "GATES",
+    "LABEL",
+    "LOSS_TERMS",
+    "REDUCES",
+    "TEMPERED_TERMS",
+    "USER_CODE",
+    "Edge",
+    "EnsembleNode",
+    "Graph",
+    "GraphError",
+    "ModelNode",
+    "branch_count",
+    "owner",
+]
 
 # The loss kinds and the gates are the rows of `ktfast.graph.loss_kinds` and `ktfast.graph.gates`; their names here
 # are the graph file's vocabulary.
@@ -27,8 +43,21 @@ DEFAULT_CROPS = (3, 5)
 
 _BRANCH_ADDRESS = re.compile(r"^(.+)\.b(\d+)$")
 _GRAPH_KEYS = {"version", "name", "target", "nodes", "edges", "description"}
-_EDGE_KEYS = {"from", "to", "loss", "gate", "temperature", "weight", "crops", "soften", "gamma", "alpha", "beta",
-              "standardize", "warmup"}
+_EDGE_KEYS = {
+    "from",
+    "to",
+    "loss",
+    "gate",
+    "temperature",
+    "weight",
+    "crops",
+    "soften",
+    "gamma",
+    "alpha",
+    "beta",
+    "standardize",
+    "warmup",
+}
 
 
 @dataclass(frozen=True)
@@ -87,7 +116,7 @@ class Graph:
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
-    def load(cls, path) -> "Graph":
+    def load(cls, path) -> Graph:
         path = Path(path)
         try:
             text = path.read_text()
@@ -102,7 +131,7 @@ class Graph:
         return cls.from_dict(data, default_name=path.stem, base=path.resolve().parent)
 
     @classmethod
-    def from_dict(cls, data, default_name: str = "graph", base: Path | None = None) -> "Graph":
+    def from_dict(cls, data, default_name: str = "graph", base: Path | None = None) -> Graph:
         """`base`: the folder that a `py:` model's relative `.py` file is relative to (the graph
         file's; the working directory when None). The graph holds such files as absolute paths."""
         if not isinstance(data, dict):
@@ -147,7 +176,9 @@ class Graph:
                 init = n["init"]
                 if frozen and init == "scratch":
                     init = "pretrained"  # a frozen node is a teacher: it must have learnt something
-                nodes[n["name"]] = ModelNode(n["name"], n["model"], init, frozen, n["lr_scale"], n["attention"])
+                nodes[n["name"]] = ModelNode(
+                    n["name"], n["model"], init, frozen, n["lr_scale"], n["attention"]
+                )
             else:
                 nodes[n["name"]] = EnsembleNode(n["name"], tuple(n["ensemble"]), n["reduce"], n["detach"])
         return cls(version, name, target, nodes, edges, description)
@@ -195,10 +226,16 @@ class Graph:
                 if n.attention is not None:
                     nodes[-1]["attention"] = n.attention
             else:
-                nodes.append({"name": n.name, "ensemble": list(n.members), "reduce": n.reduce,
-                              "detach": n.detach})
-        d = {"version": self.version, "name": self.name, "target": self.target, "nodes": nodes,
-             "edges": [e.to_dict() for e in self.edges]}
+                nodes.append(
+                    {"name": n.name, "ensemble": list(n.members), "reduce": n.reduce, "detach": n.detach}
+                )
+        d = {
+            "version": self.version,
+            "name": self.name,
+            "target": self.target,
+            "nodes": nodes,
+            "edges": [e.to_dict() for e in self.edges],
+        }
         if self.description:
             d["description"] = self.description
         return d
@@ -241,7 +278,9 @@ def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
     if len(set(terms)) != len(terms):
         raise GraphError(f"{where}.loss: {loss!r} repeats a term")
     if source == LABEL and "dkd" in terms:
-        raise GraphError(f"{where}.loss: 'dkd' decouples a teacher's logits around the label, and 'label' has none")
+        raise GraphError(
+            f"{where}.loss: 'dkd' decouples a teacher's logits around the label, and 'label' has none"
+        )
     if any(t in LABEL_TERMS for t in terms) != (source == LABEL) or (source == LABEL and len(terms) != 1):
         label_loss = " or ".join(map(repr, LABEL_TERMS))
         raise GraphError(f"{where}.loss: {label_loss} is the loss of edges from 'label', and only it")
@@ -282,21 +321,37 @@ def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
         dkd[key] = float(value)
     standardize = typed(raw, "standardize", bool, where, default=False)
     if standardize and not any(t in TEMPERED_TERMS for t in terms):
-        raise GraphError(f"{where}.standardize: only a {TEMPERED_TEXT} term sees standardized logits, "
-                         f"and loss {loss!r} has none")
+        raise GraphError(
+            f"{where}.standardize: only a {TEMPERED_TEXT} term sees standardized logits, "
+            f"and loss {loss!r} has none"
+        )
     warmup = typed(raw, "warmup", float, where, default=None)
     if gate in WARMUP_GATES:
         if warmup is None:
-            raise GraphError(f"{where}.warmup: the {gate} gate needs the fraction of the run it warms up over "
-                             "(0 < w <= 1)")
+            raise GraphError(
+                f"{where}.warmup: the {gate} gate needs the fraction of the run it warms up over (0 < w <= 1)"
+            )
         if not math.isfinite(warmup) or not 0 < warmup <= 1:
             raise GraphError(f"{where}.warmup: must be in (0, 1], got {warmup}")
         warmup = float(warmup)
     elif warmup is not None:
         takers = " and ".join(WARMUP_GATES)
         raise GraphError(f"{where}.warmup: only the {takers} gate takes it, not gate {gate!r}")
-    return Edge(source, target, loss, gate, float(temperature), float(weight), tuple(crops), soften, float(gamma),
-                dkd["alpha"], dkd["beta"], standardize, warmup)
+    return Edge(
+        source,
+        target,
+        loss,
+        gate,
+        float(temperature),
+        float(weight),
+        tuple(crops),
+        soften,
+        float(gamma),
+        dkd["alpha"],
+        dkd["beta"],
+        standardize,
+        warmup,
+    )
 
 
 def owner(endpoint: str) -> str:

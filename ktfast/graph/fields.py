@@ -1,5 +1,6 @@
 """Reading the fields of a graph file (docs/ARCHITECTURE.md §1): each bad field is a `GraphError` whose one-line
 message names it, so the command line can print it as it is."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,14 @@ def typed(obj: dict, key: str, kind, where: str, default=...):
     else:
         ok = isinstance(value, kind)
     if not ok:
-        names = {str: "a string", list: "a list", bool: "true or false", dict: "an object",
-                 float: "a number", int: "a number"}
+        names = {
+            str: "a string",
+            list: "a list",
+            bool: "true or false",
+            dict: "an object",
+            float: "a number",
+            int: "a number",
+        }
         raise GraphError(f"{where}.{key}: expected {names[kind]}, got {json.dumps(value)}")
     return value
 

@@ -7,10 +7,11 @@ table, the reference and the kernel to each other for every row.
 [B] tensor. `param` is the edge's value of the field the gate reads (`gamma` or `warmup`; None for
 gates that read none), z_s the source's logits (None for the label, which is always right).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,19 @@ def _correct(z_s, labels):
     return (z_s.detach().argmax(1) == labels).float()
 
 
-GATES = {g.name: g for g in (
-    Gate("through", 0, lambda k, n, p, z_s, y: 1.0, searched=True),
-    Gate("cutoff", None, None, searched=True),
-    Gate("linear", 1, lambda k, n, p, z_s, y: k / n, timed=True, searched=True),
-    Gate("correct", 2, lambda k, n, p, z_s, y: _correct(z_s, y), searched=True),
-    Gate("negative_linear", 3, lambda k, n, p, z_s, y: 1 - k / n, timed=True),
-    Gate("gamma", 4, lambda k, n, p, z_s, y: (k / n) ** (1 / p), "gamma", timed=True),
-    Gate("negative_gamma", 5, lambda k, n, p, z_s, y: (1 - k / n) ** (1 / p), "gamma", timed=True),
-    Gate("warmup", 6, lambda k, n, p, z_s, y: min(1.0, k / (p * n)), "warmup", timed=True),
-)}
+GATES = {
+    g.name: g
+    for g in (
+        Gate("through", 0, lambda k, n, p, z_s, y: 1.0, searched=True),
+        Gate("cutoff", None, None, searched=True),
+        Gate("linear", 1, lambda k, n, p, z_s, y: k / n, timed=True, searched=True),
+        Gate("correct", 2, lambda k, n, p, z_s, y: _correct(z_s, y), searched=True),
+        Gate("negative_linear", 3, lambda k, n, p, z_s, y: 1 - k / n, timed=True),
+        Gate("gamma", 4, lambda k, n, p, z_s, y: (k / n) ** (1 / p), "gamma", timed=True),
+        Gate("negative_gamma", 5, lambda k, n, p, z_s, y: (1 - k / n) ** (1 / p), "gamma", timed=True),
+        Gate("warmup", 6, lambda k, n, p, z_s, y: min(1.0, k / (p * n)), "warmup", timed=True),
+    )
+}
 
 GATE_NAMES = tuple(GATES)
 GAMMA_GATES = tuple(g.name for g in GATES.values() if g.param == "gamma")  # the gates that read `gamma`

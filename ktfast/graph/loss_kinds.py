@@ -6,10 +6,11 @@ reference and the kernels to each other for every row.
 
 Every per-sample loss detaches its source, so the gradient reaches only the target.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -66,8 +67,14 @@ def standardize(z: torch.Tensor) -> torch.Tensor:
     return centred / (STANDARDIZE_EPS + std)
 
 
-def dkd(z_s: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-        alpha: float = 1.0, beta: float = 8.0) -> torch.Tensor:
+def dkd(
+    z_s: torch.Tensor,
+    z_t: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+) -> torch.Tensor:
     """Decoupled KD (Zhao et al., CVPR 2022): α·TCKD + β·NCKD at temperature T, × T².
 
     TCKD is the KL of the binary distributions (p_y, 1 − p_y); NCKD the KL of the softmax over the
@@ -85,7 +92,9 @@ def dkd(z_s: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, temperature:
         lse_other = torch.logsumexp(z.masked_fill(y, -float("inf")), 1)
         d = lse_other - (z * y).sum(1)
         zero = torch.zeros_like(d)
-        log_bin = -torch.stack([torch.logaddexp(zero, d), torch.logaddexp(zero, -d)], 1)  # log p_y, log(1 − p_y)
+        log_bin = -torch.stack(
+            [torch.logaddexp(zero, d), torch.logaddexp(zero, -d)], 1
+        )  # log p_y, log(1 − p_y)
         # log of the softmax over j ≠ y; 0 at y, not −lse_other, whose exp overflows (lse_other ≪ 0
         # at logits of ±1e4) and would make the masked product's gradient 0 · inf = NaN.
         log_other = (z - lse_other[:, None]).masked_fill(y, 0.0)
@@ -168,16 +177,19 @@ class LossKind:
     label: bool = False  # the loss of edges from the label, and their only one
 
 
-LOSS_KINDS = {k.name: k for k in (
-    LossKind("ce", 1, lambda e, s, t, y: ce(t, y), label=True),
-    LossKind("kl", 2, lambda e, s, t, y: kl(s, t, e.temperature, e.soften), tempered=True),
-    LossKind("cos", 4, lambda e, s, t, y: cos(s, t)),
-    LossKind("mse", 8, lambda e, s, t, y: mse(s, t)),
-    LossKind("att_mse", 1, lambda e, s, t, y: att_mse(s, t, e.crops), attention=True),
-    LossKind("att_cos", 2, lambda e, s, t, y: att_cos(s, t, e.crops), attention=True),
-    LossKind("dkd", 16, lambda e, s, t, y: dkd(s, t, y, e.temperature, e.alpha, e.beta), tempered=True),
-    LossKind("dist", 32, lambda e, s, t, y: dist(s, t, e.temperature), tempered=True),
-)}
+LOSS_KINDS = {
+    k.name: k
+    for k in (
+        LossKind("ce", 1, lambda e, s, t, y: ce(t, y), label=True),
+        LossKind("kl", 2, lambda e, s, t, y: kl(s, t, e.temperature, e.soften), tempered=True),
+        LossKind("cos", 4, lambda e, s, t, y: cos(s, t)),
+        LossKind("mse", 8, lambda e, s, t, y: mse(s, t)),
+        LossKind("att_mse", 1, lambda e, s, t, y: att_mse(s, t, e.crops), attention=True),
+        LossKind("att_cos", 2, lambda e, s, t, y: att_cos(s, t, e.crops), attention=True),
+        LossKind("dkd", 16, lambda e, s, t, y: dkd(s, t, y, e.temperature, e.alpha, e.beta), tempered=True),
+        LossKind("dist", 32, lambda e, s, t, y: dist(s, t, e.temperature), tempered=True),
+    )
+}
 
 LOSS_TERMS = tuple(LOSS_KINDS)
 ATTENTION_TERMS = tuple(k.name for k in LOSS_KINDS.values() if k.attention)

@@ -1,5 +1,6 @@
 """The nodes of a graph file (docs/ARCHITECTURE.md §1, §3): model and ensemble nodes, parsed and checked one by one;
 `ktfast.graph` checks how they relate."""
+
 from __future__ import annotations
 
 import json
@@ -89,12 +90,15 @@ def parse_node(raw, index: int, base: Path | None = None) -> dict:
     init = raw.get("init", "scratch")
     if isinstance(init, dict):
         if set(init) != {"checkpoint"} or not isinstance(init["checkpoint"], str):
-            raise GraphError(f"{where}.init: expected \"scratch\", \"pretrained\", \"zoo\" or "
-                             f"{{\"checkpoint\": path}}")
+            raise GraphError(
+                f'{where}.init: expected "scratch", "pretrained", "zoo" or {{"checkpoint": path}}'
+            )
     elif init == "zoo":
         if ":" not in model:
-            raise GraphError(f"{where}.init: \"zoo\" loads the published weights of a timm: or torchvision: "
-                             f"model, and {model!r} is not one")
+            raise GraphError(
+                f'{where}.init: "zoo" loads the published weights of a timm: or torchvision: '
+                f"model, and {model!r} is not one"
+            )
     elif init not in ("scratch", "pretrained"):
         raise GraphError(f"{where}.init: unknown init {json.dumps(init)}")
     lr_scale = typed(raw, "lr_scale", float, where, default=1.0)
@@ -102,6 +106,8 @@ def parse_node(raw, index: int, base: Path | None = None) -> dict:
         raise GraphError(f"{where}.lr_scale: must be > 0, got {lr_scale}")
     attention = typed(raw, "attention", str, where, default=None)
     if attention is not None and (not attention or branch_count(model)):
-        raise GraphError(f"{where}.attention: " + ("empty" if not attention else
-                                                   f"a branch model ({model}) has no attention layer to name"))
+        raise GraphError(
+            f"{where}.attention: "
+            + ("empty" if not attention else f"a branch model ({model}) has no attention layer to name")
+        )
     return {"name": name, "model": model, "init": init, "lr_scale": float(lr_scale), "attention": attention}

@@ -10,6 +10,7 @@ never overlap. Two ways around it, chosen by `ktfast search --pack`:
   itself (private pipe and log folders, stopped on exit, Ctrl-C included): MPS runs the kernels of
   all its clients at once. Where it cannot run, one line says why and the processes go on without it.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -76,6 +77,7 @@ class Slots:
         def one_at_a_time(*args, **kwargs):
             with lock:
                 return fn(*args, **kwargs)
+
         return one_at_a_time
 
     @contextmanager
@@ -120,12 +122,16 @@ class MPSDaemon:
         self._exe: str | None = None  # set while a daemon of ours runs
         self._daemon_env: dict[str, str] = {}
 
-    def __enter__(self) -> "MPSDaemon":
+    def __enter__(self) -> MPSDaemon:
         self.why = self._start()
         if self.why is not None:
             self._cleanup()
-            print(f"ktfast: CUDA MPS cannot run here ({self.why}): the {self.trials_per_gpu} trials of each GPU run "
-                  f"as separate processes, time-sliced", file=sys.stderr, flush=True)
+            print(
+                f"ktfast: CUDA MPS cannot run here ({self.why}): the {self.trials_per_gpu} trials of each GPU run "
+                f"as separate processes, time-sliced",
+                file=sys.stderr,
+                flush=True,
+            )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -145,7 +151,9 @@ class MPSDaemon:
         if why is not None:
             self._exe = None  # nothing to stop
             return f"{MPS_CONTROL} -d: {why}"
-        probe_env = dict(self._daemon_env, **({"CUDA_VISIBLE_DEVICES": self.gpu} if self.gpu is not None else {}))
+        probe_env = dict(
+            self._daemon_env, **({"CUDA_VISIBLE_DEVICES": self.gpu} if self.gpu is not None else {})
+        )
         why = _call([sys.executable, "-c", PROBE], probe_env, root / "probe.out")
         if why is not None:
             return f"the daemon started, but a CUDA client could not connect: {why}"
@@ -158,8 +166,11 @@ class MPSDaemon:
             self._exe = None
             if why is not None:  # its folders stay: the pipe is the only way to stop it
                 pipe = self._daemon_env["CUDA_MPS_PIPE_DIRECTORY"]
-                print(f"ktfast: could not stop the MPS daemon ({why}); stop it with: echo quit | "
-                      f"CUDA_MPS_PIPE_DIRECTORY={pipe} {MPS_CONTROL}", file=sys.stderr)
+                print(
+                    f"ktfast: could not stop the MPS daemon ({why}); stop it with: echo quit | "
+                    f"CUDA_MPS_PIPE_DIRECTORY={pipe} {MPS_CONTROL}",
+                    file=sys.stderr,
+                )
                 self._root = None
         if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
@@ -172,8 +183,16 @@ def _call(cmd: list[str], env: dict, out: Path, stdin: str | None = None) -> str
     try:
         with open(out, "w+") as f:
             given = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
-            run = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=TIMEOUT_S, text=True,
-                                 start_new_session=True, **given)  # Ctrl-C is the launcher's to handle
+            run = subprocess.run(
+                cmd,
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                timeout=TIMEOUT_S,
+                text=True,
+                start_new_session=True,
+                **given,
+            )  # Ctrl-C is the launcher's to handle
             if run.returncode == 0:
                 return None
             f.seek(0)

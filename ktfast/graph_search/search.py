@@ -17,6 +17,7 @@ search and T is reached exactly. A trial whose worker died is failed and queued 
 graph: through Optuna's heartbeats for SQLite and PostgreSQL; for a journal file (Optuna 5 has no
 heartbeat there) by the workers of the same machine, which see that the process is gone.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,11 +38,11 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from ktfast.config import TrainConfig
+from ktfast.engine.run import make_trainer
+from ktfast.engine.trainer import NonFiniteLoss
 from ktfast.graph import GAMMA_GATES, LABEL, TEMPERED_TERMS, Graph
 from ktfast.graph_search.packing import MPSDaemon, Slots
-from ktfast.engine.run import make_trainer
 from ktfast.graph_search.study import is_journal, make_pruner, make_sampler, open_storage, requeue, shown
-from ktfast.engine.trainer import NonFiniteLoss
 
 DEFAULT_MODELS = ("resnet32", "resnet110", "wrn28_2")
 OBJECTIVES = ("target", "ensemble")
@@ -60,7 +61,9 @@ STANDARDIZE = ("off", "on", "search")  # `standardize` on the edges whose loss h
 POLL_S = 1.0
 # A worker's program. Not `python -m`: importing ktfast (its API) imports this module, and runpy
 # would then run a second copy of it.
-WORKER = "import json, sys; from ktfast.graph_search.search import run_worker; run_worker(json.loads(sys.argv[1]))"
+WORKER = (
+    "import json, sys; from ktfast.graph_search.search import run_worker; run_worker(json.loads(sys.argv[1]))"
+)
 
 
 # ---- the search space ----------------------------------------------------------------------------
@@ -79,12 +82,19 @@ class Space:
     weights: tuple[float, float] | None = None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Space":
+    def from_dict(cls, d: dict) -> Space:
         losses, temperatures, weights = d["losses"], d.get("temperatures"), d.get("weights")
-        return cls(d["nodes"], d["target_model"], tuple(d["models"]), tuple(d["gates"]),
-                   tuple(losses) if losses is not None else None, d["objective"], d.get("standardize", "off"),
-                   tuple(temperatures) if temperatures is not None else None,
-                   tuple(weights) if weights is not None else None)
+        return cls(
+            d["nodes"],
+            d["target_model"],
+            tuple(d["models"]),
+            tuple(d["gates"]),
+            tuple(losses) if losses is not None else None,
+            d["objective"],
+            d.get("standardize", "off"),
+            tuple(temperatures) if temperatures is not None else None,
+            tuple(weights) if weights is not None else None,
+        )
 
     # Fields left out of to_dict at these values, as studies made before them recorded nothing: such a
     # study can still be joined, and a mismatch is told with the value the field stands for.
@@ -108,7 +118,9 @@ class Space:
     def sample(self, trial: optuna.Trial, name: str) -> dict:
         """The graph file of one trial; every edge is listed, cut off or not."""
         nodes = [{"name": TARGET, "model": self.target_model}]
-        nodes += [{"name": n, "model": trial.suggest_categorical(f"model {n}", self.models)} for n in self.names[1:]]
+        nodes += [
+            {"name": n, "model": trial.suggest_categorical(f"model {n}", self.models)} for n in self.names[1:]
+        ]
         edges = []
         for s, t in self.edges():
             gate = trial.suggest_categorical(f"gate {s}->{t}", self.gates)
@@ -140,14 +152,18 @@ class Space:
             fields["alpha"] = 1.0
             fields["beta"] = trial.suggest_categorical(f"beta {s}->{t}", BETAS)
         if any(term in TEMPERED_TERMS for term in terms):
-            fields["standardize"] = (trial.suggest_categorical(f"standardize {s}->{t}", (False, True))
-                                     if self.standardize == "search" else self.standardize == "on")
+            fields["standardize"] = (
+                trial.suggest_categorical(f"standardize {s}->{t}", (False, True))
+                if self.standardize == "search"
+                else self.standardize == "on"
+            )
         return fields
 
     def allows_standardize(self) -> bool:
         """Whether any edge of the space may have a loss that `standardize` changes (label edges never do)."""
-        return self.nodes > 1 and any(term in TEMPERED_TERMS for loss in self.losses or ("kl",)
-                                      for term in loss.split("+"))
+        return self.nodes > 1 and any(
+            term in TEMPERED_TERMS for loss in self.losses or ("kl",) for term in loss.split("+")
+        )
 
 
 # ---- trials of dead workers ----------------------------------------------------------------------
@@ -197,8 +213,11 @@ def objective(trial: optuna.Trial, space: Space, cfg: TrainConfig, trials: int) 
     study = trial.study
     trial.set_user_attr("worker", worker_tag())
     # Workers that start at the same moment may together pass --trials; the later ones give way.
-    ahead = [t for t in study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING))
-             if t.number < trial.number]
+    ahead = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(*COUNTED, TrialState.RUNNING))
+        if t.number < trial.number
+    ]
     if len(ahead) >= trials:
         _skip(trial, "surplus", f"{trials} trials were already finished or running")
     spec = space.sample(trial, f"{study.study_name}-trial{trial.number}")
@@ -206,7 +225,9 @@ def objective(trial: optuna.Trial, space: Space, cfg: TrainConfig, trials: int) 
     graph = Graph.from_dict(spec)
     if space.objective == "target" and graph.nodes[TARGET].frozen:
         # The reference code raised an error for such a graph (its trial FAILED) and drew the next one.
-        _skip(trial, "frozen target", f"every edge into {TARGET} is cut off: it would be a pre-trained teacher")
+        _skip(
+            trial, "frozen target", f"every edge into {TARGET} is cut off: it would be a pre-trained teacher"
+        )
     quiet = lambda _: None  # noqa: E731
 
     def report(epoch: int, row: dict) -> None:
@@ -221,8 +242,15 @@ def objective(trial: optuna.Trial, space: Space, cfg: TrainConfig, trials: int) 
         trainer = make_trainer(graph, cfg, out=None, log=quiet, progress=False)
         # What the trial trains on and is scored on, as its loaders hold them (the test set is never one).
         train, scored = trainer.train_loader, trainer.eval_loader
-        trial.set_user_attr("data", {"train": train.split, "train_images": train.num_samples,
-                                     "scored_on": scored.split, "scored_images": scored.num_samples})
+        trial.set_user_attr(
+            "data",
+            {
+                "train": train.split,
+                "train_images": train.num_samples,
+                "scored_on": scored.split,
+                "scored_images": scored.num_samples,
+            },
+        )
         rows = trainer.fit(on_epoch=report)
     except NonFiniteLoss as e:  # a graph that diverges is a result of the search, not a worker's fault
         _skip(trial, "non-finite loss", str(e))
@@ -250,16 +278,21 @@ def run_worker(spec: dict) -> None:
 
 def worker_study(spec: dict, cfg: TrainConfig, slots: Slots) -> optuna.Study:
     storage = open_storage(spec["storage"], spec["heartbeat_interval"], spec["grace_period"])
-    study = optuna.load_study(study_name=spec["study"], storage=storage, sampler=make_sampler(spec["sampler"]),
-                              pruner=make_pruner(spec["pruner"], cfg.epochs, spec["min_resource"]))
+    study = optuna.load_study(
+        study_name=spec["study"],
+        storage=storage,
+        sampler=make_sampler(spec["sampler"]),
+        pruner=make_pruner(spec["pruner"], cfg.epochs, spec["min_resource"]),
+    )
     # On SQLite, Optuna reads that a queued trial (enqueued, or a retry) waits and marks it running in
     # two steps: two slots asking at once would both take it. Optuna's optimize calls study.ask.
     study.ask = slots.in_turn(study.ask)
     return study
 
 
-def trial_loop(study: optuna.Study, space: Space, cfg: TrainConfig, trials: int, journal: bool, slots: Slots,
-               stop) -> None:
+def trial_loop(
+    study: optuna.Study, space: Space, cfg: TrainConfig, trials: int, journal: bool, slots: Slots, stop
+) -> None:
     """One slot of a worker: trials one after another, until the study is done or `stop` is set."""
     while not stop.is_set():
         fail_stale(study, journal)
@@ -291,18 +324,31 @@ def _exit_text(code: int) -> str:
     return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
 
 
-def watch(study: optuna.Study, procs: list[subprocess.Popen], devices: list, trials: int, quiet: bool) -> None:
+def watch(
+    study: optuna.Study, procs: list[subprocess.Popen], devices: list, trials: int, quiet: bool
+) -> None:
     """One bar of counted trials until every worker has exited."""
+
     def postfix(trial_list):
         counts = Counter(t.state for t in trial_list)
         values = [t.value for t in trial_list if t.state == TrialState.COMPLETE]
-        return counts, {"complete": counts[TrialState.COMPLETE], "pruned": counts[TrialState.PRUNED],
-                        "failed": counts[TrialState.FAIL], "best": f"{max(values):.2%}" if values else "-"}
+        return counts, {
+            "complete": counts[TrialState.COMPLETE],
+            "pruned": counts[TrialState.PRUNED],
+            "failed": counts[TrialState.FAIL],
+            "best": f"{max(values):.2%}" if values else "-",
+        }
 
     counts, post = postfix(study.get_trials(deepcopy=False))
     done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
-    with tqdm(total=trials, initial=min(done, trials), desc="search", unit="trial", disable=quiet,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=trials,
+        initial=min(done, trials),
+        desc="search",
+        unit="trial",
+        disable=quiet,
+        dynamic_ncols=True,
+    ) as bar:
         bar.set_postfix(post)
         live = dict(enumerate(procs))
         while live:
@@ -312,7 +358,9 @@ def watch(study: optuna.Study, procs: list[subprocess.Popen], devices: list, tri
                     del live[i]
                     if p.returncode:
                         where = f"GPU {devices[i]}" if devices[i] is not None else "CPU"
-                        tqdm.write(f"worker {i} ({where}, pid {p.pid}) {_exit_text(p.returncode)}", file=sys.stderr)
+                        tqdm.write(
+                            f"worker {i} ({where}, pid {p.pid}) {_exit_text(p.returncode)}", file=sys.stderr
+                        )
             counts, post = postfix(study.get_trials(deepcopy=False))
             bar.n = min(counts[TrialState.COMPLETE] + counts[TrialState.PRUNED], trials)
             bar.set_postfix(post)
@@ -322,8 +370,9 @@ def _interrupt(*_):
     raise KeyboardInterrupt
 
 
-def run_workers(study: optuna.Study, spec: dict, devices: list[str | None], pack: str, trials: int,
-                quiet: bool) -> None:
+def run_workers(
+    study: optuna.Study, spec: dict, devices: list[str | None], pack: str, trials: int, quiet: bool
+) -> None:
     """Start the workers as `pack` says and watch them to the end; on any exit (Ctrl-C and kill
     included) the workers are stopped, then the MPS daemon."""
     per_device = len(devices) // len(set(devices))
@@ -352,20 +401,34 @@ def summary(study: optuna.Study, url: str, trials: int, top: int = 5) -> str:
     all_trials = study.get_trials(deepcopy=False)
     counts = Counter(t.state for t in all_trials)
     done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
-    reasons = Counter(t.user_attrs.get("fail_reason", "worker died or error").split(":")[0]
-                      for t in all_trials if t.state == TrialState.FAIL)
-    failed = f", {counts[TrialState.FAIL]} failed ({', '.join(f'{n} {r}' for r, n in reasons.items())})" if reasons else ""
+    reasons = Counter(
+        t.user_attrs.get("fail_reason", "worker died or error").split(":")[0]
+        for t in all_trials
+        if t.state == TrialState.FAIL
+    )
+    failed = (
+        f", {counts[TrialState.FAIL]} failed ({', '.join(f'{n} {r}' for r, n in reasons.items())})"
+        if reasons
+        else ""
+    )
     # A pruned trial's last report is the epoch at which the pruner stopped it.
-    pruned_at = Counter(max(t.intermediate_values) for t in all_trials
-                        if t.state == TrialState.PRUNED and t.intermediate_values)
+    pruned_at = Counter(
+        max(t.intermediate_values)
+        for t in all_trials
+        if t.state == TrialState.PRUNED and t.intermediate_values
+    )
     when = f" ({', '.join(f'at epoch {e}: {n}' for e, n in sorted(pruned_at.items()))})" if pruned_at else ""
-    lines = [f"{done} of {trials} trials finished: {counts[TrialState.COMPLETE]} complete, "
-             f"{counts[TrialState.PRUNED]} pruned{when}{failed}"]
+    lines = [
+        f"{done} of {trials} trials finished: {counts[TrialState.COMPLETE]} complete, "
+        f"{counts[TrialState.PRUNED]} pruned{when}{failed}"
+    ]
     best = sorted((t for t in all_trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)[:top]
     store, name = shlex.quote(shown(url)), shlex.quote(study.study_name)
     if best:
         objective = study.user_attrs.get("ktfast", {}).get("objective", "target")
-        lines.append(f"top graphs: {'ensemble' if objective == 'ensemble' else TARGET} accuracy on search_val")
+        lines.append(
+            f"top graphs: {'ensemble' if objective == 'ensemble' else TARGET} accuracy on search_val"
+        )
         lines.append(f"{'trial':>6} {'acc %':>7}  {'models':<36} {'edges on':>8}")
         for t in best:
             g = t.user_attrs["graph"]
@@ -373,7 +436,9 @@ def summary(study: optuna.Study, url: str, trials: int, top: int = 5) -> str:
             on = f"{sum(e['gate'] != 'cutoff' for e in g['edges'])}/{len(g['edges'])}"
             lines.append(f"{t.number:>6} {100 * t.value:>7.2f}  {models:<36} {on:>8}")
         lines.append(f"export the best: ktfast export --storage {store} --study {name} -o best.json")
-    lines.append(f"storage {store}, study {name}; to see it: optuna-dashboard {shlex.quote(shown(url).removeprefix('journal:'))}")
+    lines.append(
+        f"storage {store}, study {name}; to see it: optuna-dashboard {shlex.quote(shown(url).removeprefix('journal:'))}"
+    )
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ the server and carries on with the trial it is running: nothing is lost, nothing
 SQLAlchemy reconnects by itself: a connection that fails as disconnected invalidates the pool, and
 the retry opens a new one.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,7 +31,9 @@ def transient(e: BaseException | None) -> bool:
 
     while e is not None:
         # SQLite's "database is locked" is one of SQLAlchemy's OperationalErrors (sqlite3's SQLITE_BUSY)
-        if isinstance(e, (exc.OperationalError, exc.InterfaceError)) or getattr(e, "connection_invalidated", False):
+        if isinstance(e, (exc.OperationalError, exc.InterfaceError)) or getattr(
+            e, "connection_invalidated", False
+        ):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -46,6 +49,7 @@ def _root_message(e: BaseException) -> str:
 def retried(fn):
     """fn, called again after a transient error. Only the outermost storage call of a thread
     retries: the calls it makes inside would multiply the waits."""
+
     @functools.wraps(fn)
     def call(*args, **kwargs):
         if getattr(_calls, "active", False):
@@ -59,12 +63,16 @@ def retried(fn):
                     if not transient(e):
                         raise
                     delay = min(MAX_DELAY_S, FIRST_DELAY_S * 2 ** (attempt - 1)) * random.uniform(0.5, 1)
-                    print(f"ktfast: storage: {_root_message(e)}; retry {attempt} of {RETRIES} in {delay:.1f}s",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"ktfast: storage: {_root_message(e)}; retry {attempt} of {RETRIES} in {delay:.1f}s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     time.sleep(delay)
             return fn(*args, **kwargs)  # the last try: its error, if any, is the caller's
         finally:
             _calls.active = False
+
     return call
 
 
@@ -74,6 +82,10 @@ class RetryingRDBStorage(RDBStorage):
 
 # Every method, wrapped one by one: those of RDBStorage and its bases (the storage and heartbeat
 # interfaces), and the private ones that Optuna's caching layer calls directly (`_get_trials`, …).
-for _name in {n for cls in RDBStorage.__mro__ for n, f in vars(cls).items()
-              if inspect.isfunction(f) and not n.startswith("__")}:
+for _name in {
+    n
+    for cls in RDBStorage.__mro__
+    for n, f in vars(cls).items()
+    if inspect.isfunction(f) and not n.startswith("__")
+}:
     setattr(RetryingRDBStorage, _name, retried(getattr(RDBStorage, _name)))

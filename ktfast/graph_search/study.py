@@ -1,6 +1,7 @@
 """The study of a search (docs/ARCHITECTURE.md §6): its storage — an SQLite file, an Optuna journal file or a
 PostgreSQL server — opened with the retries SQLite's lock needs, the study created or joined,
 its sampler and pruner, and the re-queueing of a dead worker's trial."""
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,8 @@ import optuna
 
 from ktfast.args import UsageError
 from ktfast.config import TrainConfig, recipe_fields
-from ktfast.internals import without_asha_rungs
 from ktfast.graph_search.storage_retry import RetryingRDBStorage
+from ktfast.internals import without_asha_rungs
 
 DEFAULT_STORAGE = "sqlite:///ktfast-search.db"
 MAX_RETRY = 3  # a graph whose worker keeps dying (killed for memory, say) is given up after this
@@ -81,9 +82,13 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
             return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
         sqlite = url.startswith("sqlite")
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if sqlite else {}
-        storage = RetryingRDBStorage(_with_driver(url), engine_kwargs=engine_kwargs,
-                                     heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                                     heartbeat_stale_trial_callback=requeue if heartbeat_interval else None)
+        storage = RetryingRDBStorage(
+            _with_driver(url),
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=requeue if heartbeat_interval else None,
+        )
         if sqlite:
             _immediate_transactions(storage.engine)
         return storage
@@ -98,7 +103,9 @@ def _immediate_transactions(engine) -> None:
     storage call's read and write are one step, and the second worker reads RUNNING."""
     from sqlalchemy import event
 
-    event.listen(engine, "connect", lambda dbapi_connection, _: setattr(dbapi_connection, "isolation_level", None))
+    event.listen(
+        engine, "connect", lambda dbapi_connection, _: setattr(dbapi_connection, "isolation_level", None)
+    )
     event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
     engine.dispose()  # the connections Optuna opened while setting the storage up predate the listeners
 
@@ -107,10 +114,17 @@ def open_study(storage, name: str, space, cfg: TrainConfig, pruner: str, min_res
     """Create the study, or join it when it was made by the same search — the same space, recipe and
     pruning, since workers that prune differently would make one study of two; any other is an error."""
     try:
-        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True)
+        study = optuna.create_study(
+            storage=storage, study_name=name, direction="maximize", load_if_exists=True
+        )
     except Exception as e:
         raise UsageError(f"--study {name}: cannot create or load it: {_root_message(e)}") from None
-    mine = {**space.to_dict(), **json.loads(json.dumps(recipe(cfg))), "pruner": pruner, "min_resource": min_resource}
+    mine = {
+        **space.to_dict(),
+        **json.loads(json.dumps(recipe(cfg))),
+        "pruner": pruner,
+        "min_resource": min_resource,
+    }
     theirs = study.user_attrs.get("ktfast")
     if theirs is not None:
         theirs = {k: v for k, v in theirs.items() if k not in RETIRED or v != RETIRED[k]}
@@ -121,14 +135,18 @@ def open_study(storage, name: str, space, cfg: TrainConfig, pruner: str, min_res
     elif theirs != mine:
         key = next(k for k in {**theirs, **mine} if theirs.get(k) != mine.get(k))
         unrecorded = space.UNRECORDED_DEFAULTS.get(key)
-        raise UsageError(f"--study {name}: the study searches with {key}={theirs.get(key, unrecorded)!r}, not "
-                         f"{mine.get(key, unrecorded)!r}; re-run it as it was started, or choose another --study")
+        raise UsageError(
+            f"--study {name}: the study searches with {key}={theirs.get(key, unrecorded)!r}, not "
+            f"{mine.get(key, unrecorded)!r}; re-run it as it was started, or choose another --study"
+        )
     return study
 
 
 def make_sampler(name: str) -> optuna.samplers.BaseSampler:
     # constant_liar: parallel TPE workers do not all sample around the same running trial
-    return optuna.samplers.TPESampler(constant_liar=True) if name == "tpe" else optuna.samplers.RandomSampler()
+    return (
+        optuna.samplers.TPESampler(constant_liar=True) if name == "tpe" else optuna.samplers.RandomSampler()
+    )
 
 
 def make_pruner(name: str, epochs: int, min_resource: int = 1) -> optuna.pruners.BasePruner:
@@ -137,7 +155,9 @@ def make_pruner(name: str, epochs: int, min_resource: int = 1) -> optuna.pruners
     if name == "asha":  # the papers' ASHA: rungs at epochs m, 2m, 4m, …, the top half goes on
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource, reduction_factor=2)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=min_resource, max_resource=epochs, reduction_factor=2)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=min_resource, max_resource=epochs, reduction_factor=2
+        )
     if name == "median":
         return optuna.pruners.MedianPruner(n_warmup_steps=min_resource - 1)
     return optuna.pruners.NopPruner()
@@ -151,7 +171,10 @@ def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     lock on PostgreSQL, BEGIN IMMEDIATE on SQLite). The lock guards the trial slots of one worker, the
     look for a retry the workers of a journal file but for a window of milliseconds."""
     with _REQUEUE_LOCK:
-        if any(t.system_attrs.get("retry_history", [None])[-1] == trial.number for t in study.get_trials(deepcopy=False)):
+        if any(
+            t.system_attrs.get("retry_history", [None])[-1] == trial.number
+            for t in study.get_trials(deepcopy=False)
+        ):
             return
         trial = copy.deepcopy(trial)
         trial.system_attrs = without_asha_rungs(trial.system_attrs)
@@ -175,7 +198,9 @@ def find_study(url: str, name: str | None) -> optuna.Study:
         raise UsageError(f"--storage {shown(url)}: cannot read it: {_root_message(e)}") from None
     if name is None:
         if len(names) != 1:
-            raise UsageError(f"--study: required, the storage holds {len(names)} studies: {', '.join(names) or '-'}")
+            raise UsageError(
+                f"--study: required, the storage holds {len(names)} studies: {', '.join(names) or '-'}"
+            )
         name = names[0]
     if name not in names:
         raise UsageError(f"--study: no study {name!r} in {shown(url)}")

@@ -9,37 +9,49 @@ logits to what they return. Models of the timm and torchvision zoos are named `t
 entry-point group `ktfast.models`, in `ktfast.models.user`. A node's `"attention": "LAYER"` takes its
 attention map at that submodule instead (`ktfast.models.layer_attention`).
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, Optional
 
 import torch.nn as nn
 
+from ktfast.models import user, zoo
 from ktfast.models.abn import ABN18
 from ktfast.models.branch_resnet import BranchResNet8
 from ktfast.models.cifar_resnet import CifarResNet
 from ktfast.models.imagenet_resnet import ResNet18
-from ktfast.models.wrn import WideResNet
-from ktfast.models import user, zoo
 from ktfast.models.layer_attention import AttentionLayerError, LayerAttention
 from ktfast.models.user import UserModel, UserModelError
+from ktfast.models.wrn import WideResNet
 from ktfast.usercode import is_user_code
 
-__all__ = ["MODEL_NAMES", "AttentionLayerError", "LayerAttention", "UserModel", "UserModelError", "build_model",
-           "is_model_name", "is_user_model", "model_problem"]
+__all__ = [
+    "MODEL_NAMES",
+    "AttentionLayerError",
+    "LayerAttention",
+    "UserModel",
+    "UserModelError",
+    "build_model",
+    "is_model_name",
+    "is_user_model",
+    "model_problem",
+]
 
 # A constructor takes (num_classes, image_size).
 Constructor = Callable[[int, int], nn.Module]
 
-_FIXED: dict[str, Constructor] = {f"resnet{d}": partial(CifarResNet, d) for d in (8, 14, 20, 26, 32, 44, 56, 110)}
+_FIXED: dict[str, Constructor] = {
+    f"resnet{d}": partial(CifarResNet, d) for d in (8, 14, 20, 26, 32, 44, 56, 110)
+}
 _FIXED.update({f"resnet{d}x4": partial(CifarResNet, d, stem=32, widths=(64, 128, 256)) for d in (8, 32)})
 _FIXED["resnet18"] = ResNet18
 _FIXED["abn18"] = ABN18
 
 
-def _wrn(depth: int, k: int) -> Optional[Constructor]:
+def _wrn(depth: int, k: int) -> Constructor | None:
     if (depth - 4) % 6 or depth < 10:  # depth 4 would have no blocks at all
         return None
     return partial(WideResNet, depth, k)
@@ -47,7 +59,7 @@ def _wrn(depth: int, k: int) -> Optional[Constructor]:
 
 # Parametrised families: a full-match pattern whose integer groups go to a factory that returns the
 # constructor, or None where the numbers do not make a valid model. ([1-9] keeps names canonical.)
-_FAMILIES: list[tuple[re.Pattern, Callable[..., Optional[Constructor]]]] = [
+_FAMILIES: list[tuple[re.Pattern, Callable[..., Constructor | None]]] = [
     (re.compile(r"wrn([1-9]\d*)_([1-9]\d*)"), _wrn),
     (re.compile(r"branch([1-9]\d*)_resnet8"), lambda n: partial(BranchResNet8, n)),
 ]
@@ -56,7 +68,7 @@ _FAMILIES: list[tuple[re.Pattern, Callable[..., Optional[Constructor]]]] = [
 MODEL_NAMES: tuple[str, ...] = (*_FIXED, "wrn28_2", "branch3_resnet8")
 
 
-def _constructor(name: str) -> Optional[Constructor]:
+def _constructor(name: str) -> Constructor | None:
     if name in _FIXED:
         return _FIXED[name]
     for pattern, factory in _FAMILIES:
@@ -66,7 +78,7 @@ def _constructor(name: str) -> Optional[Constructor]:
     return None
 
 
-def model_problem(name: str) -> Optional[str]:
+def model_problem(name: str) -> str | None:
     """Why `name` names no model (one line), or None when it does."""
     if zoo.split_name(name):
         return zoo.problem(name)
@@ -86,8 +98,9 @@ def is_model_name(name: str) -> bool:
     return model_problem(name) is None
 
 
-def build_model(name: str, num_classes: int, image_size: int = 32, zoo_weights: bool = False,
-                attention: str | None = None) -> nn.Module:
+def build_model(
+    name: str, num_classes: int, image_size: int = 32, zoo_weights: bool = False, attention: str | None = None
+) -> nn.Module:
     """`zoo_weights`: a zoo model with its published weights (raises zoo.ZooError when out of reach).
     `attention`: the submodule whose output's channel mean is the attention map (raises
     AttentionLayerError); the state dict stays the plain model's. A user's model that cannot be built

@@ -18,6 +18,7 @@ pooling), trained by a second cross-entropy. It is left out here:
   product, so the map is learnt end to end (and directly by the attention edges).
 The response maps stay one per class, as in ABN, so the branch is ABN's up to the map.
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -47,17 +48,29 @@ class ABN18(nn.Module):
     def __init__(self, num_classes: int, image_size: int = 32):
         super().__init__()
         if image_size > LARGE:
-            self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
-                                      nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+                nn.BatchNorm2d(64),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, 2, 1),
+            )
         else:
-            self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, stem_stride(image_size), 1, bias=False),
-                                      nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, 64, 3, stem_stride(image_size), 1, bias=False),
+                nn.BatchNorm2d(64),
+                nn.ReLU(inplace=True),
+            )
         self.features = nn.Sequential(_stage(64, 64, 1), _stage(64, 128, 2), _stage(128, 256, 2))
         self.attention_branch = nn.Sequential(
-            _stage(256, 512, 1), nn.BatchNorm2d(512),
-            nn.Conv2d(512, num_classes, 1, bias=False), nn.BatchNorm2d(num_classes), nn.ReLU(inplace=True))
-        self.attention_map = nn.Sequential(nn.Conv2d(num_classes, 1, 3, padding=1, bias=False),
-                                           nn.BatchNorm2d(1), nn.Sigmoid())
+            _stage(256, 512, 1),
+            nn.BatchNorm2d(512),
+            nn.Conv2d(512, num_classes, 1, bias=False),
+            nn.BatchNorm2d(num_classes),
+            nn.ReLU(inplace=True),
+        )
+        self.attention_map = nn.Sequential(
+            nn.Conv2d(num_classes, 1, 3, padding=1, bias=False), nn.BatchNorm2d(1), nn.Sigmoid()
+        )
         self.perception_branch = _stage(256, 512, 2)
         self.fc = nn.Linear(512, num_classes)
         init_weights(self)

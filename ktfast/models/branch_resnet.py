@@ -4,6 +4,7 @@ The paper gives each branch its own 3×3 stem ("the branch architecture starts w
 convolution"), and its parameter counts are N times a ResNet-8's (0.08 M for one branch, 0.55 M for
 seven), so the branches share nothing: each is a CIFAR ResNet-8, and `branch1_resnet8` is `resnet8`.
 """
+
 import torch
 import torch.nn as nn
 
@@ -25,8 +26,10 @@ class BranchResNet8(nn.Module):
         self.branches = nn.ModuleList(CifarResNet(8, num_classes, image_size) for _ in range(branches))
 
     def forward(self, x, return_attention: bool = False, return_branches: bool = False):
-        outputs = [branch(x, return_attention=True) if return_attention else (branch(x), None)
-                   for branch in self.branches]
+        outputs = [
+            branch(x, return_attention=True) if return_attention else (branch(x), None)
+            for branch in self.branches
+        ]
         branch_logits = tuple(z for z, _ in outputs)
         out = (torch.stack(branch_logits).sum(0),)
         if return_attention:

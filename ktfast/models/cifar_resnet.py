@@ -3,6 +3,7 @@
 The distillation literature's wide pair, resnet8x4 and resnet32x4, is the same network as RepDistiller
 defines it (`resnet(depth, num_filters=[32, 64, 128, 256])`): a 32-channel stem, then stages of 64/128/256.
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,17 +40,28 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, num_classes: int, image_size: int = 32, stem: int = 16,
-                 widths: tuple[int, int, int] = (16, 32, 64)):
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int,
+        image_size: int = 32,
+        stem: int = 16,
+        widths: tuple[int, int, int] = (16, 32, 64),
+    ):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
         n = (depth - 2) // 6
-        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, stem_stride(image_size), 1, bias=False),
-                                  nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, stem, 3, stem_stride(image_size), 1, bias=False),
+            nn.BatchNorm2d(stem),
+            nn.ReLU(inplace=True),
+        )
         stages, cin = [], stem
         for i, width in enumerate(widths):
-            blocks = [BasicBlock(cin, width, 1 if i == 0 else 2)] + [BasicBlock(width, width, 1) for _ in range(n - 1)]
+            blocks = [BasicBlock(cin, width, 1 if i == 0 else 2)] + [
+                BasicBlock(width, width, 1) for _ in range(n - 1)
+            ]
             stages.append(nn.Sequential(*blocks))
             cin = width
         self.stages = nn.Sequential(*stages)

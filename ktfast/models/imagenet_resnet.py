@@ -2,6 +2,7 @@
 
 A subclass rather than a wrapper, so its state dict has torchvision's keys.
 """
+
 import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, ResNet

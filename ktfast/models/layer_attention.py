@@ -8,6 +8,7 @@ tensor code. The wrapper holds the network's own submodules and tensors under th
 runs the traced code on itself: its state dict is the network's (a checkpoint or the pretrain cache
 of the plain model loads as it is), and `functional_call` reaches every tensor the code reads.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -25,15 +26,22 @@ def _concrete_args(net: nn.Module) -> dict:
     """The forward's optional arguments at their defaults (the registry's `return_attention=False`):
     fx traces the plain logits path, never control flow on a proxy."""
     params = list(inspect.signature(net.forward).parameters.values())[1:]
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
 
 
 def check_layer(net: nn.Module, layer: str) -> None:
     names = [n for n, _ in net.named_modules() if n]
     if layer not in names:
         near = difflib.get_close_matches(layer, names, n=3)
-        hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else f" (it has {len(names)} named submodules)"
+        hint = (
+            f" (did you mean {', '.join(map(repr, near))}?)"
+            if near
+            else f" (it has {len(names)} named submodules)"
+        )
         raise AttentionLayerError(f"unknown attention layer {layer!r}{hint}")
 
 
@@ -54,13 +62,18 @@ class LayerAttention(nn.Module):
             # A module's name returns the output of its last operation (torchvision's convention);
             # the logits are the last node before the graph's output.
             traced = create_feature_extractor(
-                net, train_return_nodes={layer: "attention", train_nodes[-1]: "logits"},
-                eval_return_nodes={layer: "attention", eval_nodes[-1]: "logits"}, concrete_args=concrete,
-                suppress_diff_warning=True)
+                net,
+                train_return_nodes={layer: "attention", train_nodes[-1]: "logits"},
+                eval_return_nodes={layer: "attention", eval_nodes[-1]: "logits"},
+                concrete_args=concrete,
+                suppress_diff_warning=True,
+            )
         except Exception as e:  # data-dependent control flow, an untraceable call, ...
             text = str(e).strip().splitlines()
-            raise AttentionLayerError(f"cannot trace the network with torch.fx to take layer {layer!r}: "
-                                      f"{type(e).__name__}: {text[0] if text else ''}") from None
+            raise AttentionLayerError(
+                f"cannot trace the network with torch.fx to take layer {layer!r}: "
+                f"{type(e).__name__}: {text[0] if text else ''}"
+            ) from None
         traced.train(was_training)
         self.__dict__["_traced"] = traced  # not a submodule: its submodules are this module's own
         for name, module in traced.named_children():

@@ -5,6 +5,7 @@ register in the entry-point group `ktfast.models` (name -> factory).
 (a `**kwargs` catch-all does not count: torchvision's factories hand those on to the model's
 constructor). What it returns must be an `nn.Module`; `UserModel` gives it the registry's forward.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -45,8 +46,9 @@ def _factory(name: str):
     try:
         return registered(name).load()
     except Exception as e:
-        raise UserModelError(f"{name}: cannot load the entry point of group {GROUP}: "
-                             f"{usercode.first_line(e)}") from None
+        raise UserModelError(
+            f"{name}: cannot load the entry point of group {GROUP}: {usercode.first_line(e)}"
+        ) from None
 
 
 def _takes(fn, keyword: str) -> bool:
@@ -54,8 +56,10 @@ def _takes(fn, keyword: str) -> bool:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # a builtin without a signature
         return False
-    return keyword in params and params[keyword].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                          inspect.Parameter.KEYWORD_ONLY)
+    return keyword in params and params[keyword].kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
 
 
 def build(name: str, num_classes: int, image_size: int) -> nn.Module:
@@ -85,6 +89,8 @@ class UserModel(nn.Module):
         if self.own_attention:
             return self.net(x, return_attention=return_attention)
         if return_attention:
-            raise ValueError('a py: model has no attention map of its own: name the layer whose output it is '
-                             '("attention": "LAYER")')
+            raise ValueError(
+                "a py: model has no attention map of its own: name the layer whose output it is "
+                '("attention": "LAYER")'
+            )
         return self.net(x)

@@ -1,4 +1,5 @@
 """Wide ResNets (Zagoruyko & Komodakis, 2016): pre-activation blocks, widths 16, 16k, 32k, 64k, no dropout."""
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,7 +32,9 @@ class WideResNet(nn.Module):
         self.stem = nn.Conv2d(3, 16, 3, stem_stride(image_size), 1, bias=False)
         stages, cin = [], 16
         for i, width in enumerate((16 * k, 32 * k, 64 * k)):
-            blocks = [WideBlock(cin, width, 1 if i == 0 else 2)] + [WideBlock(width, width, 1) for _ in range(n - 1)]
+            blocks = [WideBlock(cin, width, 1 if i == 0 else 2)] + [
+                WideBlock(width, width, 1) for _ in range(n - 1)
+            ]
             stages.append(nn.Sequential(*blocks))
             cin = width
         self.stages = nn.Sequential(*stages)

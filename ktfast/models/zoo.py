@@ -6,6 +6,7 @@ for torchvision the input of the model's `avgpool`, taken by `torchvision.models
 `weights=True` loads the zoo's published weights (every tensor but the classifier, which is sized
 for the graph's classes): that needs the network, or the zoo's download cache.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,7 +31,7 @@ def split_name(name: str) -> tuple[str, str] | None:
     return (zoo, model) if sep and zoo in ZOOS else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _torchvision_names() -> frozenset[str]:
     import torchvision
 
@@ -45,8 +46,16 @@ def problem(name: str) -> str | None:
             return f"{name}: timm is not installed (pip install 'ktfast[timm]')"
         import timm
 
-        return None if timm.is_model(model) else f"unknown model {name!r}: timm {timm.__version__} has no {model!r}"
-    return None if model in _torchvision_names() else f"unknown model {name!r}: not a torchvision classification model"
+        return (
+            None
+            if timm.is_model(model)
+            else f"unknown model {name!r}: timm {timm.__version__} has no {model!r}"
+        )
+    return (
+        None
+        if model in _torchvision_names()
+        else f"unknown model {name!r}: not a torchvision classification model"
+    )
 
 
 def build(name: str, num_classes: int, weights: bool = False, attention: str | None = None) -> nn.Module:
@@ -66,8 +75,9 @@ def build(name: str, num_classes: int, weights: bool = False, attention: str | N
         if not weights or isinstance(e, AttentionLayerError):
             raise
         text = str(e).strip().splitlines()
-        raise ZooError(f"{name}: cannot fetch the zoo's weights (offline?): {text[0] if text else type(e).__name__}") \
-            from None
+        raise ZooError(
+            f"{name}: cannot fetch the zoo's weights (offline?): {text[0] if text else type(e).__name__}"
+        ) from None
 
 
 class TimmModel(nn.Module):
@@ -97,8 +107,9 @@ class TorchvisionModel(nn.Module):
 
         net = torchvision.models.get_model(model, weights=None, num_classes=num_classes)
         if weights:
-            _load_all_but_classifier(net, torchvision.models.get_model_weights(model).DEFAULT.get_state_dict(
-                progress=False))
+            _load_all_but_classifier(
+                net, torchvision.models.get_model_weights(model).DEFAULT.get_state_dict(progress=False)
+            )
         nodes, _ = get_graph_node_names(net)
         if attention is not None:
             check_layer(net, attention)
@@ -117,7 +128,11 @@ class TorchvisionModel(nn.Module):
                 raise ValueError("has no avgpool stage to take an attention map from")
             return self.net(x)
         out = self.net(x)
-        return (out["logits"], attention_map(out["features"], self.last_map)) if return_attention else out["logits"]
+        return (
+            (out["logits"], attention_map(out["features"], self.last_map))
+            if return_attention
+            else out["logits"]
+        )
 
 
 def attention_map(features: torch.Tensor, where: str) -> torch.Tensor:

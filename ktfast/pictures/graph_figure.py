@@ -3,12 +3,13 @@
 nodes blue and starred, ensemble nodes as hexagons, each non-cut-off edge an arrow labelled with
 its loss and gate (and T, weight where not 1), and with a run, each node's final test accuracy
 in parentheses. matplotlib is imported inside the functions that draw."""
+
 from __future__ import annotations
 
 import math
 
-from ktfast.graph.gates import GAMMA_GATES
 from ktfast.graph import LABEL, EnsembleNode, Graph, owner
+from ktfast.graph.gates import GAMMA_GATES
 
 # Colours of the papers' figures: red target, blue pre-trained (frozen) source; ensembles get a
 # colour of their own since the ensemble paper's red ensemble node is also its search target.
@@ -58,8 +59,9 @@ def _edge_text(edge) -> str:
     gamma = f" γ={edge.gamma:g}" if edge.gate in GAMMA_GATES else ""
     lines = [f"{edge.loss} · {edge.gate}{gamma}"]
     soften = " (source)" if edge.soften == "source" else ""  # only the source's logits divided by T
-    extras = ([f"T={edge.temperature:g}{soften}"] * (edge.temperature != 1.0 or bool(soften))
-              + [f"w={edge.weight:g}"] * (edge.weight != 1.0))
+    extras = [f"T={edge.temperature:g}{soften}"] * (edge.temperature != 1.0 or bool(soften)) + [
+        f"w={edge.weight:g}"
+    ] * (edge.weight != 1.0)
     if extras:
         lines.append(", ".join(extras))
     if "." in edge.source or "." in edge.target:  # which branches of a multi-branch node it joins
@@ -84,8 +86,10 @@ def graph_figure(graph: Graph, accuracies: dict[str, float] | None = None, title
     pos = _layout(graph)
     # Ensemble nodes are defined in lines under the title: lines from every member would cross
     # the whole graph.
-    captions = [f"{e.name} = {e.reduce}({', '.join(e.members)})" + ("" if e.detach else ", trains its members")
-                for e in graph.ensemble_nodes]
+    captions = [
+        f"{e.name} = {e.reduce}({', '.join(e.members)})" + ("" if e.detach else ", trains its members")
+        for e in graph.ensemble_nodes
+    ]
     fig, ax, total = _canvas(graph, pos, len(captions))
     patches = _draw_nodes(ax, graph, pos, accuracies)
     _draw_edges(ax, graph, pos, patches)
@@ -125,16 +129,30 @@ def _draw_nodes(ax, graph: Graph, pos: dict, accuracies: dict | None) -> dict:
     patches = {}
     for name, xy in pos.items():
         ensemble = name != LABEL and isinstance(graph.nodes[name], EnsembleNode)
-        style = dict(facecolor=_node_fill(graph, name), edgecolor="black", zorder=3,
-                     linewidth=2.5 if name == graph.target else 1.2)
-        patch = (RegularPolygon(xy, 6, radius=NODE_RADIUS * 1.1, **style) if ensemble
-                 else Circle(xy, NODE_RADIUS, **style))
+        style = dict(
+            facecolor=_node_fill(graph, name),
+            edgecolor="black",
+            zorder=3,
+            linewidth=2.5 if name == graph.target else 1.2,
+        )
+        patch = (
+            RegularPolygon(xy, 6, radius=NODE_RADIUS * 1.1, **style)
+            if ensemble
+            else Circle(xy, NODE_RADIUS, **style)
+        )
         ax.add_patch(patch)
         patches[name] = patch
         acc = accuracies.get(name) if accuracies else None
         text = _node_text(graph, name, acc)
-        ax.text(*xy, text, ha="center", va="center", fontsize=_fitting_size(text), zorder=4,
-                fontweight="bold" if name == graph.target else "normal")
+        ax.text(
+            *xy,
+            text,
+            ha="center",
+            va="center",
+            fontsize=_fitting_size(text),
+            zorder=4,
+            fontweight="bold" if name == graph.target else "normal",
+        )
     return patches
 
 
@@ -148,8 +166,15 @@ def _draw_edges(ax, graph: Graph, pos: dict, patches: dict) -> None:
         s, t = owner(edge.source), owner(edge.target)
         colour = "dimgrey" if edge.source == LABEL else "black"
         # A white box under the label interrupts the arcs it lies on, and keeps it readable.
-        text_style = dict(ha="center", va="center", fontsize=EDGE_FONT, color=colour, zorder=5, rotation_mode="anchor",
-                          bbox=dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none", alpha=0.85))
+        text_style = dict(
+            ha="center",
+            va="center",
+            fontsize=EDGE_FONT,
+            color=colour,
+            zorder=5,
+            rotation_mode="anchor",
+            bbox=dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none", alpha=0.85),
+        )
         if s == t:  # e.g. a multi-branch node teaching its own branch: a loop on the outer side
             _self_loop(ax, pos[s], _edge_text(edge), colour, text_style)
             continue
@@ -159,9 +184,20 @@ def _draw_edges(ax, graph: Graph, pos: dict, patches: dict) -> None:
         parallel[(s, t)] = k + 1
         # Label edges are straight spokes: nothing flows back into the label node to tell apart.
         rad = _clear_rad(pos, s, t, (0.0 if s == LABEL else 0.18) + 0.16 * k)
-        ax.add_patch(FancyArrowPatch(pos[s], pos[t], patchA=patches[s], patchB=patches[t],
-                                     connectionstyle=f"arc3,rad={rad}", arrowstyle="-|>", mutation_scale=14,
-                                     color=colour, linewidth=1.2, zorder=2))
+        ax.add_patch(
+            FancyArrowPatch(
+                pos[s],
+                pos[t],
+                patchA=patches[s],
+                patchB=patches[t],
+                connectionstyle=f"arc3,rad={rad}",
+                arrowstyle="-|>",
+                mutation_scale=14,
+                color=colour,
+                linewidth=1.2,
+                zorder=2,
+            )
+        )
         text = _edge_text(edge)
         xy, angle = _place_label(pos, s, t, rad, text, placed)
         ax.text(*xy, text, rotation=angle, **text_style)
@@ -224,7 +260,9 @@ def _segments_distance(a, b, c, d) -> float:
 
     if side(a, b, c) * side(a, b, d) < 0 and side(c, d, a) * side(c, d, b) < 0:
         return 0.0  # they cross
-    return min(_point_segment(a, c, d), _point_segment(b, c, d), _point_segment(c, a, b), _point_segment(d, a, b))
+    return min(
+        _point_segment(a, c, d), _point_segment(b, c, d), _point_segment(c, a, b), _point_segment(d, a, b)
+    )
 
 
 def _overlap(box, placed: list, nodes) -> float:
@@ -259,10 +297,25 @@ def _self_loop(ax, centre, text: str, colour: str, text_style: dict) -> None:
     ends = []
     for sign in (1, -1):
         a = sign * math.radians(35)
-        ends.append((x + NODE_RADIUS * (ux * math.cos(a) - uy * math.sin(a)),
-                     y + NODE_RADIUS * (ux * math.sin(a) + uy * math.cos(a))))
+        ends.append(
+            (
+                x + NODE_RADIUS * (ux * math.cos(a) - uy * math.sin(a)),
+                y + NODE_RADIUS * (ux * math.sin(a) + uy * math.cos(a)),
+            )
+        )
     rad = -2.5  # negative: arc3's control point then lies outside the node (see _bezier)
-    ax.add_patch(FancyArrowPatch(*ends, connectionstyle=f"arc3,rad={rad}", arrowstyle="-|>", mutation_scale=12,
-                                 color=colour, linewidth=1.2, zorder=2, shrinkA=0, shrinkB=0))
+    ax.add_patch(
+        FancyArrowPatch(
+            *ends,
+            connectionstyle=f"arc3,rad={rad}",
+            arrowstyle="-|>",
+            mutation_scale=12,
+            color=colour,
+            linewidth=1.2,
+            zorder=2,
+            shrinkA=0,
+            shrinkB=0,
+        )
+    )
     (apex_x, apex_y), _ = _bezier(*ends, rad, 0.5)
     ax.text(apex_x + 0.2 * ux, apex_y + 0.2 * uy, text, **text_style)  # level, beyond the loop's apex

@@ -1,11 +1,12 @@
 """Pictures of runs: attention maps of every model node over sample test images, with the entropy of
 each node's prediction (Okamoto et al., Fig. 5); accuracy and loss curves of every node over the
-epochs of a run (of each seed of a run of several, with the band of mean ± std); the parameters and FLOPs of a model (the EKD paper's tables); and the writing
-of any figure, never half-done.
+epochs of a run (of each seed of a run of several, with the band of mean ± std); the parameters
+and FLOPs of a model (the EKD paper's tables); and the writing of any figure, never half-done.
 
 matplotlib is imported inside the functions that draw: the command line imports this module to
 register its commands, and `ktfast train` should not pay for matplotlib.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,9 @@ import torch.nn.functional as F
 from ktfast.args import UsageError
 from ktfast.config import TrainConfig
 from ktfast.data import dataset_info, make_loader
+from ktfast.engine.trainer import CHECKPOINT, METRICS
 from ktfast.graph import EnsembleNode, Graph
 from ktfast.models import build_model
-from ktfast.engine.trainer import CHECKPOINT, METRICS
 
 
 # ---- runs ----------------------------------------------------------------------------------
@@ -56,7 +57,9 @@ def read_seed_runs(run: Path, flag: str = "RUN") -> dict[int | None, list[dict]]
     run of one."""
     if (run / METRICS).is_file() or not run.is_dir():
         return {None: read_metrics(run, flag)}
-    seeds = sorted(int(m[1]) for d in run.iterdir() if (m := re.fullmatch(r"seed(\d+)", d.name)) and d.is_dir())
+    seeds = sorted(
+        int(m[1]) for d in run.iterdir() if (m := re.fullmatch(r"seed(\d+)", d.name)) and d.is_dir()
+    )
     if not seeds:
         read_metrics(run, flag)  # says what is missing
     return {s: read_metrics(run / f"seed{s}", flag) for s in seeds}
@@ -68,8 +71,10 @@ def check_nodes(graph: Graph, rows: list[dict], flag: str) -> None:
         for split in ("train", "test"):
             missing = [name for name in graph.nodes if name not in row.get(split, {})]
             if missing:
-                raise UsageError(f"{flag}: epoch {row.get('epoch')} has no {split} numbers of node "
-                                 f"{missing[0]!r}: a run of another graph?")
+                raise UsageError(
+                    f"{flag}: epoch {row.get('epoch')} has no {split} numbers of node "
+                    f"{missing[0]!r}: a run of another graph?"
+                )
 
 
 # ---- attention maps ------------------------------------------------------------------------
@@ -96,15 +101,21 @@ def attention_samples(run: Path, images: int) -> AttentionSamples:
     info = dataset_info(cfg.dataset, cfg.data_dir)
     loader = make_loader(cfg.dataset, "test", images, "cpu", cfg.seed, data_dir=cfg.data_dir)
     x, y = next(iter(loader))
-    out = AttentionSamples((x * loader.std + loader.mean).clamp(0, 1).permute(0, 2, 3, 1), y.tolist(), {}, {}, {})
+    out = AttentionSamples(
+        (x * loader.std + loader.mean).clamp(0, 1).permute(0, 2, 3, 1), y.tolist(), {}, {}, {}
+    )
     for node in graph.model_nodes:
         model = build_model(node.model, info.num_classes, info.image_size, attention=node.attention)
         try:
             model.load_state_dict(saved[node.name])
         except (KeyError, RuntimeError):
-            raise UsageError(f"RUN: {checkpoint} holds no {node.model} weights for node {node.name!r}") from None
+            raise UsageError(
+                f"RUN: {checkpoint} holds no {node.model} weights for node {node.name!r}"
+            ) from None
         logits, att = model.eval()(x, return_attention=True)
-        att = F.interpolate(att[:, None].float(), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        att = F.interpolate(att[:, None].float(), size=x.shape[-2:], mode="bilinear", align_corners=False)[
+            :, 0
+        ]
         low = att.amin((1, 2), keepdim=True)
         span = att.amax((1, 2), keepdim=True) - low
         out.maps[node.name] = (att - low) / span.clamp_min(1e-12)  # each map on its own [0, 1] scale
@@ -131,8 +142,11 @@ def attention_figure(samples: AttentionSamples, title: str = ""):
             pred = samples.predictions[name][i]
             ax.imshow(image)
             ax.imshow(samples.maps[name][i].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-            ax.set_title(f"{name}: {pred}, H={samples.entropies[name][i]:.2f}", fontsize=8,
-                         color="green" if pred == label else "red")
+            ax.set_title(
+                f"{name}: {pred}, H={samples.entropies[name][i]:.2f}",
+                fontsize=8,
+                color="green" if pred == label else "red",
+            )
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -154,25 +168,47 @@ def curves_figure(graph: Graph, rows: list[dict] | dict[int, list[dict]], title:
     splits = ["train", "test"] + (["val"] if all("val" in r for rs in runs.values() for r in rs) else [])
     fig = Figure(figsize=(5 * len(splits), 7), layout="constrained")
     axes = fig.subplots(2, len(splits), sharex=True)
-    epochs = [r["epoch"] for r in first[:min(len(rs) for rs in runs.values())]]
-    losses = {"train": "train loss (L_t)", "test": "test loss (cross-entropy)", "val": "val loss (cross-entropy)"}
+    epochs = [r["epoch"] for r in first[: min(len(rs) for rs in runs.values())]]
+    losses = {
+        "train": "train loss (L_t)",
+        "test": "test loss (cross-entropy)",
+        "val": "val loss (cross-entropy)",
+    }
     panels = [(s, "acc", f"{s} accuracy (%)") for s in splits] + [(s, "loss", losses[s]) for s in splits]
     for ax, (split, key, name) in zip(axes.flat, panels):
         for i, node in enumerate(graph.nodes):
-            per_seed = {s: [r[split][node][key] * (100 if key == "acc" else 1) for r in rs[:len(epochs)]]
-                        for s, rs in runs.items()}
-            style = dict(color=f"C{i % 10}", linestyle="--" if isinstance(graph.nodes[node], EnsembleNode) else "-")
+            per_seed = {
+                s: [r[split][node][key] * (100 if key == "acc" else 1) for r in rs[: len(epochs)]]
+                for s, rs in runs.items()
+            }
+            style = dict(
+                color=f"C{i % 10}", linestyle="--" if isinstance(graph.nodes[node], EnsembleNode) else "-"
+            )
             if len(runs) > 1:
                 for s, values in per_seed.items():
                     ax.plot(epochs, values, linewidth=0.7, alpha=0.35, gid=f"{node} seed {s}", **style)
                 mean = [statistics.fmean(v) for v in zip(*per_seed.values())]
                 std = [statistics.stdev(v) for v in zip(*per_seed.values())]
-                ax.fill_between(epochs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
-                                color=style["color"], alpha=0.18, linewidth=0, gid=f"{node} band")
+                ax.fill_between(
+                    epochs,
+                    [m - d for m, d in zip(mean, std)],
+                    [m + d for m, d in zip(mean, std)],
+                    color=style["color"],
+                    alpha=0.18,
+                    linewidth=0,
+                    gid=f"{node} band",
+                )
             else:
                 mean = next(iter(per_seed.values()))
-            ax.plot(epochs, mean, marker="o", markersize=3, linewidth=2.2 if node == graph.target else 1.3,
-                    label=node + (" (target)" if node == graph.target else ""), **style)
+            ax.plot(
+                epochs,
+                mean,
+                marker="o",
+                markersize=3,
+                linewidth=2.2 if node == graph.target else 1.3,
+                label=node + (" (target)" if node == graph.target else ""),
+                **style,
+            )
         # Losses span orders of magnitude early in a run; a log axis needs them positive (cosine
         # losses are similarities and can be negative).
         if key == "loss" and all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
@@ -211,7 +247,9 @@ def picture_format(path: Path, flag: str = "-o") -> str:
     fmt = path.suffix[1:].lower()
     supported = FigureCanvasAgg(Figure()).get_supported_filetypes()
     if fmt not in supported:
-        raise UsageError(f"{flag}: {path}: the name must end in one of {', '.join('.' + f for f in supported)}")
+        raise UsageError(
+            f"{flag}: {path}: the name must end in one of {', '.join('.' + f for f in supported)}"
+        )
     return fmt
 
 

@@ -5,6 +5,7 @@ evaluator (fANOVA, seeded: the same study gives the same picture); when the sear
 design of its edges (`--losses`, `--standardize`, `--temperatures`), how each loss, standardization, DKD β
 and temperature fared; and when it drew edge weights (`--weights`), each weight against the objective.
 matplotlib is imported inside the function that draws."""
+
 from __future__ import annotations
 
 import optuna
@@ -14,8 +15,12 @@ MIN_IMPORTANCE_TRIALS = 8  # complete trials: below that, fANOVA's forest ranks 
 TOP_PARAMS = 12
 COMPLETE, PRUNED = "C0", "0.55"  # colours
 # The trial parameters of an edge's loss design (ktfast.graph_search.search.Space): prefix -> row label of a value.
-CHOICE_PARAMS = {"loss ": lambda v: f"loss {v}", "standardize ": lambda v: f"standardize {'on' if v else 'off'}",
-                 "beta ": lambda v: f"dkd β {v:g}", "temperature ": lambda v: f"T {v:g}"}
+CHOICE_PARAMS = {
+    "loss ": lambda v: f"loss {v}",
+    "standardize ": lambda v: f"standardize {'on' if v else 'off'}",
+    "beta ": lambda v: f"dkd β {v:g}",
+    "temperature ": lambda v: f"T {v:g}",
+}
 WEIGHT = "weight "  # the parameter of an edge's weight, drawn log-uniformly
 
 
@@ -30,8 +35,8 @@ def importances(study: optuna.Study) -> dict[str, float] | None:
 
 def loss_choices(study: optuna.Study) -> dict[str, list[float]]:
     """{row: the objective of every complete trial, once per edge that chose it}: losses in the order
-    the search listed them, then standardize off/on, then β ascending, then T ascending. An edge is one draw of a choice:
-    a trial whose three edges chose dkd counts three times for dkd."""
+    the search listed them, then standardize off/on, then β ascending, then T ascending. An edge is
+    one draw of a choice: a trial whose three edges chose dkd counts three times for dkd."""
     listed = study.user_attrs.get("ktfast", {}).get("losses") or ()
     rows: dict[str, list[float]] = {}
     keys = {}  # row -> (kind of parameter, place in --losses, value): the order of the rows
@@ -48,7 +53,9 @@ def loss_choices(study: optuna.Study) -> dict[str, list[float]]:
 def _draw_choices(ax, study: optuna.Study) -> None:
     rows = loss_choices(study)
     if not rows:
-        ax.text(0.5, 0.5, "no complete trial chose a loss yet", ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5, 0.5, "no complete trial chose a loss yet", ha="center", va="center", transform=ax.transAxes
+        )
         ax.set_axis_off()
         return
     labels = list(rows)[::-1]  # the first row on top
@@ -62,13 +69,20 @@ def _draw_choices(ax, study: optuna.Study) -> None:
 
 def _draw_weights(ax, study: optuna.Study) -> None:
     """Each edge weight a complete trial drew against the trial's objective, on a log axis."""
-    points = [(value, 100 * t.value) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              for name, value in t.params.items() if name.startswith(WEIGHT)]
+    points = [
+        (value, 100 * t.value)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        for name, value in t.params.items()
+        if name.startswith(WEIGHT)
+    ]
     if points:
         ax.scatter(*zip(*points), color=COMPLETE, alpha=0.5, s=14, gid="weights")
     ax.set_xscale("log")
-    ax.set(xlabel="edge weight (log)", ylabel="objective (%) of complete trials",
-           title=f"edge weights, each edge that drew one ({len(points)})")
+    ax.set(
+        xlabel="edge weight (log)",
+        ylabel="objective (%) of complete trials",
+        title=f"edge weights, each edge that drew one ({len(points)})",
+    )
 
 
 def study_figure(study: optuna.Study, title: str = ""):
@@ -80,8 +94,12 @@ def study_figure(study: optuna.Study, title: str = ""):
 
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     space = study.user_attrs.get("ktfast", {})
-    chose = bool(space.get("losses")) or space.get("standardize") == "search" or bool(space.get("temperatures")) \
+    chose = (
+        bool(space.get("losses"))
+        or space.get("standardize") == "search"
+        or bool(space.get("temperatures"))
         or any(name.startswith(tuple(CHOICE_PARAMS)) for t in trials for name in t.params)
+    )
     weighed = bool(space.get("weights")) or any(name.startswith(WEIGHT) for t in trials for name in t.params)
     panels = 3 + chose + weighed
     fig = Figure(figsize=(16 + 5 * (panels - 3), 5), layout="constrained")
@@ -104,9 +122,16 @@ def _draw_by_epoch(ax, trials: list) -> None:
         epochs = sorted(t.intermediate_values)
         values = [100 * t.intermediate_values[e] for e in epochs]
         pruned = t.state == TrialState.PRUNED
-        ax.plot(epochs, values, color=PRUNED if pruned else COMPLETE, linewidth=0.8 if pruned else 1.3,
-                alpha=0.7 if pruned else 0.9, marker="x" if pruned else None, markevery=[len(epochs) - 1],
-                gid=f"trial {t.number}")
+        ax.plot(
+            epochs,
+            values,
+            color=PRUNED if pruned else COMPLETE,
+            linewidth=0.8 if pruned else 1.3,
+            alpha=0.7 if pruned else 0.9,
+            marker="x" if pruned else None,
+            markevery=[len(epochs) - 1],
+            gid=f"trial {t.number}",
+        )
     ax.set(xlabel="epoch", ylabel="objective (%)", title="each trial by epoch (grey: pruned at its rung)")
     ax.xaxis.get_major_locator().set_params(integer=True)
 
@@ -116,10 +141,17 @@ def _draw_by_trial(ax, trials: list) -> list:
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     stopped = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
     if stopped:
-        ax.scatter([t.number for t in stopped], [100 * t.intermediate_values[max(t.intermediate_values)]
-                                                 for t in stopped], color=PRUNED, marker="x", s=18,
-                   label="pruned (at its rung)")
-    ax.scatter([t.number for t in done], [100 * t.value for t in done], color=COMPLETE, s=18, label="complete")
+        ax.scatter(
+            [t.number for t in stopped],
+            [100 * t.intermediate_values[max(t.intermediate_values)] for t in stopped],
+            color=PRUNED,
+            marker="x",
+            s=18,
+            label="pruned (at its rung)",
+        )
+    ax.scatter(
+        [t.number for t in done], [100 * t.value for t in done], color=COMPLETE, s=18, label="complete"
+    )
     best, running = [], float("-inf")
     for t in done:
         running = max(running, 100 * t.value)
@@ -139,7 +171,10 @@ def _draw_importances(ax, study: optuna.Study, complete: int) -> None:
         ax.set(xlabel="importance (fANOVA)", title="parameters that matter most")
         ax.tick_params(axis="y", labelsize=8)
     else:
-        why = (f"parameter importance needs {MIN_IMPORTANCE_TRIALS} complete trials,\nthe study has {complete}"
-               if found is None else "no parameter is shared by every complete trial")
+        why = (
+            f"parameter importance needs {MIN_IMPORTANCE_TRIALS} complete trials,\nthe study has {complete}"
+            if found is None
+            else "no parameter is shared by every complete trial"
+        )
         ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
