@@ -4,7 +4,6 @@ and one backward for the logit losses of all edges, plus one each for the attent
 `fused_graph_losses` has the contract of `ktfast.losses.reference_graph_losses`, which defines
 what it must compute; tests hold the one to the other.
 """
-
 from __future__ import annotations
 
 import torch
@@ -29,9 +28,8 @@ def _linear_factor(step, total_steps):
     return factor.float().reshape(())
 
 
-def fused_graph_losses(
-    graph: Graph, logits: dict, labels, step, total_steps, attention=None, *, scratch: Scratch | None = None
-) -> dict:
+def fused_graph_losses(graph: Graph, logits: dict, labels, step, total_steps, attention=None, *,
+                       scratch: Scratch | None = None) -> dict:
     """{target: L_t}, as `ktfast.losses.reference_graph_losses`: keys loss_targets(graph), in order.
     scratch: as `fused_loss_vector`'s."""
     table = edge_table(graph, labels.device)
@@ -41,9 +39,8 @@ def fused_graph_losses(
     return dict(zip(table.targets, losses.unbind(0)))
 
 
-def fused_loss_vector(
-    graph: Graph, logits: dict, labels, step, total_steps, attention=None, scratch: Scratch | None = None
-):
+def fused_loss_vector(graph: Graph, logits: dict, labels, step, total_steps, attention=None,
+                      scratch: Scratch | None = None):
     """(L [targets], Σ_t L_t []): what `fused_graph_losses` computes, without a tensor per target.
     A step back-propagates the sum: the kernels hand it out directly, saving the launches (and the
     host time) that unbinding and summing per-target scalars cost. Targets: loss_targets(graph);
@@ -57,13 +54,8 @@ def fused_loss_vector(
     rows = [z[n] for n in table.endpoints]
     if len({r.dtype for r in rows}) > 1 or rows[0].dtype == torch.float64:  # the kernels read one dtype
         rows = [r.float() for r in rows]
-    losses, total, gates = EdgeLossFn.apply(
-        table,
-        labels.contiguous(),
-        _linear_factor(step, total_steps),
-        scratch,
-        *(r.contiguous() for r in rows),
-    )
+    losses, total, gates = EdgeLossFn.apply(table, labels.contiguous(), _linear_factor(step, total_steps), scratch,
+                                            *(r.contiguous() for r in rows))
     att = table.attention
     if att is not None:
         if attention is None:

@@ -7,7 +7,6 @@ A window is a mask over the whole map (maps are at most a few thousand pixels), 
 read once and no gather is needed. Forward: one program per sample. Backward: one per (sample,
 target map), summing the gradients of the edges into that map in registers (no atomics).
 """
-
 from __future__ import annotations
 
 import torch
@@ -64,43 +63,16 @@ def _att_edge(maps, plane, b, src, dst, kind, crops, n_crops, H, W, GRAD: tl.con
 
 
 @triton.jit
-def _att_fwd(
-    maps,
-    ints,
-    crops,
-    n_crops,
-    gates,
-    weights,
-    part_ptr,
-    A,
-    B,
-    H,
-    W,
-    NT,
-    inv_b,
-    MAX_CROPS: tl.constexpr,
-    NT_P2: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+def _att_fwd(maps, ints, crops, n_crops, gates, weights, part_ptr, A, B, H, W, NT, inv_b,
+             MAX_CROPS: tl.constexpr, NT_P2: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
     plane = B * H * W
     target_ids = tl.arange(0, NT_P2)
     part = tl.zeros([NT_P2], tl.float32)
     for a in range(A):
-        loss, _ = _att_edge(
-            maps,
-            plane,
-            b,
-            tl.load(ints + _SRC * A + a),
-            tl.load(ints + _DST * A + a),
-            tl.load(ints + _KIND * A + a),
-            crops + a * MAX_CROPS,
-            tl.load(n_crops + a),
-            H,
-            W,
-            False,
-            BLOCK,
-        )
+        loss, _ = _att_edge(maps, plane, b, tl.load(ints + _SRC * A + a), tl.load(ints + _DST * A + a),
+                            tl.load(ints + _KIND * A + a), crops + a * MAX_CROPS, tl.load(n_crops + a), H, W,
+                            False, BLOCK)
         row = tl.load(ints + _ROW * A + a)
         total = tl.load(gates + row * B + b) * loss * tl.load(weights + row) * inv_b
         part += tl.where(target_ids == tl.load(ints + _TGT * A + a), total, 0.0)
@@ -108,25 +80,8 @@ def _att_fwd(
 
 
 @triton.jit
-def _att_bwd(
-    maps,
-    ints,
-    crops,
-    n_crops,
-    gates,
-    weights,
-    grad_l,
-    grads,
-    out_ptr,
-    A,
-    B,
-    H,
-    W,
-    G,
-    inv_b,
-    MAX_CROPS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+def _att_bwd(maps, ints, crops, n_crops, gates, weights, grad_l, grads, out_ptr, A, B, H, W, G, inv_b,
+             MAX_CROPS: tl.constexpr, BLOCK: tl.constexpr):
     """out[g] = Σ_{edges a into map g} dL/dL_t · weight / B · gate · d loss_a / d map_g."""
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -135,20 +90,8 @@ def _att_bwd(
     node = tl.load(grads + g)
     acc = tl.zeros([BLOCK], tl.float32)
     for a in range(tl.load(grads + G + g), tl.load(grads + 2 * G + g)):
-        _, grad = _att_edge(
-            maps,
-            plane,
-            b,
-            tl.load(ints + _SRC * A + a),
-            node,
-            tl.load(ints + _KIND * A + a),
-            crops + a * MAX_CROPS,
-            tl.load(n_crops + a),
-            H,
-            W,
-            True,
-            BLOCK,
-        )
+        _, grad = _att_edge(maps, plane, b, tl.load(ints + _SRC * A + a), node, tl.load(ints + _KIND * A + a),
+                            crops + a * MAX_CROPS, tl.load(n_crops + a), H, W, True, BLOCK)
         row = tl.load(ints + _ROW * A + a)
         scale = tl.load(grad_l + tl.load(ints + _TGT * A + a)) * tl.load(weights + row) * inv_b
         acc += (scale * tl.load(gates + row * B + b)) * grad
@@ -167,25 +110,9 @@ class AttentionLossFn(torch.autograd.Function):
         A = table.n_crops.numel()
         part = torch.empty(B, n_targets, device=stacked.device, dtype=torch.float32)
         block, warps = plans.attention_plan(H, W)
-        _att_fwd[(B,)](
-            stacked,
-            table.ints,
-            table.crops,
-            table.n_crops,
-            gates,
-            weights,
-            part,
-            A,
-            B,
-            H,
-            W,
-            n_targets,
-            1.0 / B,
-            MAX_CROPS=table.crops.shape[1],
-            NT_P2=triton.next_power_of_2(n_targets),
-            BLOCK=block,
-            num_warps=warps,
-        )
+        _att_fwd[(B,)](stacked, table.ints, table.crops, table.n_crops, gates, weights, part, A, B, H, W, n_targets,
+                       1.0 / B, MAX_CROPS=table.crops.shape[1], NT_P2=triton.next_power_of_2(n_targets), BLOCK=block,
+                       num_warps=warps)
         ctx.save_for_backward(stacked, weights, gates)
         ctx.table = table
         return part.sum(0)
@@ -198,26 +125,9 @@ class AttentionLossFn(torch.autograd.Function):
         G = table.grads.shape[1]
         out = torch.empty(G, B, H, W, device=stacked.device, dtype=stacked.dtype)
         block, warps = plans.attention_plan(H, W)
-        _att_bwd[(B, G)](
-            stacked,
-            table.ints,
-            table.crops,
-            table.n_crops,
-            gates,
-            weights,
-            grad_l.float().contiguous(),
-            table.grads,
-            out,
-            table.n_crops.numel(),
-            B,
-            H,
-            W,
-            G,
-            1.0 / B,
-            MAX_CROPS=table.crops.shape[1],
-            BLOCK=block,
-            num_warps=warps,
-        )
+        _att_bwd[(B, G)](stacked, table.ints, table.crops, table.n_crops, gates, weights, grad_l.float().contiguous(),
+                         table.grads, out, table.n_crops.numel(), B, H, W, G, 1.0 / B,
+                         MAX_CROPS=table.crops.shape[1], BLOCK=block, num_warps=warps)
         grads = [None] * N
         for g, node in enumerate(table.grad_nodes):
             grads[node] = out[g]

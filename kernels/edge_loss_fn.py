@@ -2,7 +2,6 @@
 the logits read in place, and the autograd Function that runs the forward and the backward kernel.
 The kernels and the module constants are reached through `edge_losses`, where tests and
 benchmarks/compile_kernels.py substitute them."""
-
 from __future__ import annotations
 
 import torch
@@ -26,10 +25,8 @@ def _one_block(rows: int, block_c: int, C: int) -> bool:
 
 def _new_scratch(device: torch.device, programs: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward's partial-sum rows [programs, width] and its finish counter, at 0."""
-    return (
-        torch.empty(programs, width, device=device, dtype=torch.float32),
-        torch.zeros(1, device=device, dtype=torch.int32),
-    )
+    return (torch.empty(programs, width, device=device, dtype=torch.float32),
+            torch.zeros(1, device=device, dtype=torch.int32))
 
 
 def _capturing(device: torch.device) -> bool:
@@ -55,10 +52,8 @@ class Scratch:
         key = (device, programs, width)
         if key not in self._buffers:
             if _capturing(device):
-                raise RuntimeError(
-                    f"edge losses: the Scratch has no {programs}x{width} buffers on {device} yet, "
-                    "and a CUDA graph is being captured: run the step once before capturing it"
-                )
+                raise RuntimeError(f"edge losses: the Scratch has no {programs}x{width} buffers on {device} yet, "
+                                   "and a CUDA graph is being captured: run the step once before capturing it")
             self._buffers[key] = _new_scratch(device, programs, width)
         return self._buffers[key]
 
@@ -96,48 +91,17 @@ class EdgeLossFn(torch.autograd.Function):
         # For the backward: per edge, per slot (log-sum-exp, and over the classes other than the label),
         # per endpoint (mean, 1 / (ε + std)).
         saved = torch.empty((edge_losses.AUX * E + 2 * S + 2 * M) * B, device=device, dtype=torch.float32)
-        aux = saved[: edge_losses.AUX * E * B].view(edge_losses.AUX, E, B)
-        lse = saved[edge_losses.AUX * E * B : (edge_losses.AUX * E + 2 * S) * B].view(2, S, B)
-        mom = saved[(edge_losses.AUX * E + 2 * S) * B :].view(2, M, B)
+        aux = saved[:edge_losses.AUX * E * B].view(edge_losses.AUX, E, B)
+        lse = saved[edge_losses.AUX * E * B:(edge_losses.AUX * E + 2 * S) * B].view(2, S, B)
+        mom = saved[(edge_losses.AUX * E + 2 * S) * B:].view(2, M, B)
         from_ptr = torch.is_tensor(factor)
         edge_losses._edge_loss_fwd[(programs,)](
-            base,
-            node_stride,
-            *offsets,
-            labels,
-            0.0 if from_ptr else float(factor),
-            factor if from_ptr else out,
-            table.ints,
-            table.floats,
-            table.slot_node,
-            table.slot_inv_t,
-            table.slot_std,
-            table.node_std,
-            part,
-            count,
-            out,
-            aux,
-            lse,
-            mom,
-            B,
-            C,
-            E,
-            M,
-            S,
-            NT,
-            1.0 / B,
-            STACKED=stacked,
-            FACTOR_FROM_PTR=from_ptr,
-            ROWS=rows_per,
-            BLOCK_C=block_c,
-            M_P2=triton.next_power_of_2(M),
-            S_P2=triton.next_power_of_2(S),
-            NT_P2=width,
-            P_BLOCK=min(64, triton.next_power_of_2(programs)),
-            KINDS=table.kinds,
-            ONE_BLOCK=_one_block(rows_per, block_c, C),
-            num_warps=warps,
-        )
+            base, node_stride, *offsets, labels, 0.0 if from_ptr else float(factor), factor if from_ptr else out,
+            table.ints, table.floats, table.slot_node, table.slot_inv_t, table.slot_std, table.node_std, part, count,
+            out, aux, lse, mom, B, C, E, M, S, NT, 1.0 / B, STACKED=stacked, FACTOR_FROM_PTR=from_ptr, ROWS=rows_per,
+            BLOCK_C=block_c, M_P2=triton.next_power_of_2(M), S_P2=triton.next_power_of_2(S),
+            NT_P2=width, P_BLOCK=min(64, triton.next_power_of_2(programs)), KINDS=table.kinds,
+            ONE_BLOCK=_one_block(rows_per, block_c, C), num_warps=warps)
         ctx.save_for_backward(labels, aux, lse, mom, *logits)
         ctx.table = table
         ctx.set_materialize_grads(False)
@@ -162,35 +126,12 @@ class EdgeLossFn(torch.autograd.Function):
         base, offsets, node_stride, stacked = _link(logits)
         out = torch.empty(G, B, C, device=labels.device, dtype=logits[0].dtype)
         edge_losses._edge_loss_bwd[(programs, G)](
-            base,
-            node_stride,
-            *offsets,
-            labels,
-            aux if grad_l is None else grad_l.contiguous(),
-            aux if grad_total is None else grad_total,
-            table.ints,
-            table.floats,
-            table.grads,
-            aux,
-            lse,
-            mom,
-            out,
-            B,
-            C,
-            table.n_edges,
-            G,
-            len(logits),
-            table.n_slots,
-            1.0 / B,
-            STACKED=stacked,
-            ROWS=rows_per,
-            BLOCK_C=block_c,
-            HAS_GRAD_L=grad_l is not None,
-            HAS_GRAD_TOTAL=grad_total is not None,
-            KINDS=table.kinds,
-            ONE_BLOCK=_one_block(rows_per, block_c, C),
-            num_warps=warps,
-        )
+            base, node_stride, *offsets, labels, aux if grad_l is None else grad_l.contiguous(),
+            aux if grad_total is None else grad_total, table.ints, table.floats, table.grads,
+            aux, lse, mom, out, B, C, table.n_edges, G, len(logits), table.n_slots, 1.0 / B, STACKED=stacked,
+            ROWS=rows_per, BLOCK_C=block_c,
+            HAS_GRAD_L=grad_l is not None, HAS_GRAD_TOTAL=grad_total is not None, KINDS=table.kinds,
+            ONE_BLOCK=_one_block(rows_per, block_c, C), num_warps=warps)
         for g, n in enumerate(table.grad_nodes):
             grads[n] = out[g]
         return None, None, None, None, *grads

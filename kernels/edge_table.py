@@ -4,7 +4,6 @@ Built once per (graph, device) and cached, so a training step uploads nothing (a
 capturable in a CUDA graph). Edges are sorted by target, stably, so the edges into one node are a
 contiguous range: the backward accumulates each target's gradient in registers and stores it once.
 """
-
 from __future__ import annotations
 
 import functools
@@ -26,9 +25,7 @@ CE, KL, COS, MSE, DKD, DIST = (LOGIT_TERMS[n] for n in ("ce", "kl", "cos", "mse"
 ATT_MSE, ATT_COS = ATTENTION_TERMS["att_mse"], ATTENTION_TERMS["att_cos"]
 STD = 64  # the edge's kl, dkd and dist terms see standardized logits: a bit above every kind's
 # the terms that read softmax slots at the edge's temperature
-TEMPERED = functools.reduce(
-    operator.or_, (k.code for k in LOSS_KINDS.values() if k.tempered and not k.attention)
-)
+TEMPERED = functools.reduce(operator.or_, (k.code for k in LOSS_KINDS.values() if k.tempered and not k.attention))
 GATES = {g.name: g.code for g in GATE_ROWS.values() if g.code is not None}  # the gates' codes in the kernel
 
 # Rows of `EdgeTable.ints` [8, E]: source endpoint (-1: the label), target endpoint, loss bits, gate
@@ -56,9 +53,7 @@ class AttentionTable:
 @dataclass(frozen=True)
 class EdgeTable:
     endpoints: tuple[str, ...]  # the logits the kernels read: graph nodes, then branch addresses
-    targets: tuple[
-        str, ...
-    ]  # loss_targets(graph): the rows of the output (a branch's edges add to its node's)
+    targets: tuple[str, ...]  # loss_targets(graph): the rows of the output (a branch's edges add to its node's)
     ints: torch.Tensor  # [8, E] int32, rows as above
     floats: torch.Tensor  # [8, E] float32
     # Softmax slots: slot n < M is endpoint n's raw logits at T = 1; the rest are (endpoint, T,
@@ -66,9 +61,7 @@ class EdgeTable:
     slot_node: torch.Tensor  # [S] int32
     slot_inv_t: torch.Tensor  # [S] float32
     slot_std: torch.Tensor  # [S] int32: 1 where the slot is of standardized logits
-    node_std: (
-        torch.Tensor
-    )  # [M] int32: 1 where some slot standardizes the endpoint (its mean and std are needed)
+    node_std: torch.Tensor  # [M] int32: 1 where some slot standardizes the endpoint (its mean and std are needed)
     # Endpoints whose gradient the backward writes (targets of logit losses, detached ensembles
     # excepted): endpoint index, first edge into it, one past the last: [3, G] int32.
     grads: torch.Tensor
@@ -101,19 +94,14 @@ def edge_table(graph: Graph, device: torch.device) -> EdgeTable:
 def _endpoints(graph: Graph) -> list[str]:
     used = {n for e in graph.active_edges for n in (e.source, e.target) if n != LABEL}
     ordered = [n for n in graph.nodes if n in used]
-    branches = [
-        n for e in graph.active_edges for n in (e.source, e.target) if n in used and n not in graph.nodes
-    ]
+    branches = [n for e in graph.active_edges for n in (e.source, e.target) if n in used and n not in graph.nodes]
     return ordered + list(dict.fromkeys(branches))
 
 
 def _ranges(keys: list[int], wanted: list[int]) -> list[list[int]]:
     """For each wanted key, its first position in the sorted `keys` and one past its last."""
-    return [
-        [w for w in wanted],
-        [keys.index(w) for w in wanted],
-        [len(keys) - keys[::-1].index(w) for w in wanted],
-    ]
+    return [[w for w in wanted], [keys.index(w) for w in wanted],
+            [len(keys) - keys[::-1].index(w) for w in wanted]]
 
 
 def _build(graph: Graph, device) -> EdgeTable:
@@ -129,33 +117,17 @@ def _build(graph: Graph, device) -> EdgeTable:
         dst = index[e.target]
         kind = sum(LOGIT_TERMS[t] for t in e.terms if t in LOGIT_TERMS) | (STD if e.standardize else 0)
         trio = []
-        for node, temperature, used in (
-            (max(src, 0), e.temperature, TEMPERED),
-            (dst, _target_temperature(e), KL),
-            (dst, e.temperature, DKD | DIST),
-        ):
+        for node, temperature, used in ((max(src, 0), e.temperature, TEMPERED), (dst, _target_temperature(e), KL),
+                                        (dst, e.temperature, DKD | DIST)):
             if kind & used:
                 trio.append(slots.setdefault((node, temperature, e.standardize), len(slots)))
             else:
                 trio.append(node)
         rows.append([src, dst, kind, GATES[e.gate], *trio, targets.index(owner(e.target))])
     ints = torch.tensor(rows, dtype=torch.int32).T
-    floats = torch.tensor(
-        [
-            [
-                1 / e.temperature,
-                1 / _target_temperature(e),
-                e.temperature**2 if e.soften == "both" else 1.0,
-                e.weight,
-                _gate_arg(e),
-                e.alpha,
-                e.beta,
-                e.temperature,
-            ]
-            for e in edges
-        ],
-        dtype=torch.float32,
-    ).T
+    floats = torch.tensor([[1 / e.temperature, 1 / _target_temperature(e),
+                            e.temperature ** 2 if e.soften == "both" else 1.0, e.weight, _gate_arg(e),
+                            e.alpha, e.beta, e.temperature] for e in edges], dtype=torch.float32).T
     slot_list = sorted(slots, key=slots.get)
     standardized = {n for n, _, std in slot_list if std}
 
@@ -166,20 +138,12 @@ def _build(graph: Graph, device) -> EdgeTable:
     def put(x, dtype=torch.int32):
         return torch.as_tensor(x, dtype=dtype).contiguous().to(device)
 
-    return EdgeTable(
-        tuple(endpoints),
-        tuple(targets),
-        put(ints),
-        put(floats, torch.float32),
-        put([n for n, _, _ in slot_list]),
-        put([1 / t for _, t, _ in slot_list], torch.float32),
-        put([int(std) for _, _, std in slot_list]),
-        put([int(n in standardized) for n in range(len(endpoints))]),
-        put(grads).reshape(3, -1),
-        tuple(trained),
-        _attention_table(graph, edges, targets, put),
-        functools.reduce(operator.or_, (r[KIND] for r in rows), 0),
-    )
+    return EdgeTable(tuple(endpoints), tuple(targets), put(ints), put(floats, torch.float32),
+                     put([n for n, _, _ in slot_list]), put([1 / t for _, t, _ in slot_list], torch.float32),
+                     put([int(std) for _, _, std in slot_list]),
+                     put([int(n in standardized) for n in range(len(endpoints))]),
+                     put(grads).reshape(3, -1), tuple(trained), _attention_table(graph, edges, targets, put),
+                     functools.reduce(operator.or_, (r[KIND] for r in rows), 0))
 
 
 def _gate_arg(edge) -> float:
@@ -207,24 +171,11 @@ def _attention_table(graph: Graph, edges: list, targets: list, put) -> Attention
     index = {n: i for i, n in enumerate(nodes)}
     att.sort(key=lambda item: index[item[1].target])  # stable: edge order within a target
     width = max(len(e.crops) for _, e in att)
-    ints = [
-        [
-            index[e.source],
-            index[e.target],
-            sum(ATTENTION_TERMS[t] for t in e.terms if t in ATTENTION_TERMS),
-            row,
-            targets.index(e.target),
-        ]
-        for row, e in att
-    ]
+    ints = [[index[e.source], index[e.target], sum(ATTENTION_TERMS[t] for t in e.terms if t in ATTENTION_TERMS),
+             row, targets.index(e.target)] for row, e in att]
     dsts = [index[e.target] for _, e in att]
     trained = list(dict.fromkeys(dsts))
-    return AttentionTable(
-        tuple(nodes),
-        put(torch.tensor(ints, dtype=torch.int32).T),
-        put([list(e.crops) + [0] * (width - len(e.crops)) for _, e in att]),
-        put([len(e.crops) for _, e in att]),
-        put(_ranges(dsts, trained)).reshape(3, -1),
-        tuple(trained),
-        max(max(e.crops) for _, e in att),
-    )
+    return AttentionTable(tuple(nodes), put(torch.tensor(ints, dtype=torch.int32).T),
+                          put([list(e.crops) + [0] * (width - len(e.crops)) for _, e in att]),
+                          put([len(e.crops) for _, e in att]), put(_ranges(dsts, trained)).reshape(3, -1),
+                          tuple(trained), max(max(e.crops) for _, e in att))

@@ -1,7 +1,6 @@
 """Launch plans of the kernels (rows per program, classes per block, warps), in plain Python with
 the GPU's SM count as a parameter: a machine without the GPU (the tests, the compile report of
 benchmarks/compile_kernels.py) computes the plans that GPU gets."""
-
 from __future__ import annotations
 
 import functools

@@ -6,7 +6,6 @@ tempered loss term's share of a block of classes.
 exp and log are libdevice's (within 2 ulp), not `tl.exp`/`tl.log`'s ex2/lg2.approx: T² · KL at
 T = 10 magnifies their error past 1e-5 of the reference's value.
 """
-
 from __future__ import annotations
 
 import os
@@ -22,9 +21,8 @@ _LIBDEVICE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 DIST_EPS = tl.constexpr(1e-8)  # ktfast.losses.DIST_EPS
 # The gates' codes (`ktfast.graph.gates`): `gate_weight` has a branch for each.
 _THROUGH, _LINEAR, _CORRECT, _NEGATIVE_LINEAR, _GAMMA, _NEGATIVE_GAMMA, _WARMUP = (
-    tl.constexpr(GATES[g].code)
-    for g in ("through", "linear", "correct", "negative_linear", "gamma", "negative_gamma", "warmup")
-)
+    tl.constexpr(GATES[g].code) for g in ("through", "linear", "correct", "negative_linear", "gamma", "negative_gamma",
+                                          "warmup"))
 
 
 @triton.jit
@@ -44,46 +42,16 @@ def log(x):
 
 
 @triton.jit
-def offset(
-    n,
-    node_stride,
-    ep_off1,
-    ep_off2,
-    ep_off3,
-    ep_off4,
-    ep_off5,
-    ep_off6,
-    ep_off7,
-    ep_off8,
-    ep_off9,
-    ep_off10,
-    ep_off11,
-    ep_off12,
-    ep_off13,
-    ep_off14,
-    ep_off15,
-    STACKED: tl.constexpr,
-):
+def offset(n, node_stride, ep_off1, ep_off2, ep_off3, ep_off4, ep_off5, ep_off6, ep_off7, ep_off8, ep_off9, ep_off10,
+           ep_off11, ep_off12, ep_off13, ep_off14, ep_off15, STACKED: tl.constexpr):
     """Element offset of endpoint n's logits from endpoint 0's."""
     if STACKED:
         return tl.cast(n, tl.int64) * node_stride
-    return (
-        tl.where(n == 1, ep_off1, 0)
-        + tl.where(n == 2, ep_off2, 0)
-        + tl.where(n == 3, ep_off3, 0)
-        + tl.where(n == 4, ep_off4, 0)
-        + tl.where(n == 5, ep_off5, 0)
-        + tl.where(n == 6, ep_off6, 0)
-        + tl.where(n == 7, ep_off7, 0)
-        + tl.where(n == 8, ep_off8, 0)
-        + tl.where(n == 9, ep_off9, 0)
-        + tl.where(n == 10, ep_off10, 0)
-        + tl.where(n == 11, ep_off11, 0)
-        + tl.where(n == 12, ep_off12, 0)
-        + tl.where(n == 13, ep_off13, 0)
-        + tl.where(n == 14, ep_off14, 0)
-        + tl.where(n == 15, ep_off15, 0)
-    )
+    return (tl.where(n == 1, ep_off1, 0) + tl.where(n == 2, ep_off2, 0) + tl.where(n == 3, ep_off3, 0)
+            + tl.where(n == 4, ep_off4, 0) + tl.where(n == 5, ep_off5, 0) + tl.where(n == 6, ep_off6, 0)
+            + tl.where(n == 7, ep_off7, 0) + tl.where(n == 8, ep_off8, 0) + tl.where(n == 9, ep_off9, 0)
+            + tl.where(n == 10, ep_off10, 0) + tl.where(n == 11, ep_off11, 0) + tl.where(n == 12, ep_off12, 0)
+            + tl.where(n == 13, ep_off13, 0) + tl.where(n == 14, ep_off14, 0) + tl.where(n == 15, ep_off15, 0))
 
 
 @triton.jit
@@ -126,8 +94,7 @@ def row_stats(ptr, row_off, rmask, y, C, moments, ROWS: tl.constexpr, BLOCK_C: t
         other = inside & (cc[None, :] != y[:, None])
         new = tl.maximum(mo, tl.max(tl.where(other, z, -float("inf")), axis=1))
         total = total * tl.where(new == mo, 1.0, exp(mo - new)) + tl.sum(
-            tl.where(other, exp(z - new[:, None]), 0.0), axis=1
-        )
+            tl.where(other, exp(z - new[:, None]), 0.0), axis=1)
         mo = new
         if moments != 0:
             n_b = tl.minimum(C - c0, BLOCK_C).to(tl.float32)

@@ -192,7 +192,7 @@ def search(*, progress: bool = False, **options):
             setattr(opts, key, ",".join(value))
     study = run_search(opts, quiet=not progress)
     if progress:
-        from ktfast.graph_search.search import summary
+        from ktfast.graph_search.workers import summary
 
         print(summary(study, opts.storage, opts.trials), flush=True)
     return study

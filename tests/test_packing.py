@@ -398,7 +398,7 @@ def test_the_launcher_packs_as_asked_and_a_kill_stops_workers_then_daemon(
 ):
     """The launcher's wiring, without GPUs: fake workers (sleeping processes), a fake MPS program, and a
     SIGTERM to the launcher while it watches."""
-    import ktfast.graph_search.search as search
+    import ktfast.graph_search.workers as search
 
     monkeypatch.setattr("ktfast.graph_search.packing.PROBE", "pass")
     if pack == "no mps":

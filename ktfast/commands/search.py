@@ -22,10 +22,10 @@ from ktfast.graph_search.search import (
     PRUNERS,
     SAMPLERS,
     STANDARDIZE,
-    summary,
 )
 from ktfast.graph_search.session import SEARCH_OPTIONS, counted, run_search, space_from_args  # noqa: F401 (tests)
 from ktfast.graph_search.study import DEFAULT_STORAGE, find_study
+from ktfast.graph_search.workers import summary
 
 
 def register(sub) -> None:

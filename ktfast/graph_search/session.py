@@ -15,8 +15,9 @@ from ktfast.data import dataset_info
 from ktfast.graph import ATTENTION_TERMS, DEFAULT_CROPS, GATES
 from ktfast.graph.gates import DEFAULT_GATES, DRAWABLE_GATES
 from ktfast.graph.loss_kinds import PAIR_TERMS, TEMPERED_TEXT
-from ktfast.graph_search.search import COUNTED, DEFAULT_MODELS, Space, run_workers
+from ktfast.graph_search.search import COUNTED, DEFAULT_MODELS, Space
 from ktfast.graph_search.study import DEFAULT_STORAGE, open_storage, open_study
+from ktfast.graph_search.workers import run_workers
 
 # Every option of a search and its default (the flags' defaults; `ktfast.search` takes them as keywords).
 SEARCH_OPTIONS = {
