@@ -7,8 +7,9 @@ channels_last, fused kernels, the fused optimizer and the CUDA-graph capture of 
 import pytest
 import torch
 
-from ktfast import Graph, build, train
+from ktfast import Graph
 from ktfast.config import TrainConfig
+from ktfast.engine import build, trainer
 from ktfast.engine.build import build_trainer
 from ktfast.engine.trainer import Trainer
 
@@ -183,7 +184,7 @@ def test_fp16_grad_scaler_step_is_captured(monkeypatch):
     """fp16 with the grad scaler: captured too (the fused SGD takes the scaler's scale and inf flag
     on the device), and the scale, which the captured update changes in place, ends as the eager
     step's does."""
-    for module in (build, train):  # the run's grad scaler and step (build), its evaluation (train)
+    for module in (build, trainer):  # the run's grad scaler and step (build), its evaluation (trainer)
         monkeypatch.setattr(module, "amp_dtype", lambda cfg: torch.float16)
     runs = graphed_and_eager(monkeypatch, amp=True)
     (eager, eager_losses), (graphed, graphed_losses) = runs[False], runs[True]
