@@ -86,7 +86,10 @@ def process_group(device: str):
 
 
 def is_peer_failure(e: BaseException) -> bool:
-    """Whether an exception is a collective's failure (a rank gone), not this rank's own error."""
+    """Whether an exception is a collective's failure (a rank gone), not this rank's own error. By
+    type where torch gives one (NCCL's DistBackendError); gloo's is a plain RuntimeError (torch 2.14:
+    "... Read error ...: Connection reset by peer"), whose message is the only mark of it, so it is
+    read here and nowhere else (tests/test_distributed.py kills a rank and fails if it is missed)."""
     if not dist.is_available() or not dist.is_initialized() or not isinstance(e, RuntimeError):
         return False
     text = str(e)
