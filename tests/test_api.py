@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from graphs import LABELS, pair
 
 import ktfast
 from ktfast.cli import main
@@ -18,18 +19,7 @@ from ktfast.models import build_model
 TINY = "synthetic:classes=4,size=16,train=64,test=16"
 # Two resnet8 with a linear and a correct gate: the time gates need the step count, the correct gate
 # reads the source's predictions; both differ at once if a step is taken out of turn.
-GRAPH = {
-    "version": 1,
-    "name": "pair",
-    "target": "a",
-    "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"}],
-    "edges": [
-        {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-        {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
-        {"from": "b", "to": "a", "loss": "kl", "gate": "correct"},
-        {"from": "a", "to": "b", "loss": "kl", "gate": "linear"},
-    ],
-}
+GRAPH = pair(*LABELS, ("b", "a", "kl", "correct"), ("a", "b", "kl", "linear"))
 FLAGS = dict(dataset=TINY, epochs=2, batch_size=32, lr=0.05, device="cpu")
 TIMES = ("time_s", "images_per_s")
 

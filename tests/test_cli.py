@@ -9,22 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from graphs import LABELS, pair
 
 from ktfast.cli import main
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
-GOOD = {
-    "version": 1,
-    "name": "pair",
-    "target": "a",
-    "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"}],
-    "edges": [
-        {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-        {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
-        {"from": "b", "to": "a", "loss": "kl", "gate": "correct"},
-        {"from": "a", "to": "b", "loss": "kl", "gate": "linear"},
-    ],
-}
+GOOD = pair(*LABELS, ("b", "a", "kl", "correct"), ("a", "b", "kl", "linear"))
 
 
 # Bounds a hang of a command run here, never its speed: the 4-epoch run of the resume test takes 34 s

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from graphs import LABELS, pair
 
 from ktfast.cli import main
 from ktfast.config import TrainConfig
@@ -22,16 +23,7 @@ from ktfast.engine.trainer import Trainer
 from ktfast.graph import Graph
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
-PAIR = {
-    "version": 1,
-    "name": "pair",
-    "target": "a",
-    "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"}],
-    "edges": [
-        {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-        {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
-    ],
-}
+PAIR = pair(*LABELS)
 
 
 pytestmark = pytest.mark.usefixtures("private_cache", "in_tmp")

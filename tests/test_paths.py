@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from graphs import LABELS, pair
 from torch import nn
 
 import ktfast.data
@@ -17,17 +18,7 @@ from ktfast.graph import Graph
 from ktfast.paths import Compiled, FallbackError, fall_back, resolve_paths
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
-PAIR = {
-    "version": 1,
-    "name": "pair",
-    "target": "a",
-    "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"}],
-    "edges": [
-        {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-        {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
-        {"from": "b", "to": "a", "loss": "kl", "gate": "through"},
-    ],
-}
+PAIR = pair(*LABELS, ("b", "a", "kl", "through"))
 # What a run on this CPU records with the flags of `run` below (no --compile, no fallback).
 CPU_PATHS = {
     "kernels": "reference",

@@ -16,6 +16,7 @@ import json
 
 import pytest
 import torch
+from graphs import pair
 from test_fast_step import Streams, pool
 from test_fuse import Float64Batches, assert_close, record, teacher_checkpoint
 
@@ -220,17 +221,7 @@ def test_seed_groups_are_as_few_and_even_as_fit():
     assert seed_groups([7, 8], 1) == [[7], [8]]
 
 
-GOOD = {
-    "version": 1,
-    "name": "pair",
-    "target": "a",
-    "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"}],
-    "edges": [
-        {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-        {"from": "b", "to": "a", "loss": "kl", "gate": "linear"},
-        {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
-    ],
-}
+GOOD = pair(("label", "a", "ce", "through"), ("b", "a", "kl", "linear"), ("label", "b", "ce", "through"))
 
 
 def train(tmp_path, *flags) -> int:

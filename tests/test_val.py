@@ -9,6 +9,7 @@ import statistics
 import optuna
 import pytest
 import torch
+from graphs import LABELS, pair
 
 import ktfast.engine.build
 import ktfast.engine.trainer
@@ -16,17 +17,7 @@ from ktfast.cli import main
 from ktfast.data import load_arrays, make_loader, split_indices
 
 TINY = "synthetic:classes=4,size=16,train=96,test=40"
-PAIR = {
-    "version": 1,
-    "name": "pair",
-    "target": "a",
-    "nodes": [{"name": "a", "model": "resnet8"}, {"name": "b", "model": "resnet8"}],
-    "edges": [
-        {"from": "label", "to": "a", "loss": "ce", "gate": "through"},
-        {"from": "label", "to": "b", "loss": "ce", "gate": "through"},
-        {"from": "b", "to": "a", "loss": "kl", "gate": "correct"},
-    ],
-}
+PAIR = pair(*LABELS, ("b", "a", "kl", "correct"))
 RUN = ["--dataset", TINY, "--epochs", "3", "--batch-size", "16", "--lr", "0.05", "--quiet", "--device", "cpu"]
 
 pytestmark = pytest.mark.usefixtures("private_cache", "in_tmp")
