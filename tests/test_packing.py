@@ -32,6 +32,7 @@ from test_search import (
 
 from ktfast.cli import main
 from ktfast.config import TrainConfig
+from ktfast.engine import fast
 from ktfast.engine.nodes import build_models
 from ktfast.graph import Graph
 from ktfast.graph_search.packing import MPS_CONTROL, MPSDaemon, Slots
@@ -532,3 +533,13 @@ def test_on_a_gpu_mps_runs_the_search_and_is_stopped_after_it(tmp_path):
     assert run.returncode == 0, run.stderr
     assert len(counted(load(f"sqlite:///{tmp_path}/s.db", "m"))) == 4
     assert mps_processes() <= before and not list(Path(tempfile.gettempdir()).glob("ktfast-mps-*"))
+
+
+def test_a_gpu_has_one_stream_bank_however_it_is_named(monkeypatch):
+    """A run's step asks for the bank of "cuda", a packed search's slot for "cuda:N" of the current
+    device: both are the one bank of that GPU, or two trials could lease the same stream."""
+    monkeypatch.setattr(fast, "_BANKS", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    bank = fast.stream_bank(torch.device("cuda"))
+    assert fast.stream_bank(torch.device("cuda", 1)) is bank
+    assert fast.stream_bank(torch.device("cuda", 0)) is not bank

@@ -100,7 +100,10 @@ _BANKS_LOCK = threading.Lock()
 
 
 def stream_bank(device: torch.device) -> StreamBank:
-    """The process's StreamBank of a CUDA device."""
+    """The process's StreamBank of a CUDA device: one per GPU, whether it is named "cuda" (a run's
+    config) or "cuda:N" (the packed search's slots), so that no two steps lease one stream."""
+    if device.index is None:
+        device = torch.device(device.type, torch.cuda.current_device())
     with _BANKS_LOCK:
         if device not in _BANKS:
             _BANKS[device] = StreamBank(lambda: torch.cuda.Stream(device))
