@@ -55,49 +55,11 @@ def build_trainer(
         cfg,
     )
     loaders = make_loaders(cfg, placement, paths)
-    models = build_models(graph, cfg, info.num_classes, info.image_size, pretrained)
-    if placement.sync_bn:
-        for name in list(models):
-            models[name] = global_batchnorm(models[name])
-    placement.assign(models)
-    check_logits(graph, models, info.num_classes, info.image_size, cfg.device)
-    check_attention_sizes(graph, models, info.image_size, cfg.device)
-    for node in graph.model_nodes:
-        if node.frozen:
-            models[node.name].eval()  # a teacher's BatchNorm statistics never move
-    want_attention, want_branches = attention_nodes(graph), branch_nodes(graph)
-    groups = param_groups(graph, models, cfg.lr)
-    optimizer = make_optimizer(cfg, groups) if groups else None
-    scheduler = (
-        torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones(), cfg.lr_decay) if optimizer else None
-    )
-    scaler = torch.amp.GradScaler(enabled=cfg.amp and amp_dtype(cfg) == torch.float16)
-    compile = None
-    if cfg.compile:
-
-        def compile(module):
-            return Compiled(module, paths, lambda e: paths.fall_back("compile", "off", e))
-
-        for name in list(models):
-            models[name] = compile(models[name])
+    models = _models(graph, cfg, info, pretrained, placement)
+    want_attention = attention_nodes(graph)
+    optimizer, scheduler, scaler = _optimizer(graph, cfg, models)
     fast = torch.device(cfg.device).type == "cuda" and not cfg.reference
-    if fast:  # before fusion: the fused stacks keep the layout of the nodes' tensors
-        for model in models.values():
-            model.to(memory_format=torch.channels_last)
-    units = make_units(
-        graph,
-        models,
-        want_attention,
-        want_branches,
-        fuse=cfg.fused(),
-        compile=compile,
-        runs=placement.owns,
-        on_fault=lambda nodes, reason: paths.fall_back(
-            "fuse", "off", RuntimeError(f"{', '.join(n.name for n in nodes)}: {reason}")
-        ),
-    )
-    units = check_fusion(units, models, want_attention, info.image_size, cfg.device, paths.fall_back)
-    placement.data_parallel(units)
+    units = _units(graph, cfg, models, want_attention, info.image_size, paths, placement, fast)
     # Whether remote losses train this rank's nodes: a non-detached ensemble's loss (place nodes).
     exchange_grad = any(not n.detach and n.name in loss_targets(graph) for n in graph.ensemble_nodes)
     step = Step(
@@ -134,6 +96,75 @@ def build_trainer(
         log=log,
         progress=progress,
     )
+
+
+def _models(graph: Graph, cfg: TrainConfig, info, pretrained: dict | None, placement: Placement) -> dict:
+    """The model nodes, seeded and initialised (sync-bn where asked), placed on this process's
+    device, checked against the data, each frozen one in eval mode."""
+    models = build_models(graph, cfg, info.num_classes, info.image_size, pretrained)
+    if placement.sync_bn:
+        for name in list(models):
+            models[name] = global_batchnorm(models[name])
+    placement.assign(models)
+    check_logits(graph, models, info.num_classes, info.image_size, cfg.device)
+    check_attention_sizes(graph, models, info.image_size, cfg.device)
+    for node in graph.model_nodes:
+        if node.frozen:
+            models[node.name].eval()  # a teacher's BatchNorm statistics never move
+    return models
+
+
+def _optimizer(graph: Graph, cfg: TrainConfig, models: dict) -> tuple:
+    """The optimizer of the trainable nodes (None where there are none), its schedule, and the grad
+    scaler (on with fp16 only)."""
+    groups = param_groups(graph, models, cfg.lr)
+    optimizer = make_optimizer(cfg, groups) if groups else None
+    scheduler = (
+        torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones(), cfg.lr_decay) if optimizer else None
+    )
+    scaler = torch.amp.GradScaler(enabled=cfg.amp and amp_dtype(cfg) == torch.float16)
+    return optimizer, scheduler, scaler
+
+
+def _units(
+    graph: Graph,
+    cfg: TrainConfig,
+    models: dict,
+    want_attention: set[str],
+    image_size: int,
+    paths: RunPaths,
+    placement: Placement,
+    fast: bool,
+) -> list[Unit]:
+    """What the step runs: the models compiled where asked (in `models` too), channels_last on the
+    fast path, same-model nodes fused where they may be (each group checked), and the unfused
+    trainable nodes under DDP where several processes share the data."""
+    compile = None
+    if cfg.compile:
+
+        def compile(module):
+            return Compiled(module, paths, lambda e: paths.fall_back("compile", "off", e))
+
+        for name in list(models):
+            models[name] = compile(models[name])
+    if fast:  # before fusion: the fused stacks keep the layout of the nodes' tensors
+        for model in models.values():
+            model.to(memory_format=torch.channels_last)
+    units = make_units(
+        graph,
+        models,
+        want_attention,
+        branch_nodes(graph),
+        fuse=cfg.fused(),
+        compile=compile,
+        runs=placement.owns,
+        on_fault=lambda nodes, reason: paths.fall_back(
+            "fuse", "off", RuntimeError(f"{', '.join(n.name for n in nodes)}: {reason}")
+        ),
+    )
+    units = check_fusion(units, models, want_attention, image_size, cfg.device, paths.fall_back)
+    placement.data_parallel(units)
+    return units
 
 
 def make_loaders(cfg: TrainConfig, placement: Placement, paths: dict) -> tuple:

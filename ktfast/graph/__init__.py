@@ -258,32 +258,8 @@ def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
     if not isinstance(raw, dict):
         raise GraphError(f"{where}: expected an object, got {json.dumps(raw)}")
     no_unknown_keys(raw, _EDGE_KEYS, where)
-    source = typed(raw, "from", str, where)
-    target = typed(raw, "to", str, where)
-    where = f"edges[{source}->{target}]"
-    names = {n["name"] for n in nodes}
-    if source != LABEL and source not in names and not _is_model_endpoint(source, models):
-        raise GraphError(f"{where}.from: unknown node {source!r}")
-    if target == LABEL:
-        raise GraphError(f"{where}.to: the label node has no network to train")
-    if target not in names and not _is_model_endpoint(target, models):
-        raise GraphError(f"{where}.to: unknown node {target!r}")
-    if source == target:
-        raise GraphError(f"{where}: an edge from a node to itself")
-    loss = typed(raw, "loss", str, where)
-    terms = loss.split("+")
-    for term in terms:
-        if term not in LOSS_TERMS:
-            raise GraphError(f"{where}.loss: unknown loss {term!r}")
-    if len(set(terms)) != len(terms):
-        raise GraphError(f"{where}.loss: {loss!r} repeats a term")
-    if source == LABEL and "dkd" in terms:
-        raise GraphError(
-            f"{where}.loss: 'dkd' decouples a teacher's logits around the label, and 'label' has none"
-        )
-    if any(t in LABEL_TERMS for t in terms) != (source == LABEL) or (source == LABEL and len(terms) != 1):
-        label_loss = " or ".join(map(repr, LABEL_TERMS))
-        raise GraphError(f"{where}.loss: {label_loss} is the loss of edges from 'label', and only it")
+    source, target, where = _endpoints(raw, where, nodes, models)
+    loss, terms = _loss_terms(raw, where, source)
     gate = typed(raw, "gate", str, where)
     if gate not in GATES:
         raise GraphError(f"{where}.gate: unknown gate {gate!r}")
@@ -305,12 +281,69 @@ def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
         raise GraphError(f"{where}.soften: unknown soften {soften!r} (expected both or source)")
     if "soften" in raw and "kl" not in terms:
         raise GraphError(f"{where}.soften: only edges with a 'kl' term soften, not loss {loss!r}")
+    gamma = _gamma(raw, where, gate)
+    alpha, beta = _dkd_weights(raw, where, loss, terms)
+    standardize = typed(raw, "standardize", bool, where, default=False)
+    if standardize and not any(t in TEMPERED_TERMS for t in terms):
+        raise GraphError(
+            f"{where}.standardize: only a {TEMPERED_TEXT} term sees standardized logits, "
+            f"and loss {loss!r} has none"
+        )
+    warmup = _warmup(raw, where, gate)
+    return Edge(
+        source, target, loss, gate, float(temperature), float(weight), tuple(crops), soften, gamma, alpha, beta,
+        standardize, warmup,
+    )  # fmt: skip
+
+
+def _endpoints(raw: dict, where: str, nodes: list, models: dict) -> tuple[str, str, str]:
+    """The edge's source and target, each a node or a model node's branch, and where it is, named by them."""
+    source = typed(raw, "from", str, where)
+    target = typed(raw, "to", str, where)
+    where = f"edges[{source}->{target}]"
+    names = {n["name"] for n in nodes}
+    if source != LABEL and source not in names and not _is_model_endpoint(source, models):
+        raise GraphError(f"{where}.from: unknown node {source!r}")
+    if target == LABEL:
+        raise GraphError(f"{where}.to: the label node has no network to train")
+    if target not in names and not _is_model_endpoint(target, models):
+        raise GraphError(f"{where}.to: unknown node {target!r}")
+    if source == target:
+        raise GraphError(f"{where}: an edge from a node to itself")
+    return source, target, where
+
+
+def _loss_terms(raw: dict, where: str, source: str) -> tuple[str, list[str]]:
+    """The edge's loss and its terms: known, none twice, the label's loss on the label's edges only."""
+    loss = typed(raw, "loss", str, where)
+    terms = loss.split("+")
+    for term in terms:
+        if term not in LOSS_TERMS:
+            raise GraphError(f"{where}.loss: unknown loss {term!r}")
+    if len(set(terms)) != len(terms):
+        raise GraphError(f"{where}.loss: {loss!r} repeats a term")
+    if source == LABEL and "dkd" in terms:
+        raise GraphError(
+            f"{where}.loss: 'dkd' decouples a teacher's logits around the label, and 'label' has none"
+        )
+    if any(t in LABEL_TERMS for t in terms) != (source == LABEL) or (source == LABEL and len(terms) != 1):
+        label_loss = " or ".join(map(repr, LABEL_TERMS))
+        raise GraphError(f"{where}.loss: {label_loss} is the loss of edges from 'label', and only it")
+    return loss, terms
+
+
+def _gamma(raw: dict, where: str, gate: str) -> float:
     gamma = typed(raw, "gamma", float, where, default=1.0)
     if "gamma" in raw and gate not in GAMMA_GATES:
         takers = " and ".join(GAMMA_GATES)
         raise GraphError(f"{where}.gamma: only the {takers} gates take it, not gate {gate!r}")
     if not math.isfinite(gamma) or gamma <= 0:
         raise GraphError(f"{where}.gamma: must be > 0, got {gamma}")
+    return float(gamma)
+
+
+def _dkd_weights(raw: dict, where: str, loss: str, terms: list[str]) -> tuple[float, float]:
+    """DKD's α and β: only on an edge with a dkd term, each >= 0."""
     dkd = {}
     for key, default in (("alpha", 1.0), ("beta", 8.0)):
         value = typed(raw, key, float, where, default=default)
@@ -319,12 +352,11 @@ def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
         if not math.isfinite(value) or value < 0:
             raise GraphError(f"{where}.{key}: must be >= 0, got {value}")
         dkd[key] = float(value)
-    standardize = typed(raw, "standardize", bool, where, default=False)
-    if standardize and not any(t in TEMPERED_TERMS for t in terms):
-        raise GraphError(
-            f"{where}.standardize: only a {TEMPERED_TEXT} term sees standardized logits, "
-            f"and loss {loss!r} has none"
-        )
+    return dkd["alpha"], dkd["beta"]
+
+
+def _warmup(raw: dict, where: str, gate: str) -> float | None:
+    """The warmup gate's fraction of the run, required there and refused elsewhere."""
     warmup = typed(raw, "warmup", float, where, default=None)
     if gate in WARMUP_GATES:
         if warmup is None:
@@ -333,25 +365,11 @@ def _parse_edge(raw, index: int, nodes: list, models: dict) -> Edge:
             )
         if not math.isfinite(warmup) or not 0 < warmup <= 1:
             raise GraphError(f"{where}.warmup: must be in (0, 1], got {warmup}")
-        warmup = float(warmup)
-    elif warmup is not None:
+        return float(warmup)
+    if warmup is not None:
         takers = " and ".join(WARMUP_GATES)
         raise GraphError(f"{where}.warmup: only the {takers} gate takes it, not gate {gate!r}")
-    return Edge(
-        source,
-        target,
-        loss,
-        gate,
-        float(temperature),
-        float(weight),
-        tuple(crops),
-        soften,
-        float(gamma),
-        dkd["alpha"],
-        dkd["beta"],
-        standardize,
-        warmup,
-    )
+    return None
 
 
 def owner(endpoint: str) -> str:
